@@ -1,0 +1,57 @@
+"""sshpyk: Jupyter kernels on remote machines over one SSH connection."""
+
+from __future__ import annotations
+
+__version__ = "2.0.0.dev0"
+
+from .errors import (
+    AuthenticationError,
+    ConnectError,
+    ConnectionLostError,
+    ConnectTimeoutError,
+    ForwardingRefusedError,
+    HostKeyError,
+    HostNotFoundError,
+    HostRefusedError,
+    KernelStartError,
+    KernelStartTimeoutError,
+    ProtocolError,
+    RemoteError,
+    RemoteJupyterClientMissingError,
+    RemoteKernelSpecNotFoundError,
+    RemotePythonNotFoundError,
+    SessionClosedError,
+    SSHConfigError,
+    SSHPykError,
+)
+from .kernel import KernelOptions, RemoteKernel
+from .kernelspec import SSHKernelSpec
+from .provisioner import SSHKernelProvisioner
+from .session import SSHSession
+
+__all__ = [
+    "AuthenticationError",
+    "ConnectError",
+    "ConnectTimeoutError",
+    "ConnectionLostError",
+    "ForwardingRefusedError",
+    "HostKeyError",
+    "HostNotFoundError",
+    "HostRefusedError",
+    "KernelOptions",
+    "KernelStartError",
+    "KernelStartTimeoutError",
+    "ProtocolError",
+    "RemoteError",
+    "RemoteJupyterClientMissingError",
+    "RemoteKernelSpecNotFoundError",
+    "RemoteKernel",
+    "RemotePythonNotFoundError",
+    "SSHConfigError",
+    "SSHKernelProvisioner",
+    "SSHKernelSpec",
+    "SSHPykError",
+    "SSHSession",
+    "SessionClosedError",
+    "__version__",
+]

@@ -1,0 +1,181 @@
+"""The sshpyk exception tree, and the one place where asyncssh/OS errors are mapped.
+
+::
+
+    SSHPykError
+    ├── SSHConfigError            the ssh config cannot be used (parse error, bad option)
+    ├── ConnectError              could not reach or log in to the host
+    │   ├── HostNotFoundError     unknown alias / unresolvable host name
+    │   ├── HostRefusedError  nothing listens on the port
+    │   ├── ConnectTimeoutError   no answer in time
+    │   ├── AuthenticationError   no key was accepted
+    │   └── HostKeyError          host key unknown or changed
+    ├── ConnectionLostError       the SSH connection died
+    ├── SessionClosedError        the SSHSession was used after close()
+    ├── ForwardingRefusedError    sshd refuses port/socket forwarding
+    ├── RemoteError               the remote side could not do what was asked
+    │   ├── RemotePythonNotFoundError
+    │   ├── RemoteJupyterClientMissingError
+    │   ├── RemoteKernelSpecNotFoundError
+    │   ├── KernelStartError      the kernel exited while starting
+    │   └── ProtocolError         the bootstrap answered something unexpected
+    └── KernelStartTimeoutError   the kernel did not come up within start_timeout
+
+Every message is one line that says what failed and where, and usually what to do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import asyncssh
+
+__all__ = [
+    "AuthenticationError",
+    "ConnectError",
+    "ConnectTimeoutError",
+    "ConnectionLostError",
+    "HostRefusedError",
+    "ForwardingRefusedError",
+    "HostKeyError",
+    "HostNotFoundError",
+    "KernelStartError",
+    "KernelStartTimeoutError",
+    "ProtocolError",
+    "RemoteError",
+    "RemoteJupyterClientMissingError",
+    "RemoteKernelSpecNotFoundError",
+    "RemotePythonNotFoundError",
+    "SSHConfigError",
+    "SSHPykError",
+    "SessionClosedError",
+    "translate_error",
+]
+
+
+class SSHPykError(Exception):
+    """Base of every error sshpyk raises."""
+
+
+class SSHConfigError(SSHPykError):
+    pass
+
+
+class ConnectError(SSHPykError):
+    pass
+
+
+class HostNotFoundError(ConnectError):
+    pass
+
+
+class HostRefusedError(ConnectError):
+    pass
+
+
+class ConnectTimeoutError(ConnectError):
+    pass
+
+
+class AuthenticationError(ConnectError):
+    pass
+
+
+class HostKeyError(ConnectError):
+    pass
+
+
+class ConnectionLostError(SSHPykError):
+    pass
+
+
+class SessionClosedError(SSHPykError):
+    pass
+
+
+class ForwardingRefusedError(SSHPykError):
+    pass
+
+
+class RemoteError(SSHPykError):
+    pass
+
+
+class RemotePythonNotFoundError(RemoteError):
+    pass
+
+
+class RemoteJupyterClientMissingError(RemoteError):
+    pass
+
+
+class RemoteKernelSpecNotFoundError(RemoteError):
+    pass
+
+
+class KernelStartError(RemoteError):
+    pass
+
+
+class ProtocolError(RemoteError):
+    pass
+
+
+class KernelStartTimeoutError(SSHPykError):
+    pass
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def translate_error(exc: BaseException, alias: str, *, config: str | None = None) -> SSHPykError:
+    """Map an asyncssh/OS error raised while talking to ``alias`` onto the tree.
+
+    Callers ``raise translate_error(exc, alias) from exc``.
+    """
+    if isinstance(exc, SSHPykError):
+        return exc
+    where = f"{alias!r}" + (f" (ssh config {config})" if config else "")
+    if isinstance(exc, asyncssh.ConfigParseError):
+        return SSHConfigError(f"cannot use the ssh config for {where}: {_one_line(exc)}")
+    if isinstance(exc, socket.gaierror):
+        return HostNotFoundError(
+            f"unknown host {where}: not a Host alias in the ssh config and not a resolvable "
+            f"name ({_one_line(exc.strerror or exc)})"
+        )
+    if isinstance(exc, ConnectionRefusedError):
+        return HostRefusedError(
+            f"connection refused by {where}: is sshd running and is the Port right?"
+        )
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        return ConnectTimeoutError(f"timed out connecting to {where}")
+    if isinstance(exc, asyncssh.HostKeyNotVerifiable):
+        return HostKeyError(
+            f"host key of {where} not verified against known_hosts ({_one_line(exc.reason)}): "
+            "if the host was reinstalled, remove its old entry with `ssh-keygen -R HOST`, "
+            "then connect once with `ssh` to accept the new key"
+        )
+    if isinstance(exc, asyncssh.PermissionDenied):
+        return AuthenticationError(
+            f"authentication failed for {where}: check User and IdentityFile in the ssh "
+            "config and that the public key is in the remote ~/.ssh/authorized_keys"
+        )
+    if isinstance(exc, asyncssh.ChannelOpenError):
+        if exc.code == asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED:
+            return ForwardingRefusedError(
+                f"sshd on {where} refuses forwarding ({_one_line(exc.reason)}): set "
+                "AllowTcpForwarding yes and AllowStreamLocalForwarding yes in its sshd_config"
+            )
+        return ConnectionLostError(f"cannot open a channel on {where}: {_one_line(exc.reason)}")
+    if isinstance(exc, (asyncssh.ConnectionLost, asyncssh.DisconnectError, BrokenPipeError)):
+        return ConnectionLostError(f"SSH connection to {where} lost: {_one_line(exc)}")
+    if isinstance(exc, ConnectionResetError):
+        return ConnectionLostError(f"SSH connection to {where} reset by peer")
+    if isinstance(exc, OSError):
+        return ConnectError(f"cannot connect to {where}: {_one_line(exc.strerror or exc)}")
+    if isinstance(exc, (ValueError, KeyError)):
+        # asyncssh raises ValueError for bad option values read from the config
+        return SSHConfigError(f"cannot use the ssh config for {where}: {_one_line(exc)}")
+    return SSHPykError(f"{type(exc).__name__} talking to {where}: {_one_line(exc)}")

@@ -1,0 +1,203 @@
+"""Local listeners on 127.0.0.1 forwarded to a remote kernel's five sockets.
+
+A :class:`ForwardSet` binds one listener per ZMQ channel (port 0 the first time,
+then the same ports for the life of the set, so a restarted kernel keeps its
+local ports). Each accepted connection waits until the current remote kernel is
+ready, then opens a channel on the session's SSH connection: ``direct-streamlocal``
+to the kernel's unix socket (ipc transport) or ``direct-tcpip`` to its loopback
+port (tcp transport), and pipes bytes both ways with flow control.
+
+Because the target is looked up per connection, restarting the kernel only
+changes the target: listeners and ports stay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from typing import TYPE_CHECKING, Any
+
+from .errors import SSHPykError, translate_error
+
+if TYPE_CHECKING:
+    from .session import SSHSession
+
+__all__ = ["CHANNELS", "ForwardSet"]
+
+log = logging.getLogger("sshpyk")
+
+CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
+
+
+class _Pipe:
+    """One end of a forwarded connection: an asyncio protocol and an SSH session.
+
+    Data from this end is written to the peer end; back-pressure on one side
+    pauses reading on the other.
+    """
+
+    def __init__(self, peer: _Pipe | None = None, on_close: Any = None) -> None:
+        self.transport: Any = None
+        self.on_close = on_close
+        self.peer = peer
+        self.pending = bytearray()
+        self.eof = False
+        self.closed = False
+        if peer is not None:
+            peer.peer = self
+
+    # asyncio.Protocol / SSHTCPSession / SSHUNIXSession interface
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def session_started(self) -> None:
+        pass
+
+    def data_received(self, data: bytes, datatype: Any = None) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.write(data)
+        else:
+            self.pending += data
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        if self.peer is not None and self.peer.transport is not None:
+            try:
+                self.peer.transport.write_eof()
+            except OSError:
+                pass
+        return True  # keep the other direction open until both sides are done
+
+    def pause_writing(self) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.resume_reading()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.on_close is not None:
+            self.on_close(self)
+        if self.transport is not None:
+            self.transport.close()
+        if self.peer is not None:
+            self.peer.close()
+
+    def attach(self, remote: _Pipe) -> None:
+        """Flush what arrived before the remote end was open."""
+        if self.pending:
+            remote.transport.write(bytes(self.pending))
+            self.pending.clear()
+        if self.eof:
+            remote.transport.write_eof()
+
+
+class ForwardSet:
+    """Five local listeners that follow the session's current kernel."""
+
+    def __init__(self, session: SSHSession, *, connect_timeout: float = 60.0) -> None:
+        self.session = session
+        self.connect_timeout = connect_timeout
+        self.ports: dict[str, int] = {}
+        self._servers: list[asyncio.AbstractServer] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._pipes: set[_Pipe] = set()
+        self._transport: str | None = None
+        self._endpoints: dict[str, Any] = {}
+        self._ready = asyncio.Event()
+        self._closed = False
+
+    async def open(self, ports: dict[str, int] | None = None) -> dict[str, int]:
+        """Bind the listeners (on ``ports`` if given, else port 0) and return the ports."""
+        loop = asyncio.get_running_loop()
+        try:
+            for channel in CHANNELS:
+                server = await loop.create_server(
+                    lambda channel=channel: self._accept(channel),  # type: ignore[misc]
+                    "127.0.0.1",
+                    (ports or {}).get(channel, 0),
+                )
+                self._servers.append(server)
+                self.ports[channel] = server.sockets[0].getsockname()[1]
+        except OSError as exc:
+            await self.aclose()
+            raise SSHPykError(f"cannot listen on 127.0.0.1 for the kernel's channels: {exc}") from exc
+        return dict(self.ports)
+
+    def set_target(self, transport: str, endpoints: dict[str, Any]) -> None:
+        """Point new connections at a new kernel; they wait until :meth:`set_ready`."""
+        self._transport = transport
+        self._endpoints = dict(endpoints)
+        self._ready.clear()
+
+    def set_ready(self) -> None:
+        self._ready.set()
+
+    def clear_target(self) -> None:
+        self._ready.clear()
+        self._endpoints = {}
+
+    def _accept(self, channel: str) -> _Pipe:
+        local = _Pipe(on_close=self._pipes.discard)
+        self._pipes.add(local)
+        task = asyncio.ensure_future(self._connect(channel, local))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return local
+
+    async def _connect(self, channel: str, local: _Pipe) -> None:
+        try:
+            await asyncio.wait_for(self._ready.wait(), self.connect_timeout)
+            if local.closed:
+                return
+            conn = await self.session.connection()
+            target = self._endpoints[channel]
+            remote = _Pipe(local)
+            if self._transport == "ipc":
+                await conn.create_unix_connection(lambda: remote, target)
+            else:
+                await conn.create_connection(lambda: remote, "127.0.0.1", target)
+            if local.closed:
+                remote.close()
+                return
+            local.attach(remote)
+        except asyncio.CancelledError:
+            local.close()
+            raise
+        except Exception as exc:
+            err = translate_error(exc, self.session.alias) if not isinstance(exc, KeyError) else exc
+            log.debug("[%s] %s forward not connected: %s", self.session.alias, channel, err)
+            local.close()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for server in self._servers:
+            server.close()
+        for task in self._tasks:
+            task.cancel()
+        for pipe in list(self._pipes):
+            pipe.close()
+        self._pipes.clear()
+
+    async def wait_closed(self) -> None:
+        for server in self._servers:
+            await server.wait_closed()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def aclose(self) -> None:
+        self.close()
+        await asyncio.shield(self.wait_closed())

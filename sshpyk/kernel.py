@@ -1,0 +1,203 @@
+"""RemoteKernel: a remote kernel plus its local forwards, across restarts.
+
+The local ports are bound once (:class:`~sshpyk.forwards.ForwardSet`) and kept
+for the life of the object; each (re)start launches a new remote process
+(:class:`~sshpyk.remote.KernelProcess`) and points the forwards at it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .errors import KernelStartTimeoutError, SSHPykError
+from .forwards import CHANNELS, ForwardSet
+from .remote import KernelProcess, LaunchRequest
+
+if TYPE_CHECKING:
+    from jupyter_client.asynchronous import AsyncKernelClient
+
+    from .session import SSHSession
+
+__all__ = ["KernelOptions", "RemoteKernel"]
+
+log = logging.getLogger("sshpyk")
+
+
+@dataclass
+class KernelOptions:
+    """How to start a kernel on the remote host (the kernelspec's sshpyk config)."""
+
+    kernel_name: str = "python3"
+    python: str = "python3"
+    transport: str = "auto"
+    env: dict[str, str] = field(default_factory=dict)
+    cwd: str | None = None
+    pre_command: str | None = None
+    run_root: str | None = None
+    #: seconds the remote supervisor keeps the kernel without hearing from us
+    grace: float = 60.0
+    start_timeout: float = 60.0
+
+
+class RemoteKernel:
+    """A kernel on the far side of an :class:`~sshpyk.SSHSession`."""
+
+    def __init__(self, session: SSHSession, options: KernelOptions, kernel_id: str | None = None):
+        self.session = session
+        self.options = options
+        self.kernel_id = kernel_id or str(uuid.uuid4())
+        self.forwards = ForwardSet(session, connect_timeout=options.start_timeout)
+        self.process: KernelProcess | None = None
+        self.key = ""
+        self.signature_scheme = "hmac-sha256"
+        #: durations of the last launch's stages, for logs and benchmarks
+        self.timings: dict[str, float] = {}
+
+    # -- ports and connection info --------------------------------------------------
+    @property
+    def ports(self) -> dict[str, int]:
+        return dict(self.forwards.ports)
+
+    async def open_forwards(self) -> dict[str, int]:
+        if not self.forwards.ports:
+            await self.forwards.open()
+        return self.ports
+
+    def connection_info(self) -> dict[str, Any]:
+        info: dict[str, Any] = {
+            "transport": "tcp",
+            "ip": "127.0.0.1",
+            "key": self.key,
+            "signature_scheme": self.signature_scheme,
+            "kernel_name": self.options.kernel_name,
+        }
+        for channel in CHANNELS:
+            info[f"{channel}_port"] = self.forwards.ports.get(channel, 0)
+        return info
+
+    # -- lifecycle ------------------------------------------------------------------
+    async def start(self, key: str | None = None, signature_scheme: str = "hmac-sha256") -> None:
+        """Bind the forwards (once) and launch the kernel, bounded by start_timeout."""
+        await self.open_forwards()
+        await self.launch(key or str(uuid.uuid4()), signature_scheme)
+
+    async def launch(
+        self, key: str, signature_scheme: str = "hmac-sha256", env: dict[str, str] | None = None
+    ) -> None:
+        """Launch a new remote kernel behind the existing forwards."""
+        if self.process is not None and self.process.poll() is None:
+            raise SSHPykError(f"kernel {self.kernel_id} is already running")
+        await self._discard_process()
+        self.key, self.signature_scheme = key, signature_scheme
+        try:
+            await asyncio.wait_for(self._launch(env), self.options.start_timeout)
+        except asyncio.TimeoutError as exc:
+            await asyncio.shield(self._discard_process())
+            raise KernelStartTimeoutError(
+                f"kernel {self.options.kernel_name!r} on {self.session.alias!r} did not start "
+                f"within {self.options.start_timeout:g}s (raise --start-timeout?)"
+            ) from exc
+        except BaseException:
+            await asyncio.shield(self._discard_process())
+            raise
+
+    async def _launch(self, env: dict[str, str] | None) -> None:
+        alias, timings = self.session.alias, self.timings
+        timings.clear()
+        t0 = time.monotonic()
+        await self.session.connection()
+        timings["connect"] = time.monotonic() - t0
+        opts = self.options
+        request = LaunchRequest(
+            kernel_name=opts.kernel_name,
+            key=self.key,
+            signature_scheme=self.signature_scheme,
+            transport=opts.transport,
+            env={**opts.env, **(env or {})},
+            cwd=opts.cwd,
+            run_root=opts.run_root,
+            grace=opts.grace,
+            kernel_id=self.kernel_id,
+        )
+        t1 = time.monotonic()
+        self.process = await KernelProcess.start(
+            self.session, request, python=opts.python, pre_command=opts.pre_command
+        )
+        timings["spawn"] = time.monotonic() - t1
+        log.info(
+            "[%s] kernel %s: remote pid %s, %s transport, run dir %s",
+            alias,
+            self.kernel_id,
+            self.process.pid,
+            self.process.transport,
+            self.process.run_dir,
+        )
+        self.forwards.set_target(self.process.transport, self.process.endpoints)
+        t2 = time.monotonic()
+        # The forwarding probe runs while the kernel binds its sockets.
+        await asyncio.gather(
+            self.session.check_forwarding(self.process.transport), self.process.wait_ready()
+        )
+        self.forwards.set_ready()
+        timings["ready"] = time.monotonic() - t2
+        timings["total"] = time.monotonic() - t0
+        log.info(
+            "[%s] kernel %s ready in %.3fs (connect %.3fs, spawn %.3fs, sockets %.3fs)",
+            alias,
+            self.kernel_id,
+            timings["total"],
+            timings["connect"],
+            timings["spawn"],
+            timings["ready"],
+        )
+
+    def poll(self) -> int | None:
+        """None while the kernel runs, else its exit code; no network round trip."""
+        if self.process is None:
+            return 0
+        return self.process.poll()
+
+    async def wait(self) -> int | None:
+        if self.process is None:
+            return 0
+        return await self.process.wait()
+
+    async def send_signal(self, signum: int) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signum)
+
+    async def _discard_process(self) -> None:
+        process, self.process = self.process, None
+        self.forwards.clear_target()
+        if process is not None:
+            await process.stop()
+
+    async def shutdown(self) -> None:
+        """Stop the remote kernel (process group killed, run dir removed); keep the ports."""
+        await asyncio.shield(self._discard_process())
+
+    async def close(self) -> None:
+        """Stop the kernel and release the local ports."""
+        try:
+            await self.shutdown()
+        finally:
+            await self.forwards.aclose()
+
+    async def __aenter__(self) -> RemoteKernel:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    def client(self, **kwargs: Any) -> AsyncKernelClient:
+        """An AsyncKernelClient connected through the forwards (call start_channels())."""
+        from jupyter_client.asynchronous import AsyncKernelClient
+
+        client = AsyncKernelClient(**kwargs)
+        client.load_connection_info(self.connection_info())
+        return client

@@ -1,0 +1,63 @@
+"""The SSH event loop thread used by the provisioner.
+
+Jupyter runs provisioner methods on loops that do not keep running: the blocking
+``KernelManager`` (``jupyter console``) drives each call with
+``run_until_complete`` and stops the loop in between, which would freeze port
+forwards and keepalives. So the provisioner keeps all SSH I/O on one daemon
+thread with its own always-running loop, and bridges each call to it. The
+embedding API (``SSHSession``) runs on whatever loop its caller uses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+__all__ = ["SSHLoop"]
+
+T = TypeVar("T")
+
+
+class SSHLoop:
+    """One process-wide loop on a daemon thread; started on first use."""
+
+    _instance: SSHLoop | None = None
+    _instance_lock = threading.Lock()
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._started = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sshpyk-ssh-loop", daemon=True)
+        self._thread.start()
+        self._started.wait()
+
+    @classmethod
+    def instance(cls) -> SSHLoop:
+        with cls._instance_lock:
+            if cls._instance is None:
+                cls._instance = cls()
+            return cls._instance
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.call_soon(self._started.set)
+        self.loop.run_forever()
+
+    def in_loop(self) -> bool:
+        return threading.current_thread() is self._thread
+
+    async def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on the SSH loop and await its result from any loop.
+
+        Cancelling the caller cancels the coroutine on the SSH loop too.
+        """
+        if self.in_loop():
+            return await coro
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        return await asyncio.wrap_future(future)
+
+    def run_sync(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        """Run ``coro`` on the SSH loop from a thread with no running loop."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)

@@ -1,0 +1,296 @@
+"""SSHSession: one shared asyncssh connection per (host alias, ssh config).
+
+Every kernel started in a process on the same host shares one SSH connection:
+the remote supervisors, the five forwards per kernel and keepalives all ride on
+it as channels. Sessions are handles onto that shared connection and are
+reference counted; the connection closes when the last handle does.
+
+Host settings (HostName, User, Port, IdentityFile, ProxyJump, ...) come from the
+user's ssh config, read by asyncssh; host keys are always verified against the
+known_hosts files that config names (``~/.ssh/known_hosts`` by default).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import os
+import time
+import weakref
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import asyncssh
+
+from .errors import (
+    ConnectTimeoutError,
+    ForwardingRefusedError,
+    SessionClosedError,
+    SSHPykError,
+    translate_error,
+)
+
+if TYPE_CHECKING:
+    from .kernel import KernelOptions, RemoteKernel
+
+__all__ = ["RunResult", "SSHSession", "SessionState"]
+
+log = logging.getLogger("sshpyk")
+
+#: Used when the ssh config sets no ServerAliveInterval: keepalive is always on.
+DEFAULT_KEEPALIVE_INTERVAL = 15.0
+DEFAULT_KEEPALIVE_COUNT_MAX = 3
+DEFAULT_CONNECT_TIMEOUT = 30.0
+
+
+class SessionState(enum.Enum):
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True)
+class RunResult:
+    exit_status: int | None
+    stdout: str
+    stderr: str
+
+
+def default_ssh_config() -> str | None:
+    path = os.path.expanduser("~/.ssh/config")
+    return path if os.path.exists(path) else None
+
+
+class _SharedConnection:
+    """The real connection behind every SSHSession for one (alias, config)."""
+
+    def __init__(self, alias: str, ssh_config: str | None) -> None:
+        self.alias = alias
+        self.ssh_config = ssh_config
+        self.conn: asyncssh.SSHClientConnection | None = None
+        self.refs = 0
+        self.connect_seconds = 0.0
+        self._lock = asyncio.Lock()
+        self._forwarding_checked: set[str] = set()
+
+    @property
+    def connected(self) -> bool:
+        return self.conn is not None and not self.conn.is_closed()
+
+    async def ensure_connected(self, timeout: float) -> asyncssh.SSHClientConnection:
+        async with self._lock:
+            if self.conn is not None and not self.conn.is_closed():
+                return self.conn
+            start = time.monotonic()
+            try:
+                self.conn = await asyncio.wait_for(self._connect(), timeout)
+            except asyncio.TimeoutError as exc:
+                raise ConnectTimeoutError(
+                    f"timed out after {timeout:g}s connecting to {self.alias!r}"
+                ) from exc
+            except Exception as exc:
+                raise translate_error(exc, self.alias, config=self.ssh_config) from exc
+            self.connect_seconds = time.monotonic() - start
+            self._forwarding_checked.clear()
+            log.info("[%s] SSH connection up in %.3fs", self.alias, self.connect_seconds)
+            return self.conn
+
+    async def _connect(self) -> asyncssh.SSHClientConnection:
+        config: Any = [self.ssh_config] if self.ssh_config else ()
+        loop = asyncio.get_running_loop()
+        # Options read key files: build them off the loop. Reading them first also tells
+        # whether the config sets ServerAliveInterval; keepalive is on either way.
+        options = await loop.run_in_executor(
+            None, partial(asyncssh.SSHClientConnectionOptions, config=config, host=self.alias)
+        )
+        extra: dict[str, Any] = {}
+        if not options.keepalive_interval:
+            extra = {
+                "keepalive_interval": DEFAULT_KEEPALIVE_INTERVAL,
+                "keepalive_count_max": DEFAULT_KEEPALIVE_COUNT_MAX,
+            }
+        return await asyncssh.connect(self.alias, options=options, **extra)
+
+    async def check_forwarding(self, transport: str) -> None:
+        """Fail fast and clearly if sshd refuses the forwarding a transport needs.
+
+        Opens a channel to a target that cannot exist: "connect failed" means sshd
+        allows this kind of forwarding, "administratively prohibited" means not.
+        """
+        if transport in self._forwarding_checked or self.conn is None:
+            return
+        try:
+            if transport == "ipc":
+                await self.conn.open_unix_connection("/nonexistent/sshpyk-forwarding-probe")
+            else:
+                await self.conn.open_connection("127.0.0.1", 1)
+        except asyncssh.ChannelOpenError as exc:
+            if exc.code == asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED:
+                raise ForwardingRefusedError(
+                    f"sshd on {self.alias!r} refuses "
+                    f"{'unix socket' if transport == 'ipc' else 'TCP'} forwarding: set "
+                    f"{'AllowStreamLocalForwarding' if transport == 'ipc' else 'AllowTcpForwarding'}"
+                    " yes in its sshd_config (or use --transport "
+                    f"{'tcp' if transport == 'ipc' else 'ipc'})"
+                ) from exc
+        except OSError:
+            pass  # nothing listens there: forwarding itself is allowed
+        except Exception as exc:
+            raise translate_error(exc, self.alias, config=self.ssh_config) from exc
+        self._forwarding_checked.add(transport)
+
+    async def close(self) -> None:
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.close()
+            await asyncio.shield(conn.wait_closed())
+
+
+# One registry per event loop: asyncssh connections belong to the loop that made them.
+_registries: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Any, _SharedConnection]]
+_registries = weakref.WeakKeyDictionary()
+
+
+def _registry() -> dict[Any, _SharedConnection]:
+    loop = asyncio.get_running_loop()
+    return _registries.setdefault(loop, {})
+
+
+class SSHSession:
+    """A handle on the shared SSH connection to one host.
+
+    Use ``async with await SSHSession.connect("alias") as session: ...``.
+    """
+
+    def __init__(self, shared: _SharedConnection, connect_timeout: float) -> None:
+        self._shared = shared
+        self._state = SessionState.OPEN
+        self._connect_timeout = connect_timeout
+        self._closed = asyncio.Event()
+        shared.refs += 1
+
+    @classmethod
+    async def connect(
+        cls,
+        alias: str,
+        *,
+        ssh_config: str | os.PathLike[str] | None = None,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    ) -> SSHSession:
+        """Open (or join) the SSH connection to ``alias`` from the ssh config."""
+        config = os.path.abspath(os.path.expanduser(os.fspath(ssh_config))) if ssh_config else None
+        if config and not os.path.isfile(config):
+            raise SSHPykError(f"ssh config file {config} does not exist")
+        config = config or default_ssh_config()
+        registry = _registry()
+        shared = registry.get((alias, config))
+        if shared is None:
+            shared = registry[(alias, config)] = _SharedConnection(alias, config)
+        session = cls(shared, connect_timeout)
+        try:
+            await shared.ensure_connected(connect_timeout)
+        except BaseException:
+            await session._release()
+            raise
+        return session
+
+    # -- state -------------------------------------------------------------------
+    @property
+    def alias(self) -> str:
+        return self._shared.alias
+
+    @property
+    def ssh_config(self) -> str | None:
+        return self._shared.ssh_config
+
+    @property
+    def state(self) -> SessionState:
+        return self._state
+
+    @property
+    def connected(self) -> bool:
+        return self._state is SessionState.OPEN and self._shared.connected
+
+    @property
+    def connect_seconds(self) -> float:
+        return self._shared.connect_seconds
+
+    def _ensure_open(self) -> None:
+        if self._state is not SessionState.OPEN:
+            raise SessionClosedError(f"the SSH session to {self.alias!r} is closed")
+
+    async def connection(self) -> asyncssh.SSHClientConnection:
+        """The live asyncssh connection; reconnects if it dropped."""
+        self._ensure_open()
+        return await self._shared.ensure_connected(self._connect_timeout)
+
+    async def check_forwarding(self, transport: str) -> None:
+        await self.connection()
+        await self._shared.check_forwarding(transport)
+
+    # -- helpers -----------------------------------------------------------------
+    async def run(self, command: str, *, input: str | None = None) -> RunResult:
+        """Run a shell command on the host and collect its output."""
+        conn = await self.connection()
+        try:
+            result = await conn.run(command, input=input, check=False)
+        except Exception as exc:
+            raise translate_error(exc, self.alias, config=self.ssh_config) from exc
+        return RunResult(
+            exit_status=result.exit_status,
+            stdout=str(result.stdout or ""),
+            stderr=str(result.stderr or ""),
+        )
+
+    async def start_kernel(
+        self, kernel_name: str = "python3", options: KernelOptions | None = None, **kw: Any
+    ) -> RemoteKernel:
+        """Start a remote kernel with its forwards; see :class:`sshpyk.RemoteKernel`."""
+        from .kernel import KernelOptions, RemoteKernel
+
+        options = options or KernelOptions(kernel_name=kernel_name, **kw)
+        kernel = RemoteKernel(self, options)
+        try:
+            await kernel.start()
+        except BaseException:
+            await asyncio.shield(kernel.close())
+            raise
+        return kernel
+
+    # -- lifecycle ---------------------------------------------------------------
+    async def _release(self) -> None:
+        if self._state is SessionState.CLOSED:
+            return
+        self._state = SessionState.CLOSED
+        shared = self._shared
+        shared.refs -= 1
+        try:
+            if shared.refs <= 0:
+                registry = _registry()
+                if registry.get((shared.alias, shared.ssh_config)) is shared:
+                    del registry[(shared.alias, shared.ssh_config)]
+                await shared.close()
+        finally:
+            self._closed.set()
+
+    def close(self) -> None:
+        """Release this handle; the connection closes with the last handle."""
+        if self._state is SessionState.OPEN:
+            self._close_task = asyncio.ensure_future(self._release())
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+    async def aclose(self) -> None:
+        await asyncio.shield(self._release())
+
+    async def __aenter__(self) -> SSHSession:
+        self._ensure_open()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        return f"<SSHSession {self.alias!r} {self._state.value}>"
