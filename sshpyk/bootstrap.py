@@ -487,9 +487,13 @@ def main():
 
 
 if __name__ == "__main__":
+    # SIGTERM/SIGHUP unwind through main()'s finally, which cleans up the kernel.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     signal.signal(signal.SIGHUP, lambda *_: sys.exit(129))
-    status = main()
+    try:
+        status = main()
+    except SystemExit as exc:
+        status = exc.code if isinstance(exc.code, int) else 1
     # Daemon threads may still block in stdin.readline(); a normal interpreter exit
     # would then abort on the stdin buffer lock. Everything is flushed and cleaned.
     try:

@@ -49,6 +49,7 @@ class SSHKernelSpec:
     remote_env: dict[str, str] = field(default_factory=dict)
     pre_command: str | None = None
     remote_cwd: str | None = None
+    remote_run_root: str | None = None
     resource_dir: str | None = None
 
     #: the keys stored under metadata.kernel_provisioner.config
@@ -62,6 +63,7 @@ class SSHKernelSpec:
         "remote_env",
         "pre_command",
         "remote_cwd",
+        "remote_run_root",
     )
 
     def validate(self) -> None:

@@ -98,13 +98,13 @@ LogLevel VERBOSE
 {self.extra_sshd_config}
 """
             )
-            self.log_file.write_bytes(b"")
-            self.proc = subprocess.Popen(
-                [sshd, "-D", "-e", "-f", str(root / "sshd_config")],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=open(self.log_file, "ab"),  # noqa: SIM115 - owned by the child
-            )
+            with open(self.log_file, "wb") as log:
+                self.proc = subprocess.Popen(
+                    [sshd, "-D", "-e", "-f", str(root / "sshd_config")],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=log,
+                )
             if self._wait_listening(timeout):
                 break
             last_error = self.log_file.read_text(errors="replace")
