@@ -248,7 +248,7 @@ def write_connection_file(run_dir, transport, request):
             endpoints[channel] = "%s-%d" % (info["ip"], n)
     else:
         info["ip"] = "127.0.0.1"
-        for channel, port in zip(CHANNELS, free_tcp_ports(len(CHANNELS))):
+        for channel, port in zip(CHANNELS, free_tcp_ports(len(CHANNELS)), strict=False):
             info[channel + "_port"] = port
             endpoints[channel] = port
     path = os.path.join(run_dir, "kernel.json")
@@ -311,7 +311,9 @@ class Supervisor:
         cwd = request.get("cwd") or os.path.expanduser("~")
         cwd = os.path.expanduser(cwd)
         if not os.path.isdir(cwd):
-            raise BootstrapError("launch_failed", "remote working directory %r does not exist" % cwd)
+            raise BootstrapError(
+                "launch_failed", "remote working directory %r does not exist" % cwd
+            )
         self.log_path = os.path.join(self.run_dir, "kernel.log")
         import subprocess
 

@@ -16,7 +16,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from typing import TYPE_CHECKING, Any
+from functools import partial
+from typing import TYPE_CHECKING, Any, cast
 
 from .errors import SSHPykError, translate_error
 
@@ -30,7 +31,7 @@ log = logging.getLogger("sshpyk")
 CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
 
 
-class _Pipe:
+class _Pipe(asyncio.Protocol):
     """One end of a forwarded connection: an asyncio protocol and an SSH session.
 
     Data from this end is written to the peer end; back-pressure on one side
@@ -124,7 +125,7 @@ class ForwardSet:
         try:
             for channel in CHANNELS:
                 server = await loop.create_server(
-                    lambda channel=channel: self._accept(channel),  # type: ignore[misc]
+                    partial(self._accept, channel),
                     "127.0.0.1",
                     (ports or {}).get(channel, 0),
                 )
@@ -132,7 +133,9 @@ class ForwardSet:
                 self.ports[channel] = server.sockets[0].getsockname()[1]
         except OSError as exc:
             await self.aclose()
-            raise SSHPykError(f"cannot listen on 127.0.0.1 for the kernel's channels: {exc}") from exc
+            raise SSHPykError(
+                f"cannot listen on 127.0.0.1 for the kernel's channels: {exc}"
+            ) from exc
         return dict(self.ports)
 
     def set_target(self, transport: str, endpoints: dict[str, Any]) -> None:
@@ -164,10 +167,11 @@ class ForwardSet:
             conn = await self.session.connection()
             target = self._endpoints[channel]
             remote = _Pipe(local)
+            factory = cast(Any, lambda: remote)  # _Pipe speaks asyncssh's session interface
             if self._transport == "ipc":
-                await conn.create_unix_connection(lambda: remote, target)
+                await conn.create_unix_connection(factory, target)
             else:
-                await conn.create_connection(lambda: remote, "127.0.0.1", target)
+                await conn.create_connection(factory, "127.0.0.1", target)
             if local.closed:
                 remote.close()
                 return

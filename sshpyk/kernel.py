@@ -12,7 +12,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from .errors import KernelStartTimeoutError, SSHPykError
 from .forwards import CHANNELS, ForwardSet
@@ -139,10 +139,8 @@ class RemoteKernel:
         )
         self.forwards.set_target(self.process.transport, self.process.endpoints)
         t2 = time.monotonic()
-        # The forwarding probe runs while the kernel binds its sockets.
-        await asyncio.gather(
-            self.session.check_forwarding(self.process.transport), self.process.wait_ready()
-        )
+        await self.process.wait_ready()
+        await self.session.check_forwarding(self.process.transport, self.process.endpoints["hb"])
         self.forwards.set_ready()
         timings["ready"] = time.monotonic() - t2
         timings["total"] = time.monotonic() - t0
@@ -199,5 +197,5 @@ class RemoteKernel:
         from jupyter_client.asynchronous import AsyncKernelClient
 
         client = AsyncKernelClient(**kwargs)
-        client.load_connection_info(self.connection_info())
+        client.load_connection_info(cast(Any, self.connection_info()))
         return client

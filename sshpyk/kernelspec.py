@@ -92,7 +92,8 @@ class SSHKernelSpec:
                 self.remote_kernel_name,
                 "{connection_file}",
             ],
-            "display_name": self.display_name or f"{self.remote_kernel_name} ({self.ssh_host_alias})",
+            "display_name": self.display_name
+            or f"{self.remote_kernel_name} ({self.ssh_host_alias})",
             "language": self.language,
             "interrupt_mode": self.interrupt_mode,
             "metadata": {

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import signal
 import time
-from typing import Any
+from typing import Any, cast
 
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
@@ -80,7 +80,12 @@ class SSHKernelProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             self.start_timeout,
         )
         kernel = RemoteKernel(self._session, self._options(), kernel_id=self.kernel_id)
-        await kernel.open_forwards()
+        try:
+            await kernel.open_forwards()
+        except BaseException:
+            session, self._session = self._session, None
+            await asyncio.shield(session.aclose())
+            raise
         return kernel
 
     async def _close(self) -> None:
@@ -136,10 +141,16 @@ class SSHKernelProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         jupyter_session = (kwargs.get("env") or {}).get("JPY_SESSION_NAME")
         if jupyter_session:
             env["JPY_SESSION_NAME"] = jupyter_session
-        await self._loop.run(self._kernel.launch(key, scheme, env))
+        try:
+            await self._loop.run(self._kernel.launch(key, scheme, env))
+        except BaseException:
+            # Jupyter does not always call cleanup() after a failed start: release
+            # the connection and the local ports here.
+            await asyncio.shield(self._loop.run(self._close()))
+            raise
         self._launched = True
         if km is None:
-            self.connection_info = self._kernel.connection_info()
+            self.connection_info = cast(KernelConnectionInfo, self._kernel.connection_info())
         return self.connection_info
 
     async def poll(self) -> int | None:

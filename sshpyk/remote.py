@@ -51,9 +51,8 @@ def remote_command(python: str, pre_command: str | None = None) -> str:
     ``python`` is an executable (``python3``, ``/usr/bin/python3``) or an
     environment prefix such as ``/opt/conda/envs/x`` (then ``bin/python`` in it).
     """
-    loader = (
-        "import sys;exec(compile(sys.stdin.buffer.read(%d),'sshpyk-bootstrap','exec'))"
-        % len(_BOOTSTRAP)
+    loader = "import sys;exec(compile(sys.stdin.buffer.read(%d),'sshpyk-bootstrap','exec'))" % len(
+        _BOOTSTRAP
     )
     if python.startswith("~/"):
         quoted = '"$HOME"/' + shlex.quote(python[2:])

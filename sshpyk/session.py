@@ -112,30 +112,30 @@ class _SharedConnection:
             }
         return await asyncssh.connect(self.alias, options=options, **extra)
 
-    async def check_forwarding(self, transport: str) -> None:
-        """Fail fast and clearly if sshd refuses the forwarding a transport needs.
+    async def check_forwarding(self, transport: str, endpoint: str | int) -> None:
+        """Fail clearly if sshd refuses the forwarding a transport needs.
 
-        Opens a channel to a target that cannot exist: "connect failed" means sshd
-        allows this kind of forwarding, "administratively prohibited" means not.
+        Opens (and closes) a channel to ``endpoint``, a socket the kernel has bound.
+        OpenSSH answers "open failed" both for a refused and for a missing unix
+        socket, so only a real, listening target tells the two apart. Done once
+        per connection and transport.
         """
         if transport in self._forwarding_checked or self.conn is None:
             return
         try:
             if transport == "ipc":
-                await self.conn.open_unix_connection("/nonexistent/sshpyk-forwarding-probe")
+                _, writer = await self.conn.open_unix_connection(str(endpoint))
             else:
-                await self.conn.open_connection("127.0.0.1", 1)
+                _, writer = await self.conn.open_connection("127.0.0.1", int(endpoint))
+            writer.close()
         except asyncssh.ChannelOpenError as exc:
-            if exc.code == asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED:
-                raise ForwardingRefusedError(
-                    f"sshd on {self.alias!r} refuses "
-                    f"{'unix socket' if transport == 'ipc' else 'TCP'} forwarding: set "
-                    f"{'AllowStreamLocalForwarding' if transport == 'ipc' else 'AllowTcpForwarding'}"
-                    " yes in its sshd_config (or use --transport "
-                    f"{'tcp' if transport == 'ipc' else 'ipc'})"
-                ) from exc
-        except OSError:
-            pass  # nothing listens there: forwarding itself is allowed
+            kind = "unix socket" if transport == "ipc" else "TCP"
+            option = "AllowStreamLocalForwarding" if transport == "ipc" else "AllowTcpForwarding"
+            other = "tcp" if transport == "ipc" else "ipc"
+            raise ForwardingRefusedError(
+                f"sshd on {self.alias!r} refuses {kind} forwarding ({exc.reason}): set "
+                f"{option} yes in its sshd_config, or use --transport {other}"
+            ) from exc
         except Exception as exc:
             raise translate_error(exc, self.alias, config=self.ssh_config) from exc
         self._forwarding_checked.add(transport)
@@ -225,9 +225,9 @@ class SSHSession:
         self._ensure_open()
         return await self._shared.ensure_connected(self._connect_timeout)
 
-    async def check_forwarding(self, transport: str) -> None:
+    async def check_forwarding(self, transport: str, endpoint: str | int) -> None:
         await self.connection()
-        await self._shared.check_forwarding(transport)
+        await self._shared.check_forwarding(transport, endpoint)
 
     # -- helpers -----------------------------------------------------------------
     async def run(self, command: str, *, input: str | None = None) -> RunResult:

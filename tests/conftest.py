@@ -13,9 +13,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from sshd import ThrowawaySSHD, find_sshd  # noqa: E402
+from sshd import ThrowawaySSHD, find_sshd
 
-from sshpyk.kernelspec import SSHKernelSpec, write_spec  # noqa: E402
+from sshpyk.kernelspec import SSHKernelSpec, write_spec
 
 
 def _need_sshd() -> None:
@@ -63,9 +63,7 @@ def run_root(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def make_kernelspec(
-    sshd: ThrowawaySSHD, run_root: Path
-) -> Callable[..., SSHKernelSpec]:
+def make_kernelspec(sshd: ThrowawaySSHD, run_root: Path) -> Callable[..., SSHKernelSpec]:
     def make(name: str = "ssh_test", **overrides: object) -> SSHKernelSpec:
         fields: dict[str, object] = {
             "name": name,

@@ -48,10 +48,7 @@ async def interrupt_sleep(km: AsyncKernelManager, kc: Any) -> tuple[str, float]:
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         msg = await kc.get_iopub_msg(timeout=20)
-        if (
-            msg["parent_header"].get("msg_id") == msg_id
-            and msg["msg_type"] == "execute_input"
-        ):
+        if msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "execute_input":
             break
     await asyncio.sleep(0.3)
     started = time.monotonic()

@@ -71,6 +71,7 @@ class ThrowawaySSHD:
         if os.geteuid() == 0:
             os.makedirs("/run/sshd", exist_ok=True)
         root = self.root
+        root.mkdir(parents=True, exist_ok=True)
         host_pub = _keygen(root / "host_ed25519")
         client_pub = _keygen(root / "id_ed25519")
         _keygen(root / "id_stranger")  # a key the server does not know

@@ -46,7 +46,7 @@ async def test_interrupt(make_kernelspec, mode: str, no_leftovers) -> None:
         result, seconds = await interrupt_sleep(km, kc)
         assert result == "error/KeyboardInterrupt"
         assert seconds < 5
-        content, out = await run_cell(kc, "print('alive')")
+        _content, out = await run_cell(kc, "print('alive')")
         assert out.strip() == "alive"
     finally:
         await stop_manager(km, kc)
