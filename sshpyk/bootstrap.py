@@ -1,40 +1,43 @@
-"""The remote side of sshpyk: a stdlib-only supervisor fed to the remote Python.
+"""The remote side of sshpyk: a stdlib-only agent fed to the remote Python.
 
-This file is never imported locally. ``sshpyk.remote`` sends its source over
-the SSH channel's stdin to ``python -c <loader>``; nothing is installed or left
-on the remote host. It speaks protocol version ``PROTOCOL`` as JSON lines:
+This file is never imported locally. ``sshpyk.remote`` sends its source over an
+SSH exec channel's stdin to ``python -c <loader>``; nothing is installed or left
+on the remote host. One agent runs per (SSH connection, remote python,
+pre-command) and supervises every kernel started through it, so starting a
+kernel on an open connection costs no new SSH session, shell or interpreter.
 
-local -> remote (stdin), first line is the request::
+It speaks protocol version ``PROTOCOL`` as JSON lines. local -> agent (stdin),
+the first line opens the conversation::
 
-    {"v": 1, "op": "inspect", "kernel_name": "python3"}
-    {"v": 1, "op": "launch", "kernel_name": ..., "key": ..., "signature_scheme": ...,
-     "transport": "auto|ipc|tcp", "env": {...}, "cwd": ..., "run_root": ...,
-     "grace": 60.0, "kernel_id": ...}
+    {"v": 1, "op": "hello", "grace": 60.0, "run_root": null}
 
-then, for a launch, any number of::
+then any of (``kid`` is the kernel id, ``rid`` a request id)::
 
-    {"op": "ping"}                     # heartbeat from the local side
-    {"op": "signal", "signum": 2}      # delivered to the kernel's process group
-    {"op": "stop"}                     # kill the process group, clean up, exit
+    {"op": "ping"}                                  # heartbeat from the local side
+    {"op": "inspect", "rid": 1, "kernel_name": "python3"}
+    {"op": "launch", "kid": ..., "kernel_name": ..., "key": ..., "signature_scheme": ...,
+     "transport": "auto|ipc|tcp", "env": {...}, "cwd": ...}
+    {"op": "signal", "kid": ..., "signum": 2}       # to the kernel's process group
+    {"op": "stop", "kid": ...}                      # kill the group, remove its run dir
 
-remote -> local (stdout)::
+agent -> local (stdout), every line carries ``"v"``::
 
-    {"v": 1, "event": "info", ...}          # answer to inspect
-    {"v": 1, "event": "started", "pid", "pgid", "run_dir", "transport", "endpoints"}
-    {"v": 1, "event": "ready"}              # all five sockets are bound
-    {"v": 1, "event": "exited", "code": N, "stderr_tail": "..."}
-    {"v": 1, "event": "error", "kind": "...", "message": "..."}
+    {"event": "hello", "pid", "python", "python_version", "jupyter_client"}
+    {"event": "info", "rid", "kernelspec": {...}}
+    {"event": "started", "kid", "pid", "pgid", "run_dir", "transport", "endpoints"}
+    {"event": "ready", "kid"}                       # all five sockets are bound
+    {"event": "exited", "kid", "code", "stderr_tail"}
+    {"event": "stopped", "kid"}                     # process group dead, run dir gone
+    {"event": "error", "kid"|"rid", "kind", "message"}
 
-The kernel runs in its own session (so its own process group) with
-``JPY_PARENT_PID`` set to this supervisor, so it also exits if the supervisor is
-SIGKILLed. When the local side is gone (stdin EOF, or no line for ``grace``
-seconds) the supervisor kills the whole process group and removes the private
-run directory. The HMAC key only travels over stdin and into a 0600 file inside
-a 0700 directory.
+Each kernel runs in its own session (so its own process group) with
+``JPY_PARENT_PID`` set to the agent, so it also exits if the agent is SIGKILLed.
+When the local side is gone (stdin EOF, or no line for ``grace`` seconds) the
+agent kills every kernel's process group and removes their run directories.
+The HMAC key only travels over stdin and into a 0600 file in a 0700 directory.
 
-Remote Python >= 3.8; no syntax or module beyond the standard library, except
-for ``jupyter_core``/``jupyter_client`` of the remote environment, used to find
-kernelspecs.
+Remote Python >= 3.8; nothing beyond the standard library, except the remote
+environment's ``jupyter_core``/``jupyter_client``, used to find kernelspecs.
 """
 
 import importlib.util
@@ -44,6 +47,7 @@ import queue
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -54,6 +58,7 @@ CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
 # sun_path holds 108 bytes including the NUL; leave room for "-N".
 MAX_IPC_PREFIX = 100
 STDERR_TAIL_BYTES = 4000
+TERM_WAIT = 2.0
 
 
 class BootstrapError(Exception):
@@ -139,7 +144,9 @@ def find_kernelspec(name):
     try:
         from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
     except Exception as exc:
-        raise BootstrapError("jupyter_client_missing", "cannot import jupyter_client: %s" % exc)
+        raise BootstrapError(
+            "jupyter_client_missing", "cannot import jupyter_client: %s" % exc
+        ) from None
     try:
         ks = KernelSpecManager().get_kernel_spec(name)
     except NoSuchKernel:
@@ -147,7 +154,7 @@ def find_kernelspec(name):
             "kernelspec_not_found",
             "no kernelspec named %r for %s (available: %s)"
             % (name, sys.executable, ", ".join(sorted(available_kernels(dirs))) or "none"),
-        )
+        ) from None
     spec = ks.to_dict()
     spec["resource_dir"] = ks.resource_dir
     return spec
@@ -252,7 +259,7 @@ def write_connection_file(run_dir, transport, request):
             info[channel + "_port"] = port
             endpoints[channel] = port
     path = os.path.join(run_dir, "kernel.json")
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # the key is in here
     with os.fdopen(fd, "w") as f:
         json.dump(info, f)
     return path, endpoints
@@ -285,67 +292,141 @@ def tail(path, limit=STDERR_TAIL_BYTES):
         return ""
 
 
-class Supervisor:
-    def __init__(self, request):
+class Kernel:
+    """One kernel supervised by the agent."""
+
+    def __init__(self, agent, request):
+        self.agent = agent
+        self.kid = request["kid"]
         self.request = request
-        self.events = queue.Queue()
         self.proc = None
         self.run_dir = None
         self.log_path = None
-        self.grace = float(request.get("grace") or 0)
+        self.transport = None
+        self.endpoints = {}
+        self.ready = False
+        self.exit_code = None
 
     def launch(self):
         request = self.request
         spec = find_kernelspec(request["kernel_name"])
-        self.run_dir = private_run_dir(request.get("run_root"), request.get("kernel_id"))
-        transport = pick_transport(request.get("transport", "auto"), spec, self.run_dir)
-        conn_file, endpoints = write_connection_file(self.run_dir, transport, request)
+        self.run_dir = private_run_dir(self.agent.run_root, self.kid)
+        self.transport = pick_transport(request.get("transport", "auto"), spec, self.run_dir)
+        conn_file, self.endpoints = write_connection_file(self.run_dir, self.transport, request)
         argv = kernel_argv(spec, conn_file)
         env = dict(os.environ)
         env.update(spec.get("env") or {})
         env.update(request.get("env") or {})
         env["JPY_PARENT_PID"] = str(os.getpid())
+        env["SSHPYK_KERNEL_ID"] = self.kid
         env["SSHPYK_RUN_DIR"] = self.run_dir
-        if request.get("kernel_id"):
-            env["SSHPYK_KERNEL_ID"] = request["kernel_id"]
-        cwd = request.get("cwd") or os.path.expanduser("~")
-        cwd = os.path.expanduser(cwd)
+        cwd = os.path.expanduser(request.get("cwd") or "~")
         if not os.path.isdir(cwd):
             raise BootstrapError(
                 "launch_failed", "remote working directory %r does not exist" % cwd
             )
         self.log_path = os.path.join(self.run_dir, "kernel.log")
-        import subprocess
-
-        log = open(self.log_path, "wb")
-        try:
-            self.proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                cwd=cwd,
-                start_new_session=True,
-                close_fds=True,
-            )
-        except OSError as exc:
-            raise BootstrapError("launch_failed", "cannot start %s: %s" % (argv[0], exc))
-        finally:
-            log.close()
+        with open(self.log_path, "wb") as log:
+            try:
+                self.proc = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    cwd=cwd,
+                    start_new_session=True,
+                    close_fds=True,
+                )
+            except OSError as exc:
+                raise BootstrapError(
+                    "launch_failed", "cannot start %s: %s" % (argv[0], exc)
+                ) from None
+        info = {
+            "kernel_id": self.kid,
+            "kernel_name": request["kernel_name"],
+            "pid": self.proc.pid,
+            "agent_pid": os.getpid(),
+            "started": time.time(),
+            "transport": self.transport,
+            "argv": argv,
+        }
+        with open(os.path.join(self.run_dir, "sshpyk.json"), "w") as f:
+            json.dump(info, f)
+        threading.Thread(target=self._wait, daemon=True).start()
         emit(
             "started",
+            kid=self.kid,
             pid=self.proc.pid,
             pgid=self.proc.pid,
             run_dir=self.run_dir,
-            transport=transport,
-            endpoints=endpoints,
+            transport=self.transport,
+            endpoints=self.endpoints,
             argv=argv,
             resource_dir=spec.get("resource_dir"),
             language=spec.get("language"),
-            supervisor_pid=os.getpid(),
         )
-        return transport, endpoints
+
+    def _wait(self):
+        code = self.proc.wait()
+        self.agent.events.put(("exit", (self.kid, code)))
+
+    def check_ready(self):
+        if (
+            not self.ready
+            and self.exit_code is None
+            and endpoints_bound(self.transport, self.endpoints)
+        ):
+            self.ready = True
+            emit("ready", kid=self.kid)
+
+    def on_exit(self, code):
+        self.exit_code = code
+        if not self.ready:
+            emit(
+                "error",
+                kid=self.kid,
+                kind="kernel_exited",
+                message="the kernel exited with code %s during start" % code,
+                code=code,
+                stderr_tail=tail(self.log_path),
+            )
+        else:
+            emit("exited", kid=self.kid, code=code, stderr_tail=tail(self.log_path))
+
+    def signal(self, signum):
+        if self.proc is not None:
+            try:
+                os.killpg(self.proc.pid, signum)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def cleanup(self):
+        """Kill the process group (TERM, then KILL), remove the run dir."""
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.signal(signal.SIGTERM)
+                deadline = time.monotonic() + TERM_WAIT
+                while self.proc.poll() is None and time.monotonic() < deadline:
+                    time.sleep(0.01)
+            # Children the kernel spawned may outlive it: kill the whole group.
+            self.signal(signal.SIGKILL)
+            try:
+                self.proc.wait(timeout=2.0)
+            except Exception:
+                pass
+        if self.run_dir:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+            self.run_dir = None
+
+
+class Agent:
+    def __init__(self, hello):
+        self.events = queue.Queue()
+        self.kernels = {}
+        self.stopping = []
+        self.run_root = hello.get("run_root")
+        self.grace = float(hello.get("grace") or 0)
 
     def _read_stdin(self):
         stdin = sys.stdin.buffer
@@ -361,135 +442,127 @@ class Supervisor:
                 msg = json.loads(line.decode("utf-8"))
             except ValueError:
                 continue
-            self.events.put(("msg", msg))
-
-    def _wait_kernel(self):
-        code = self.proc.wait()
-        self.events.put(("exit", code))
+            if isinstance(msg, dict):
+                self.events.put(("msg", msg))
 
     def run(self):
-        transport, endpoints = self.launch()
-        for target in (self._read_stdin, self._wait_kernel):
-            threading.Thread(target=target, daemon=True).start()
-        ready = False
+        emit(
+            "hello",
+            pid=os.getpid(),
+            python=sys.executable,
+            python_version="%d.%d.%d" % sys.version_info[:3],
+            jupyter_client=jupyter_client_version(),
+        )
+        threading.Thread(target=self._read_stdin, daemon=True).start()
         last_contact = time.monotonic()
         while True:
-            timeout = 0.01 if not ready else 1.0
+            starting = [k for k in self.kernels.values() if not k.ready and k.exit_code is None]
             try:
-                kind, value = self.events.get(timeout=timeout)
+                kind, value = self.events.get(timeout=0.01 if starting else 1.0)
             except queue.Empty:
                 kind, value = None, None
             now = time.monotonic()
-            if kind == "exit":
-                if not ready:
-                    emit(
-                        "error",
-                        kind="kernel_exited",
-                        message="the kernel exited with code %s during start" % value,
-                        code=value,
-                        stderr_tail=tail(self.log_path),
-                    )
-                else:
-                    emit("exited", code=value, stderr_tail=tail(self.log_path))
-                self.cleanup()
-                return
             if kind == "eof":
-                self.cleanup()
                 return
             if kind == "msg":
                 last_contact = now
-                op = value.get("op")
-                if op == "signal":
-                    self.signal(int(value["signum"]))
-                elif op == "stop":
-                    self.cleanup()
-                    return
-            if not ready and endpoints_bound(transport, endpoints):
-                ready = True
-                emit("ready")
+                self.handle(value)
+            elif kind == "exit":
+                kid, code = value
+                kernel = self.kernels.get(kid)
+                if kernel is not None and kernel.exit_code is None:
+                    kernel.on_exit(code)
+            for kernel in starting:
+                kernel.check_ready()
             if self.grace and now - last_contact > self.grace:
-                self.cleanup()
                 return
 
-    def signal(self, signum):
+    def handle(self, msg):
+        op = msg.get("op")
+        kid = msg.get("kid")
         try:
-            os.killpg(self.proc.pid, signum)
-        except (ProcessLookupError, PermissionError):
-            pass
+            if op == "launch":
+                if kid in self.kernels:
+                    raise BootstrapError("protocol", "kernel %s already exists" % kid)
+                kernel = self.kernels[kid] = Kernel(self, msg)
+                kernel.launch()
+            elif op == "signal":
+                if kid in self.kernels:
+                    self.kernels[kid].signal(int(msg["signum"]))
+            elif op == "stop":
+                # Off the loop: TERM may take TERM_WAIT seconds; other kernels go on.
+                kernel = self.kernels.pop(kid, None)
+                thread = threading.Thread(target=self._stop, args=(kid, kernel), daemon=True)
+                self.stopping.append(thread)
+                thread.start()
+            elif op == "inspect":
+                inspect(msg)
+            elif op != "ping":
+                raise BootstrapError("protocol", "unknown op %r" % op)
+        except BootstrapError as exc:
+            self._failed(msg, exc.kind, exc.message)
+        except Exception as exc:  # report, and keep serving the other kernels
+            self._failed(msg, "internal", "%s: %s" % (type(exc).__name__, exc))
+
+    def _stop(self, kid, kernel):
+        if kernel is not None:
+            kernel.cleanup()
+        emit("stopped", kid=kid)
+
+    def _failed(self, msg, kind, message):
+        kid = msg.get("kid")
+        if msg.get("op") == "launch" and kid in self.kernels:
+            self.kernels.pop(kid).cleanup()
+        emit("error", kid=kid, rid=msg.get("rid"), kind=kind, message=message)
 
     def cleanup(self):
-        if self.proc is not None:
-            if self.proc.poll() is None:
-                self.signal(signal.SIGTERM)
-                deadline = time.monotonic() + 2.0
-                while self.proc.poll() is None and time.monotonic() < deadline:
-                    time.sleep(0.02)
-            # Children the kernel spawned may outlive it: kill the whole group.
-            self.signal(signal.SIGKILL)
-            try:
-                self.proc.wait(timeout=2.0)
-            except Exception:
-                pass
-        if self.run_dir:
-            shutil.rmtree(self.run_dir, ignore_errors=True)
-            self.run_dir = None
+        for kernel in list(self.kernels.values()):
+            kernel.cleanup()
+        self.kernels.clear()
+        for thread in self.stopping:
+            thread.join(TERM_WAIT + 5)
 
 
-def inspect(request):
-    info = {
-        "python": sys.executable,
-        "python_version": "%d.%d.%d" % sys.version_info[:3],
-        "jupyter_client": None,
-        "kernelspec": None,
-    }
-    info["jupyter_client"] = jupyter_client_version()
-    if request.get("kernel_name"):
-        spec = find_kernelspec(request["kernel_name"])
-        info["kernelspec"] = {
+def inspect(msg):
+    spec = find_kernelspec(msg["kernel_name"])
+    emit(
+        "info",
+        rid=msg.get("rid"),
+        kernelspec={
             k: spec.get(k)
             for k in ("argv", "display_name", "language", "interrupt_mode", "resource_dir")
-        }
-    emit("info", **info)
+        },
+    )
 
 
 def main():
     line = sys.stdin.buffer.readline()
     try:
-        request = json.loads(line.decode("utf-8"))
+        hello = json.loads(line.decode("utf-8"))
     except ValueError:
         emit("error", kind="protocol", message="the first line was not a JSON request")
         return 2
-    if request.get("v") != PROTOCOL:
+    if hello.get("v") != PROTOCOL or hello.get("op") != "hello":
         emit(
             "error",
             kind="protocol",
             message="protocol version %r not supported (remote speaks %d)"
-            % (request.get("v"), PROTOCOL),
+            % (hello.get("v"), PROTOCOL),
         )
         return 2
-    supervisor = None
+    agent = Agent(hello)
     try:
-        if request.get("op") == "inspect":
-            inspect(request)
-            return 0
-        if request.get("op") == "launch":
-            supervisor = Supervisor(request)
-            supervisor.run()
-            return 0
-        raise BootstrapError("protocol", "unknown op %r" % request.get("op"))
+        agent.run()
+        return 0
     except BootstrapError as exc:
         emit("error", kind=exc.kind, message=exc.message)
         return 1
-    except Exception as exc:  # report instead of dying silently
-        emit("error", kind="internal", message="%s: %s" % (type(exc).__name__, exc))
-        return 1
     finally:
-        if supervisor is not None:
-            supervisor.cleanup()
+        agent.cleanup()
 
 
 if __name__ == "__main__":
-    # SIGTERM/SIGHUP unwind through main()'s finally, which cleans up the kernel.
+    # SIGTERM/SIGHUP unwind through main()'s finally, which cleans up every kernel.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     signal.signal(signal.SIGHUP, lambda *_: sys.exit(129))
     try:

@@ -12,7 +12,6 @@ import click
 from . import __version__
 from .errors import SSHPykError
 from .kernelspec import INTERRUPT_MODES, TRANSPORTS, SSHKernelSpec, write_spec
-from .remote import inspect_remote
 from .session import SSHSession
 
 __all__ = ["main"]
@@ -58,9 +57,11 @@ def main(ctx: click.Context, verbose: int) -> None:
     ctx.obj = Context(verbose)
 
 
-async def _inspect(alias: str, ssh_config: str | None, python: str, kernel: str, pre: str | None):
+async def _inspect(
+    alias: str, ssh_config: str | None, python: str, kernel: str, pre: str | None
+) -> dict[str, Any]:
     async with await SSHSession.connect(alias, ssh_config=ssh_config, connect_timeout=20) as s:
-        return await inspect_remote(s, python, kernel, pre)
+        return await asyncio.wait_for(s.inspect(python, kernel, pre), 30)
 
 
 @main.command()

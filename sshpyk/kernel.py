@@ -120,14 +120,14 @@ class RemoteKernel:
             transport=opts.transport,
             env={**opts.env, **(env or {})},
             cwd=opts.cwd,
-            run_root=opts.run_root,
-            grace=opts.grace,
-            kernel_id=self.kernel_id,
         )
         t1 = time.monotonic()
-        self.process = await KernelProcess.start(
-            self.session, request, python=opts.python, pre_command=opts.pre_command
+        agent = await self.session.agent(
+            opts.python, opts.pre_command, grace=opts.grace, run_root=opts.run_root
         )
+        timings["agent"] = time.monotonic() - t1
+        t1 = time.monotonic()
+        self.process = await agent.launch(self.kernel_id, request)
         timings["spawn"] = time.monotonic() - t1
         log.info(
             "[%s] kernel %s: remote pid %s, %s transport, run dir %s",
@@ -145,11 +145,13 @@ class RemoteKernel:
         timings["ready"] = time.monotonic() - t2
         timings["total"] = time.monotonic() - t0
         log.info(
-            "[%s] kernel %s ready in %.3fs (connect %.3fs, spawn %.3fs, sockets %.3fs)",
+            "[%s] kernel %s ready in %.3fs "
+            "(connect %.3fs, agent %.3fs, spawn %.3fs, sockets %.3fs)",
             alias,
             self.kernel_id,
             timings["total"],
             timings["connect"],
+            timings["agent"],
             timings["spawn"],
             timings["ready"],
         )

@@ -31,6 +31,7 @@ from .errors import (
     SSHPykError,
     translate_error,
 )
+from .remote import RemoteAgent
 
 if TYPE_CHECKING:
     from .kernel import KernelOptions, RemoteKernel
@@ -73,6 +74,8 @@ class _SharedConnection:
         self.connect_seconds = 0.0
         self._lock = asyncio.Lock()
         self._forwarding_checked: set[str] = set()
+        self.agents: dict[Any, RemoteAgent] = {}
+        self._agent_locks: dict[Any, asyncio.Lock] = {}
 
     @property
     def connected(self) -> bool:
@@ -140,7 +143,29 @@ class _SharedConnection:
             raise translate_error(exc, self.alias, config=self.ssh_config) from exc
         self._forwarding_checked.add(transport)
 
+    async def agent(
+        self,
+        session: SSHSession,
+        python: str,
+        pre_command: str | None,
+        grace: float,
+        run_root: str | None,
+    ) -> RemoteAgent:
+        """The running agent for these settings, started on first use."""
+        key = (python, pre_command, grace, run_root)
+        lock = self._agent_locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            agent = self.agents.get(key)
+            if agent is None or not agent.alive:
+                agent = RemoteAgent(session, python, pre_command, grace=grace, run_root=run_root)
+                await agent.start()
+                self.agents[key] = agent
+            return agent
+
     async def close(self) -> None:
+        agents, self.agents = list(self.agents.values()), {}
+        if agents:
+            await asyncio.gather(*(a.close() for a in agents), return_exceptions=True)
         conn, self.conn = self.conn, None
         if conn is not None:
             conn.close()
@@ -228,6 +253,27 @@ class SSHSession:
     async def check_forwarding(self, transport: str, endpoint: str | int) -> None:
         await self.connection()
         await self._shared.check_forwarding(transport, endpoint)
+
+    async def agent(
+        self,
+        python: str = "python3",
+        pre_command: str | None = None,
+        *,
+        grace: float = 60.0,
+        run_root: str | None = None,
+    ) -> RemoteAgent:
+        """The remote agent for ``python`` (started on first use, then shared)."""
+        await self.connection()
+        return await self._shared.agent(self, python, pre_command, grace, run_root)
+
+    async def inspect(
+        self, python: str = "python3", kernel_name: str = "python3", pre_command: str | None = None
+    ) -> dict[str, Any]:
+        """Facts about the remote Python and one of its kernelspecs."""
+        agent = await self.agent(python, pre_command)
+        spec = await agent.inspect(kernel_name)
+        info = {k: agent.info.get(k) for k in ("python", "python_version", "jupyter_client")}
+        return {**info, "kernelspec": spec}
 
     # -- helpers -----------------------------------------------------------------
     async def run(self, command: str, *, input: str | None = None) -> RunResult:

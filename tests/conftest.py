@@ -108,7 +108,7 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, step: float
 def leftovers(run_root: Path) -> tuple[list[str], list[str]]:
     """(processes mentioning run_root, files under run_root) — both should be empty."""
     files = [str(p) for p in run_root.rglob("*")]
-    return remote_processes(str(run_root)) + remote_processes("sshpyk-bootstrap"), files
+    return remote_processes(str(run_root)), files
 
 
 @pytest.fixture

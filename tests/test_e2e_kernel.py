@@ -82,6 +82,8 @@ async def test_shutdown_leaves_nothing(make_kernelspec, run_root: Path) -> None:
     make_kernelspec("ssh_shutdown")
     km, kc = await start_manager("ssh_shutdown")
     process = km.provisioner._kernel.process
+    agent_pid = process.supervisor_pid
+    assert agent_pid and Path(f"/proc/{agent_pid}").exists()
     run_dir = Path(process.run_dir)
     assert run_dir.parent == run_root
     assert stat.S_IMODE(run_dir.stat().st_mode) == 0o700
@@ -94,6 +96,16 @@ async def test_shutdown_leaves_nothing(make_kernelspec, run_root: Path) -> None:
     assert files == [] and not run_dir.exists()
     assert wait_until(lambda: not remote_processes(str(run_root)), 2), procs
     assert not remote_processes("sleep 300")
+    # the last kernel on the connection is gone: so are the connection and the agent
+    assert wait_until(lambda: not _alive(agent_pid), 5)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"
 
 
 async def test_crash_is_seen_by_poll(make_kernelspec, no_leftovers) -> None:
