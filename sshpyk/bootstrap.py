@@ -68,27 +68,44 @@ class BootstrapError(Exception):
         self.message = message
 
 
-_out_lock = threading.Lock()
+class Output:
+    """Where events go: the current controller (stdout, or an attached socket)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.write = self._stdout
+
+    @staticmethod
+    def _stdout(data):
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+
+
+OUTPUT = Output()
 
 
 def emit(event, **fields):
     fields["v"] = PROTOCOL
     fields["event"] = event
-    line = json.dumps(fields) + "\n"
-    with _out_lock:
+    data = (json.dumps(fields) + "\n").encode("utf-8")
+    with OUTPUT.lock:
         try:
-            sys.stdout.write(line)
-            sys.stdout.flush()
+            OUTPUT.write(data)
         except (OSError, ValueError):
-            pass  # the local side is gone; the supervisor loop notices via stdin
+            pass  # the controller is gone; the agent notices through its reader
 
 
-def jupyter_client_version():
+def require_jupyter_client():
     if importlib.util.find_spec("jupyter_client") is None:
         raise BootstrapError(
             "jupyter_client_missing",
             "jupyter_client is not installed for %s" % sys.executable,
         )
+
+
+def jupyter_client_version():
+    if importlib.util.find_spec("jupyter_client") is None:
+        return None
     try:
         from importlib.metadata import version
 
@@ -117,7 +134,7 @@ def find_kernelspec(name):
     costs ~0.25 s, which would be paid on every kernel start); falls back to
     KernelSpecManager for anything the fast path does not find.
     """
-    jupyter_client_version()
+    require_jupyter_client()
     wanted = name.lower()
     try:
         from jupyter_core.paths import jupyter_path
@@ -255,7 +272,7 @@ def write_connection_file(run_dir, transport, request):
             endpoints[channel] = "%s-%d" % (info["ip"], n)
     else:
         info["ip"] = "127.0.0.1"
-        for channel, port in zip(CHANNELS, free_tcp_ports(len(CHANNELS)), strict=False):
+        for channel, port in zip(CHANNELS, free_tcp_ports(len(CHANNELS))):
             info[channel + "_port"] = port
             endpoints[channel] = port
     path = os.path.join(run_dir, "kernel.json")
@@ -306,6 +323,25 @@ class Kernel:
         self.endpoints = {}
         self.ready = False
         self.exit_code = None
+        self.persistent = bool(request.get("persistent"))
+        self.conn_file = None
+
+    def state(self):
+        return {
+            "kid": self.kid,
+            "pid": self.proc.pid if self.proc else None,
+            "run_dir": self.run_dir,
+            "transport": self.transport,
+            "endpoints": self.endpoints,
+            "ready": self.ready,
+            "exit_code": self.exit_code,
+            "persistent": self.persistent,
+        }
+
+    def connection_info(self):
+        """The remote connection file (with the key), for a local side that reattaches."""
+        with open(self.conn_file, encoding="utf-8") as f:
+            return json.load(f)
 
     def launch(self):
         request = self.request
@@ -313,6 +349,7 @@ class Kernel:
         self.run_dir = private_run_dir(self.agent.run_root, self.kid)
         self.transport = pick_transport(request.get("transport", "auto"), spec, self.run_dir)
         conn_file, self.endpoints = write_connection_file(self.run_dir, self.transport, request)
+        self.conn_file = conn_file
         argv = kernel_argv(spec, conn_file)
         env = dict(os.environ)
         env.update(spec.get("env") or {})
@@ -349,6 +386,7 @@ class Kernel:
             "agent_pid": os.getpid(),
             "started": time.time(),
             "transport": self.transport,
+            "persistent": self.persistent,
             "argv": argv,
         }
         with open(os.path.join(self.run_dir, "sshpyk.json"), "w") as f:
@@ -420,6 +458,164 @@ class Kernel:
             self.run_dir = None
 
 
+class Controller:
+    """A local side talking to the agent: the SSH channel's stdio, or a reattached socket."""
+
+    def __init__(self, agent, reader, writer, closer):
+        self.agent = agent
+        self.reader = reader
+        self.writer = writer
+        self.closer = closer
+
+    def start(self):
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        while True:
+            try:
+                line = self.reader.readline()
+            except (OSError, ValueError):
+                line = b""
+            if not line:
+                self.agent.events.put(("eof", self))
+                return
+            try:
+                msg = json.loads(line.decode("utf-8"))
+            except ValueError:
+                continue
+            if isinstance(msg, dict):
+                self.agent.events.put(("msg", (self, msg)))
+
+    def close(self):
+        try:
+            self.closer()
+        except OSError:
+            pass
+
+
+def stdio_controller(agent):
+    def close():
+        try:
+            os.close(1)
+        except OSError:
+            pass
+
+    return Controller(agent, sys.stdin.buffer, Output._stdout, close)
+
+
+def socket_controller(agent, conn):
+    rfile = conn.makefile("rb")
+
+    def write(data):
+        conn.sendall(data)
+
+    def close():
+        try:
+            conn.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        conn.close()
+
+    return Controller(agent, rfile, write, close)
+
+
+def pid_alive(pid):
+    """True if ``pid`` runs and is not a zombie (PID 1 may reap slowly)."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(") ", 1)[1][:1] != "Z"
+    except FileNotFoundError:
+        return False
+    except (OSError, IndexError):
+        try:
+            os.kill(pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+
+
+def default_run_roots(extra=None):
+    roots = []
+    for root in [extra, os.environ.get("XDG_RUNTIME_DIR"), tempfile.gettempdir()]:
+        if root and os.path.isdir(root) and root not in roots:
+            roots.append(root)
+    return roots
+
+
+def scan_kernels(roots):
+    """Every sshpyk kernel run dir of this user under ``roots``, with liveness."""
+    found = []
+    agents = {}
+    for root in roots:
+        try:
+            entries = os.listdir(root)
+        except OSError:
+            continue
+        for entry in entries:
+            path = os.path.join(root, entry)
+            if not entry.startswith("sshpyk-"):
+                continue
+            if entry.startswith("sshpyk-agent-"):
+                info = read_json(os.path.join(path, "agent.json"))
+                if info:
+                    info["contact"] = mtime(os.path.join(path, "contact"))
+                    agents[info.get("pid")] = info
+                continue
+            info = read_json(os.path.join(path, "sshpyk.json"))
+            if info is None:
+                continue
+            info["run_dir"] = path
+            info["alive"] = pid_alive(int(info.get("pid") or 0))
+            found.append(info)
+    for info in found:
+        agent = agents.get(info.get("agent_pid"))
+        info["agent_alive"] = bool(agent) and pid_alive(int(info.get("agent_pid") or 0))
+        info["last_contact"] = agent.get("contact") if agent else None
+        info["attached"] = bool(agent) and info["agent_alive"] and attached(agent)
+    return found
+
+
+def attached(agent_info):
+    """An agent counts as attached while its local side was heard within its grace."""
+    contact = agent_info.get("contact")
+    grace = float(agent_info.get("grace") or 60)
+    return contact is not None and time.time() - contact <= max(grace, 15)
+
+
+def read_json(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+        return value if isinstance(value, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def mtime(path):
+    try:
+        return os.stat(path).st_mtime
+    except OSError:
+        return None
+
+
+def kill_run_dir(info):
+    pid = int(info.get("pid") or 0)
+    if pid > 1 and info.get("alive"):
+        for signum in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(pid, signum)
+            except (ProcessLookupError, PermissionError):
+                break
+            deadline = time.monotonic() + TERM_WAIT
+            while pid_alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            if not pid_alive(pid):
+                break
+    shutil.rmtree(info["run_dir"], ignore_errors=True)
+
+
 class Agent:
     def __init__(self, hello):
         self.events = queue.Queue()
@@ -427,34 +623,76 @@ class Agent:
         self.stopping = []
         self.run_root = hello.get("run_root")
         self.grace = float(hello.get("grace") or 0)
+        self.controller = None
+        self.last_contact = time.monotonic()
+        self.agent_dir = None
+        self.socket_path = None
+        self.listener = None
+        self.detached = False  # the local side left on purpose, keeping persistent kernels
 
-    def _read_stdin(self):
-        stdin = sys.stdin.buffer
+    # -- control socket, for reattaching after the SSH connection was lost ---------
+    def open_socket(self):
+        try:
+            self.agent_dir = private_run_dir(self.run_root, "agent")
+        except BootstrapError:
+            return
+        path = os.path.join(self.agent_dir, "agent.sock")
+        if len(path) >= 104:
+            return  # too long for sun_path; reattach is then impossible, the rest works
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(path)
+        listener.listen(4)
+        self.listener, self.socket_path = listener, path
+        with open(os.path.join(self.agent_dir, "agent.json"), "w") as f:
+            json.dump(
+                {"pid": os.getpid(), "started": time.time(), "grace": self.grace, "socket": path},
+                f,
+            )
+        self.touch()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
         while True:
             try:
-                line = stdin.readline()
-            except (OSError, ValueError):
-                line = b""
-            if not line:
-                self.events.put(("eof", None))
+                conn, _ = self.listener.accept()
+            except OSError:
                 return
-            try:
-                msg = json.loads(line.decode("utf-8"))
-            except ValueError:
-                continue
-            if isinstance(msg, dict):
-                self.events.put(("msg", msg))
+            self.events.put(("attach", socket_controller(self, conn)))
 
-    def run(self):
+    def touch(self):
+        if self.agent_dir:
+            try:
+                with open(os.path.join(self.agent_dir, "contact"), "w"):
+                    pass
+            except OSError:
+                pass
+
+    # -- the loop -------------------------------------------------------------------
+    def hello(self):
         emit(
             "hello",
             pid=os.getpid(),
             python=sys.executable,
             python_version="%d.%d.%d" % sys.version_info[:3],
             jupyter_client=jupyter_client_version(),
+            socket=self.socket_path,
         )
-        threading.Thread(target=self._read_stdin, daemon=True).start()
-        last_contact = time.monotonic()
+
+    def attach(self, controller):
+        old, self.controller = self.controller, controller
+        with OUTPUT.lock:
+            OUTPUT.write = controller.writer
+        if old is not None:
+            old.close()  # a newer local side takes over
+        self.last_contact = time.monotonic()
+        self.detached = False
+        self.touch()
+        controller.start()
+        self.hello()
+
+    def run(self):
+        self.open_socket()
+        self.attach(stdio_controller(self))
         while True:
             starting = [k for k in self.kernels.values() if not k.ready and k.exit_code is None]
             try:
@@ -462,11 +700,19 @@ class Agent:
             except queue.Empty:
                 kind, value = None, None
             now = time.monotonic()
-            if kind == "eof":
-                return
-            if kind == "msg":
-                last_contact = now
-                self.handle(value)
+            if kind == "attach":
+                self.attach(value)
+            elif kind == "eof":
+                if value is self.controller:
+                    self.controller = None  # wait for a reattach, within the grace period
+            elif kind == "msg":
+                controller, msg = value
+                if controller is self.controller:
+                    self.last_contact = now
+                    if msg.get("op") == "ping":
+                        self.touch()
+                    if self.handle(msg) == "exit":
+                        return
             elif kind == "exit":
                 kid, code = value
                 kernel = self.kernels.get(kid)
@@ -474,7 +720,11 @@ class Agent:
                     kernel.on_exit(code)
             for kernel in starting:
                 kernel.check_ready()
-            if self.grace and now - last_contact > self.grace:
+            if not self.detached and self.grace and now - self.last_contact > self.grace:
+                # the local side is gone: stop what it does not want kept
+                self.stop_kernels(persistent=False)
+                self.detached = True
+            if self.controller is None and self.detached and not self.kernels:
                 return
 
     def handle(self, msg):
@@ -495,14 +745,61 @@ class Agent:
                 thread = threading.Thread(target=self._stop, args=(kid, kernel), daemon=True)
                 self.stopping.append(thread)
                 thread.start()
+            elif op == "state":
+                emit(
+                    "state", rid=msg.get("rid"), kernels=[k.state() for k in self.kernels.values()]
+                )
+            elif op == "connection_info":
+                kernel = self.kernels.get(kid)
+                if kernel is None:
+                    raise BootstrapError("not_found", "no kernel %s in this agent" % kid)
+                emit("connection_info", rid=msg.get("rid"), info=kernel.connection_info())
             elif op == "inspect":
                 inspect(msg)
+            elif op == "ps":
+                roots = default_run_roots(msg.get("run_root") or self.run_root)
+                emit("ps", rid=msg.get("rid"), kernels=scan_kernels(roots))
+            elif op == "kill":
+                self.kill(msg)
+            elif op == "shutdown":
+                # the local side closes on purpose: keep persistent kernels only if asked
+                self.stop_kernels(persistent=bool(msg.get("keep_persistent")))
+                self.detached = True
+                if not self.kernels:
+                    return "exit"
             elif op != "ping":
                 raise BootstrapError("protocol", "unknown op %r" % op)
         except BootstrapError as exc:
             self._failed(msg, exc.kind, exc.message)
         except Exception as exc:  # report, and keep serving the other kernels
             self._failed(msg, "internal", "%s: %s" % (type(exc).__name__, exc))
+        return None
+
+    def kill(self, msg):
+        roots = default_run_roots(msg.get("run_root") or self.run_root)
+        wanted = msg.get("kernel_id")
+        killed = []
+        for info in scan_kernels(roots):
+            if wanted and not str(info.get("kernel_id", "")).startswith(wanted):
+                continue
+            if not wanted and (info["attached"] or not msg.get("orphans")):
+                continue
+            mine = self.kernels.pop(info.get("kernel_id"), None)
+            if mine is not None:
+                mine.cleanup()
+            else:
+                kill_run_dir(info)
+            killed.append(info)
+        if wanted and not killed:
+            raise BootstrapError("not_found", "no sshpyk kernel %s on this host" % wanted)
+        emit("killed", rid=msg.get("rid"), kernels=killed)
+
+    def stop_kernels(self, persistent):
+        for kid, kernel in list(self.kernels.items()):
+            if persistent and kernel.persistent:
+                continue
+            del self.kernels[kid]
+            kernel.cleanup()
 
     def _stop(self, kid, kernel):
         if kernel is not None:
@@ -521,6 +818,10 @@ class Agent:
         self.kernels.clear()
         for thread in self.stopping:
             thread.join(TERM_WAIT + 5)
+        if self.listener is not None:
+            self.listener.close()
+        if self.agent_dir:
+            shutil.rmtree(self.agent_dir, ignore_errors=True)
 
 
 def inspect(msg):
@@ -535,6 +836,45 @@ def inspect(msg):
     )
 
 
+def relay(path):
+    """Attach mode: pipe this channel's stdio to a running agent's control socket."""
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        conn.connect(path)
+    except OSError as exc:
+        emit("error", kind="agent_gone", message="no agent listens on %s: %s" % (path, exc))
+        return 1
+    done = threading.Event()
+
+    def upstream():
+        stdin = sys.stdin.buffer
+        while True:
+            data = stdin.read1(65536) if hasattr(stdin, "read1") else stdin.read(1)
+            if not data:
+                break
+            conn.sendall(data)
+        try:
+            conn.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        done.set()
+
+    def downstream():
+        out = sys.stdout.buffer
+        while True:
+            data = conn.recv(65536)
+            if not data:
+                break
+            out.write(data)
+            out.flush()
+        done.set()
+
+    for target in (upstream, downstream):
+        threading.Thread(target=target, daemon=True).start()
+    done.wait()
+    return 0
+
+
 def main():
     line = sys.stdin.buffer.readline()
     try:
@@ -542,7 +882,7 @@ def main():
     except ValueError:
         emit("error", kind="protocol", message="the first line was not a JSON request")
         return 2
-    if hello.get("v") != PROTOCOL or hello.get("op") != "hello":
+    if hello.get("v") != PROTOCOL or hello.get("op") not in ("hello", "attach"):
         emit(
             "error",
             kind="protocol",
@@ -550,6 +890,8 @@ def main():
             % (hello.get("v"), PROTOCOL),
         )
         return 2
+    if hello.get("op") == "attach":
+        return relay(hello["socket"])
     agent = Agent(hello)
     try:
         agent.run()
@@ -562,15 +904,17 @@ def main():
 
 
 if __name__ == "__main__":
-    # SIGTERM/SIGHUP unwind through main()'s finally, which cleans up every kernel.
+    # SIGTERM unwinds through main()'s finally, which cleans up every kernel. SIGHUP is
+    # ignored: a lost connection is noticed through EOF and heartbeats, and the agent
+    # keeps the kernels for the grace period so that the local side can reattach.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    signal.signal(signal.SIGHUP, lambda *_: sys.exit(129))
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         status = main()
     except SystemExit as exc:
         status = exc.code if isinstance(exc.code, int) else 1
-    # Daemon threads may still block in stdin.readline(); a normal interpreter exit
-    # would then abort on the stdin buffer lock. Everything is flushed and cleaned.
+    # Daemon threads may still block in reads; a normal interpreter exit would then
+    # abort on the stdin buffer lock. Everything is flushed and cleaned.
     try:
         sys.stdout.flush()
     finally:

@@ -78,6 +78,7 @@ _ERROR_KINDS: dict[str, type[RemoteError]] = {
     "kernelspec_not_found": RemoteKernelSpecNotFoundError,
     "kernel_exited": KernelStartError,
     "protocol": ProtocolError,
+    "not_found": RemoteError,
 }
 
 
@@ -371,19 +372,42 @@ class RemoteAgent:
                 self.process.stdin.write(json.dumps(message).encode() + b"\n")
 
     # requests
-    async def inspect(self, kernel_name: str) -> dict[str, Any]:
-        """The remote kernelspec ``kernel_name`` (argv, display_name, language, ...)."""
+    async def request(self, op: str, **fields: Any) -> dict[str, Any]:
+        """Send one request and wait for the event that answers it (matched by rid)."""
         if not self.alive:
             raise self._lost_error or ConnectionLostError(f"the agent on {self.alias!r} is gone")
         rid = next(self._rids)
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._requests[rid] = future
-        self.send({"op": "inspect", "rid": rid, "kernel_name": kernel_name})
+        self.send({"op": op, "rid": rid, **fields})
         try:
-            event = await future
+            return await future
         finally:
             self._requests.pop(rid, None)
+
+    async def inspect(self, kernel_name: str) -> dict[str, Any]:
+        """The remote kernelspec ``kernel_name`` (argv, display_name, language, ...)."""
+        event = await self.request("inspect", kernel_name=kernel_name)
         return dict(event.get("kernelspec") or {})
+
+    async def ps(self, run_root: str | None = None) -> list[dict[str, Any]]:
+        """Every sshpyk kernel of this user on the host (any agent, any local process).
+
+        Each entry: kernel_id, kernel_name, pid, alive, started (epoch), agent_pid,
+        agent_alive, attached (a local side was heard within its grace), last_contact
+        (epoch or None), persistent, transport, run_dir.
+        """
+        event = await self.request("ps", run_root=run_root)
+        return list(event.get("kernels") or [])
+
+    async def kill(
+        self, kernel_id: str | None = None, *, orphans: bool = False, run_root: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Kill one kernel (by id or unique id prefix) or every orphan; remove run dirs."""
+        if not kernel_id and not orphans:
+            raise ValueError("kill() needs a kernel_id or orphans=True")
+        event = await self.request("kill", kernel_id=kernel_id, orphans=orphans, run_root=run_root)
+        return list(event.get("kernels") or [])
 
     async def launch(self, kid: str, request: LaunchRequest) -> KernelProcess:
         """Start a kernel; returns once its process exists (not yet ready)."""
@@ -401,15 +425,25 @@ class RemoteAgent:
     def forget(self, kid: str) -> None:
         self.kernels.pop(kid, None)
 
-    async def close(self, timeout: float = 10.0) -> None:
-        """EOF tells the agent the local side is done: it stops every kernel, removes
-        their run dirs and exits, closing the channel. Waits for that (bounded)."""
+    async def close(self, timeout: float = 10.0, *, keep_persistent: bool = False) -> None:
+        """Tell the agent the local side is leaving on purpose.
+
+        It stops every kernel (but persistent ones if ``keep_persistent``), removes
+        their run dirs and exits. Waits for that, bounded by ``timeout``. Without this
+        (a crash, a lost link) the agent keeps the kernels for the grace period.
+        """
         if self.process is not None:
-            with contextlib.suppress(Exception):
-                self.process.stdin.write_eof()
+            if not self.closed.is_set():
+                self.send({"op": "shutdown", "keep_persistent": keep_persistent})
+                with contextlib.suppress(Exception):
+                    self.process.stdin.write_eof()
+                if not keep_persistent:
+                    # the channel closes once the agent has cleaned up and exited
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(self.process.wait_closed(), timeout)
+            self.process.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.process.wait_closed(), timeout)
-            self.process.close()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
