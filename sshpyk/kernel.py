@@ -129,7 +129,7 @@ class RemoteKernel:
         t1 = time.monotonic()
         self.process = await agent.launch(self.kernel_id, request)
         timings["spawn"] = time.monotonic() - t1
-        log.info(
+        log.debug(
             "[%s] kernel %s: remote pid %s, %s transport, run dir %s",
             alias,
             self.kernel_id,
@@ -144,7 +144,7 @@ class RemoteKernel:
         self.forwards.set_ready()
         timings["ready"] = time.monotonic() - t2
         timings["total"] = time.monotonic() - t0
-        log.info(
+        log.debug(
             "[%s] kernel %s ready in %.3fs "
             "(connect %.3fs, agent %.3fs, spawn %.3fs, sockets %.3fs)",
             alias,

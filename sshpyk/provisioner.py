@@ -9,7 +9,6 @@ Configuration comes from ``kernel.json`` ``metadata.kernel_provisioner.config``.
 from __future__ import annotations
 
 import asyncio
-import logging
 import signal
 import time
 from typing import Any, cast
@@ -23,8 +22,6 @@ from .loop import SSHLoop
 from .session import SSHSession
 
 __all__ = ["SSHKernelProvisioner"]
-
-log = logging.getLogger("sshpyk")
 
 
 class SSHKernelProvisioner(KernelProvisionerBase):  # type: ignore[misc]
@@ -123,7 +120,7 @@ class SSHKernelProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             jupyter_session = kwargs.get("env", {}).get("JPY_SESSION_NAME", "")
             km.write_connection_file(jupyter_session=jupyter_session)
             self.connection_info = km.get_connection_info()
-        log.info(
+        self.log.info(
             "[%s] kernel %s: SSH connection and local forwards ready in %.3fs",
             self.ssh_host_alias,
             self.kernel_id,
@@ -149,6 +146,20 @@ class SSHKernelProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             await asyncio.shield(self._loop.run(self._close()))
             raise
         self._launched = True
+        process, timings = self._kernel.process, self._kernel.timings
+        if process is not None:
+            self.log.info(
+                "[%s] kernel %s: remote pid %s (%s transport) ready in %.3fs: "
+                "agent %.3fs, spawn %.3fs, sockets bound %.3fs",
+                self.ssh_host_alias,
+                self.kernel_id,
+                process.pid,
+                process.transport,
+                timings.get("total", 0.0),
+                timings.get("agent", 0.0),
+                timings.get("spawn", 0.0),
+                timings.get("ready", 0.0),
+            )
         if km is None:
             self.connection_info = cast(KernelConnectionInfo, self._kernel.connection_info())
         return self.connection_info
