@@ -724,8 +724,8 @@ class Agent:
                 # the local side is gone: stop what it does not want kept
                 self.stop_kernels(persistent=False)
                 self.detached = True
-            if self.controller is None and self.detached and not self.kernels:
-                return
+            if self.controller is None and not self.kernels:
+                return  # nobody to serve and nothing to keep
 
     def handle(self, msg):
         op = msg.get("op")

@@ -8,7 +8,8 @@ to the kernel's unix socket (ipc transport) or ``direct-tcpip`` to its loopback
 port (tcp transport), and pipes bytes both ways with flow control.
 
 Because the target is looked up per connection, restarting the kernel only
-changes the target: listeners and ports stay.
+changes the target, and a dropped SSH link only delays new connections until
+the kernel is reachable again: listeners and ports stay.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ import socket
 from functools import partial
 from typing import TYPE_CHECKING, Any, cast
 
-from .errors import SSHPykError, translate_error
+from .errors import SSHPykError
 
 if TYPE_CHECKING:
+    from .remote import KernelProcess
     from .session import SSHSession
 
 __all__ = ["CHANNELS", "ForwardSet"]
@@ -114,9 +116,8 @@ class ForwardSet:
         self._servers: list[asyncio.AbstractServer] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._pipes: set[_Pipe] = set()
-        self._transport: str | None = None
-        self._endpoints: dict[str, Any] = {}
-        self._ready = asyncio.Event()
+        self._process: KernelProcess | None = None
+        self._retargeted = asyncio.Event()
         self._closed = False
 
     async def open(self, ports: dict[str, int] | None = None) -> dict[str, int]:
@@ -138,18 +139,14 @@ class ForwardSet:
             ) from exc
         return dict(self.ports)
 
-    def set_target(self, transport: str, endpoints: dict[str, Any]) -> None:
-        """Point new connections at a new kernel; they wait until :meth:`set_ready`."""
-        self._transport = transport
-        self._endpoints = dict(endpoints)
-        self._ready.clear()
-
-    def set_ready(self) -> None:
-        self._ready.set()
+    def set_target(self, process: KernelProcess) -> None:
+        """Point new connections at ``process``; they wait while it is not reachable."""
+        self._process = process
+        self._retargeted.set()
+        self._retargeted = asyncio.Event()
 
     def clear_target(self) -> None:
-        self._ready.clear()
-        self._endpoints = {}
+        self._process = None
 
     def _accept(self, channel: str) -> _Pipe:
         local = _Pipe(on_close=self._pipes.discard)
@@ -159,16 +156,40 @@ class ForwardSet:
         task.add_done_callback(self._tasks.discard)
         return local
 
+    async def _target(self) -> KernelProcess | None:
+        """The current kernel once reachable; None if it ended. Bounded by connect_timeout."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.connect_timeout
+        while True:
+            process, retargeted = self._process, self._retargeted
+            waiters = [asyncio.ensure_future(retargeted.wait())]
+            if process is not None:
+                waiters.append(asyncio.ensure_future(process.reachable.wait()))
+            try:
+                await asyncio.wait(
+                    waiters,
+                    timeout=max(0.0, deadline - loop.time()),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+            finally:
+                for waiter in waiters:
+                    waiter.cancel()
+            if process is not None and process is self._process and process.reachable.is_set():
+                return None if process.exit_code is not None else process
+            if loop.time() >= deadline:
+                raise asyncio.TimeoutError
+
     async def _connect(self, channel: str, local: _Pipe) -> None:
         try:
-            await asyncio.wait_for(self._ready.wait(), self.connect_timeout)
-            if local.closed:
+            process = await self._target()
+            if process is None or local.closed:
+                local.close()
                 return
             conn = await self.session.connection()
-            target = self._endpoints[channel]
+            target = process.endpoints[channel]
             remote = _Pipe(local)
             factory = cast(Any, lambda: remote)  # _Pipe speaks asyncssh's session interface
-            if self._transport == "ipc":
+            if process.transport == "ipc":
                 await conn.create_unix_connection(factory, target)
             else:
                 await conn.create_connection(factory, "127.0.0.1", target)
@@ -180,8 +201,7 @@ class ForwardSet:
             local.close()
             raise
         except Exception as exc:
-            err = translate_error(exc, self.session.alias) if not isinstance(exc, KeyError) else exc
-            log.debug("[%s] %s forward not connected: %s", self.session.alias, channel, err)
+            log.debug("[%s] %s forward not connected: %r", self.session.alias, channel, exc)
             local.close()
 
     def close(self) -> None:

@@ -51,7 +51,10 @@ class RemoteKernel:
         self.session = session
         self.options = options
         self.kernel_id = kernel_id or str(uuid.uuid4())
-        self.forwards = ForwardSet(session, connect_timeout=options.start_timeout)
+        # a forwarded connection may wait for a start, or for a reconnect after link loss
+        self.forwards = ForwardSet(
+            session, connect_timeout=max(options.start_timeout, options.grace) + 5
+        )
         self.process: KernelProcess | None = None
         self.key = ""
         self.signature_scheme = "hmac-sha256"
@@ -137,11 +140,10 @@ class RemoteKernel:
             self.process.transport,
             self.process.run_dir,
         )
-        self.forwards.set_target(self.process.transport, self.process.endpoints)
+        self.forwards.set_target(self.process)
         t2 = time.monotonic()
         await self.process.wait_ready()
         await self.session.check_forwarding(self.process.transport, self.process.endpoints["hb"])
-        self.forwards.set_ready()
         timings["ready"] = time.monotonic() - t2
         timings["total"] = time.monotonic() - t0
         log.debug(

@@ -95,6 +95,7 @@ class LaunchRequest:
     transport: str = "auto"
     env: dict[str, str] | None = None
     cwd: str | None = None
+    persistent: bool = False
 
 
 class KernelProcess:
@@ -115,8 +116,12 @@ class KernelProcess:
         self.argv: list[str] = []
         self.exit_code: int | None = None
         self.stderr_tail = ""
+        self.persistent = False
         self.started = asyncio.Event()
+        #: set once all five sockets are bound (or the kernel ended)
         self.ready = asyncio.Event()
+        #: set while the kernel is ready AND the link to it is up; forwards wait on it
+        self.reachable = asyncio.Event()
         self.exited = asyncio.Event()
         self.stopped = asyncio.Event()
         self.error: SSHPykError | None = None
@@ -138,6 +143,7 @@ class KernelProcess:
             self.started.set()
         elif kind == "ready":
             self.ready.set()
+            self.reachable.set()
         elif kind == "exited":
             self._set_exit(int(event.get("code", LOST)), str(event.get("stderr_tail") or ""))
         elif kind == "error":
@@ -153,8 +159,23 @@ class KernelProcess:
         if self.exit_code is None:
             self.exit_code = code
             self.stderr_tail = stderr_tail
-        for event in (self.exited, self.started, self.ready):
+        for event in (self.exited, self.started, self.ready, self.reachable):
             event.set()  # wake every waiter; they look at exit_code/error
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        """Adopt the agent's view after a (re)attach."""
+        self.pid = int(state.get("pid") or self.pid or 0)
+        self.pgid = self.pid
+        self.run_dir = str(state.get("run_dir") or self.run_dir)
+        self.transport = str(state.get("transport") or self.transport)
+        self.endpoints = dict(state.get("endpoints") or self.endpoints)
+        self.persistent = bool(state.get("persistent"))
+        self.started.set()
+        if state.get("exit_code") is not None:
+            self._set_exit(int(state["exit_code"]), "")
+        elif state.get("ready"):
+            self.ready.set()
+            self.reachable.set()
 
     def _on_agent_lost(self, error: SSHPykError) -> None:
         if self.error is None and not self.ready.is_set():
@@ -190,8 +211,12 @@ class KernelProcess:
         self.agent.send({"op": "signal", "kid": self.kid, "signum": int(signum)})
 
     async def stop(self, timeout: float = 10.0) -> None:
-        """Kill the kernel's process group and remove its run dir; wait until done."""
-        if self.stopped.is_set():
+        """Kill the kernel's process group and remove its run dir; wait until done.
+
+        While the link is down this returns at once: the agent reaps the kernel
+        when the grace period ends without a reattach.
+        """
+        if self.stopped.is_set() or not self.agent.connected.is_set():
             self.agent.forget(self.kid)
             return
         started = time.monotonic()
@@ -213,7 +238,15 @@ class KernelProcess:
 
 
 class RemoteAgent:
-    """One agent process on the remote host, speaking the JSON line protocol."""
+    """One agent process on the remote host, speaking the JSON line protocol.
+
+    When the SSH link drops (the channel ends without an exit status), the agent
+    keeps its kernels for ``grace`` seconds. Meanwhile this object waits for the
+    session to reconnect, then reattaches through the agent's control socket (a
+    small relay started over a new exec channel) and resynchronises kernel state.
+    Kernels read as alive throughout; only when the grace period ends without a
+    reattach are they declared lost.
+    """
 
     def __init__(
         self,
@@ -231,53 +264,103 @@ class RemoteAgent:
         self.grace = grace
         self.run_root = run_root
         self.pid: int | None = None
+        self.socket_path: str | None = None
         self.info: dict[str, Any] = {}
         self.process: asyncssh.SSHClientProcess[bytes] | None = None
         self.kernels: dict[str, KernelProcess] = {}
+        #: set while a channel to the agent is up
+        self.connected = asyncio.Event()
+        #: set once the agent is gone for good (exited, or not reattached in time)
         self.closed = asyncio.Event()
+        self.reattached = 0
         self._stderr = bytearray()
         self._requests: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._rids = itertools.count(1)
+        self._channel_tasks: list[asyncio.Task[None]] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._lost_error: SSHPykError | None = None
+        self._closing = False
 
     @property
     def alive(self) -> bool:
         return self.process is not None and not self.closed.is_set()
 
-    async def start(self) -> None:
-        """Spawn the agent and wait for its hello."""
+    # -- channels --------------------------------------------------------------------
+    async def _open_channel(self, first_line: dict[str, Any]) -> dict[str, Any]:
+        """Run the bootstrap over a new exec channel; return the agent's hello."""
         conn = await self.session.connection()
         command = remote_command(self.python, self.pre_command)
         try:
-            self.process = await conn.create_process(command, encoding=None)
+            process = await conn.create_process(command, encoding=None)
         except Exception as exc:
             raise translate_error(exc, self.alias) from exc
-        self._tasks.append(asyncio.ensure_future(self._drain_stderr()))
-        hello = {"v": PROTOCOL, "op": "hello", "grace": self.grace, "run_root": self.run_root}
-        self.process.stdin.write(_BOOTSTRAP + json.dumps(hello).encode() + b"\n")
-        try:
-            event = await self._read_event()
-            if event is None:
-                raise await self._failure()
-            if event.get("event") == "error":
-                raise self.error_from_event(event)
-            if event.get("event") != "hello":
-                raise ProtocolError(f"unexpected first event from the agent: {event!r:.200}")
-        except BaseException:
-            await asyncio.shield(self.close())
-            raise
+        self.process = process
+        self._stderr = bytearray()
+        self._channel_tasks = [asyncio.ensure_future(self._drain_stderr(process))]
+        process.stdin.write(_BOOTSTRAP + json.dumps({"v": PROTOCOL, **first_line}).encode() + b"\n")
+        event = await self._read_event()
+        if event is None:
+            raise await self._failure()
+        if event.get("event") == "error":
+            raise self.error_from_event(event)
+        if event.get("event") != "hello":
+            raise ProtocolError(f"unexpected first event from the agent: {event!r:.200}")
         self.pid = int(event["pid"])
+        self.socket_path = event.get("socket") or self.socket_path
         self.info = event
-        self._tasks.append(asyncio.ensure_future(self._read_events()))
+        self._channel_tasks.append(asyncio.ensure_future(self._read_events(process)))
+        self.connected.set()
+        return event
+
+    async def _close_channel(self) -> None:
+        process, tasks = self.process, self._channel_tasks
+        self._channel_tasks = []
+        if process is not None:
+            process.close()
+        for task in tasks:
+            if task is not asyncio.current_task():
+                task.cancel()
+        await asyncio.gather(
+            *(t for t in tasks if t is not asyncio.current_task()), return_exceptions=True
+        )
+
+    async def start(self) -> None:
+        """Spawn the agent and wait for its hello."""
+        hello = {"op": "hello", "grace": self.grace, "run_root": self.run_root}
+        try:
+            await self._open_channel(hello)
+        except BaseException:
+            await asyncio.shield(self._close_channel())
+            raise
         heartbeat = max(0.5, min(5.0, self.grace / 4)) if self.grace else 5.0
         self._tasks.append(asyncio.ensure_future(self._send_heartbeats(heartbeat)))
         log.debug("[%s] agent pid %s up (%s)", self.alias, self.pid, self.info.get("python"))
 
-    async def _drain_stderr(self) -> None:
-        assert self.process is not None
+    @classmethod
+    async def attach(
+        cls,
+        session: SSHSession,
+        socket_path: str,
+        python: str,
+        pre_command: str | None = None,
+        *,
+        grace: float = 60.0,
+    ) -> RemoteAgent:
+        """Connect to an agent that already runs (e.g. one holding persistent kernels)."""
+        agent = cls(session, python, pre_command, grace=grace, run_root=None)
+        agent.socket_path = socket_path
+        try:
+            await agent._open_channel({"op": "attach", "socket": socket_path})
+        except BaseException:
+            await asyncio.shield(agent._close_channel())
+            raise
+        heartbeat = max(0.5, min(5.0, grace / 4)) if grace else 5.0
+        agent._tasks.append(asyncio.ensure_future(agent._send_heartbeats(heartbeat)))
+        return agent
+
+    async def _drain_stderr(self, process: asyncssh.SSHClientProcess[bytes]) -> None:
         with contextlib.suppress(Exception):
-            while chunk := await self.process.stderr.read(4096):
+            while chunk := await process.stderr.read(4096):
                 self._stderr += chunk
                 del self._stderr[:-_STDERR_LIMIT]
 
@@ -303,12 +386,12 @@ class RemoteAgent:
         return event
 
     async def _failure(self) -> SSHPykError:
-        """The error to report when the agent ended without answering."""
+        """The error to report when the channel ended without an answer."""
         assert self.process is not None
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.process.wait_closed(), 5)
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(asyncio.shield(self._tasks[0]), 1)
+            await asyncio.wait_for(asyncio.shield(self._channel_tasks[0]), 1)
         status = self.process.exit_status
         stderr = self._stderr.decode("utf-8", "replace")
         if status == 127 or "not found" in stderr or "No such file" in stderr:
@@ -329,23 +412,94 @@ class RemoteAgent:
             message += f"; kernel output: {tail}"
         return cls(message)
 
-    async def _read_events(self) -> None:
+    async def _read_events(self, process: asyncssh.SSHClientProcess[bytes]) -> None:
         try:
             while (event := await self._read_event()) is not None:
                 self._dispatch(event)
-            self._lost_error = await self._failure()
         except ProtocolError as exc:
             self._lost_error = exc
-        finally:
-            error = self._lost_error or ConnectionLostError(f"the agent on {self.alias!r} ended")
-            self.closed.set()
-            for kernel in list(self.kernels.values()):
-                kernel._on_agent_lost(error)
-            for future in self._requests.values():
-                if not future.done():
-                    future.set_exception(error)
-            if self.kernels:
-                log.warning("[%s] remote agent gone: %s", self.alias, error)
+            self._give_up(exc)
+            return
+        if self._closing or process is not self.process:
+            return
+        # The channel ended. An exit status means the agent itself ended; none means
+        # the link dropped under it, and the agent waits for us to reattach.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(process.wait_closed(), 1)
+        self.connected.clear()
+        if process.exit_status is not None or process.exit_signal is not None or not self.kernels:
+            self._give_up(await self._failure())
+            return
+        for kernel in self.kernels.values():
+            kernel.reachable.clear()
+        for future in self._requests.values():
+            if not future.done():
+                future.set_exception(ConnectionLostError(f"link to {self.alias!r} lost"))
+        log.warning(
+            "[%s] link to the agent lost; %d kernel(s) kept for up to %gs while reconnecting",
+            self.alias,
+            len(self.kernels),
+            self.grace,
+        )
+        self._tasks.append(asyncio.ensure_future(self._recover()))
+
+    async def _recover(self) -> None:
+        """Reconnect and reattach within the grace period, or declare the kernels lost."""
+        started = time.monotonic()
+        deadline = started + (self.grace or 60.0)
+        attempt = 0
+        error: SSHPykError = ConnectionLostError(f"the SSH connection to {self.alias!r} was lost")
+        while not self._closing and time.monotonic() < deadline:
+            attempt += 1
+            try:
+                remaining = max(0.5, deadline - time.monotonic())
+                await self.session.reconnect(timeout=min(10.0, remaining))
+                await asyncio.wait_for(self._reattach(), min(30.0, remaining))
+            except _AgentGoneError as exc:
+                error = exc
+                break
+            except (SSHPykError, asyncio.TimeoutError, OSError, asyncssh.Error) as exc:
+                error = exc if isinstance(exc, SSHPykError) else ConnectionLostError(str(exc))
+                await asyncio.sleep(min(0.5, 0.05 * 2**attempt))
+                continue
+            log.warning(
+                "[%s] reattached to the agent after %.2fs (%d attempt(s))",
+                self.alias,
+                time.monotonic() - started,
+                attempt,
+            )
+            return
+        if not self._closing:
+            log.error("[%s] kernels lost: %s", self.alias, error)
+            self._give_up(error)
+
+    async def _reattach(self) -> None:
+        if not self.socket_path:
+            raise _AgentGoneError(f"the agent on {self.alias!r} has no control socket")
+        await self._close_channel()
+        await self._open_channel({"op": "attach", "socket": self.socket_path})
+        self.reattached += 1
+        event = await self.request("state")
+        states = {str(k["kid"]): k for k in event.get("kernels") or []}
+        for kid, kernel in list(self.kernels.items()):
+            if kid in states:
+                kernel._restore(states[kid])
+            else:
+                kernel._on_agent_lost(
+                    ConnectionLostError(f"kernel {kid} is gone from {self.alias!r}")
+                )
+
+    def _give_up(self, error: SSHPykError) -> None:
+        self._lost_error = error
+        self.connected.clear()
+        self.closed.set()
+        for kernel in list(self.kernels.values()):
+            kernel._on_agent_lost(error)
+        for future in self._requests.values():
+            if not future.done():
+                future.set_exception(error)
+        if self.kernels:
+            log.warning("[%s] remote agent gone: %s", self.alias, error)
 
     def _dispatch(self, event: dict[str, Any]) -> None:
         rid = event.get("rid")
@@ -367,15 +521,17 @@ class RemoteAgent:
             self.send({"op": "ping"})
 
     def send(self, message: dict[str, Any]) -> None:
-        if self.process is not None and not self.closed.is_set():
+        if self.process is not None and self.connected.is_set():
             with contextlib.suppress(Exception):
                 self.process.stdin.write(json.dumps(message).encode() + b"\n")
 
-    # requests
+    # -- requests ----------------------------------------------------------------------
     async def request(self, op: str, **fields: Any) -> dict[str, Any]:
         """Send one request and wait for the event that answers it (matched by rid)."""
-        if not self.alive:
+        if self.closed.is_set():
             raise self._lost_error or ConnectionLostError(f"the agent on {self.alias!r} is gone")
+        if not self.connected.is_set():
+            raise ConnectionLostError(f"the link to {self.alias!r} is down (reconnecting)")
         rid = next(self._rids)
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._requests[rid] = future
@@ -409,11 +565,27 @@ class RemoteAgent:
         event = await self.request("kill", kernel_id=kernel_id, orphans=orphans, run_root=run_root)
         return list(event.get("kernels") or [])
 
+    async def connection_info(self, kid: str) -> dict[str, Any]:
+        """The remote connection file of a kernel of this agent (includes the key)."""
+        event = await self.request("connection_info", kid=kid)
+        return dict(event.get("info") or {})
+
+    async def adopt(self, kid: str) -> KernelProcess:
+        """Track a kernel this agent already runs (after :meth:`attach`)."""
+        event = await self.request("state")
+        for state in event.get("kernels") or []:
+            if str(state.get("kid")) == kid:
+                kernel = self.kernels[kid] = KernelProcess(self, kid)
+                kernel._restore(state)
+                return kernel
+        raise RemoteError(f"no kernel {kid} in the agent on {self.alias!r}")
+
     async def launch(self, kid: str, request: LaunchRequest) -> KernelProcess:
         """Start a kernel; returns once its process exists (not yet ready)."""
-        if not self.alive:
+        if not self.alive or not self.connected.is_set():
             raise self._lost_error or ConnectionLostError(f"the agent on {self.alias!r} is gone")
         kernel = self.kernels[kid] = KernelProcess(self, kid)
+        kernel.persistent = request.persistent
         self.send({"op": "launch", "kid": kid, **asdict(request)})
         try:
             await kernel.wait_started()
@@ -432,19 +604,29 @@ class RemoteAgent:
         their run dirs and exits. Waits for that, bounded by ``timeout``. Without this
         (a crash, a lost link) the agent keeps the kernels for the grace period.
         """
-        if self.process is not None:
-            if not self.closed.is_set():
-                self.send({"op": "shutdown", "keep_persistent": keep_persistent})
-                with contextlib.suppress(Exception):
-                    self.process.stdin.write_eof()
-                if not keep_persistent:
-                    # the channel closes once the agent has cleaned up and exited
-                    with contextlib.suppress(Exception):
-                        await asyncio.wait_for(self.process.wait_closed(), timeout)
-            self.process.close()
+        self._closing = True
+        process = self.process
+        if process is not None and self.connected.is_set():
+            self.send({"op": "shutdown", "keep_persistent": keep_persistent})
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.process.wait_closed(), timeout)
+                process.stdin.write_eof()
+            if not keep_persistent:
+                # the channel closes once the agent has cleaned up and exited
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(process.wait_closed(), timeout)
+        self.connected.clear()
+        await self._close_channel()
+        if process is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(process.wait_closed(), timeout)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self.closed.set()
+
+
+class _AgentGoneError(RemoteError):
+    """The agent cannot be reattached: its kernels are lost."""
+
+
+_ERROR_KINDS["agent_gone"] = _AgentGoneError

@@ -250,6 +250,11 @@ class SSHSession:
         self._ensure_open()
         return await self._shared.ensure_connected(self._connect_timeout)
 
+    async def reconnect(self, timeout: float) -> asyncssh.SSHClientConnection:
+        """Reconnect if the connection dropped (one attempt bounded by ``timeout``)."""
+        self._ensure_open()
+        return await self._shared.ensure_connected(timeout)
+
     async def check_forwarding(self, transport: str, endpoint: str | int) -> None:
         await self.connection()
         await self._shared.check_forwarding(transport, endpoint)
