@@ -1,0 +1,168 @@
+"""A userspace TCP proxy on 127.0.0.1 that injects link faults (no tc netem here).
+
+It runs its own event loop on a thread, so tests may block while it keeps working.
+Faults:
+
+* ``blackhole()``: stop moving bytes both ways (TCP buffers fill, nothing is lost);
+  new connections are accepted and held. ``heal()`` resumes.
+* ``reset(down=True)``: RST every connection; while down, new connections are
+  reset at once (like a dead link that answers with RSTs). ``heal()`` brings it up.
+* ``delay``: seconds added to every chunk in both directions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+import threading
+from typing import Any
+
+
+class _Link:
+    def __init__(self, proxy: FaultProxy, client: socket.socket) -> None:
+        self.proxy = proxy
+        self.client = client
+        self.upstream: socket.socket | None = None
+        self.tasks: list[asyncio.Task[None]] = []
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await self.proxy._flowing.wait()
+            if self.proxy._down:
+                self.abort()
+                return
+            up = socket.socket()
+            up.setblocking(False)
+            await loop.sock_connect(up, ("127.0.0.1", self.proxy.target_port))
+            self.upstream = up
+            self.tasks = [
+                asyncio.ensure_future(self._pump(self.client, up)),
+                asyncio.ensure_future(self._pump(up, self.client)),
+            ]
+            await asyncio.wait(self.tasks, return_when=asyncio.FIRST_COMPLETED)
+        except OSError:
+            pass
+        finally:
+            self.close()
+
+    async def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self.proxy._flowing.wait()
+            data = await loop.sock_recv(src, 65536)
+            if not data:
+                return
+            await self.proxy._flowing.wait()  # a blackhole holds bytes already read
+            if self.proxy.delay:
+                await asyncio.sleep(self.proxy.delay)
+            await loop.sock_sendall(dst, data)
+
+    def abort(self) -> None:
+        """Close with RST (SO_LINGER 0) on both sides."""
+        for sock in (self.client, self.upstream):
+            if sock is not None and sock.fileno() >= 0:
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                except OSError:
+                    pass
+        self.close()
+
+    def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        for sock in (self.client, self.upstream):
+            if sock is not None:
+                sock.close()
+        self.proxy._links.discard(self)
+
+
+class FaultProxy:
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self.delay = 0.0
+        self.accepted = 0
+        self._links: set[_Link] = set()
+        self._down = False
+        self._loop = asyncio.new_event_loop()
+        self._flowing = asyncio.Event()
+        self._server: socket.socket | None = None
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+
+    def start(self) -> FaultProxy:
+        server = socket.socket()
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", 0))
+        server.listen(64)
+        server.setblocking(False)
+        self._server, self.port = server, server.getsockname()[1]
+        self._thread.start()
+        self._call(self._flowing.set)
+        asyncio.run_coroutine_threadsafe(self._accept(), self._loop)
+        return self
+
+    async def _accept(self) -> None:
+        assert self._server is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                client, _ = await loop.sock_accept(self._server)
+            except OSError:
+                return
+            self.accepted += 1
+            client.setblocking(False)
+            link = _Link(self, client)
+            if self._down:
+                link.abort()
+                continue
+            self._links.add(link)
+            asyncio.ensure_future(link.run())
+
+    def _call(self, fn: Any, *args: Any) -> None:
+        async def run() -> None:
+            fn(*args)
+
+        asyncio.run_coroutine_threadsafe(run(), self._loop).result(5)
+
+    def blackhole(self) -> None:
+        self._call(self._flowing.clear)
+
+    def reset(self, down: bool = True) -> None:
+        def do() -> None:
+            self._down = down
+            for link in list(self._links):
+                link.abort()
+            self._flowing.set()
+
+        self._call(do)
+
+    def heal(self) -> None:
+        def do() -> None:
+            self._down = False
+            self._flowing.set()
+
+        self._call(do)
+
+    @property
+    def open_links(self) -> int:
+        return len(self._links)
+
+    def stop(self) -> None:
+        def do() -> None:
+            for link in list(self._links):
+                link.close()
+            if self._server is not None:
+                self._server.close()
+            self._loop.stop()
+
+        self._loop.call_soon_threadsafe(do)
+        self._thread.join(5)
+        self._loop.close()
+
+    def __enter__(self) -> FaultProxy:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
