@@ -25,6 +25,7 @@ class _Link:
         self.client = client
         self.upstream: socket.socket | None = None
         self.tasks: list[asyncio.Task[None]] = []
+        self.task: asyncio.Task[None] | None = None
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -118,7 +119,7 @@ class FaultProxy:
                 link.abort()
                 continue
             self._links.add(link)
-            asyncio.ensure_future(link.run())
+            link.task = asyncio.ensure_future(link.run())
 
     def _call(self, fn: Any, *args: Any) -> None:
         async def run() -> None:

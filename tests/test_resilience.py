@@ -81,7 +81,7 @@ async def test_blackhole_30s_during_a_cell(make_kernelspec, proxied_config, prox
                 break
         assert reply["content"]["status"] == "ok"
         assert time.monotonic() - healed < 15
-        content, out = await run_cell(kc, "import os; print(x, os.getpid())")
+        _, out = await run_cell(kc, "import os; print(x, os.getpid())")
         assert out.split() == ["1", str(pid)]
         assert km.provisioner._kernel.process.pid == pid
     finally:
@@ -105,7 +105,7 @@ async def test_reset_every_connection(make_kernelspec, proxied_config, proxy, ru
             await asyncio.sleep(0.5)
         proxy.heal()
         healed = time.monotonic()
-        content, out = await run_cell(kc, "print(state)", timeout=30)
+        _, out = await run_cell(kc, "print(state)", timeout=30)
         usable_after = time.monotonic() - healed
         assert out.strip() == "kept"
         assert usable_after <= 2.0, f"usable {usable_after:.2f}s after the link returned"
