@@ -69,30 +69,33 @@ class BootstrapError(Exception):
 
 
 class Output:
-    """Where events go: the current controller (stdout, or an attached socket)."""
+    """Where events go: every attached controller (the SSH channel's stdout, sockets)."""
 
     def __init__(self):
         self.lock = threading.Lock()
-        self.write = self._stdout
+        self.writers = [self._stdout]  # until the agent runs: errors go to stdout
 
     @staticmethod
     def _stdout(data):
         sys.stdout.buffer.write(data)
         sys.stdout.buffer.flush()
 
+    def send(self, data, only=None):
+        with self.lock:
+            for write in [only] if only else list(self.writers):
+                try:
+                    write(data)
+                except (OSError, ValueError):
+                    pass  # that controller is gone; its reader notices
+
 
 OUTPUT = Output()
 
 
-def emit(event, **fields):
+def emit(event, _only=None, **fields):
     fields["v"] = PROTOCOL
     fields["event"] = event
-    data = (json.dumps(fields) + "\n").encode("utf-8")
-    with OUTPUT.lock:
-        try:
-            OUTPUT.write(data)
-        except (OSError, ValueError):
-            pass  # the controller is gone; the agent notices through its reader
+    OUTPUT.send((json.dumps(fields) + "\n").encode("utf-8"), _only)
 
 
 def require_jupyter_client():
@@ -623,7 +626,7 @@ class Agent:
         self.stopping = []
         self.run_root = hello.get("run_root")
         self.grace = float(hello.get("grace") or 0)
-        self.controller = None
+        self.controllers = set()
         self.last_contact = time.monotonic()
         self.agent_dir = None
         self.socket_path = None
@@ -668,30 +671,40 @@ class Agent:
                 pass
 
     # -- the loop -------------------------------------------------------------------
-    def hello(self):
+    def hello(self, writer):
         emit(
             "hello",
+            _only=writer,
             pid=os.getpid(),
             python=sys.executable,
             python_version="%d.%d.%d" % sys.version_info[:3],
             jupyter_client=jupyter_client_version(),
             socket=self.socket_path,
+            kernels=len(self.kernels),
         )
 
     def attach(self, controller):
-        old, self.controller = self.controller, controller
+        """Add a local side. Several may be attached (an owner and `sshpyk attach`)."""
+        self.hello(controller.writer)
         with OUTPUT.lock:
-            OUTPUT.write = controller.writer
-        if old is not None:
-            old.close()  # a newer local side takes over
+            OUTPUT.writers.append(controller.writer)
+        self.controllers.add(controller)
         self.last_contact = time.monotonic()
         self.detached = False
         self.touch()
         controller.start()
-        self.hello()
+
+    def detach(self, controller):
+        self.controllers.discard(controller)
+        with OUTPUT.lock:
+            if controller.writer in OUTPUT.writers:
+                OUTPUT.writers.remove(controller.writer)
+        controller.close()
 
     def run(self):
         self.open_socket()
+        with OUTPUT.lock:
+            OUTPUT.writers = []
         self.attach(stdio_controller(self))
         while True:
             starting = [k for k in self.kernels.values() if not k.ready and k.exit_code is None]
@@ -703,11 +716,11 @@ class Agent:
             if kind == "attach":
                 self.attach(value)
             elif kind == "eof":
-                if value is self.controller:
-                    self.controller = None  # wait for a reattach, within the grace period
+                # a local side left or its link dropped: a reattach may follow (grace)
+                self.detach(value)
             elif kind == "msg":
                 controller, msg = value
-                if controller is self.controller:
+                if controller in self.controllers:
                     self.last_contact = now
                     if msg.get("op") == "ping":
                         self.touch()
@@ -724,7 +737,7 @@ class Agent:
                 # the local side is gone: stop what it does not want kept
                 self.stop_kernels(persistent=False)
                 self.detached = True
-            if self.controller is None and not self.kernels:
+            if not self.controllers and not self.kernels:
                 return  # nobody to serve and nothing to keep
 
     def handle(self, msg):

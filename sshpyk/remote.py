@@ -14,6 +14,7 @@ import contextlib
 import itertools
 import json
 import logging
+import secrets
 import shlex
 import time
 from dataclasses import asdict, dataclass
@@ -274,7 +275,9 @@ class RemoteAgent:
         self.closed = asyncio.Event()
         self.reattached = 0
         self._stderr = bytearray()
-        self._requests: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        # several local sides may talk to one agent: request ids must not collide
+        self._requests: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._rid_prefix = secrets.token_hex(4)
         self._rids = itertools.count(1)
         self._channel_tasks: list[asyncio.Task[None]] = []
         self._tasks: list[asyncio.Task[None]] = []
@@ -532,7 +535,7 @@ class RemoteAgent:
             raise self._lost_error or ConnectionLostError(f"the agent on {self.alias!r} is gone")
         if not self.connected.is_set():
             raise ConnectionLostError(f"the link to {self.alias!r} is down (reconnecting)")
-        rid = next(self._rids)
+        rid = f"{self._rid_prefix}-{next(self._rids)}"
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._requests[rid] = future
         self.send({"op": op, "rid": rid, **fields})
@@ -597,16 +600,19 @@ class RemoteAgent:
     def forget(self, kid: str) -> None:
         self.kernels.pop(kid, None)
 
-    async def close(self, timeout: float = 10.0, *, keep_persistent: bool = False) -> None:
+    async def close(
+        self, timeout: float = 10.0, *, keep_persistent: bool = False, detach: bool = False
+    ) -> None:
         """Tell the agent the local side is leaving on purpose.
 
         It stops every kernel (but persistent ones if ``keep_persistent``), removes
         their run dirs and exits. Waits for that, bounded by ``timeout``. Without this
         (a crash, a lost link) the agent keeps the kernels for the grace period.
+        ``detach`` only hangs up, leaving every kernel to its owner (``sshpyk attach``).
         """
         self._closing = True
         process = self.process
-        if process is not None and self.connected.is_set():
+        if process is not None and self.connected.is_set() and not detach:
             self.send({"op": "shutdown", "keep_persistent": keep_persistent})
             with contextlib.suppress(Exception):
                 process.stdin.write_eof()
