@@ -12,7 +12,7 @@ import json
 import os
 import re
 import shutil
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from jupyter_core.paths import jupyter_data_dir
@@ -20,11 +20,19 @@ from jupyter_core.paths import jupyter_data_dir
 from .errors import SSHPykError
 
 __all__ = [
+    "INTERRUPT_MODES",
     "PROVISIONER_NAME",
+    "TRANSPORTS",
+    "InstalledKernel",
     "SSHKernelSpec",
     "delete_spec",
+    "edited_spec",
+    "find_kernel",
+    "installed_kernels",
     "kernels_dir",
     "load_spec",
+    "save_edited_spec",
+    "spec_changes",
     "write_spec",
 ]
 
@@ -73,6 +81,10 @@ class SSHKernelSpec:
             )
         if not self.ssh_host_alias:
             raise SSHPykError("an SSH host alias is required (--ssh-host-alias)")
+        if not self.remote_python:
+            raise SSHPykError("a remote python is required (--remote-python)")
+        if not self.remote_kernel_name:
+            raise SSHPykError("a remote kernel name is required (--remote-kernel-name)")
         if self.transport not in TRANSPORTS:
             raise SSHPykError(f"transport must be one of {', '.join(TRANSPORTS)}")
         if self.interrupt_mode not in INTERRUPT_MODES:
@@ -128,10 +140,14 @@ def kernels_dir() -> str:
     return os.path.join(jupyter_data_dir(), "kernels")
 
 
-def write_spec(spec: SSHKernelSpec, *, replace: bool = False) -> str:
-    """Write ``kernel.json`` for ``spec``; refuses to overwrite unless ``replace``."""
+def write_spec(spec: SSHKernelSpec, *, replace: bool = False, directory: str | None = None) -> str:
+    """Write ``kernel.json`` for ``spec``; refuses to overwrite unless ``replace``.
+
+    The kernel goes into ``directory`` (an existing kernel's resource dir, when
+    editing in place) or else ``<jupyter data dir>/kernels/<name>``.
+    """
     spec.validate()
-    path = os.path.join(kernels_dir(), spec.name)
+    path = directory or os.path.join(kernels_dir(), spec.name)
     spec_file = os.path.join(path, "kernel.json")
     if os.path.exists(spec_file) and not replace:
         raise SSHPykError(f"kernel {spec.name!r} already exists at {path} (use --replace)")
@@ -145,21 +161,136 @@ def write_spec(spec: SSHKernelSpec, *, replace: bool = False) -> str:
     return path
 
 
+@dataclass
+class InstalledKernel:
+    """Any installed Jupyter kernel (SSH or not), as found on the kernel search path."""
+
+    name: str
+    resource_dir: str
+    data: dict[str, Any] = field(default_factory=dict)
+    #: why kernel.json could not be read, if it could not
+    error: str | None = None
+
+    @property
+    def is_ssh(self) -> bool:
+        prov = (self.data.get("metadata") or {}).get("kernel_provisioner") or {}
+        return bool(prov.get("provisioner_name") == PROVISIONER_NAME)
+
+    @property
+    def spec(self) -> SSHKernelSpec:
+        """The SSH kernelspec; raises SSHPykError for other kernels."""
+        return SSHKernelSpec.from_kernel_json(self.name, self.data, self.resource_dir)
+
+
+def installed_kernels() -> list[InstalledKernel]:
+    """Every kernel Jupyter would offer, sorted by name (unreadable ones carry an error)."""
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    found = []
+    for name, resource_dir in sorted(KernelSpecManager().find_kernel_specs().items()):
+        kernel = InstalledKernel(name, resource_dir)
+        try:
+            with open(os.path.join(resource_dir, "kernel.json"), encoding="utf-8") as f:
+                data = json.load(f)
+            if not isinstance(data, dict):
+                raise ValueError("not a JSON object")
+            kernel.data = data
+        except (OSError, ValueError) as exc:
+            kernel.error = f"cannot read {resource_dir}/kernel.json: {exc}"
+        found.append(kernel)
+    return found
+
+
+def find_kernel(name: str) -> InstalledKernel:
+    """The installed kernel ``name`` (any kind); SSHPykError if there is none."""
+    for kernel in installed_kernels():
+        if kernel.name == name.lower():
+            if kernel.error:
+                raise SSHPykError(kernel.error)
+            return kernel
+    raise SSHPykError(f"no kernel named {name!r} (see `sshpyk list`)")
+
+
 def load_spec(name: str) -> SSHKernelSpec:
     """Load an installed SSH kernelspec by name (any Jupyter kernel dir)."""
-    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+    return find_kernel(name).spec
 
+
+#: fields where an empty value means "back to the default"
+_CLEARABLE = ("display_name", "ssh_config", "pre_command", "remote_cwd", "remote_run_root")
+#: fields that must not be empty
+_REQUIRED = ("name", "ssh_host_alias", "remote_python", "remote_kernel_name", "language")
+
+
+def edited_spec(
+    spec: SSHKernelSpec,
+    changes: dict[str, Any],
+    *,
+    set_env: dict[str, str] | None = None,
+    unset_env: tuple[str, ...] | list[str] = (),
+) -> SSHKernelSpec:
+    """A validated copy of ``spec`` with ``changes`` (field -> value; None = keep).
+
+    An empty string clears an optional field (display name, ssh config, pre-command,
+    remote cwd, remote run root). ``unset_env`` keys are removed from the remote
+    environment, then ``set_env`` is merged in.
+    """
+    new = replace(spec, remote_env=dict(spec.remote_env))
+    known = {f.name for f in fields(SSHKernelSpec)}
+    for name, value in changes.items():
+        if name not in known or name == "resource_dir":
+            raise SSHPykError(f"{name!r} is not a kernelspec field")
+        if value is None:
+            continue
+        if name in _REQUIRED and not str(value).strip():
+            raise SSHPykError(f"{name.replace('_', ' ')} cannot be empty")
+        if name in _CLEARABLE and value == "":
+            value = "" if name == "display_name" else None
+        setattr(new, name, value)
+    for key in unset_env:
+        if key not in new.remote_env:
+            raise SSHPykError(f"{key!r} is not in the remote env of kernel {spec.name!r}")
+        del new.remote_env[key]
+    new.remote_env.update(set_env or {})
+    new.validate()
+    return new
+
+
+def spec_changes(old: SSHKernelSpec, new: SSHKernelSpec) -> list[tuple[str, Any, Any]]:
+    """(field, old value, new value) for every stored field that differs."""
+    return [
+        (f.name, getattr(old, f.name), getattr(new, f.name))
+        for f in fields(SSHKernelSpec)
+        if f.name != "resource_dir" and getattr(old, f.name) != getattr(new, f.name)
+    ]
+
+
+def save_edited_spec(old: SSHKernelSpec, new: SSHKernelSpec, *, replace: bool = False) -> str:
+    """Write ``new`` over the installed ``old``, in its kernel dir.
+
+    A rename moves the whole kernel dir (logos and other resources too) next to the
+    old one; an existing kernel of the new name is only overwritten with ``replace``.
+    """
+    if not old.resource_dir:
+        raise SSHPykError(f"kernel {old.name!r} is not installed")
+    if new.name == old.name:
+        return write_spec(new, replace=True, directory=old.resource_dir)
+    target = os.path.join(os.path.dirname(old.resource_dir), new.name)
+    if os.path.exists(target):
+        if not replace:
+            raise SSHPykError(f"kernel {new.name!r} already exists at {target} (use --replace)")
+        shutil.rmtree(target)
+    shutil.copytree(old.resource_dir, target)
     try:
-        resource_dir = KernelSpecManager().find_kernel_specs()[name.lower()]
-    except KeyError:
-        raise SSHPykError(f"no kernel named {name!r} (see `sshpyk list`)") from None
-    except NoSuchKernel:  # pragma: no cover - defensive
-        raise SSHPykError(f"no kernel named {name!r}") from None
-    with open(os.path.join(resource_dir, "kernel.json"), encoding="utf-8") as f:
-        data = json.load(f)
-    return SSHKernelSpec.from_kernel_json(name, data, resource_dir)
+        path = write_spec(new, replace=True, directory=target)
+    except BaseException:
+        shutil.rmtree(target, ignore_errors=True)
+        raise
+    shutil.rmtree(old.resource_dir)
+    return path
 
 
-def delete_spec(spec: SSHKernelSpec) -> None:
+def delete_spec(spec: SSHKernelSpec | InstalledKernel) -> None:
+    """Remove the kernel's resource dir (kernel.json and anything next to it)."""
     if spec.resource_dir:
         shutil.rmtree(spec.resource_dir)

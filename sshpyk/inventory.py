@@ -1,0 +1,230 @@
+"""The kernels sshpyk started on remote hosts: list them (``sshpyk ps``), stop them
+(``sshpyk kill``).
+
+The remote agent finds them by their run directories (``sshpyk-*`` under the run
+roots: ``$XDG_RUNTIME_DIR``, the temp dir, and any ``remote_run_root`` of an installed
+kernelspec for that host) and tells whether the local side that owns each one is still
+heard from (``attached``). Killing a kernel kills its process group and removes its run
+directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import SSHPykError
+from .kernelspec import SSHKernelSpec
+from .remote import RemoteAgent
+from .session import SSHSession
+from .sshconfig import config_path
+
+__all__ = [
+    "HostKernels",
+    "HostTarget",
+    "age",
+    "host_targets",
+    "kill_kernels",
+    "kill_orphans",
+    "ps_hosts",
+    "ps_table",
+]
+
+
+@dataclass
+class HostTarget:
+    """A host to inspect, and how to run the agent there."""
+
+    alias: str
+    ssh_config: str | None = None
+    python: str = "python3"
+    pre_command: str | None = None
+    #: extra run roots to scan besides the defaults (None = the defaults only)
+    run_roots: list[str | None] = field(default_factory=lambda: [None])
+
+
+@dataclass
+class HostKernels:
+    """The answer for one host: its kernels, or why it could not be asked."""
+
+    alias: str
+    kernels: list[dict[str, Any]] = field(default_factory=list)
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"alias": self.alias, "kernels": self.kernels, "error": self.error}
+
+
+def host_targets(
+    aliases: Iterable[str],
+    specs: Iterable[SSHKernelSpec],
+    *,
+    ssh_config: str | None = None,
+    python: str | None = None,
+    run_root: str | None = None,
+) -> list[HostTarget]:
+    """One target per host: the named aliases, or else every host of ``specs``.
+
+    A host's installed kernelspecs supply its ssh config, remote python, pre-command
+    and run roots unless given here.
+    """
+    specs = list(specs)
+    config = config_path(ssh_config) if ssh_config else None
+    wanted = list(dict.fromkeys(aliases))
+    if not wanted:
+        wanted = list(dict.fromkeys(s.ssh_host_alias for s in specs))
+    targets: list[HostTarget] = []
+    for alias in wanted:
+        mine = [s for s in specs if s.ssh_host_alias == alias]
+        if config:
+            mine = [s for s in mine if _same_config(s.ssh_config, config)]
+        by_config: dict[str | None, list[SSHKernelSpec]] = {}
+        for spec in mine:
+            by_config.setdefault(config or _config_or_none(spec.ssh_config), []).append(spec)
+        if not by_config:
+            by_config[config] = []
+        for host_config, host_specs in by_config.items():
+            first = host_specs[0] if host_specs else None
+            roots: list[str | None] = [run_root] if run_root else []
+            if not run_root:
+                roots += [s.remote_run_root for s in host_specs if s.remote_run_root]
+                roots.append(None)
+            targets.append(
+                HostTarget(
+                    alias=alias,
+                    ssh_config=host_config,
+                    python=python or (first.remote_python if first else "python3"),
+                    pre_command=first.pre_command if first and not python else None,
+                    run_roots=list(dict.fromkeys(roots)),
+                )
+            )
+    return targets
+
+
+def _config_or_none(path: str | None) -> str | None:
+    try:
+        return config_path(path) if path else None
+    except SSHPykError:
+        return path
+
+
+def _same_config(a: str | None, b: str | None) -> bool:
+    return _config_or_none(a) == _config_or_none(b)
+
+
+async def _agent(session: SSHSession, target: HostTarget) -> RemoteAgent:
+    return await session.agent(target.python, target.pre_command)
+
+
+async def _ps(agent: RemoteAgent, target: HostTarget) -> list[dict[str, Any]]:
+    seen: dict[str, dict[str, Any]] = {}
+    for root in target.run_roots:
+        for kernel in await agent.ps(run_root=root):
+            seen.setdefault(str(kernel.get("run_dir")), kernel)
+    return sorted(seen.values(), key=lambda k: (k.get("started") or 0, str(k.get("kernel_id"))))
+
+
+async def _ps_one(target: HostTarget, timeout: float) -> list[dict[str, Any]]:
+    async with await SSHSession.connect(
+        target.alias, ssh_config=target.ssh_config, connect_timeout=timeout
+    ) as session:
+        return await _ps(await _agent(session, target), target)
+
+
+async def _ps_host(target: HostTarget, timeout: float) -> HostKernels:
+    result = HostKernels(target.alias)
+    try:
+        result.kernels = await asyncio.wait_for(_ps_one(target, timeout), timeout)
+    except SSHPykError as exc:
+        result.error = str(exc)
+    except asyncio.TimeoutError:
+        result.error = f"no answer from {target.alias!r} within {timeout:g}s"
+    return result
+
+
+async def ps_hosts(targets: Iterable[HostTarget], *, timeout: float = 30.0) -> list[HostKernels]:
+    """Every host's sshpyk kernels, hosts asked concurrently; errors are per host."""
+    return list(await asyncio.gather(*(_ps_host(t, timeout) for t in targets)))
+
+
+async def kill_kernels(target: HostTarget, kernel_ids: Iterable[str]) -> list[dict[str, Any]]:
+    """Kill kernels by id or unique id prefix; returns what was killed.
+
+    Every id is resolved before any kernel is killed: an unknown or ambiguous one
+    raises SSHPykError and nothing is killed.
+    """
+    async with await SSHSession.connect(target.alias, ssh_config=target.ssh_config) as session:
+        agent = await _agent(session, target)
+        kernels = await _ps(agent, target)
+        chosen: dict[str, dict[str, Any]] = {}
+        for kernel_id in kernel_ids:
+            matches = {
+                str(k["kernel_id"]): k for k in kernels if str(k["kernel_id"]).startswith(kernel_id)
+            }
+            if not matches:
+                raise SSHPykError(
+                    f"no sshpyk kernel {kernel_id!r} on {target.alias!r} "
+                    f"(see `sshpyk ps {target.alias}`)"
+                )
+            if len(matches) > 1:
+                raise SSHPykError(
+                    f"{kernel_id!r} matches {len(matches)} kernels on {target.alias!r}: "
+                    f"{', '.join(sorted(matches))}; give more of the id"
+                )
+            chosen.update(matches)
+        killed = []
+        for full_id, kernel in chosen.items():
+            root = os.path.dirname(str(kernel["run_dir"]))
+            killed += await agent.kill(full_id, run_root=root)
+        return killed
+
+
+async def kill_orphans(target: HostTarget) -> list[dict[str, Any]]:
+    """Kill every kernel whose local owner is gone; returns what was killed."""
+    async with await SSHSession.connect(target.alias, ssh_config=target.ssh_config) as session:
+        agent = await _agent(session, target)
+        killed: dict[str, dict[str, Any]] = {}
+        for root in target.run_roots:
+            for kernel in await agent.kill(orphans=True, run_root=root):
+                killed.setdefault(str(kernel.get("run_dir")), kernel)
+        return list(killed.values())
+
+
+def age(epoch: float | None, now: float | None = None) -> str:
+    """``12s ago``, ``5m ago``, ``3h ago``, ``2d ago`` (``-`` for None)."""
+    if not epoch:
+        return "-"
+    seconds = max(0.0, (now or time.time()) - float(epoch))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit} ago"
+    return f"{int(seconds)}s ago"
+
+
+def ps_table(hosts: Iterable[HostKernels]) -> list[list[str]]:
+    """Rows (header first) for the kernels of ``hosts``."""
+    rows = [["HOST", "KERNEL ID", "NAME", "PID", "STARTED", "LAST CONTACT", "LOCAL OWNER", "STATE"]]
+    now = time.time()
+    for host in hosts:
+        for k in host.kernels:
+            started = k.get("started")
+            owner = "alive" if k.get("attached") else "gone"
+            if k.get("persistent"):
+                owner += " (persistent)"
+            rows.append(
+                [
+                    host.alias,
+                    str(k.get("kernel_id")),
+                    str(k.get("kernel_name")),
+                    str(k.get("pid")),
+                    time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)) if started else "-",
+                    age(k.get("last_contact"), now),
+                    owner,
+                    "running" if k.get("alive") else "dead",
+                ]
+            )
+    return rows
