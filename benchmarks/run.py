@@ -1,0 +1,889 @@
+"""Side-by-side benchmarks: a local ipykernel, this sshpyk, and sshpyk 1.25 from PyPI.
+
+    python benchmarks/run.py            # the full run (about 10 minutes on 2 cores)
+    python benchmarks/run.py --quick    # a smaller run for development (about 3 minutes)
+
+One throwaway OpenSSH sshd on 127.0.0.1 (tests/sshd.py) serves both SSH candidates;
+the "remote" Python is this machine's, so all three run the same ipykernel. Each
+candidate is driven by ``driver.py`` in its own interpreter: this Python for the local
+kernel and for sshpyk (the working tree), ``benchmarks/.venv-sshpyk125`` (made here on
+first use) for sshpyk 1.25. The script prints one Markdown report (environment, the
+table, the tunnel table, the targets) and writes it to ``--markdown`` if given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(HERE))
+
+import procstat  # noqa: E402
+import tunnel  # noqa: E402
+from sshd import ThrowawaySSHD, find_sshd  # noqa: E402
+
+VENV_125 = HERE / ".venv-sshpyk125"
+OLD_VERSION = "1.25"
+CANDIDATES = ("local", "sshpyk", "sshpyk125")
+TITLES = {"local": "local ipykernel", "sshpyk": "sshpyk (this tree)", "sshpyk125": "sshpyk 1.25"}
+SECTIONS = ("lifecycle", "latency", "tunnel", "idle", "concurrent")
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+class BenchError(Exception):
+    """A set-up step failed; the message says which."""
+
+
+# -- settings ---------------------------------------------------------------------------
+
+
+@dataclass
+class Settings:
+    reps: int = 5  # lifecycle driver processes per candidate (one cold start each)
+    cycles: int = 2  # warm start / restart / shutdown cycles per lifecycle process
+    rounds: int = 200  # kernel_info round trips
+    print_bytes: int = 20_000_000
+    print_reps: int = 3
+    tunnel_bytes: int = 200 * 2**20
+    tunnel_ciphers: list[tuple[str | None, int]] = field(
+        default_factory=lambda: [
+            (None, 3),
+            ("aes128-gcm@openssh.com", 3),
+            ("aes256-gcm@openssh.com", 1),
+            ("chacha20-poly1305@openssh.com", 1),
+            ("aes128-ctr", 1),
+        ]
+    )
+    idle_kernels: int = 8
+    idle_seconds: float = 60.0
+    concurrent: int = 32
+    timeout: float = 120.0  # per kernel operation
+    driver_timeout: float = 600.0  # per driver process
+
+    @classmethod
+    def quick(cls) -> Settings:
+        return cls(
+            reps=2,
+            cycles=1,
+            rounds=100,
+            print_bytes=5_000_000,
+            print_reps=1,
+            tunnel_bytes=50 * 2**20,
+            tunnel_ciphers=[(None, 1), ("aes128-gcm@openssh.com", 1)],
+            idle_kernels=4,
+            idle_seconds=15.0,
+            concurrent=8,
+            timeout=90.0,
+            driver_timeout=300.0,
+        )
+
+
+# -- the environment of one run ---------------------------------------------------------
+
+
+def ensure_venv_125() -> Path:
+    """benchmarks/.venv-sshpyk125 with sshpyk 1.25, reused when already right.
+
+    jupyter_client and pyzmq are pinned to this interpreter's versions so that the only
+    difference between the drivers is the provisioner.
+    """
+    python = VENV_125 / "bin" / "python"
+    probe = (
+        "import importlib.metadata as m; print(m.version('sshpyk'), m.version('jupyter_client'))"
+    )
+    import jupyter_client
+    import zmq
+
+    want = f"{OLD_VERSION} {jupyter_client.__version__}"
+    if python.exists():
+        found = subprocess.run([python, "-c", probe], capture_output=True, text=True)
+        if found.returncode == 0 and found.stdout.strip() == want:
+            return python
+        log(
+            f"{VENV_125} is not as expected ({found.stdout.strip() or found.stderr[-200:]}); rebuilding"
+        )
+        shutil.rmtree(VENV_125)
+    log(f"creating {VENV_125} with sshpyk=={OLD_VERSION} from PyPI")
+    subprocess.run([sys.executable, "-m", "venv", str(VENV_125)], check=True)
+    pins = [
+        f"sshpyk=={OLD_VERSION}",
+        f"jupyter_client=={jupyter_client.__version__}",
+        f"pyzmq=={zmq.__version__}",
+    ]
+    result = subprocess.run(
+        [python, "-m", "pip", "install", "--quiet", *pins], capture_output=True, text=True
+    )
+    if result.returncode != 0:
+        raise BenchError(f"pip install {' '.join(pins)} failed: {result.stderr.strip()[-500:]}")
+    return python
+
+
+@dataclass
+class Candidate:
+    name: str
+    python: str
+    kernel: str
+    env: dict[str, str]
+    leftovers: list[str] = field(default_factory=list)
+
+
+class Bench:
+    """The throwaway sshd, the kernelspecs, and running drivers against them."""
+
+    def __init__(self, root: Path, settings: Settings, candidates: list[str]) -> None:
+        self.root = root
+        self.settings = settings
+        self.names = candidates
+        self.sshd = ThrowawaySSHD(root / "sshd")
+        self.candidates: dict[str, Candidate] = {}
+        self.ssh_config_125 = root / "ssh_config-125"
+        self.run_root = root / "remote-run"
+        self.me = os.getpid()
+
+    # set-up
+    def start(self) -> None:
+        if find_sshd() is None:
+            raise BenchError("OpenSSH sshd not found (apt-get install openssh-server)")
+        if shutil.which("ssh") is None:
+            raise BenchError("OpenSSH ssh not found (apt-get install openssh-client)")
+        self.sshd.start()
+        self.run_root.mkdir(mode=0o700)
+        log(f"sshd on 127.0.0.1:{self.sshd.port} (pid {self.sshd.proc and self.sshd.proc.pid})")
+        (self.root / "cm").mkdir(mode=0o700)
+        self.ssh_config_125.write_text(self.config_125())
+        for name in self.names:
+            self.candidates[name] = getattr(self, f"_setup_{name}")()
+
+    def config_125(self) -> str:
+        """The alias as sshpyk 1.25 wants it: ControlMaster auto, ControlPersist, ControlPath
+        (it refuses to start without them), BatchMode yes; otherwise as tests/sshd.py makes it."""
+        sshd = self.sshd
+        return f"""Host {sshd.alias}
+  HostName 127.0.0.1
+  User {sshd.user}
+  Port {sshd.port}
+  IdentitiesOnly yes
+  IdentityFile {sshd.root / "id_ed25519"}
+  UserKnownHostsFile {sshd.known_hosts}
+  BatchMode yes
+  ControlMaster auto
+  ControlPath {self.root / "cm" / "%C"}
+  ControlPersist 10m
+"""
+
+    def _env(self, name: str) -> dict[str, str]:
+        env = dict(os.environ)
+        data = self.root / f"jupyter-data-{name}"
+        data.mkdir(exist_ok=True)
+        env["JUPYTER_DATA_DIR"] = str(data)
+        runtime = self.root / f"jupyter-runtime-{name}"
+        runtime.mkdir(mode=0o700, exist_ok=True)  # sshpyk 1.25 fails if it does not exist
+        env["JUPYTER_RUNTIME_DIR"] = str(runtime)
+        env["JUPYTER_PLATFORM_DIRS"] = "1"
+        # bytecode like an installed package has it, kept out of the source trees
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        env["PYTHONPYCACHEPREFIX"] = str(self.root / "pycache" / name)
+        env["PYTHONPATH"] = str(HERE)
+        env["PYDEVD_DISABLE_FILE_VALIDATION"] = "1"
+        return env
+
+    def _setup_local(self) -> Candidate:
+        return Candidate("local", sys.executable, "python3", self._env("local"))
+
+    def _setup_sshpyk(self) -> Candidate:
+        env = self._env("sshpyk")
+        name = "bench_sshpyk"
+        add = [sys.executable, "-m", "sshpyk.cli", "add", "--kernel-name", name]
+        add += ["--ssh-host-alias", self.sshd.alias, "--ssh-config", str(self.sshd.ssh_config)]
+        add += ["--remote-python", sys.executable, "--remote-kernel-name", "python3"]
+        self._run_setup(add, env, "sshpyk add")
+        # remote run dirs in our temp dir, so that leftovers can be counted exactly
+        spec = Path(env["JUPYTER_DATA_DIR"], "kernels", name, "kernel.json")
+        data = json.loads(spec.read_text())
+        data["metadata"]["kernel_provisioner"]["config"]["remote_run_root"] = str(self.run_root)
+        spec.write_text(json.dumps(data, indent=1))
+        return Candidate("sshpyk", sys.executable, name, env)
+
+    def _setup_sshpyk125(self) -> Candidate:
+        python = ensure_venv_125()
+        env = self._env("sshpyk125")
+        name = "bench_sshpyk125"
+        add = [str(python.parent / "sshpyk"), "add", "--kernel-name", name]
+        add += ["--display-name", "bench 1.25", "--language", "python"]
+        add += ["--ssh-host-alias", self.sshd.alias, "--ssh-config", str(self.ssh_config_125)]
+        add += ["--remote-python", sys.executable, "--remote-kernel-name", "python3"]
+        self._run_setup(add, env, "sshpyk 1.25 add")
+        return Candidate("sshpyk125", str(python), name, env)
+
+    @staticmethod
+    def _run_setup(cmd: list[str], env: dict[str, str], what: str) -> None:
+        result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        if result.returncode != 0:
+            raise BenchError(f"{what} failed: {(result.stderr or result.stdout).strip()[-500:]}")
+
+    # running drivers
+    def close_master(self) -> None:
+        """Stop sshpyk 1.25's ControlMaster, if any: the next start is cold again."""
+        subprocess.run(
+            ["ssh", "-F", str(self.ssh_config_125), "-O", "exit", self.sshd.alias],
+            capture_output=True,
+            timeout=30,
+        )
+
+    def driver(self, name: str, mode: str, *extra: str, label: str = "") -> dict[str, Any]:
+        cand = self.candidates[name]
+        out = self.root / f"{name}-{mode}-{time.monotonic_ns()}.json"
+        logfile = self.root / f"{name}-{mode}.log"
+        cmd = [cand.python, str(HERE / "driver.py"), mode, "--kind", name]
+        cmd += ["--kernel", cand.kernel, "--out", str(out), "--timeout", str(self.settings.timeout)]
+        cmd += ["--sshd-port", str(self.sshd.port if name != "local" else 0)]
+        cmd += ["--all-root", str(self.me), *extra]
+        if name == "sshpyk125":
+            self.close_master()
+        t0 = time.monotonic()
+        with open(logfile, "a") as log_f:
+            log_f.write(f"\n$ {' '.join(cmd)}\n")
+            log_f.flush()
+            proc = subprocess.Popen(
+                cmd, env=cand.env, stdout=log_f, stderr=log_f, start_new_session=True
+            )
+            try:
+                proc.wait(self.settings.driver_timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+        if name == "sshpyk125":
+            self.close_master()
+        result: dict[str, Any] = {}
+        if out.exists():
+            result = json.loads(out.read_text())
+        else:
+            result["error"] = f"driver gave no result (timeout {self.settings.driver_timeout:g}s?)"
+        if "error" in result:
+            result["error"] += f" (log: {logfile})"
+        self.collect_leftovers(cand)
+        done = "error: " + result["error"] if "error" in result else "ok"
+        log(f"  {label or mode:<10} {TITLES[name]:<20} {time.monotonic() - t0:6.1f}s {done}")
+        return result
+
+    def collect_leftovers(self, cand: Candidate, wait: float = 10.0) -> None:
+        """Processes started for this candidate that are still there (e.g. a remote kernel
+        nobody stopped): recorded, then killed. Only our own descendants are touched."""
+        keep = {self.me}
+        if self.sshd.proc is not None:
+            keep.add(self.sshd.proc.pid)
+        deadline = time.monotonic() + wait
+        while True:
+            self.reap_zombies()
+            table = procstat.process_table()
+            extra = [p for p in procstat.descendants(self.me, table) if p not in keep]
+            extra = [p for p in extra if table[p].state != "Z"]
+            if not extra or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        for pid in extra:
+            cand.leftovers.append(table[pid].cmdline[:160])
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        self.reap_zombies()
+        leftovers = sorted(self.run_root.iterdir()) if self.run_root.exists() else []
+        for path in leftovers:
+            cand.leftovers.append(f"remote run dir {path.name}")
+            shutil.rmtree(path, ignore_errors=True)
+
+    def reap_zombies(self) -> None:
+        """Reap orphans reparented to us (we are a subreaper) once they exit. Only zombie
+        children that no Popen waits for: at this point none is pending."""
+        table = procstat.process_table()
+        sshd_pid = self.sshd.proc.pid if self.sshd.proc is not None else -1
+        for info in table.values():
+            if info.ppid == self.me and info.state == "Z" and info.pid != sshd_pid:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(info.pid, os.WNOHANG)
+
+    def stop(self) -> None:
+        if "sshpyk125" in self.candidates:
+            with contextlib.suppress(Exception):
+                self.close_master()
+        self.sshd.stop()
+        for cand in self.candidates.values():
+            self.collect_leftovers(cand, wait=2.0)
+
+
+# -- statistics and the report ----------------------------------------------------------
+
+
+@dataclass
+class Stat:
+    values: list[float]
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.values)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.values)
+
+
+def cell(stat: Stat | None, fmt: str, error: str = "") -> str:
+    if stat is None or not stat.ok:
+        return f"error ({error[:60]})" if error else "n/a"
+    if len(stat.values) == 1:
+        return format(stat.median, fmt)
+    lo, hi = min(stat.values), max(stat.values)
+    return f"{format(stat.median, fmt)} ({format(lo, fmt)}-{format(hi, fmt)})"
+
+
+def ratio(a: Stat | None, b: Stat | None) -> str:
+    if a is None or b is None or not a.ok or not b.ok or b.median == 0:
+        return "-"
+    return f"{a.median / b.median:.2f}x"
+
+
+@dataclass
+class Row:
+    key: str
+    label: str
+    unit: str
+    fmt: str
+    stats: dict[str, Stat | None]
+    errors: dict[str, str] = field(default_factory=dict)
+
+
+#: (sample key, label, unit, format) of the main table, in order
+ROWS = [
+    ("import_s", "One-time import: jupyter_client + provisioner", "s", ".3f"),
+    ("cold_start_s", "Cold start → first execute reply", "s", ".2f"),
+    ("warm_start_s", "Warm start → first execute reply", "s", ".2f"),
+    ("restart_s", "Restart → first execute reply", "s", ".2f"),
+    ("shutdown_s", "Shutdown (another kernel keeps the connection)", "s", ".2f"),
+    ("last_shutdown_s", "Shutdown of the last kernel", "s", ".2f"),
+    ("kernel_info_ms", "kernel_info round trip", "ms", ".2f"),
+    ("printed_mb_s", "Printed output, 20 MB", "MB/s", ".1f"),
+    ("tunnel_mib_s", "Raw tunnel, 200 MiB through one forward", "MiB/s", ".0f"),
+    ("idle_client_cpu_s", "Idle 8 kernels x 60 s: client process tree CPU", "CPU s", ".2f"),
+    ("idle_all_cpu_s", "… CPU of everything (client, sshd, kernels)", "CPU s", ".2f"),
+    ("concurrent_start_s", "32 kernels started at once: total", "s", ".1f"),
+    ("concurrent_vs_single", "… ÷ the candidate's single cold start", "x", ".1f"),
+    ("ssh_connections", "… TCP connections to sshd, peak / at end", "", ".0f"),
+    ("rss_per_kernel_mib", "… driver RSS growth per kernel", "MiB", ".2f"),
+    ("concurrent_shutdown_s", "… shutdown of all of them", "s", ".1f"),
+    ("leftovers", "Processes / run dirs left behind (whole run)", "", ".0f"),
+]
+NO_RATIO = {"ssh_connections", "leftovers", "concurrent_vs_single"}
+
+
+class Report:
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+        self.samples: dict[str, dict[str, list[float]]] = {n: {} for n in names}
+        self.errors: dict[str, dict[str, str]] = {n: {} for n in names}
+        self.facts: dict[str, dict[str, Any]] = {n: {} for n in names}
+        self.tunnel: list[tunnel.TunnelResult] = []
+
+    def add(self, name: str, key: str, values: float | list[float] | None) -> None:
+        if values is None:
+            return
+        vals = values if isinstance(values, list) else [values]
+        self.samples[name].setdefault(key, []).extend(float(v) for v in vals)
+
+    def error(self, name: str, keys: list[str], message: str) -> None:
+        for key in keys:
+            self.errors[name].setdefault(key, message)
+
+    def stat(self, name: str, key: str) -> Stat | None:
+        vals = self.samples.get(name, {}).get(key)
+        return Stat(vals) if vals else None
+
+    def row(self, key: str, label: str, unit: str, fmt: str) -> Row:
+        return Row(
+            key,
+            label,
+            unit,
+            fmt,
+            {n: self.stat(n, key) for n in self.names},
+            {n: self.errors[n].get(key, "") for n in self.names},
+        )
+
+    def n(self, key: str) -> str:
+        counts = sorted({len(self.samples[n].get(key, [])) for n in self.names} - {0})
+        return "/".join(str(c) for c in counts) or "0"
+
+    def table(self) -> str:
+        rows = [self.row(*spec) for spec in ROWS]
+        head = ["Measure", "n"] + [TITLES[n] for n in self.names]
+        pairs = [
+            (a, b, title)
+            for a, b, title in (
+                ("sshpyk", "local", "sshpyk ÷ local"),
+                ("sshpyk", "sshpyk125", "sshpyk ÷ 1.25"),
+                ("sshpyk125", "local", "1.25 ÷ local"),
+            )
+            if a in self.names and b in self.names
+        ]
+        head += [p[2] for p in pairs]
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in rows:
+            label = f"{r.label} ({r.unit})" if r.unit else r.label
+            if r.key == "ssh_connections":
+                cells = [self.connections_cell(n) for n in self.names]
+            else:
+                cells = [cell(r.stats[n], r.fmt, r.errors[n]) for n in self.names]
+            ratios = [ratio(r.stats[a], r.stats[b]) for a, b, _ in pairs]
+            if r.key in NO_RATIO:
+                ratios = ["-"] * len(pairs)
+            lines.append("| " + " | ".join([label, self.n(r.key), *cells, *ratios]) + " |")
+        return "\n".join(lines)
+
+    def connections_cell(self, name: str) -> str:
+        peak, now = self.stat(name, "ssh_connections_peak"), self.stat(name, "ssh_connections_now")
+        if name == "local":
+            return "n/a"
+        if peak is None or now is None:
+            return "error" if self.errors[name].get("ssh_connections") else "n/a"
+        return f"{max(peak.values):.0f} / {max(now.values):.0f}"
+
+    def tunnel_table(self) -> str:
+        if not self.tunnel:
+            return ""
+        ssh_l = [r for r in self.tunnel if r.label == tunnel.OPENSSH and r.mib_per_s]
+        openssh = {r.cipher: statistics.median(r.mib_per_s) for r in ssh_l}
+        default_openssh = next(
+            (statistics.median(r.mib_per_s) for r in ssh_l if r.requested == "default"), None
+        )
+        lines = [
+            "| Forwarder | Cipher | n | MiB/s, median (min-max) | ÷ ssh -L, same cipher | ÷ ssh -L, OpenSSH's default cipher |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in self.tunnel:
+            stat = Stat(r.mib_per_s)
+            same = openssh.get(r.cipher)
+            lines.append(
+                f"| {r.label} | {r.cipher} | {len(r.mib_per_s)} | {cell(stat, '.0f', r.error)} | "
+                + (f"{stat.median / same:.2f}x" if stat.ok and same else "-")
+                + " | "
+                + (f"{stat.median / default_openssh:.2f}x" if stat.ok and default_openssh else "-")
+                + " |"
+            )
+        return "\n".join(lines)
+
+
+# -- sections -------------------------------------------------------------------------
+
+
+def run_lifecycle(bench: Bench, report: Report) -> None:
+    s = bench.settings
+    for rep in range(s.reps):  # interleaved, so that load drift hits every candidate alike
+        for name in bench.names:
+            res = bench.driver(
+                name, "lifecycle", "--cycles", str(s.cycles), label=f"lifecycle {rep + 1}/{s.reps}"
+            )
+            if "error" in res:
+                report.error(
+                    name,
+                    ["cold_start_s", "warm_start_s", "restart_s", "shutdown_s", "last_shutdown_s"],
+                    res["error"],
+                )
+            report.add(
+                name,
+                "import_s",
+                res.get("import_jupyter_client_s", 0) + res.get("import_provisioner_s", 0),
+            )
+            for key in (
+                "cold_start_s",
+                "warm_start_s",
+                "restart_s",
+                "shutdown_s",
+                "last_shutdown_s",
+            ):
+                report.add(name, key, res.get(key))
+
+
+def run_latency(bench: Bench, report: Report) -> None:
+    s = bench.settings
+    for name in bench.names:
+        res = bench.driver(
+            name,
+            "latency",
+            *("--rounds", str(s.rounds), "--print-bytes", str(s.print_bytes)),
+            *("--print-reps", str(s.print_reps)),
+        )
+        if "error" in res:
+            report.error(name, ["kernel_info_ms", "printed_mb_s"], res["error"])
+        report.add(name, "kernel_info_ms", res.get("kernel_info_ms"))
+        if res.get("printed_s"):
+            report.add(
+                name, "printed_mb_s", [res["printed_bytes"] / t / 1e6 for t in res["printed_s"]]
+            )
+
+
+def run_tunnel(bench: Bench, report: Report) -> None:
+    s = bench.settings
+    env = bench.candidates["sshpyk"].env if "sshpyk" in bench.candidates else bench._env("sshpyk")
+    results = tunnel.measure_all(
+        alias=bench.sshd.alias,
+        ssh_config=bench.sshd.ssh_config,
+        controlmaster_config=bench.ssh_config_125,
+        work=bench.root,
+        total=s.tunnel_bytes,
+        ciphers=s.tunnel_ciphers,
+        env=env,
+        timeout=s.timeout,
+        progress=log,
+    )
+    report.tunnel = results
+    bench.close_master()
+    bench.reap_zombies()
+    for r in results:
+        if r.label == tunnel.FORWARDSET and r.requested == "default":
+            report.add("sshpyk", "tunnel_mib_s", r.mib_per_s)
+            if r.error:
+                report.error("sshpyk", ["tunnel_mib_s"], r.error)
+        if r.label == tunnel.CONTROLMASTER and "sshpyk125" in report.names:
+            report.add("sshpyk125", "tunnel_mib_s", r.mib_per_s)
+            if r.error:
+                report.error("sshpyk125", ["tunnel_mib_s"], r.error)
+
+
+def run_idle(bench: Bench, report: Report) -> None:
+    s = bench.settings
+    for name in bench.names:
+        res = bench.driver(
+            name,
+            "idle",
+            *("--kernels", str(s.idle_kernels), "--seconds", str(s.idle_seconds)),
+        )
+        if "error" in res:
+            report.error(name, ["idle_client_cpu_s", "idle_all_cpu_s"], res["error"])
+        report.add(name, "idle_client_cpu_s", res.get("client_cpu_s"))
+        report.add(name, "idle_all_cpu_s", res.get("all_cpu_s"))
+        report.facts[name]["idle"] = {
+            k: res.get(k)
+            for k in (
+                "client_self_cpu_s",
+                "local_kernels_cpu_s",
+                "client_processes",
+                "restarter_poll_interval_s",
+                "idle_seconds",
+            )
+        }
+
+
+def run_concurrent(bench: Bench, report: Report) -> None:
+    s = bench.settings
+    for name in bench.names:
+        res = bench.driver(name, "concurrent", "--kernels", str(s.concurrent))
+        if "error" in res:
+            report.error(
+                name,
+                [
+                    "concurrent_start_s",
+                    "ssh_connections",
+                    "rss_per_kernel_mib",
+                    "concurrent_shutdown_s",
+                ],
+                res["error"],
+            )
+        for key in (
+            "concurrent_start_s",
+            "rss_per_kernel_mib",
+            "concurrent_shutdown_s",
+            "ssh_connections_peak",
+            "ssh_connections_now",
+        ):
+            report.add(name, key, res.get(key))
+        cold = report.stat(name, "cold_start_s")
+        if res.get("concurrent_start_s") and cold is not None:
+            report.add(name, "concurrent_vs_single", res["concurrent_start_s"] / cold.median)
+        report.facts[name]["concurrent"] = {
+            k: res.get(k)
+            for k in (
+                "client_helper_processes",
+                "client_helper_rss_mib",
+                "driver_rss_before_mib",
+                "driver_rss_after_mib",
+            )
+        }
+
+
+# -- environment and targets ----------------------------------------------------------
+
+
+def environment(python_125: str | None) -> str:
+    def version(python: str, module: str) -> str:
+        out = subprocess.run(
+            [python, "-c", f"import importlib.metadata as m; print(m.version({module!r}))"],
+            capture_output=True,
+            text=True,
+        )
+        return out.stdout.strip() or "?"
+
+    cpu = "?"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem = "?"
+    with contextlib.suppress(OSError):
+        kib = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1))  # type: ignore[union-attr]
+        mem = f"{kib / 2**20:.1f} GiB"
+    ssh_v = subprocess.run(["ssh", "-V"], capture_output=True, text=True).stderr.strip()
+    py = sys.executable
+    lines = [
+        f"- date: {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M:%S %Z')}",
+        f"- machine: {os.cpu_count()} cores (nproc {len(os.sched_getaffinity(0))}), {cpu}, {mem} RAM, "
+        f"{platform.system()} {platform.release()}, load average at start {os.getloadavg()[0]:.2f}",
+        f"- python {platform.python_version()}, jupyter_client {version(py, 'jupyter_client')}, "
+        f"ipykernel {version(py, 'ipykernel')}, pyzmq {version(py, 'pyzmq')}, asyncssh {version(py, 'asyncssh')}, "
+        f"sshpyk (this tree) {version(py, 'sshpyk')}, {ssh_v}",
+    ]
+    if python_125:
+        lines.append(
+            f"- sshpyk 1.25 venv: sshpyk {version(python_125, 'sshpyk')}, jupyter_client "
+            f"{version(python_125, 'jupyter_client')}, pyzmq {version(python_125, 'pyzmq')}"
+        )
+    return "\n".join(lines)
+
+
+def targets(report: Report) -> str:
+    def med(name: str, key: str) -> float | None:
+        s = report.stat(name, key)
+        return s.median if s is not None else None
+
+    rows = []
+
+    def check(
+        label: str,
+        value: float | None,
+        limit: float | None,
+        text: str,
+        lower_is_better: bool = True,
+    ) -> None:
+        if value is None or limit is None:
+            rows.append(f"| {label} | {text} | not measured |")
+            return
+        met = value <= limit if lower_is_better else value >= limit
+        rows.append(f"| {label} | {text} | {'met' if met else 'NOT met'} |")
+
+    cold, cold_l, cold_o = (
+        med("sshpyk", "cold_start_s"),
+        med("local", "cold_start_s"),
+        med("sshpyk125", "cold_start_s"),
+    )
+    if cold is not None and cold_l:
+        check(
+            "cold start ≤ 1.25x local",
+            cold / cold_l,
+            1.25,
+            f"{cold:.2f}s vs {cold_l:.2f}s = {cold / cold_l:.2f}x",
+        )
+    if cold is not None and cold_o:
+        check(
+            "cold start ≤ 0.5x sshpyk 1.25",
+            cold / cold_o,
+            0.5,
+            f"{cold:.2f}s vs {cold_o:.2f}s = {cold / cold_o:.2f}x",
+        )
+    warm, warm_l = med("sshpyk", "warm_start_s"), med("local", "warm_start_s")
+    if warm is not None and warm_l:
+        check(
+            "warm start ≤ 1.1x local",
+            warm / warm_l,
+            1.1,
+            f"{warm:.2f}s vs {warm_l:.2f}s = {warm / warm_l:.2f}x",
+        )
+    ki, ki_l = med("sshpyk", "kernel_info_ms"), med("local", "kernel_info_ms")
+    if ki is not None and ki_l is not None:
+        check(
+            "kernel_info ≤ local + 0.5 ms",
+            ki,
+            ki_l + 0.5,
+            f"{ki:.2f} ms vs {ki_l:.2f} ms (+{ki - ki_l:.2f} ms)",
+        )
+    ossh = [r for r in report.tunnel if r.label == tunnel.OPENSSH and r.mib_per_s]
+    ours = [r for r in report.tunnel if r.label == tunnel.FORWARDSET and r.mib_per_s]
+    default = [r for r in ossh if r.requested == "default"]
+    if default and ours:
+        default_ossh = statistics.median(default[0].mib_per_s)
+        best = max(ours, key=lambda r: statistics.median(r.mib_per_s))
+        b = statistics.median(best.mib_per_s)
+        check(
+            "raw tunnel ≥ 0.9x OpenSSH (best cipher for us vs OpenSSH's default)",
+            b / default_ossh,
+            0.9,
+            f"ForwardSet {best.cipher} {b:.0f} MiB/s vs ssh -L {default[0].cipher} {default_ossh:.0f} MiB/s = {b / default_ossh:.2f}x",
+            lower_is_better=False,
+        )
+        same = next((r for r in ossh if r.cipher == best.cipher), None)
+        if same is not None:
+            s_med = statistics.median(same.mib_per_s)
+            check(
+                "raw tunnel ≥ 0.9x OpenSSH (same cipher)",
+                b / s_med,
+                0.9,
+                f"{b:.0f} vs {s_med:.0f} MiB/s ({best.cipher}) = {b / s_med:.2f}x",
+                lower_is_better=False,
+            )
+    idle, idle_o = med("sshpyk", "idle_client_cpu_s"), med("sshpyk125", "idle_client_cpu_s")
+    if idle is not None and idle_o:
+        check(
+            "idle client CPU ≤ 0.1x sshpyk 1.25",
+            idle / idle_o,
+            0.1,
+            f"{idle:.2f} vs {idle_o:.2f} CPU s = {idle / idle_o:.3f}x",
+        )
+    conc = med("sshpyk", "concurrent_vs_single")
+    if conc is not None:
+        conc_l = med("local", "concurrent_vs_single")
+        extra = f" (local: {conc_l:.1f}x)" if conc_l is not None else ""
+        check("32 concurrent starts ≤ 3x a single start", conc, 3.0, f"{conc:.1f}x{extra}")
+    peak = report.stat("sshpyk", "ssh_connections_peak")
+    if peak is not None:
+        check(
+            "SSH connections for 32 kernels = 1",
+            max(peak.values),
+            1,
+            f"peak {max(peak.values):.0f}",
+        )
+    return "| Target | Measured | Status |\n|---|---|---|\n" + "\n".join(rows)
+
+
+# -- main -----------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def workdir(keep: bool) -> Iterator[Path]:
+    root = Path(tempfile.mkdtemp(prefix="spb-"))  # short: ControlPath must fit a socket name
+    try:
+        yield root
+    finally:
+        if keep:
+            log(f"kept {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smaller, faster run for development")
+    parser.add_argument(
+        "--sections", default=",".join(SECTIONS), help=f"comma list of {', '.join(SECTIONS)}"
+    )
+    parser.add_argument(
+        "--candidates", default=",".join(CANDIDATES), help=f"comma list of {', '.join(CANDIDATES)}"
+    )
+    parser.add_argument("--reps", type=int, help="lifecycle processes per candidate")
+    parser.add_argument("--idle-seconds", type=float)
+    parser.add_argument("--concurrent", type=int, help="kernels started at once")
+    parser.add_argument("--markdown", type=Path, help="also write the report to this file")
+    parser.add_argument("--json", type=Path, help="write every sample to this file")
+    parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, configs)")
+    args = parser.parse_args()
+
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    names = [c.strip() for c in args.candidates.split(",") if c.strip()]
+    bad = [s for s in sections if s not in SECTIONS] + [c for c in names if c not in CANDIDATES]
+    if bad:
+        parser.error(f"unknown section or candidate: {', '.join(bad)}")
+    if sys.platform != "linux":
+        parser.error("the benchmarks read /proc: Linux only")
+    settings = Settings.quick() if args.quick else Settings()
+    if args.reps is not None:
+        settings.reps = max(1, args.reps)
+    if args.idle_seconds is not None:
+        settings.idle_seconds = max(1.0, args.idle_seconds)
+    if args.concurrent is not None:
+        settings.concurrent = max(1, args.concurrent)
+    names = [n for n in CANDIDATES if n in names]
+
+    procstat.become_subreaper()
+    started = time.monotonic()
+    command = "python benchmarks/run.py" + "".join(f" {a}" for a in sys.argv[1:])
+    report = Report(names)
+    with workdir(args.keep) as root:
+        bench = Bench(root, settings, names)
+        try:
+            bench.start()
+            log("warm-up: one untimed start per candidate (bytecode caches, page cache)")
+            for name in names:
+                bench.driver(name, "lifecycle", "--cycles", "0", label="warm-up")
+            for section in SECTIONS:
+                if section not in sections:
+                    continue
+                if section == "tunnel" and "sshpyk" not in names:
+                    continue
+                log(f"section {section}")
+                globals()[f"run_{section}"](bench, report)
+        except BenchError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
+        finally:
+            bench.stop()
+        for name, cand in bench.candidates.items():
+            report.add(name, "leftovers", float(len(cand.leftovers)))
+            for item in cand.leftovers:
+                log(f"left behind by {TITLES[name]}: {item}")
+    elapsed = time.monotonic() - started
+    python_125 = str(VENV_125 / "bin" / "python") if "sshpyk125" in names else None
+    parts = [
+        "## Environment\n",
+        environment(python_125),
+        f"- command: `{command}` ({elapsed / 60:.1f} min)",
+        "\n## Results\n",
+        "Medians over repeated runs, (min-max) in brackets; ratios are of medians. "
+        "Start times are from `start_kernel()` to the first `execute_reply`, with the "
+        "provisioner's modules already imported (their one-time import is the first row).\n",
+        report.table(),
+    ]
+    if report.tunnel:
+        parts += ["\n### Raw tunnel throughput by cipher\n", report.tunnel_table()]
+    parts += ["\n## Targets\n", targets(report)]
+    text = "\n".join(parts) + "\n"
+    print(text)
+    if args.markdown:
+        args.markdown.write_text(text)
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "samples": report.samples,
+                    "errors": report.errors,
+                    "facts": report.facts,
+                    "tunnel": [r.__dict__ for r in report.tunnel],
+                },
+                indent=1,
+            )
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
