@@ -31,6 +31,7 @@ from .errors import (
     SSHPykError,
     translate_error,
 )
+from .jump import JumpTarget, connect_via, open_bastion
 from .remote import RemoteAgent
 
 if TYPE_CHECKING:
@@ -76,6 +77,7 @@ class _SharedConnection:
         self._forwarding_checked: set[str] = set()
         self.agents: dict[Any, RemoteAgent] = {}
         self._agent_locks: dict[Any, asyncio.Lock] = {}
+        self.bastion: SSHSession | None = None  # ProxyJump: a handle on the bastion's session
 
     @property
     def connected(self) -> bool:
@@ -104,8 +106,9 @@ class _SharedConnection:
         loop = asyncio.get_running_loop()
         # Options read key files: build them off the loop. Reading them first also tells
         # whether the config sets ServerAliveInterval; keepalive is on either way.
+        target = JumpTarget.parse(self.alias)  # an alias, or a ProxyJump hop/chain
         options = await loop.run_in_executor(
-            None, partial(asyncssh.SSHClientConnectionOptions, config=config, host=self.alias)
+            None, partial(asyncssh.SSHClientConnectionOptions, config=config, **target.options)
         )
         extra: dict[str, Any] = {}
         if not options.keepalive_interval:
@@ -113,7 +116,9 @@ class _SharedConnection:
                 "keepalive_interval": DEFAULT_KEEPALIVE_INTERVAL,
                 "keepalive_count_max": DEFAULT_KEEPALIVE_COUNT_MAX,
             }
-        return await asyncssh.connect(self.alias, options=options, **extra)
+        # ProxyJump: each bastion is a shared SSHSession of its own (sshpyk/jump.py)
+        self.bastion = await open_bastion(target, options, self.ssh_config, self.bastion)
+        return await connect_via(target, options, self.bastion, **extra)
 
     async def check_forwarding(self, transport: str, endpoint: str | int) -> None:
         """Fail clearly if sshd refuses the forwarding a transport needs.
@@ -162,14 +167,40 @@ class _SharedConnection:
                 self.agents[key] = agent
             return agent
 
+    async def attach_agent(
+        self,
+        session: SSHSession,
+        socket_path: str,
+        python: str,
+        pre_command: str | None,
+        grace: float,
+    ) -> RemoteAgent:
+        """A channel to an agent that already runs (found through its control socket)."""
+        key = ("attached", socket_path)
+        lock = self._agent_locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            agent = self.agents.get(key)
+            if agent is None or not agent.alive:
+                agent = await RemoteAgent.attach(
+                    session, socket_path, python, pre_command, grace=grace
+                )
+                self.agents[key] = agent
+            return agent
+
     async def close(self) -> None:
         agents, self.agents = list(self.agents.values()), {}
         if agents:
-            await asyncio.gather(*(a.close() for a in agents), return_exceptions=True)
+            # persistent kernels outlive the connection: only an explicit shutdown stops them
+            await asyncio.gather(
+                *(a.close(keep_persistent=True) for a in agents), return_exceptions=True
+            )
         conn, self.conn = self.conn, None
         if conn is not None:
             conn.close()
             await asyncio.shield(conn.wait_closed())
+        bastion, self.bastion = self.bastion, None
+        if bastion is not None:
+            await bastion.aclose()
 
 
 # One registry per event loop: asyncssh connections belong to the loop that made them.
@@ -270,6 +301,18 @@ class SSHSession:
         """The remote agent for ``python`` (started on first use, then shared)."""
         await self.connection()
         return await self._shared.agent(self, python, pre_command, grace, run_root)
+
+    async def attach_agent(
+        self,
+        socket_path: str,
+        python: str = "python3",
+        pre_command: str | None = None,
+        *,
+        grace: float = 60.0,
+    ) -> RemoteAgent:
+        """Join an agent that already runs on the host (see :meth:`RemoteKernel.attach`)."""
+        await self.connection()
+        return await self._shared.attach_agent(self, socket_path, python, pre_command, grace)
 
     async def inspect(
         self, python: str = "python3", kernel_name: str = "python3", pre_command: str | None = None
