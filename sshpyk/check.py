@@ -365,7 +365,7 @@ class _Diagnosis:
                     f"check that {endpoint} is up and reachable from here (firewall, VPN, "
                     "ProxyJump); `ssh -v " + t.alias + "` shows the same"
                 )
-        elif stage == "hostkey":
+        elif stage == "hostkey" and isinstance(error, HostKeyError):
             host = (
                 settings.hostname
                 if settings.port == 22
@@ -377,6 +377,13 @@ class _Diagnosis:
                 + (", ".join(settings.known_hosts) or "~/.ssh/known_hosts")
                 + ")"
             )
+        elif stage == "hostkey":
+            fix = (
+                f"{endpoint} accepted the TCP connection but the SSH handshake failed: is it "
+                f"an sshd (and not another service)? `ssh -v {t.alias}` shows the exchange"
+            )
+        elif isinstance(exc, asyncio.TimeoutError):
+            fix = f"the host did not finish authentication in time: try `ssh -v {t.alias} true`"
         else:
             keys = ", ".join(settings.identity_files) or "your default keys"
             fix = (

@@ -94,6 +94,10 @@ class SSHKernelSpec:
         if self.ssh_config and not os.path.isfile(self.ssh_config):
             raise SSHPykError(f"ssh config file {self.ssh_config} does not exist")
 
+    @property
+    def default_display_name(self) -> str:
+        return f"{self.remote_kernel_name} ({self.ssh_host_alias})"
+
     def to_kernel_json(self) -> dict[str, Any]:
         config = {k: getattr(self, k) for k in self.PROVISIONER_KEYS}
         config = {k: v for k, v in config.items() if v not in (None, {}, "")}
@@ -104,8 +108,7 @@ class SSHKernelSpec:
                 self.remote_kernel_name,
                 "{connection_file}",
             ],
-            "display_name": self.display_name
-            or f"{self.remote_kernel_name} ({self.ssh_host_alias})",
+            "display_name": self.display_name or self.default_display_name,
             "language": self.language,
             "interrupt_mode": self.interrupt_mode,
             "metadata": {
@@ -252,6 +255,8 @@ def edited_spec(
             raise SSHPykError(f"{key!r} is not in the remote env of kernel {spec.name!r}")
         del new.remote_env[key]
     new.remote_env.update(set_env or {})
+    if not new.display_name:
+        new.display_name = new.default_display_name
     new.validate()
     return new
 

@@ -1,0 +1,146 @@
+"""`sshpyk ps` and `sshpyk kill` against kernels another local process started."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from typing import Any
+
+import pytest
+from cli_helpers import KernelOwner, assert_one_line_error, pid_alive, sshpyk
+from conftest import wait_until
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def host_args(sshd, run_root) -> list[str]:
+    return [sshd.alias, "--ssh-config", str(sshd.ssh_config), "--run-root", str(run_root)]
+
+
+def ps_json(sshd, run_root) -> list[dict[str, Any]]:
+    result = sshpyk("ps", "--json", *host_args(sshd, run_root))
+    assert result.exit_code == 0, result.output
+    (host,) = json.loads(result.stdout)["hosts"]
+    assert host["alias"] == sshd.alias and host["error"] is None
+    return host["kernels"]
+
+
+@pytest.fixture
+def owner(sshd, run_root):
+    owner = KernelOwner(sshd, run_root)
+    yield owner
+    owner.stop()
+
+
+def test_ps_shows_a_kernel_and_its_live_owner(sshd, run_root, owner) -> None:
+    result = sshpyk("ps", *host_args(sshd, run_root))
+    assert result.exit_code == 0, result.output
+    header, *rows = result.stdout.splitlines()
+    assert header.split() == [
+        "HOST", "KERNEL", "ID", "NAME", "PID", "STARTED", "LAST", "CONTACT", "LOCAL", "OWNER", "STATE",
+    ]  # fmt: skip
+    (row,) = rows
+    assert row.split()[:4] == [sshd.alias, owner.kernel_id, "python3", str(owner.pid)]
+    assert row.split()[-2:] == ["alive", "running"]
+    assert "s ago" in row
+    (kernel,) = ps_json(sshd, run_root)
+    assert kernel["kernel_id"] == owner.kernel_id and kernel["pid"] == owner.pid
+    assert kernel["attached"] is True and kernel["alive"] is True
+    assert kernel["run_dir"].startswith(str(run_root))
+    assert abs(kernel["started"] - time.time()) < 120
+    assert time.time() - kernel["last_contact"] < 30
+
+
+def test_ps_without_kernels(sshd, run_root) -> None:
+    result = sshpyk("ps", *host_args(sshd, run_root))
+    assert result.exit_code == 0, result.output
+    assert result.stdout == f"No sshpyk kernels on {sshd.alias}.\n"
+
+
+def test_ps_defaults_to_the_hosts_of_installed_kernels(
+    sshd, run_root, owner, make_kernelspec
+) -> None:
+    make_kernelspec("ssh_ps")  # its remote_run_root is run_root: ps searches there
+    result = sshpyk("ps")
+    assert result.exit_code == 0, result.output
+    assert owner.kernel_id in result.stdout
+    make_kernelspec("ssh_down", ssh_host_alias="sshpyk-refused")
+    result = sshpyk("ps")
+    assert result.exit_code == 1
+    assert owner.kernel_id in result.stdout  # the healthy host is still listed
+    assert_one_line_error(result, "connection refused by 'sshpyk-refused'")
+
+
+def test_ps_without_any_host_is_a_usage_error(isolated_jupyter) -> None:
+    result = sshpyk("ps")
+    assert result.exit_code == 2 and "name a host" in result.stderr
+
+
+def test_kill_by_id_prefix_with_confirmation(sshd, run_root, owner, no_leftovers) -> None:
+    prefix, args = owner.kernel_id[:8], host_args(sshd, run_root)[1:]
+    result = sshpyk("kill", sshd.alias, prefix, *args, input="n\n")
+    assert result.exit_code == 1 and "Aborted" in result.output
+    assert "1 still in use by a live owner" in result.output
+    assert pid_alive(owner.pid)
+    result = sshpyk("kill", sshd.alias, prefix, *args, input="y\n")
+    assert result.exit_code == 0, result.output
+    assert (
+        f"Killed kernel {owner.kernel_id} (python3, pid {owner.pid}) on {sshd.alias}"
+        in result.stdout
+    )
+    assert wait_until(lambda: not pid_alive(owner.pid), 10)
+    assert ps_json(sshd, run_root) == []
+    owner.stop()  # its agent saw the kernel die; closing still works
+    no_leftovers()
+
+
+def test_kill_errors(sshd, run_root, owner) -> None:
+    args = host_args(sshd, run_root)[1:]
+    assert_one_line_error(
+        sshpyk("kill", sshd.alias, "ffffffff", "--yes", *args), "no sshpyk kernel 'ffffffff'"
+    )
+    assert pid_alive(owner.pid)
+    result = sshpyk("kill", sshd.alias, *args)
+    assert result.exit_code == 2 and "KERNEL_ID(s) or --orphans" in result.stderr
+    result = sshpyk("kill", sshd.alias, owner.kernel_id, "--orphans", *args)
+    assert result.exit_code == 2
+    # nothing orphaned: the owner is alive
+    result = sshpyk("kill", sshd.alias, "--orphans", *args)
+    assert result.exit_code == 0 and result.stdout == f"No orphaned kernels on {sshd.alias}.\n"
+    result = sshpyk("kill", sshd.alias, "--orphans", "--yes", *args)
+    assert result.exit_code == 0 and result.stdout == f"No orphaned kernels on {sshd.alias}.\n"
+    assert pid_alive(owner.pid)
+
+
+@pytest.mark.slow
+def test_kill_orphans(sshd, run_root, no_leftovers) -> None:
+    """A kernel whose agent stopped answering turns orphan once its owner was not heard
+    from for max(grace, 15) s; `kill --orphans` then kills it and removes its run dir.
+
+    The agent is SIGSTOPped (a hung agent): with a SIGKILLed owner the agent itself
+    stops non-persistent kernels when the grace period ends, before they count as
+    orphans (see the report on the `attached` semantics).
+    """
+    owner = KernelOwner(sshd, run_root, grace=1.0)
+    (kernel,) = ps_json(sshd, run_root)
+    agent_pid = int(kernel["agent_pid"])
+    os.kill(agent_pid, signal.SIGSTOP)
+    try:
+        owner.sigkill()
+        assert wait_until(lambda: not ps_json(sshd, run_root)[0]["attached"], 40, step=1.0)
+        result = sshpyk("ps", *host_args(sshd, run_root))
+        assert result.stdout.splitlines()[1].split()[-2:] == ["gone", "running"]
+        result = sshpyk(
+            "kill", sshd.alias, "--orphans", *host_args(sshd, run_root)[1:], input="y\n"
+        )
+        assert result.exit_code == 0, result.output
+        assert f"Killed kernel {owner.kernel_id}" in result.stdout
+        assert wait_until(lambda: not pid_alive(owner.pid), 10)
+        assert ps_json(sshd, run_root) == []
+    finally:
+        os.kill(agent_pid, signal.SIGCONT)
+        owner.stop()
+    assert wait_until(lambda: not pid_alive(agent_pid), 20)  # nothing left to serve
+    no_leftovers()
