@@ -104,7 +104,7 @@ class JumpTarget:
     @classmethod
     def parse(cls, alias: str) -> JumpTarget:
         via, _, hop = alias.rpartition(",")
-        if "," in alias and not (via.strip(", ") and hop.strip()):
+        if "," in alias and not all(part.strip() for part in alias.split(",")):
             raise SSHConfigError(f"bad ProxyJump {alias!r}: an empty hop")
         hop = hop.strip()
         username: str | None = None
@@ -120,6 +120,11 @@ class JumpTarget:
         if not host or username == "":
             raise SSHConfigError(f"bad ProxyJump hop {alias!r}: expected [user@]host[:port]")
         return cls(alias, host, username, port, via.strip() or None)
+
+    @property
+    def name(self) -> str:
+        """The last hop as written (``c`` of ``a,b,c``), for messages."""
+        return self.alias.rpartition(",")[2].strip()
 
     @property
     def options(self) -> dict[str, Any]:
@@ -257,7 +262,7 @@ async def connect_via(
         files = _known_hosts_files(options)
         host = getattr(options, "host", target.host)
         raise HostKeyError(
-            f"host key of {target.alias!r} ({host}) not verified against {files} "
+            f"host key of {target.name!r} ({host}) not verified against {files} "
             f"({' '.join(str(exc.reason).split())}): if the host was reinstalled, remove its "
             f"old entry with `ssh-keygen -R {host} -f FILE`, then connect once with `ssh` "
             "to accept the new key"

@@ -7,7 +7,7 @@
     spk-bastion   (namespace B1, sshd on 10.231.K.2:22)
       │ veth 10.231.K.4/30          │ veth 10.231.K.8/30
     spk-internal  (I, .6:22)      spk-bastion2  (B2, .10:22 and .10:2200)
-                                    │ veth 10.231.K.12/30
+                                    │ veth 10.231.K.12/30     (:2200 refuses sessions)
                                   spk-deep     (D, .14:22)
 
 Only the bastion is reachable from the root namespace: no namespace forwards
@@ -111,6 +111,7 @@ class NetnsHost:
     netns: str
     address: str  # where its sshd listens (port 22, and extra_ports)
     extra_ports: tuple[int, ...] = ()
+    sshd_extra: str = ""  # appended to its sshd_config
     dir: Path = Path()
     host_pub: str = ""
     client_key: Path = Path()
@@ -253,6 +254,8 @@ class Topology:
         b1.address, inner.address = self.addr(2), self.addr(6)
         b2.address, deep.address = self.addr(10), self.addr(14)
         b2.extra_ports = (2200,)
+        # a jump-only port, as hardened bastions have: forwarding yes, sessions no
+        b2.sshd_extra = "Match LocalPort 2200\n  MaxSessions 0\n"
         # Everything else in our block stays on this machine.
         self._route = f"unreachable {SUBNET}.{self.index}.0/24"
         _ip("route", "add", *self._route.split())
@@ -322,7 +325,7 @@ UseDNS no
 MaxSessions 200
 MaxStartups 100:30:200
 LogLevel VERBOSE
-"""
+{host.sshd_extra}"""
         )
         host.log_file = host.dir / "sshd.log"
         with open(host.log_file, "wb") as log:
