@@ -207,6 +207,7 @@ class _Progress:
         sys.stderr.flush()
 
     def __call__(self, done: int, total: int, alias: str) -> None:
+        self.total = total
         self.show(done, alias)
 
     def close(self) -> None:
@@ -615,7 +616,7 @@ def check(obj: Context, target: str, **opts: Any) -> None:
         )
     if failed:
         first = failed[0]
-        raise click.ClickException(f"{first.title} failed: {first.detail}")
+        raise click.ClickException(f"check failed at {first.title}: {first.detail}")
     if not opts["as_json"]:
         total = sum(r.seconds or 0.0 for r in results)
         warned = sum(r.status is Status.WARN for r in results)

@@ -114,3 +114,40 @@ def test_add_rejects_bad_input(sshd) -> None:
     assert result.exit_code == 2 and "KEY=VALUE" in result.output
     result = runner.invoke(main, [*add_args(sshd), "--no-check", "--start-timeout", "0"])
     assert result.exit_code == 1 and "start timeout" in result.output
+
+
+def test_add_missing_remote_python_writes_nothing(sshd, isolated_jupyter) -> None:
+    args = add_args(sshd, "k_nopy")
+    args[args.index(sys.executable)] = "/nonexistent/bin/python3"
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1
+    assert result.stderr.startswith("Error: remote python '/nonexistent/bin/python3' not found")
+    assert len(result.stderr.splitlines()) == 1
+    assert not (isolated_jupyter / "kernels" / "k_nopy").exists()
+
+
+def test_add_unknown_remote_kernel_lists_the_available_ones(sshd, isolated_jupyter) -> None:
+    result = CliRunner().invoke(main, [*add_args(sshd, "k"), "--remote-kernel-name", "nope"])
+    assert result.exit_code == 1
+    assert "no kernelspec named 'nope'" in result.stderr and "available: " in result.stderr
+    assert not (isolated_jupyter / "kernels" / "k").exists()
+
+
+def test_add_no_check_does_not_contact_the_host(sshd) -> None:
+    args = ["add", "--kernel-name", "k_down", "--ssh-host-alias", "sshpyk-refused", "--no-check"]
+    result = CliRunner().invoke(main, [*args, "--ssh-config", str(sshd.ssh_config)])
+    assert result.exit_code == 0, result.output
+    spec = load_spec("k_down")
+    # without the remote kernelspec: the documented defaults
+    assert (spec.language, spec.interrupt_mode) == ("python", "signal")
+    assert spec.display_name == "python3 (sshpyk-refused)"
+
+
+def test_add_remote_run_root_and_interrupt_mode_default(sshd, tmp_path) -> None:
+    result = CliRunner().invoke(
+        main, [*add_args(sshd, "k_rr"), "--remote-run-root", str(tmp_path / "runs")]
+    )
+    assert result.exit_code == 0, result.output
+    spec = load_spec("k_rr")
+    assert spec.remote_run_root == str(tmp_path / "runs")
+    assert spec.interrupt_mode == "signal"  # read from the remote kernelspec

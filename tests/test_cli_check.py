@@ -97,7 +97,7 @@ def test_check_connection_failures(
     text = found[failed]["detail"] + " " + found[failed]["fix"]
     for fragment in fragments:
         assert fragment in text, (fragment, text)
-    assert result.stderr.startswith(f"Error: {TITLES[failed]} failed: ")
+    assert result.stderr.startswith(f"Error: check failed at {TITLES[failed]}: ")
     assert len(result.stderr.splitlines()) == 1
 
 
@@ -110,7 +110,7 @@ def test_check_text_output_of_a_failure(sshd) -> None:
     assert lines[3].startswith("    fix: nothing listens on 127.0.0.1:")
     assert all(line.startswith("(-) ") and "skipped" in line for line in lines[4:])
     assert result.stderr == (
-        "Error: TCP connect failed: connection refused by 'sshpyk-refused' "
+        "Error: check failed at TCP connect: connection refused by 'sshpyk-refused' "
         f"(ssh config {sshd.ssh_config}): is sshd running and is the Port right?\n"
     )
 
