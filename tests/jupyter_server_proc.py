@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +19,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-__all__ = ["JupyterServer", "ServerStartError", "save_artifact"]
+__all__ = ["JupyterServer", "ServerStartError", "artifacts_dir"]
 
 ARTIFACTS_ENV = "SSHPYK_ARTIFACTS"
 
@@ -36,19 +35,22 @@ def artifacts_dir() -> Path:
     return path
 
 
-def save_artifact(source: Path, name: str) -> Path:
-    target = artifacts_dir() / name
-    shutil.copyfile(source, target)
-    return target
-
-
 class JupyterServer:
     """``python -m <app>`` (``jupyter_server`` or ``jupyterlab``) on a free loopback port."""
 
-    def __init__(self, root: Path, *, app: str = "jupyter_server", debug: bool = False) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        app: str = "jupyter_server",
+        debug: bool = False,
+        config: dict[str, Any] | None = None,
+    ) -> None:
         self.root = root
         self.app = app
         self.debug = debug
+        self.config = config or {}  # written to jupyter_server_config.json
+        self.config_dir = root / "config"
         self.token = secrets.token_hex(24)
         self.notebook_dir = root / "notebooks"
         self.log_file = root / "server.log"
@@ -60,7 +62,7 @@ class JupyterServer:
         env = dict(os.environ)  # JUPYTER_DATA_DIR etc. from the test's fixtures
         env.update(
             {
-                "JUPYTER_CONFIG_DIR": str(self.root / "config"),
+                "JUPYTER_CONFIG_DIR": str(self.config_dir),
                 "JUPYTER_RUNTIME_DIR": str(self.runtime_dir),
                 "JUPYTERLAB_SETTINGS_DIR": str(self.root / "lab-settings"),
                 "JUPYTERLAB_WORKSPACES_DIR": str(self.root / "lab-workspaces"),
@@ -101,6 +103,9 @@ class JupyterServer:
 
     def start(self, timeout: float = 60.0) -> JupyterServer:
         self.notebook_dir.mkdir(parents=True, exist_ok=True)
+        self.config_dir.mkdir(parents=True, exist_ok=True)
+        if self.config:
+            (self.config_dir / "jupyter_server_config.json").write_text(json.dumps(self.config))
         if self.app == "jupyterlab":
             self._quiet_lab_settings()
         with open(self.log_file, "wb") as log:
