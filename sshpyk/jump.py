@@ -230,14 +230,35 @@ async def nudge_bastion(conn: asyncssh.SSHClientConnection, alias: str) -> None:
     chan.close()
 
 
-def _known_hosts_files(options: asyncssh.SSHClientConnectionOptions) -> str:
+def _known_hosts_files(options: asyncssh.SSHClientConnectionOptions) -> list[str]:
     """The known_hosts files asyncssh checks for these options, for messages."""
     files = getattr(options, "known_hosts", ())
     if isinstance(files, (str, os.PathLike)):
         files = [files]
     if not isinstance(files, (list, tuple)) or not files:
-        return os.path.expanduser(os.path.join("~", ".ssh", "known_hosts"))
-    return ", ".join(os.path.expanduser(os.fspath(f)) for f in files)
+        return [os.path.expanduser(os.path.join("~", ".ssh", "known_hosts"))]
+    return [os.path.expanduser(os.fspath(f)) for f in files if isinstance(f, (str, os.PathLike))]
+
+
+def _host_key_error(
+    exc: asyncssh.HostKeyNotVerifiable,
+    target: JumpTarget,
+    options: asyncssh.SSHClientConnectionOptions,
+) -> HostKeyError:
+    """Name the host and the known_hosts file(s), and how to fix a stale entry."""
+    files = _known_hosts_files(options)
+    host = str(getattr(options, "host", None) or target.host)
+    port = getattr(options, "port", 22)
+    entry = getattr(options, "host_key_alias", None) or host
+    if port != 22:
+        entry = f"[{entry}]:{port}"
+    file_arg = files[0] if len(files) == 1 else "FILE"
+    return HostKeyError(
+        f"host key of {target.name!r} ({host}) not verified against {', '.join(files)} "
+        f"({' '.join(str(exc.reason).split())}): if the host was reinstalled, remove its old "
+        f"entry with `ssh-keygen -R {entry} -f {file_arg}`, then connect once with `ssh` to "
+        "accept the new key"
+    )
 
 
 async def connect_via(
@@ -259,11 +280,4 @@ async def connect_via(
     try:
         return await asyncssh.connect(target.host, options=options, tunnel=tunnel, **kwargs)
     except asyncssh.HostKeyNotVerifiable as exc:
-        files = _known_hosts_files(options)
-        host = getattr(options, "host", target.host)
-        raise HostKeyError(
-            f"host key of {target.name!r} ({host}) not verified against {files} "
-            f"({' '.join(str(exc.reason).split())}): if the host was reinstalled, remove its "
-            f"old entry with `ssh-keygen -R {host} -f FILE`, then connect once with `ssh` "
-            "to accept the new key"
-        ) from exc
+        raise _host_key_error(exc, target, options) from exc
