@@ -22,25 +22,29 @@ The ~40 ms stall, and why one command fixes it
 OpenSSH's sshd enables ``TCP_NODELAY`` on a client's socket in exactly one
 place: ``ssh_packet_set_interactive()`` (packet.c), which it calls once per
 connection, when the first session channel starts a command or shell
-(``do_exec_pty``/``do_exec_no_pty`` in session.c), whether or not it has a pty.
-A connection that only carries ``direct-tcpip`` channels, which is all a jump
-connection does, never gets there, so the bastion's socket back to us keeps
-Nagle's algorithm on. A kernel reply arrives at the bastion as a few small SSH
-packets; the bastion writes the first, and Nagle holds the rest until our
-kernel ACKs it, which delayed ACK postpones by up to 40 ms. (The bastion's
-socket towards the next host is fine: ``connect_next()`` in channels.c sets
-``TCP_NODELAY`` on every socket sshd opens for a forward, and the inner host's
-sshd runs our agent's session, so its socket is marked too.)
+(``do_exec_pty``/``do_exec_no_pty`` in session.c), pty or not. A connection
+that only carries ``direct-tcpip`` channels, which is all a jump connection
+does, never gets there, so the bastion's socket back to us keeps Nagle's
+algorithm on. A kernel answers with a burst of small messages (``busy``, the
+reply, ``idle``), which reach the bastion as separate SSH packets; it writes the
+first at once, and Nagle holds the next until our side ACKs the first. Our side
+has nothing to send until the burst is complete (a frontend waits for ``idle``
+to finish a cell), so that ACK is a delayed ACK: 40 ms on Linux. (The other
+sockets on the way are fine: ``connect_next()`` in channels.c sets
+``TCP_NODELAY`` on every socket sshd opens for a forward, the inner host's sshd
+marks its socket when our agent's session starts, and asyncssh sets it on ours.)
 
 :func:`nudge_bastion` therefore runs one trivial command (``exit 0``) on each
-bastion connection right after it is up. Once set, the socket option stays for
-the life of the connection; the session itself ends at once. No pty is
-requested, so no login record is written and ``PermitTTY no`` / ``no-pty``
-bastions work; a ``ForceCommand`` or a ``nologin`` shell does not matter either,
-since sshd marks the socket before the command runs. If the bastion refuses
-sessions altogether, sshpyk logs a warning and works on, ~40 ms slower per
-request. sshd also applies its non-interactive ``IPQoS`` class to the socket at
-that moment (the second value of the bastion's ``IPQoS``).
+bastion connection as soon as it carries traffic for us; sshd marks the socket
+before it answers the exec request, and the option stays for the life of the
+connection, so the channel is closed at once. No pty is requested: no login
+record, and ``PermitTTY no``/``no-pty`` bastions work; a ``ForceCommand`` or a
+``nologin`` shell does not matter either, as sshd marks the socket before the
+command runs. A jump-only bastion (``MaxSessions 0``) refuses the session:
+sshpyk logs a warning and works on, with the stall. sshd applies its
+non-interactive ``IPQoS`` class to the socket at the same moment (``IP_TOS``
+0x08 with Debian's defaults). ``benchmarks/bastion.py`` measures the effect;
+``strace -e setsockopt`` on the bastion's sshd shows the ``TCP_NODELAY`` call.
 """
 
 from __future__ import annotations
@@ -225,6 +229,9 @@ async def nudge_bastion(conn: asyncssh.SSHClientConnection, alias: str) -> None:
             " ".join(str(exc).split()) or type(exc).__name__,
         )
         return
+    except BaseException:  # cancelled: the next connect through this bastion tries again
+        _nudged.discard(conn)
+        raise
     # sshd marked the socket before it accepted the command, so the command's own life
     # does not matter: close now rather than wait for the bastion's login shell.
     chan.close()
@@ -276,6 +283,7 @@ async def connect_via(
     tunnel: Any = ()
     if bastion is not None:
         tunnel = await bastion.connection()
+        # before the first byte for us crosses it: see "The ~40 ms stall" above
         await nudge_bastion(tunnel, bastion.alias)
     try:
         return await asyncssh.connect(target.host, options=options, tunnel=tunnel, **kwargs)
