@@ -346,13 +346,13 @@ conn, _ = server.accept()
 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 while conn.recv(1):
     conn.sendall(b"a" * 64)   # like a kernel: status "busy" on IOPub ...
-    time.sleep(0.001)
+    time.sleep(0.005)
     conn.sendall(b"b" * 64)   # ... then the reply on shell, a moment later
 """
 
 
 async def split_reply_rtts(topo: Topology, alias: str, rounds: int) -> list[float]:
-    """Round trips to a server on the internal host that answers in two writes 1 ms apart."""
+    """Round trips to a server on the internal host that answers in two writes 5 ms apart."""
     server = subprocess.Popen(
         ["ip", "netns", "exec", topo.host("internal").netns, sys.executable, "-c", SPLIT_SERVER],
         stdout=subprocess.PIPE,
@@ -390,4 +390,4 @@ async def test_no_delayed_ack_stall_through_the_bastion(topo: Topology) -> None:
     # the setup reproduces the stall (else this test proves nothing) ...
     assert unfixed > 30, f"no stall without the nudge ({unfixed:.1f} ms): is sshd patched?"
     # ... and the nudge removes it
-    assert fixed < 20, f"{fixed:.1f} ms with the nudge (without: {unfixed:.1f} ms)"
+    assert fixed < 25, f"{fixed:.1f} ms with the nudge (without: {unfixed:.1f} ms)"
