@@ -127,8 +127,11 @@ def test_jupyterlab_notebook_on_ssh_kernel(
         card.click(timeout=60_000)  # the SSH kernelspec is in the launcher
         toolbar = page.locator(".jp-NotebookPanel-toolbar")
         idle = toolbar.locator('.jp-Notebook-ExecutionIndicator[data-status="idle"]')
-        idle.wait_for(timeout=60_000)
-        assert toolbar.locator(".jp-KernelName").inner_text().strip() == DISPLAY_NAME
+        # The notebook's kernel is the SSH one, started and idle ("No Kernel" at first).
+        _wait_text(toolbar.locator(".jp-KernelName"), re.compile(re.escape(DISPLAY_NAME)), 60)
+        status_bar = page.locator(".jp-StatusBar-TextItem", has_text=DISPLAY_NAME)
+        _wait_text(status_bar, re.compile(re.escape(f"{DISPLAY_NAME} | Idle")), 90)
+        idle.wait_for(timeout=10_000)
         kernels = lab.api("GET", "/api/kernels")
         assert [k["name"] for k in kernels] == [KERNEL]
 
@@ -138,11 +141,9 @@ def test_jupyterlab_notebook_on_ssh_kernel(
         first_pid = _check_remote(first, sshd.port, run_root)
 
         # Interrupt a long sleep with the toolbar's stop button.
-        _run_cell(page, 1, "import time\ntime.sleep(60)")
-        toolbar.locator('.jp-Notebook-ExecutionIndicator[data-status="busy"]').wait_for(
-            timeout=30_000
-        )
-        page.wait_for_timeout(500)  # let the sleep begin
+        _run_cell(page, 1, 'import time\nprint("sleeping", flush=True)\ntime.sleep(60)')
+        _wait_text(cells.nth(1).locator(".jp-OutputArea"), re.compile("sleeping"), 30)
+        page.wait_for_timeout(300)  # the sleep has begun
         started = time.monotonic()
         toolbar.locator('[data-command="notebook:interrupt-kernel"]').click()
         _wait_text(cells.nth(1).locator(".jp-OutputArea"), re.compile("KeyboardInterrupt"), 20)

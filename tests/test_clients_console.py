@@ -129,8 +129,9 @@ def test_jupyter_console_runs_a_line(console: PtyProcess, sshd, run_root, no_lef
     console.expect(r"In \[2\]: ", 10)
 
     # Ctrl-C while a cell runs: the console interrupts the remote kernel.
-    console.send("import time; time.sleep(60)\r")
-    time.sleep(1.5)  # the cell is running now
+    console.send('import time; print("SLEEP" + "ING", flush=True); time.sleep(60)\r')
+    console.expect(r"SLEEPING", 30)  # the cell is running now
+    time.sleep(0.3)
     started = time.monotonic()
     console.send("\x03")
     console.expect(r"KeyboardInterrupt", 15)
