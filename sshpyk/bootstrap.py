@@ -286,18 +286,23 @@ def write_connection_file(run_dir, transport, request):
 
 
 def endpoints_bound(transport, endpoints):
+    """True once every socket accepts connections (a unix socket file exists
+    between bind() and listen(), so existence is not enough)."""
     for target in endpoints.values():
         if transport == "ipc":
             if not os.path.exists(target):
                 return False
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            address = target
         else:
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.settimeout(0.2)
-            try:
-                if s.connect_ex(("127.0.0.1", target)) != 0:
-                    return False
-            finally:
-                s.close()
+            address = ("127.0.0.1", target)
+        s.settimeout(0.2)
+        try:
+            if s.connect_ex(address) != 0:
+                return False
+        finally:
+            s.close()
     return True
 
 
@@ -577,14 +582,19 @@ def scan_kernels(roots):
         info["agent_alive"] = bool(agent) and pid_alive(int(info.get("agent_pid") or 0))
         info["last_contact"] = agent.get("contact") if agent else None
         info["attached"] = bool(agent) and info["agent_alive"] and attached(agent)
+        info["agent_socket"] = agent.get("socket") if agent and info["agent_alive"] else None
     return found
 
 
+#: a local side pings at least every 5 s: silence for three pings means it is gone
+ATTACHED_WITHIN = 15.0
+
+
 def attached(agent_info):
-    """An agent counts as attached while its local side was heard within its grace."""
+    """Whether a local side was heard recently (not whether the grace period is over:
+    a kernel waiting out its grace already counts as an orphan for `sshpyk kill`)."""
     contact = agent_info.get("contact")
-    grace = float(agent_info.get("grace") or 60)
-    return contact is not None and time.time() - contact <= max(grace, 15)
+    return contact is not None and time.time() - contact <= ATTACHED_WITHIN
 
 
 def read_json(path):
@@ -635,13 +645,18 @@ class Agent:
 
     # -- control socket, for reattaching after the SSH connection was lost ---------
     def open_socket(self):
+        # The first root where the socket path fits in sun_path (~104 bytes on macOS);
+        # `ps` scans the same roots, so the agent is found wherever it went.
+        for root in default_run_roots(self.run_root):
+            if len(os.path.join(root, "sshpyk-agent-12345678", "agent.sock")) < 104:
+                break
+        else:
+            return  # no short enough place: reattach is impossible, the rest works
         try:
-            self.agent_dir = private_run_dir(self.run_root, "agent")
+            self.agent_dir = private_run_dir(root, "agent")
         except BootstrapError:
             return
         path = os.path.join(self.agent_dir, "agent.sock")
-        if len(path) >= 104:
-            return  # too long for sun_path; reattach is then impossible, the rest works
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(path)
         listener.listen(4)
@@ -735,7 +750,7 @@ class Agent:
                 kernel.check_ready()
             if not self.detached and self.grace and now - self.last_contact > self.grace:
                 # the local side is gone: stop what it does not want kept
-                self.stop_kernels(persistent=False)
+                self.stop_kernels(keep_persistent=True)
                 self.detached = True
             if not self.controllers and not self.kernels:
                 return  # nobody to serve and nothing to keep
@@ -776,7 +791,7 @@ class Agent:
                 self.kill(msg)
             elif op == "shutdown":
                 # the local side closes on purpose: keep persistent kernels only if asked
-                self.stop_kernels(persistent=bool(msg.get("keep_persistent")))
+                self.stop_kernels(keep_persistent=bool(msg.get("keep_persistent")))
                 self.detached = True
                 if not self.kernels:
                     return "exit"
@@ -807,9 +822,9 @@ class Agent:
             raise BootstrapError("not_found", "no sshpyk kernel %s on this host" % wanted)
         emit("killed", rid=msg.get("rid"), kernels=killed)
 
-    def stop_kernels(self, persistent):
+    def stop_kernels(self, keep_persistent):
         for kid, kernel in list(self.kernels.items()):
-            if persistent and kernel.persistent:
+            if keep_persistent and kernel.persistent:
                 continue
             del self.kernels[kid]
             kernel.cleanup()

@@ -121,8 +121,15 @@ class ForwardSet:
         self._closed = False
 
     async def open(self, ports: dict[str, int] | None = None) -> dict[str, int]:
-        """Bind the listeners (on ``ports`` if given, else port 0) and return the ports."""
+        """Bind the listeners (on ``ports`` if given, else port 0) and return the ports.
+
+        All or nothing: if one port cannot be bound, none stays open and the set can
+        be opened again (e.g. on fresh ports)."""
+        if self._servers or self._closed:
+            raise SSHPykError("these forwards are already open (or closed)")
         loop = asyncio.get_running_loop()
+        servers: list[asyncio.AbstractServer] = []
+        bound: dict[str, int] = {}
         try:
             for channel in CHANNELS:
                 server = await loop.create_server(
@@ -130,14 +137,17 @@ class ForwardSet:
                     "127.0.0.1",
                     (ports or {}).get(channel, 0),
                 )
-                self._servers.append(server)
-                self.ports[channel] = server.sockets[0].getsockname()[1]
+                servers.append(server)
+                bound[channel] = server.sockets[0].getsockname()[1]
         except OSError as exc:
-            await self.aclose()
+            for opened in servers:
+                opened.close()
+                await opened.wait_closed()
             raise SSHPykError(
                 f"cannot listen on 127.0.0.1 for the kernel's channels: {exc}"
             ) from exc
-        return dict(self.ports)
+        self._servers, self.ports = servers, bound
+        return dict(bound)
 
     def set_target(self, process: KernelProcess) -> None:
         """Point new connections at ``process``; they wait while it is not reachable."""

@@ -14,7 +14,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
-from .errors import KernelStartTimeoutError, SSHPykError
+from .errors import KernelStartTimeoutError, RemoteError, SSHPykError
 from .forwards import CHANNELS, ForwardSet
 from .remote import KernelProcess, LaunchRequest
 
@@ -39,9 +39,11 @@ class KernelOptions:
     cwd: str | None = None
     pre_command: str | None = None
     run_root: str | None = None
-    #: seconds the remote supervisor keeps the kernel without hearing from us
+    #: seconds the remote agent keeps the kernel without hearing from us
     grace: float = 60.0
     start_timeout: float = 60.0
+    #: keep the kernel when the local side goes away without shutting it down
+    persistent: bool = False
 
 
 class RemoteKernel:
@@ -123,6 +125,7 @@ class RemoteKernel:
             transport=opts.transport,
             env={**opts.env, **(env or {})},
             cwd=opts.cwd,
+            persistent=opts.persistent,
         )
         t1 = time.monotonic()
         agent = await self.session.agent(
@@ -157,6 +160,42 @@ class RemoteKernel:
             timings["spawn"],
             timings["ready"],
         )
+
+    @classmethod
+    async def attach(
+        cls,
+        session: SSHSession,
+        kernel_id: str,
+        options: KernelOptions | None = None,
+        *,
+        key: str | None = None,
+        ports: dict[str, int] | None = None,
+    ) -> RemoteKernel:
+        """Reattach to a kernel that runs on the host already (e.g. a persistent one
+        whose local process went away). Opens new forwards (on ``ports`` if free)."""
+        options = options or KernelOptions()
+        finder = await session.agent(options.python, options.pre_command)
+        entries = [k for k in await finder.ps(options.run_root) if k.get("kernel_id") == kernel_id]
+        if not entries or not entries[0].get("alive"):
+            raise RemoteError(f"no running sshpyk kernel {kernel_id} on {session.alias!r}")
+        socket_path = entries[0].get("agent_socket")
+        if not socket_path:
+            raise RemoteError(f"the agent of kernel {kernel_id} on {session.alias!r} is gone")
+        agent = await session.attach_agent(
+            socket_path, options.python, options.pre_command, grace=options.grace
+        )
+        process = await agent.adopt(kernel_id)
+        remote_info = await agent.connection_info(kernel_id)
+        kernel = cls(session, options, kernel_id=kernel_id)
+        kernel.process = process
+        kernel.key = key or str(remote_info.get("key", ""))
+        kernel.signature_scheme = str(remote_info.get("signature_scheme", "hmac-sha256"))
+        try:
+            await kernel.forwards.open(ports)
+        except SSHPykError:
+            await kernel.forwards.open()  # the old ports are taken: new ones
+        kernel.forwards.set_target(process)
+        return kernel
 
     def poll(self) -> int | None:
         """None while the kernel runs, else its exit code; no network round trip."""

@@ -4,6 +4,12 @@ All SSH work happens in :class:`~sshpyk.kernel.RemoteKernel` on the process-wide
 SSH loop thread (:class:`~sshpyk.loop.SSHLoop`), so forwards keep flowing even
 when the caller's loop stops between calls (the blocking ``KernelManager``).
 Configuration comes from ``kernel.json`` ``metadata.kernel_provisioner.config``.
+
+Persistent kernels (``persistent: true``) are recorded locally (:mod:`sshpyk.state`)
+and outlive the local process unless shut down explicitly. A later provisioner
+for the same kernelspec and the same notebook (``JPY_SESSION_NAME``) reattaches
+to such a kernel instead of starting a new one, so its state is kept across a
+Jupyter server restart; ``load_provisioner_info`` reattaches too.
 """
 
 from __future__ import annotations
@@ -15,8 +21,10 @@ from typing import Any, cast
 
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
-from traitlets import Dict, Enum, Float, Unicode
+from traitlets import Bool, Dict, Enum, Float, Unicode
 
+from . import state
+from .errors import SSHPykError
 from .kernel import KernelOptions, RemoteKernel
 from .loop import SSHLoop
 from .session import SSHSession
@@ -44,12 +52,18 @@ class SSHKernelProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         None, allow_none=True, config=True, help="Where run dirs go (default XDG_RUNTIME_DIR/tmp)"
     )
     grace_period = Float(
-        60.0, config=True, help="Seconds the remote keeps the kernel without hearing from us"
+        60.0,
+        config=True,
+        help="Seconds a kernel survives without contact (link loss, crashed client)",
+    )
+    persistent = Bool(
+        False, config=True, help="Keep the kernel when the local side goes away without shutdown"
     )
 
     _kernel: RemoteKernel | None = None
     _session: SSHSession | None = None
     _launched = False
+    _adopted = False
 
     # -- helpers --------------------------------------------------------------------
     @property
@@ -67,23 +81,43 @@ class SSHKernelProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             run_root=self.remote_run_root,
             grace=self.grace_period,
             start_timeout=self.start_timeout,
+            persistent=self.persistent,
         )
 
+    async def _connect(self) -> SSHSession:
+        if self._session is None:
+            self._session = await asyncio.wait_for(
+                SSHSession.connect(
+                    self.ssh_host_alias,
+                    ssh_config=self.ssh_config,
+                    connect_timeout=self.start_timeout,
+                ),
+                self.start_timeout,
+            )
+        return self._session
+
     async def _open(self) -> RemoteKernel:
-        self._session = await asyncio.wait_for(
-            SSHSession.connect(
-                self.ssh_host_alias, ssh_config=self.ssh_config, connect_timeout=self.start_timeout
-            ),
-            self.start_timeout,
-        )
-        kernel = RemoteKernel(self._session, self._options(), kernel_id=self.kernel_id)
+        session = await self._connect()
+        kernel = RemoteKernel(session, self._options(), kernel_id=self.kernel_id)
         try:
             await kernel.open_forwards()
         except BaseException:
-            session, self._session = self._session, None
-            await asyncio.shield(session.aclose())
+            await asyncio.shield(self._close())
             raise
         return kernel
+
+    async def _reattach(self, record: dict[str, Any]) -> RemoteKernel:
+        session = await self._connect()
+        return await asyncio.wait_for(
+            RemoteKernel.attach(
+                session,
+                str(record["remote_kernel_id"]),
+                self._options(),
+                key=record.get("key"),
+                ports=record.get("ports"),
+            ),
+            self.start_timeout,
+        )
 
     async def _close(self) -> None:
         kernel, self._kernel = self._kernel, None
@@ -95,6 +129,59 @@ class SSHKernelProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             if session is not None:
                 await session.aclose()
 
+    async def _adopt_persistent(self, session_name: str) -> RemoteKernel | None:
+        """A detached persistent kernel of this kernelspec and notebook, reattached."""
+        km = self.parent
+        for record in state.records():
+            if (
+                record.get("kernel_name") != getattr(km, "kernel_name", None)
+                or record.get("session_name", "") != session_name
+                or record.get("ssh_host_alias") != self.ssh_host_alias
+            ):
+                continue
+            try:
+                kernel = await self._loop.run(self._reattach(record))
+            except (SSHPykError, asyncio.TimeoutError, OSError) as exc:
+                self.log.info(
+                    "[%s] persistent kernel %s not reattached: %s",
+                    self.ssh_host_alias,
+                    record.get("remote_kernel_id"),
+                    exc,
+                )
+                state.forget(str(record["kernel_id"]))
+                continue
+            state.forget(str(record["kernel_id"]))
+            self.log.info(
+                "[%s] reattached to persistent kernel %s (remote pid %s)",
+                self.ssh_host_alias,
+                kernel.kernel_id,
+                kernel.process.pid if kernel.process else None,
+            )
+            return kernel
+        return None
+
+    def _remember(self) -> None:
+        km, kernel = self.parent, self._kernel
+        if kernel is None or kernel.process is None or not self.persistent:
+            return
+        state.remember(
+            {
+                "kernel_id": self.kernel_id,
+                "remote_kernel_id": kernel.kernel_id,
+                "kernel_name": getattr(km, "kernel_name", None),
+                "session_name": self._session_name,
+                "ssh_host_alias": self.ssh_host_alias,
+                "ssh_config": self.ssh_config,
+                "remote_pid": kernel.process.pid,
+                "ports": kernel.ports,
+                "key": kernel.key,
+                "signature_scheme": kernel.signature_scheme,
+                "created": time.time(),
+            }
+        )
+
+    _session_name = ""
+
     # -- the provisioner contract ------------------------------------------------------
     @property
     def has_process(self) -> bool:
@@ -102,23 +189,29 @@ class SSHKernelProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
         """Connect (or reuse the connection), bind the local forwards, write the
-        local connection file with their ports."""
+        local connection file with their ports. A detached persistent kernel of the
+        same notebook is reattached instead of starting a new one."""
         if not self.ssh_host_alias:
             raise ValueError(
                 "the kernelspec has no ssh_host_alias in metadata.kernel_provisioner.config"
             )
         started = time.monotonic()
-        if self._kernel is None:
-            self._kernel = await self._loop.run(self._open())
         km = self.parent
         kwargs.pop("extra_arguments", None)
+        self._session_name = str((kwargs.get("env") or {}).get("JPY_SESSION_NAME", ""))
+        if self._kernel is None and self.persistent:
+            self._kernel = await self._adopt_persistent(self._session_name)
+            self._adopted = self._kernel is not None
+            if self._adopted and km is not None:
+                km.session.key = self._kernel.key.encode()  # type: ignore[union-attr]
+        if self._kernel is None:
+            self._kernel = await self._loop.run(self._open())
         if km is not None:
             km.transport = "tcp"
             km.ip = "127.0.0.1"
             for channel, port in self._kernel.ports.items():
                 setattr(km, f"{channel}_port", port)
-            jupyter_session = kwargs.get("env", {}).get("JPY_SESSION_NAME", "")
-            km.write_connection_file(jupyter_session=jupyter_session)
+            km.write_connection_file(jupyter_session=self._session_name)
             self.connection_info = km.get_connection_info()
         self.log.info(
             "[%s] kernel %s: SSH connection and local forwards ready in %.3fs",
@@ -132,34 +225,35 @@ class SSHKernelProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         """Start the remote kernel; returns once its sockets are bound."""
         assert self._kernel is not None, "pre_launch() must run first"
         km = self.parent
-        key = km.session.key.decode() if km is not None else ""
-        scheme = km.session.signature_scheme if km is not None else "hmac-sha256"
-        env = {}
-        jupyter_session = (kwargs.get("env") or {}).get("JPY_SESSION_NAME")
-        if jupyter_session:
-            env["JPY_SESSION_NAME"] = jupyter_session
-        try:
-            await self._loop.run(self._kernel.launch(key, scheme, env))
-        except BaseException:
-            # Jupyter does not always call cleanup() after a failed start: release
-            # the connection and the local ports here.
-            await asyncio.shield(self._loop.run(self._close()))
-            raise
+        if self._adopted:
+            self._adopted = False  # a later restart launches a fresh kernel
+        else:
+            key = km.session.key.decode() if km is not None else ""
+            scheme = km.session.signature_scheme if km is not None else "hmac-sha256"
+            env = {"JPY_SESSION_NAME": self._session_name} if self._session_name else {}
+            try:
+                await self._loop.run(self._kernel.launch(key, scheme, env))
+            except BaseException:
+                # Jupyter does not always call cleanup() after a failed start: release
+                # the connection and the local ports here.
+                await asyncio.shield(self._loop.run(self._close()))
+                raise
+            process, timings = self._kernel.process, self._kernel.timings
+            if process is not None:
+                self.log.info(
+                    "[%s] kernel %s: remote pid %s (%s transport) ready in %.3fs: "
+                    "agent %.3fs, spawn %.3fs, sockets bound %.3fs",
+                    self.ssh_host_alias,
+                    self.kernel_id,
+                    process.pid,
+                    process.transport,
+                    timings.get("total", 0.0),
+                    timings.get("agent", 0.0),
+                    timings.get("spawn", 0.0),
+                    timings.get("ready", 0.0),
+                )
         self._launched = True
-        process, timings = self._kernel.process, self._kernel.timings
-        if process is not None:
-            self.log.info(
-                "[%s] kernel %s: remote pid %s (%s transport) ready in %.3fs: "
-                "agent %.3fs, spawn %.3fs, sockets bound %.3fs",
-                self.ssh_host_alias,
-                self.kernel_id,
-                process.pid,
-                process.transport,
-                timings.get("total", 0.0),
-                timings.get("agent", 0.0),
-                timings.get("spawn", 0.0),
-                timings.get("ready", 0.0),
-            )
+        self._remember()
         if km is None:
             self.connection_info = cast(KernelConnectionInfo, self._kernel.connection_info())
         return self.connection_info
@@ -185,10 +279,14 @@ class SSHKernelProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         await self.send_signal(signal.SIGTERM)
 
     async def cleanup(self, restart: bool = False) -> None:
-        """On restart keep the connection and the local ports; else release both."""
+        """On restart keep the connection and the local ports; else release both.
+
+        Either way the kernel was shut down on purpose: its persistence record goes.
+        """
         if self._kernel is None:
             return
         self._launched = False
+        state.forget(self.kernel_id)
         if restart:
             await self._loop.run(self._kernel.shutdown())
         else:
@@ -202,19 +300,39 @@ class SSHKernelProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
     async def get_provisioner_info(self) -> dict[str, Any]:
         info: dict[str, Any] = await super().get_provisioner_info()
-        process = self._kernel.process if self._kernel is not None else None
+        kernel = self._kernel
+        process = kernel.process if kernel is not None else None
         info.update(
             {
                 "ssh_host_alias": self.ssh_host_alias,
                 "ssh_config": self.ssh_config,
+                "remote_kernel_id": kernel.kernel_id if kernel else None,
                 "remote_pid": process.pid if process else None,
                 "remote_run_dir": process.run_dir if process else None,
                 "remote_transport": process.transport if process else None,
+                "ports": kernel.ports if kernel else None,
             }
         )
         return info
 
     async def load_provisioner_info(self, provisioner_info: dict[str, Any]) -> None:
+        """Take over a kernel described by :meth:`get_provisioner_info` (from another
+        process): reattach to it on the remote and forward its sockets again."""
         await super().load_provisioner_info(provisioner_info)
         self.ssh_host_alias = provisioner_info.get("ssh_host_alias") or self.ssh_host_alias
         self.ssh_config = provisioner_info.get("ssh_config", self.ssh_config)
+        remote_kernel_id = provisioner_info.get("remote_kernel_id")
+        if not remote_kernel_id or self._kernel is not None:
+            return
+        record = {
+            "remote_kernel_id": remote_kernel_id,
+            "key": (self.connection_info or {}).get("key"),
+            "ports": provisioner_info.get("ports"),
+        }
+        if isinstance(record["key"], bytes):
+            record["key"] = record["key"].decode()
+        self._kernel = await self._loop.run(self._reattach(record))
+        self._launched = True
+        info = self._kernel.connection_info()
+        info["key"] = str(info["key"]).encode()  # as jupyter_client keeps it
+        self.connection_info = cast(KernelConnectionInfo, info)

@@ -1,0 +1,171 @@
+"""Persistent kernels: they outlive their local process and can be reattached."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from conftest import leftovers, wait_until
+from jupyter_client.manager import AsyncKernelManager
+from jupyter_client.provisioning import KernelProvisionerFactory
+from kernel_helpers import run_cell, start_manager, stop_manager
+
+from sshpyk import state
+from sshpyk.kernelspec import kernels_dir
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture(autouse=True)
+def state_dir(tmp_path, monkeypatch) -> Path:
+    path = tmp_path / "sshpyk-state"
+    monkeypatch.setenv("SSHPYK_STATE_DIR", str(path))
+    return path
+
+
+def persistent_spec(make_kernelspec, name: str, grace: float = 3.0) -> None:
+    make_kernelspec(name)
+    path = Path(kernels_dir()) / name / "kernel.json"
+    data = json.loads(path.read_text())
+    data["metadata"]["kernel_provisioner"]["config"].update(persistent=True, grace_period=grace)
+    path.write_text(json.dumps(data))
+
+
+OWNER = textwrap.dedent(
+    """
+    import asyncio, os, sys
+    from jupyter_client.manager import AsyncKernelManager
+
+    async def main():
+        km = AsyncKernelManager(kernel_name=sys.argv[1])
+        await km.start_kernel(env={**os.environ, "JPY_SESSION_NAME": sys.argv[2]})
+        kc = km.client()
+        kc.start_channels()
+        await kc.wait_for_ready(timeout=60)
+        reply = await kc.execute_interactive("x = 41", timeout=30)
+        assert reply["content"]["status"] == "ok"
+        print(km.provisioner._kernel.process.pid, flush=True)
+        await asyncio.sleep(600)
+
+    asyncio.run(main())
+    """
+)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+async def test_persistent_kernel_survives_owner_and_is_reattached(
+    make_kernelspec, run_root
+) -> None:
+    persistent_spec(make_kernelspec, "ssh_persist", grace=2.0)
+    owner = subprocess.Popen(
+        [sys.executable, "-c", OWNER, "ssh_persist", "analysis.ipynb"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=os.environ.copy(),
+    )
+    try:
+        line = await asyncio.wait_for(asyncio.to_thread(owner.stdout.readline), 60)
+        pid = int(line)
+        owner.send_signal(signal.SIGKILL)
+        owner.wait(10)
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+        owner.stdout.close()
+    try:
+        await _reattach_and_check(pid, run_root)
+    finally:
+        if _alive(pid):  # a failed run must not leave a persistent kernel behind
+            os.killpg(pid, signal.SIGKILL)
+
+
+async def _reattach_and_check(pid: int, run_root: Path) -> None:
+    await asyncio.sleep(2.0 + 3)  # well past the grace period
+    assert _alive(pid), "a persistent kernel was reaped with its owner"
+    assert len(state.records()) == 1
+
+    # A new "server" opens the same notebook: it gets the same kernel back, state intact.
+    km = AsyncKernelManager(kernel_name="ssh_persist")
+    await km.start_kernel(env={**os.environ, "JPY_SESSION_NAME": "analysis.ipynb"})
+    kc = km.client()
+    kc.start_channels()
+    try:
+        await kc.wait_for_ready(timeout=60)
+        content, out = await run_cell(kc, "import os; print(x + 1, os.getpid())")
+        assert content["status"] == "ok", content
+        assert out.split() == ["42", str(pid)]
+    finally:
+        kc.stop_channels()
+        await km.shutdown_kernel()
+    # an explicit shutdown ends it for good
+    assert wait_until(lambda: not _alive(pid), 10)
+    assert state.records() == []
+    assert wait_until(lambda: leftovers(run_root) == ([], []), 10), leftovers(run_root)
+
+
+async def test_other_notebook_gets_a_fresh_kernel(make_kernelspec, run_root) -> None:
+    persistent_spec(make_kernelspec, "ssh_persist2")
+    km1 = AsyncKernelManager(kernel_name="ssh_persist2")
+    await km1.start_kernel(env={**os.environ, "JPY_SESSION_NAME": "a.ipynb"})
+    pid1 = km1.provisioner._kernel.process.pid
+    km2 = AsyncKernelManager(kernel_name="ssh_persist2")
+    await km2.start_kernel(env={**os.environ, "JPY_SESSION_NAME": "b.ipynb"})
+    try:
+        assert km2.provisioner._kernel.process.pid != pid1
+        assert len(state.records()) == 2
+    finally:
+        await km1.shutdown_kernel()
+        await km2.shutdown_kernel()
+    assert state.records() == []
+    assert wait_until(lambda: leftovers(run_root) == ([], []), 10), leftovers(run_root)
+
+
+async def test_load_provisioner_info_takes_over_a_kernel(make_kernelspec, run_root) -> None:
+    persistent_spec(make_kernelspec, "ssh_takeover", grace=30)
+    km, kc = await start_manager("ssh_takeover")
+    try:
+        await run_cell(kc, "y = 'from the first manager'")
+        info = await km.provisioner.get_provisioner_info()
+        assert info["remote_kernel_id"] and info["ports"]
+
+        # another manager (e.g. in another process) takes over from the saved info
+        km2 = AsyncKernelManager(kernel_name="ssh_takeover")
+        provisioner = KernelProvisionerFactory.instance().create_provisioner_instance(
+            "other-id", km2.kernel_spec, parent=km2
+        )
+        await provisioner.load_provisioner_info(info)
+        assert await provisioner.poll() is None
+        conn = provisioner.connection_info
+        assert conn["key"] == info["connection_info"]["key"]
+        assert conn["shell_port"] != info["ports"]["shell"]  # the first manager holds those
+        km2.load_connection_info(conn)
+        kc2 = km2.client()
+        kc2.start_channels()
+        try:
+            await kc2.wait_for_ready(timeout=30)
+            _, out = await run_cell(kc2, "print(y)")
+            assert out.strip() == "from the first manager"
+        finally:
+            kc2.stop_channels()
+            await provisioner.cleanup(restart=False)  # stops the kernel on purpose
+        started = time.monotonic()
+        while await km.provisioner.poll() is None and time.monotonic() - started < 10:
+            await asyncio.sleep(0.1)
+        assert await km.provisioner.poll() is not None  # the first manager sees it end
+    finally:
+        await stop_manager(km, kc)
+    assert wait_until(lambda: leftovers(run_root) == ([], []), 10), leftovers(run_root)
