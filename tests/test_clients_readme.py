@@ -55,7 +55,8 @@ class ExampleTargets:
 
 
 def example_targets(code: str) -> ExampleTargets:
-    alias = python = None
+    alias: object = None
+    python: object = None
     for node in ast.walk(ast.parse(code)):
         if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
             continue
