@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from jupyter_server_proc import JupyterServer, artifacts_dir
 
+pytest.importorskip("jupyter_server", reason="jupyter_server is missing ('.[clients]')")
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
 KERNEL = "ssh_log"
