@@ -25,6 +25,7 @@ import click
 from click.shell_completion import CompletionItem
 
 from . import __version__
+from .attach import attach_kernel
 from .check import STAGES, CheckTarget, StageResult, Status, check_kernels, run_check
 from .errors import SSHPykError
 from .inventory import (
@@ -339,6 +340,18 @@ def _spec_options(edit: bool) -> Callable[[Callable[..., Any]], Callable[..., An
             "(default $XDG_RUNTIME_DIR or the temp dir)." + clear,
         ),
         click.option(
+            "--grace-period",
+            type=float,
+            **default(60.0),
+            help="Seconds a kernel survives without contact (link loss, crashed client).",
+        ),
+        click.option(
+            "--persistent/--no-persistent",
+            default=None if edit else False,
+            help="Keep the kernel when the local side goes away without shutting it down"
+            " (reattach with `sshpyk attach` or by reopening the notebook).",
+        ),
+        click.option(
             "--replace",
             is_flag=True,
             help="Overwrite an existing kernel of that name"
@@ -421,6 +434,8 @@ def add(**opts: Any) -> None:
         pre_command=opts["pre_command"],
         remote_cwd=opts["remote_cwd"],
         remote_run_root=opts["remote_run_root"],
+        grace_period=opts["grace_period"],
+        persistent=opts["persistent"],
     )
     spec.validate()
     if not opts["no_check"]:
@@ -468,6 +483,8 @@ def edit(kernel: str, **opts: Any) -> None:
         "pre_command",
         "remote_cwd",
         "remote_run_root",
+        "grace_period",
+        "persistent",
     )
     changes = {f: opts[f] for f in fields}
     changes["name"] = opts["kernel_name"]
@@ -774,6 +791,59 @@ def kill(
             f"Killed kernel {k.get('kernel_id')} ({k.get('kernel_name')}, pid {k.get('pid')}) "
             f"on {alias}; removed {k.get('run_dir')}"
         )
+
+
+@main.command(short_help="Forward a running remote kernel to local ports.")
+@click.argument("alias", metavar="ALIAS", shell_complete=_complete_aliases)
+@click.argument("kernel_id", metavar="KERNEL_ID")
+@click.option(
+    "--connection-file",
+    type=click.Path(dir_okay=False),
+    help="Where to write the local connection file (default: Jupyter's runtime dir).",
+)
+@click.option("--pre-command", help="Shell code run on the remote before the agent.")
+@_host_options
+def attach(
+    alias: str,
+    kernel_id: str,
+    connection_file: str | None,
+    pre_command: str | None,
+    ssh_config: str | None,
+    remote_python: str | None,
+    run_root: str | None,
+) -> None:
+    """Reattach to kernel KERNEL_ID (or a unique prefix, see `sshpyk ps`) on ALIAS.
+
+    Writes a connection file for `jupyter console --existing FILE` (or any Jupyter
+    client) and forwards until Ctrl-C or until the kernel ends. Leaving does not
+    stop the kernel.
+    """
+    target = _targets((alias,), ssh_config, remote_python, run_root)[0]
+
+    def ready(kernel: Any, path: Any) -> None:
+        pid = kernel.process.pid if kernel.process else "?"
+        click.echo(f"Attached to kernel {kernel.kernel_id} (pid {pid}) on {alias}.")
+        click.echo(f"Connection file: {path}")
+        click.echo(f"  jupyter console --existing {path}")
+        click.echo("Forwarding; Ctrl-C to detach (the kernel keeps running).", err=True)
+
+    try:
+        code = run(
+            attach_kernel(
+                target.alias,
+                kernel_id,
+                ssh_config=target.ssh_config,
+                python=target.python,
+                pre_command=pre_command or target.pre_command,
+                run_root=next((r for r in target.run_roots if r), None),
+                connection_file=connection_file,
+                on_ready=ready,
+            )
+        )
+    except KeyboardInterrupt:
+        click.echo("Detached; the kernel keeps running.", err=True)
+        return
+    click.echo(f"The kernel ended (exit code {code}).", err=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -222,6 +222,12 @@ class RemoteKernel:
         """Stop the remote kernel (process group killed, run dir removed); keep the ports."""
         await asyncio.shield(self._discard_process())
 
+    async def detach(self) -> None:
+        """Release the local ports and leave the kernel running on the host."""
+        self.process = None
+        self.forwards.clear_target()
+        await self.forwards.aclose()
+
     async def close(self) -> None:
         """Stop the kernel and release the local ports."""
         try:

@@ -58,6 +58,8 @@ class SSHKernelSpec:
     pre_command: str | None = None
     remote_cwd: str | None = None
     remote_run_root: str | None = None
+    grace_period: float = 60.0
+    persistent: bool = False
     resource_dir: str | None = None
 
     #: the keys stored under metadata.kernel_provisioner.config
@@ -72,6 +74,8 @@ class SSHKernelSpec:
         "pre_command",
         "remote_cwd",
         "remote_run_root",
+        "grace_period",
+        "persistent",
     )
 
     def validate(self) -> None:
@@ -91,6 +95,8 @@ class SSHKernelSpec:
             raise SSHPykError(f"interrupt mode must be one of {', '.join(INTERRUPT_MODES)}")
         if not self.start_timeout > 0:
             raise SSHPykError("start timeout must be a positive number of seconds")
+        if not self.grace_period > 0:
+            raise SSHPykError("grace period must be a positive number of seconds")
         if self.ssh_config and not os.path.isfile(self.ssh_config):
             raise SSHPykError(f"ssh config file {self.ssh_config} does not exist")
 

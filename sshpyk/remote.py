@@ -283,6 +283,8 @@ class RemoteAgent:
         self._tasks: list[asyncio.Task[None]] = []
         self._lost_error: SSHPykError | None = None
         self._closing = False
+        #: we spawned it: closing tells it to stop (non-persistent) kernels
+        self.owner = True
 
     @property
     def alive(self) -> bool:
@@ -352,6 +354,7 @@ class RemoteAgent:
         """Connect to an agent that already runs (e.g. one holding persistent kernels)."""
         agent = cls(session, python, pre_command, grace=grace, run_root=None)
         agent.socket_path = socket_path
+        agent.owner = False  # closing only hangs up: the kernels belong to their owner
         try:
             await agent._open_channel({"op": "attach", "socket": socket_path})
         except BaseException:
@@ -611,6 +614,7 @@ class RemoteAgent:
         ``detach`` only hangs up, leaving every kernel to its owner (``sshpyk attach``).
         """
         self._closing = True
+        detach = detach or not self.owner
         process = self.process
         if process is not None and self.connected.is_set() and not detach:
             self.send({"op": "shutdown", "keep_persistent": keep_persistent})

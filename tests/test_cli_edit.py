@@ -52,6 +52,8 @@ EDITS: list[tuple[str, list[str], str, Any]] = [
     ("--pre-command", ["--pre-command", "module load cuda"], "pre_command", "module load cuda"),
     ("--remote-cwd", ["--remote-cwd", "/srv"], "remote_cwd", "/srv"),
     ("--remote-run-root", ["--remote-run-root", "/scratch/me"], "remote_run_root", "/scratch/me"),
+    ("--grace-period", ["--grace-period", "600"], "grace_period", 600.0),
+    ("--persistent", ["--persistent"], "persistent", True),
     # clearing optional fields
     ("--pre-command", ["--pre-command", ""], "pre_command", None),
     ("--remote-cwd", ["--remote-cwd", ""], "remote_cwd", None),
@@ -61,7 +63,9 @@ EDITS: list[tuple[str, list[str], str, Any]] = [
 
 
 @pytest.mark.parametrize(
-    ("flag", "args", "field", "expected"), EDITS, ids=[e[1][0] + "=" + repr(e[1][1]) for e in EDITS]
+    ("flag", "args", "field", "expected"),
+    EDITS,
+    ids=[" ".join(repr(a) for a in e[1]) for e in EDITS],
 )
 def test_edit_flag_changes_only_its_field(
     base, sshd, tmp_path, flag: str, args: list[str], field: str, expected: Any
@@ -84,8 +88,21 @@ def test_edit_flag_changes_only_its_field(
 def test_every_add_flag_is_editable() -> None:
     """The list above covers every option of `add` (a peer tool forgot some)."""
     add_flags = {opt for p in add.params for opt in p.opts if opt.startswith("--")}
-    covered = {e[0] for e in EDITS} | {"--kernel-name", "--replace", "--no-check"}
+    covered = {e[0] for e in EDITS} | {
+        "--kernel-name",
+        "--replace",
+        "--no-check",
+        "--no-persistent",  # tested below: the flag's other half
+    }
     assert add_flags <= covered, add_flags - covered
+
+
+def test_edit_no_persistent_turns_it_off(base) -> None:
+    assert sshpyk("edit", "ssh_edit", "-n", "--persistent").exit_code == 0
+    assert load_spec("ssh_edit").persistent is True
+    result = sshpyk("edit", "ssh_edit", "-n", "--no-persistent")
+    assert result.exit_code == 0, result.output
+    assert load_spec("ssh_edit").persistent is False
 
 
 def test_edit_rename_moves_the_kernel_dir(base) -> None:

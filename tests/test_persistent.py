@@ -169,3 +169,79 @@ async def test_load_provisioner_info_takes_over_a_kernel(make_kernelspec, run_ro
     finally:
         await stop_manager(km, kc)
     assert wait_until(lambda: leftovers(run_root) == ([], []), 10), leftovers(run_root)
+
+
+async def test_attach_by_hand_after_the_owner_died(make_kernelspec, sshd, run_root, tmp_path):
+    """`sshpyk attach` forwards an orphaned persistent kernel for `jupyter console --existing`."""
+    persistent_spec(make_kernelspec, "ssh_handattach", grace=2.0)
+    owner = subprocess.Popen(
+        [sys.executable, "-c", OWNER, "ssh_handattach", "nb.ipynb"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        pid = int(await asyncio.wait_for(asyncio.to_thread(owner.stdout.readline), 60))
+        owner.send_signal(signal.SIGKILL)
+        owner.wait(10)
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+        owner.stdout.close()
+    (record,) = state.records()
+    connection_file = tmp_path / "attached.json"
+    attach = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "sshpyk.cli",
+            "attach",
+            sshd.alias,
+            record["remote_kernel_id"][:8],
+            "--ssh-config",
+            str(sshd.ssh_config),
+            "--remote-python",
+            sys.executable,
+            "--run-root",
+            str(run_root),
+            "--connection-file",
+            str(connection_file),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        lines = []
+        while not any(line.startswith("Connection file:") for line in lines):
+            line = await asyncio.wait_for(asyncio.to_thread(attach.stdout.readline), 60)
+            assert line, attach.stderr.read()
+            lines.append(line)
+        assert stat_mode(connection_file) == 0o600
+        from jupyter_client.asynchronous import AsyncKernelClient
+
+        kc = AsyncKernelClient(connection_file=str(connection_file))
+        kc.load_connection_file()
+        kc.start_channels()
+        try:
+            await kc.wait_for_ready(timeout=30)
+            _, out = await run_cell(kc, "import os; print(x, os.getpid())")
+            assert out.split() == ["41", str(pid)]
+        finally:
+            kc.stop_channels()
+        attach.send_signal(signal.SIGINT)
+        assert attach.wait(15) == 0
+        assert "keeps running" in attach.stderr.read()
+        assert not connection_file.exists()
+        await asyncio.sleep(1)
+        assert _alive(pid)  # detaching does not stop it
+    finally:
+        if attach.poll() is None:
+            attach.kill()
+        attach.stdout.close()
+        attach.stderr.close()
+        if _alive(pid):
+            os.killpg(pid, signal.SIGKILL)
+
+
+def stat_mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
