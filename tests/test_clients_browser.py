@@ -121,6 +121,8 @@ def _check_remote(match: re.Match[str], sshd_port: int, run_root: Path) -> int:
 def test_jupyterlab_notebook_on_ssh_kernel(
     lab: JupyterServer, page: Any, sshd: Any, run_root: Path, no_leftovers: Any
 ) -> None:
+    for stale in ("jupyterlab-failure.png", "jupyterlab-failure.log", SCREENSHOT):
+        (artifacts_dir() / stale).unlink(missing_ok=True)
     try:
         page.goto(f"{lab.base_url}/lab?token={lab.token}")
         card = page.locator(f'.jp-LauncherCard[data-category="Notebook"][title="{DISPLAY_NAME}"]')
