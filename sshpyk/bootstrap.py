@@ -16,15 +16,19 @@ then any of (``kid`` is the kernel id, ``rid`` a request id)::
     {"op": "ping"}                                  # heartbeat from the local side
     {"op": "inspect", "rid": 1, "kernel_name": "python3"}
     {"op": "launch", "kid": ..., "kernel_name": ..., "key": ..., "signature_scheme": ...,
-     "transport": "auto|ipc|tcp", "env": {...}, "cwd": ...}
+     "transport": "auto|ipc|tcp", "env": {...}, "cwd": ...,
+     "launcher": "direct|slurm", "slurm_args": [...], "slurm_queue_timeout": 600.0,
+     "slurm_walltime_warning": 300.0, "slurm_status_interval": 30.0}
     {"op": "signal", "kid": ..., "signum": 2}       # to the kernel's process group
     {"op": "stop", "kid": ...}                      # kill the group, remove its run dir
+    {"op": "slurm_info", "rid": 1, "args": [...]}   # is SLURM usable here? (srun --test-only)
 
 agent -> local (stdout), every line carries ``"v"``::
 
     {"event": "hello", "pid", "python", "python_version", "jupyter_client"}
     {"event": "info", "rid", "kernelspec": {...}}
     {"event": "started", "kid", "pid", "pgid", "run_dir", "transport", "endpoints"}
+    {"event": "slurm", "kid", "job_id", "state", ...}  # queue state, node, walltime warning
     {"event": "ready", "kid"}                       # all five sockets are bound
     {"event": "exited", "kid", "code", "stderr_tail"}
     {"event": "stopped", "kid"}                     # process group dead, run dir gone
@@ -36,6 +40,14 @@ When the local side is gone (stdin EOF, or no line for ``grace`` seconds) the
 agent kills every kernel's process group and removes their run directories.
 The HMAC key only travels over stdin and into a 0600 file in a 0700 directory.
 
+With ``launcher: slurm`` the agent runs on the login node and submits each kernel
+as a SLURM job with ``srun``; this same source, fed to the remote python on the
+compute node through srun's stdin, runs there in *node mode* (first line
+``{"op": "node", ...}``): it writes the connection file in a private run dir on the
+node, starts the kernel (tcp, on the node's address) and relays signal and stop
+requests from its stdin; its events reach the agent on srun's stdout. See
+:class:`SlurmKernel` for why srun rather than sbatch.
+
 Remote Python >= 3.8; nothing beyond the standard library, except the remote
 environment's ``jupyter_core``/``jupyter_client``, used to find kernelspecs.
 """
@@ -44,6 +56,7 @@ import importlib.util
 import json
 import os
 import queue
+import re
 import shutil
 import signal
 import socket
@@ -247,12 +260,12 @@ def pick_transport(requested, spec, run_dir):
     return "ipc" if ("ipykernel" in joined and prefix_ok) else "tcp"
 
 
-def free_tcp_ports(count):
+def free_tcp_ports(count, host="127.0.0.1"):
     socks = []
     try:
         for _ in range(count):
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
+            s.bind((host, 0))
             socks.append(s)
         return [s.getsockname()[1] for s in socks]
     finally:
@@ -260,7 +273,7 @@ def free_tcp_ports(count):
             s.close()
 
 
-def write_connection_file(run_dir, transport, request):
+def write_connection_file(run_dir, transport, request, host="127.0.0.1"):
     info = {
         "transport": transport,
         "signature_scheme": request.get("signature_scheme", "hmac-sha256"),
@@ -274,8 +287,8 @@ def write_connection_file(run_dir, transport, request):
             info[channel + "_port"] = n
             endpoints[channel] = "%s-%d" % (info["ip"], n)
     else:
-        info["ip"] = "127.0.0.1"
-        for channel, port in zip(CHANNELS, free_tcp_ports(len(CHANNELS))):
+        info["ip"] = host
+        for channel, port in zip(CHANNELS, free_tcp_ports(len(CHANNELS), host)):
             info[channel + "_port"] = port
             endpoints[channel] = port
     path = os.path.join(run_dir, "kernel.json")
@@ -285,7 +298,7 @@ def write_connection_file(run_dir, transport, request):
     return path, endpoints
 
 
-def endpoints_bound(transport, endpoints):
+def endpoints_bound(transport, endpoints, host="127.0.0.1"):
     """True once every socket accepts connections (a unix socket file exists
     between bind() and listen(), so existence is not enough)."""
     for target in endpoints.values():
@@ -296,7 +309,7 @@ def endpoints_bound(transport, endpoints):
             address = target
         else:
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            address = ("127.0.0.1", target)
+            address = (host, target)
         s.settimeout(0.2)
         try:
             if s.connect_ex(address) != 0:
@@ -320,6 +333,10 @@ def tail(path, limit=STDERR_TAIL_BYTES):
 class Kernel:
     """One kernel supervised by the agent."""
 
+    launcher = "direct"
+    #: the agent's loop probes the sockets until ready (a SLURM kernel's node does that)
+    polls_ready = True
+
     def __init__(self, agent, request):
         self.agent = agent
         self.kid = request["kid"]
@@ -333,6 +350,7 @@ class Kernel:
         self.exit_code = None
         self.persistent = bool(request.get("persistent"))
         self.conn_file = None
+        self.cleaned = False
 
     def state(self):
         return {
@@ -439,6 +457,9 @@ class Kernel:
             )
         else:
             emit("exited", kid=self.kid, code=code, stderr_tail=tail(self.log_path))
+        # Nothing of a dead kernel is worth keeping: reap what it left running (its
+        # process group) and remove its run dir (with the key) now, not at "stop".
+        self.cleanup()
 
     def signal(self, signum):
         if self.proc is not None:
@@ -448,8 +469,9 @@ class Kernel:
                 pass
 
     def cleanup(self):
-        """Kill the process group (TERM, then KILL), remove the run dir."""
-        if self.proc is not None:
+        """Kill the process group (TERM, then KILL), remove the run dir. Idempotent."""
+        if self.proc is not None and not self.cleaned:
+            self.cleaned = True  # the group id may be reused later: signal it once only
             if self.proc.poll() is None:
                 self.signal(signal.SIGTERM)
                 deadline = time.monotonic() + TERM_WAIT
@@ -752,8 +774,8 @@ class Agent:
                 # the local side is gone: stop what it does not want kept
                 self.stop_kernels(keep_persistent=True)
                 self.detached = True
-            if not self.controllers and not self.kernels:
-                return  # nobody to serve and nothing to keep
+            if not self.controllers and all(k.exit_code is not None for k in self.kernels.values()):
+                return  # nobody to serve and nothing alive to keep
 
     def handle(self, msg):
         op = msg.get("op")

@@ -11,6 +11,7 @@ embedding API (``SSHSession``) runs on whatever loop its caller uses.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -32,6 +33,24 @@ class SSHLoop:
         self._thread = threading.Thread(target=self._run, name="sshpyk-ssh-loop", daemon=True)
         self._thread.start()
         self._started.wait()
+        atexit.register(self._close_at_exit)
+
+    def _close_at_exit(self, timeout: float = 5.0) -> None:
+        """At interpreter exit, hang up cleanly instead of dying with the daemon thread.
+
+        A client that exits without shutting its kernels down (``jupyter console``
+        only sends a shutdown *message*) would otherwise leave them to the remote
+        grace period. Non-persistent kernels are stopped now; persistent ones stay.
+        """
+        from .session import close_all
+
+        if not self._thread.is_alive() or self.loop.is_closed():
+            return
+        future = asyncio.run_coroutine_threadsafe(close_all(), self.loop)
+        try:
+            future.result(timeout)
+        except Exception:  # best effort: exiting anyway, the agent's grace period remains
+            future.cancel()
 
     @classmethod
     def instance(cls) -> SSHLoop:

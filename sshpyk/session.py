@@ -213,6 +213,14 @@ def _registry() -> dict[Any, _SharedConnection]:
     return _registries.setdefault(loop, {})
 
 
+async def close_all() -> None:
+    """Close every shared connection of the running loop (persistent kernels stay)."""
+    registry = _registry()
+    shared = list(registry.values())
+    registry.clear()
+    await asyncio.gather(*(s.close() for s in shared), return_exceptions=True)
+
+
 class SSHSession:
     """A handle on the shared SSH connection to one host.
 

@@ -152,13 +152,6 @@ class LeftBehindError(AssertionError):
     """Remote files or processes still there after the console exited."""
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=LeftBehindError,
-    reason="jupyter console exits without KernelManager.shutdown_kernel(): the provisioner's "
-    "cleanup never runs, the agent sees a lost link and keeps the dead kernel's run dir "
-    "(kernel.json with the key) and itself for the 60 s grace period",
-)
 def test_jupyter_console_exit_leaves_nothing(console: PtyProcess, no_leftovers) -> None:
     console.expect(r"In \[1\]: ", 90)
     console.send("exit\r")

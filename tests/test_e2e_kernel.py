@@ -89,13 +89,16 @@ async def test_shutdown_leaves_nothing(make_kernelspec, run_root: Path) -> None:
     assert stat.S_IMODE(run_dir.stat().st_mode) == 0o700
     assert stat.S_IMODE((run_dir / "kernel.json").stat().st_mode) == 0o600
     # child processes of the kernel die with it (process group)
-    await run_cell(kc, "import subprocess; p = subprocess.Popen(['sleep', '300'])")
+    _, out = await run_cell(
+        kc, "import subprocess; p = subprocess.Popen(['sleep', '300']); print(p.pid)"
+    )
+    child_pid = int(out)
     await stop_manager(km, kc)
     # shutdown returned: the supervisor has already cleaned up, no waiting needed
     procs, files = leftovers(run_root)
     assert files == [] and not run_dir.exists()
     assert wait_until(lambda: not remote_processes(str(run_root)), 2), procs
-    assert not remote_processes("sleep 300")
+    assert wait_until(lambda: not _alive(child_pid), 2)
     # the last kernel on the connection is gone: so are the connection and the agent
     assert wait_until(lambda: not _alive(agent_pid), 5)
 
