@@ -45,6 +45,8 @@ log = logging.getLogger("sshpyk")
 PROTOCOL = 1
 _BOOTSTRAP = resources.files("sshpyk").joinpath("bootstrap.py").read_bytes()
 _STDERR_LIMIT = 8000
+#: lines of login-script output tolerated before the agent's hello
+_MAX_NOISE_LINES = 200
 #: exit code reported when the agent's channel closed without an ``exited`` event
 LOST = -1
 
@@ -55,9 +57,10 @@ def remote_command(python: str, pre_command: str | None = None) -> str:
     ``python`` is an executable (``python3``, ``/usr/bin/python3``) or an
     environment prefix such as ``/opt/conda/envs/x`` (then its ``bin/python``).
     """
+    # the agent keeps its source (SSHPYK_SOURCE) to feed it to srun for SLURM kernels
     loader = (
-        f"import sys;exec(compile(sys.stdin.buffer.read({len(_BOOTSTRAP)}),"
-        "'sshpyk-bootstrap','exec'))"
+        f"import sys;SSHPYK_SOURCE=sys.stdin.buffer.read({len(_BOOTSTRAP)});"
+        "exec(compile(SSHPYK_SOURCE,'sshpyk-bootstrap','exec'))"
     )
     if python.startswith("~/"):
         quoted = '"$HOME"/' + shlex.quote(python[2:])
@@ -303,7 +306,7 @@ class RemoteAgent:
         self._stderr = bytearray()
         self._channel_tasks = [asyncio.ensure_future(self._drain_stderr(process))]
         process.stdin.write(_BOOTSTRAP + json.dumps({"v": PROTOCOL, **first_line}).encode() + b"\n")
-        event = await self._read_event()
+        event = await self._read_first_event()
         if event is None:
             raise await self._failure()
         if event.get("event") == "error":
@@ -369,6 +372,22 @@ class RemoteAgent:
             while chunk := await process.stderr.read(4096):
                 self._stderr += chunk
                 del self._stderr[:-_STDERR_LIMIT]
+
+    async def _read_first_event(self) -> dict[str, Any] | None:
+        """The agent's first event. Login scripts may print text before the agent
+        runs (a banner, ``echo`` in ~/.bashrc): such lines are skipped, boundedly."""
+        skipped = 0
+        while True:
+            try:
+                return await self._read_event()
+            except ProtocolError:
+                skipped += 1
+                if skipped > _MAX_NOISE_LINES:
+                    raise ProtocolError(
+                        f"the remote shell on {self.alias!r} printed more than "
+                        f"{_MAX_NOISE_LINES} lines before the agent started: make the login "
+                        "scripts quiet for non-interactive shells"
+                    ) from None
 
     async def _read_event(self) -> dict[str, Any] | None:
         assert self.process is not None

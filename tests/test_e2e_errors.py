@@ -152,3 +152,21 @@ async def test_session_used_after_close(sshd) -> None:
     await session.aclose()
     with pytest.raises(sshpyk.SessionClosedError):
         await session.run("true")
+
+
+async def test_login_noise_is_skipped(sshd, run_root, no_leftovers) -> None:
+    """A chatty login script (here a pre-command) does not break the agent protocol."""
+    async with await SSHSession.connect(sshd.alias, ssh_config=sshd.ssh_config) as session:
+        kernel = await session.start_kernel(
+            python=sys.executable,
+            run_root=str(run_root),
+            pre_command='echo "Welcome to the cluster"; echo "{not json"',
+        )
+        await kernel.close()
+    no_leftovers()
+
+
+async def test_too_much_login_noise_is_one_clear_error(sshd, run_root) -> None:
+    exc = await start_error(sshd, run_root, pre_command="seq 1 500")
+    assert isinstance(exc, sshpyk.ProtocolError)
+    assert "login scripts" in str(exc)
