@@ -71,6 +71,10 @@ async def _await_shell(kc: Any, accept: Callable[[dict[str, Any]], bool], timeou
             return msg
 
 
+def _reply_to(msg_id: str) -> Callable[[dict[str, Any]], bool]:
+    return lambda msg: bool(msg["parent_header"].get("msg_id") == msg_id)
+
+
 async def wait_ready(kc: Any, timeout: float) -> None:
     """kernel_info until a reply comes (resent every 0.5 s, as a request sent into a
     connection that is being replaced can be lost)."""
@@ -93,9 +97,7 @@ async def wait_ready(kc: Any, timeout: float) -> None:
 async def execute(kc: Any, code: str, timeout: float) -> dict[str, Any]:
     msg_id = kc.execute(code, store_history=False)
     try:
-        reply = await _await_shell(
-            kc, lambda m: m["parent_header"].get("msg_id") == msg_id, timeout
-        )
+        reply = await _await_shell(kc, _reply_to(msg_id), timeout)
     except queue.Empty:
         raise TimeoutError(f"no execute_reply within {timeout:g}s") from None
     if reply["content"]["status"] != "ok":
@@ -201,8 +203,7 @@ async def latency(args: argparse.Namespace, out: dict[str, Any]) -> None:
         rounds = []
         for _ in range(args.rounds):
             t0 = time.perf_counter()
-            msg_id = kc.kernel_info()
-            await _await_shell(kc, lambda m, i=msg_id: m["parent_header"].get("msg_id") == i, 10)
+            await _await_shell(kc, _reply_to(kc.kernel_info()), 10)
             rounds.append(time.perf_counter() - t0)
         out["kernel_info_ms"] = [r * 1000 for r in rounds]
 
@@ -244,16 +245,25 @@ async def printed(kc: Any, code: str, expected: int, timeout: float) -> float:
     return seconds
 
 
-async def start_many(args: argparse.Namespace, count: int, restarter: bool) -> list[Kernel]:
+async def start_many(
+    args: argparse.Namespace, count: int, restarter: bool, out: dict[str, Any] | None = None
+) -> list[Kernel]:
+    """Start ``count`` kernels at once. Any failure raises, unless ``out`` is given: then
+    the failures are counted there and the kernels that did start are returned."""
     kernels = [Kernel(args.kernel, restarter=restarter) for _ in range(count)]
     results = await asyncio.gather(
         *(k.start(args.timeout, with_client=False) for k in kernels), return_exceptions=True
     )
     errors = [r for r in results if isinstance(r, BaseException)]
-    if errors:
+    failed = [k for k, r in zip(kernels, results, strict=True) if isinstance(r, BaseException)]
+    if errors and out is None:
         await asyncio.gather(*(k.close_quietly() for k in kernels))
         raise RuntimeError(f"{len(errors)} of {count} kernels failed to start: {errors[0]!r}")
-    return kernels
+    if errors and out is not None:
+        out["failed_starts"] = len(errors)
+        out["failed_start_error"] = f"{type(errors[0]).__name__}: {errors[0]}"[:300]
+        await asyncio.gather(*(k.close_quietly() for k in failed))
+    return [k for k in kernels if k not in failed]
 
 
 async def shutdown_all(kernels: list[Kernel], timeout: float) -> float:
@@ -272,10 +282,7 @@ async def idle(args: argparse.Namespace, out: dict[str, Any]) -> None:
     me = os.getpid()
     kernels: list[Kernel] = []
     try:
-        for _ in range(args.kernels):  # one by one: the idle phase is what is measured
-            kernel = Kernel(args.kernel, restarter=True)
-            kernels.append(kernel)
-            await kernel.start(args.timeout, with_client=False)
+        kernels = await start_many(args, args.kernels, restarter=True)
         for kernel in kernels:
             kernel.km.start_restarter()
         poll_interval = kernels[0].km._restarter.time_to_dead if kernels else 0
@@ -298,14 +305,17 @@ async def idle(args: argparse.Namespace, out: dict[str, Any]) -> None:
                 procstat.cpu_seconds(p, (), after) - procstat.cpu_seconds(p, (), before)
                 for p in local_kernels
             )
-        if args.all_root:
-            # everything run.py started: this client, sshd and its sessions, the kernels
-            root = args.all_root
-            out["all_cpu_s"] = (
-                procstat.cpu_seconds(root, (), after)
-                - after[root].cpu_self
-                - procstat.cpu_seconds(root, (), before)
-                + before[root].cpu_self
+        if args.kind == "local":
+            # a local kernel uses no other process: everything is this tree, kernels too
+            out["all_cpu_s"] = procstat.cpu_seconds(me, (), after) - procstat.cpu_seconds(
+                me, (), before
+            )
+        elif args.all_root:
+            # everything run.py started (this client, sshd and its sessions, remote agents
+            # and kernels, orphans it reaped) but run.py itself and other drivers running
+            # at the same time (run.py only runs a local-kernel driver beside this one)
+            out["all_cpu_s"] = _all_cpu(args.all_root, me, after) - _all_cpu(
+                args.all_root, me, before
             )
         tree = procstat.descendants(me, after)
         out["client_processes"] = sorted(
@@ -319,6 +329,18 @@ async def idle(args: argparse.Namespace, out: dict[str, Any]) -> None:
         for kernel in kernels:
             kernel.km.stop_restarter()
         await asyncio.gather(*(k.close_quietly() for k in kernels))
+
+
+def _all_cpu(root: int, me: int, table: dict[int, procstat.ProcInfo]) -> float:
+    others = [
+        info.pid
+        for info in table.values()
+        if info.ppid == root and info.pid != me and "driver.py" in info.cmdline
+    ]
+    total = procstat.cpu_seconds(root, others, table)
+    if root in table:  # not run.py itself, nor the drivers it reaped (cutime)
+        total -= table[root].cpu_self + table[root].cpu_children
+    return total
 
 
 class ConnectionSampler:
@@ -353,8 +375,9 @@ async def concurrent(args: argparse.Namespace, out: dict[str, Any]) -> None:
     try:
         with ConnectionSampler(args.sshd_port) as sampler:
             t0 = time.perf_counter()
-            kernels = await start_many(args, args.kernels, restarter=False)
+            kernels = await start_many(args, args.kernels, restarter=False, out=out)
             out["concurrent_start_s"] = time.perf_counter() - t0
+            out.setdefault("failed_starts", 0)
             out["ssh_connections_now"] = (
                 procstat.established_to_port(args.sshd_port) if args.sshd_port else None
             )
@@ -406,6 +429,8 @@ def main() -> int:
     out: dict[str, Any] = {"mode": args.mode, "kind": args.kind, "python": sys.version.split()[0]}
     out["subreaper"] = procstat.become_subreaper()
     out.update(_imports(args.kind))
+    # local kernels are our children: let them use the installed packages' bytecode
+    os.environ.pop("PYTHONPYCACHEPREFIX", None)
     import jupyter_client
 
     out["jupyter_client"] = jupyter_client.__version__

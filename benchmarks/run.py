@@ -62,7 +62,7 @@ class BenchError(Exception):
 @dataclass
 class Settings:
     reps: int = 5  # lifecycle driver processes per candidate (one cold start each)
-    cycles: int = 2  # warm start / restart / shutdown cycles per lifecycle process
+    cycles: int = 1  # warm start / restart / shutdown cycles per lifecycle process
     rounds: int = 200  # kernel_info round trips
     print_bytes: int = 20_000_000
     print_reps: int = 3
@@ -122,7 +122,8 @@ def ensure_venv_125() -> Path:
         if found.returncode == 0 and found.stdout.strip() == want:
             return python
         log(
-            f"{VENV_125} is not as expected ({found.stdout.strip() or found.stderr[-200:]}); rebuilding"
+            f"{VENV_125} is not as expected "
+            f"({found.stdout.strip() or found.stderr[-200:]}); rebuilding"
         )
         shutil.rmtree(VENV_125)
     log(f"creating {VENV_125} with sshpyk=={OLD_VERSION} from PyPI")
@@ -140,13 +141,29 @@ def ensure_venv_125() -> Path:
     return python
 
 
+#: the cipher we ask for in the "gcm" variant of the SSH candidates' ssh config
+GCM = "aes128-gcm@openssh.com"
+
+
 @dataclass
 class Candidate:
     name: str
     python: str
-    kernel: str
+    #: kernelspec name per variant: "default" (ssh config as made by tests/sshd.py) and,
+    #: for the SSH candidates, "gcm" (the same with ``Ciphers aes128-gcm@openssh.com``)
+    kernels: dict[str, str]
     env: dict[str, str]
     leftovers: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DriverRun:
+    name: str
+    label: str
+    proc: subprocess.Popen[bytes]
+    out: Path
+    logfile: Path
+    started: float
 
 
 class Bench:
@@ -159,6 +176,8 @@ class Bench:
         self.sshd = ThrowawaySSHD(root / "sshd")
         self.candidates: dict[str, Candidate] = {}
         self.ssh_config_125 = root / "ssh_config-125"
+        self.ssh_config_gcm = root / "ssh_config-gcm"
+        self.ssh_config_125_gcm = root / "ssh_config-125-gcm"
         self.run_root = root / "remote-run"
         self.me = os.getpid()
 
@@ -172,11 +191,14 @@ class Bench:
         self.run_root.mkdir(mode=0o700)
         log(f"sshd on 127.0.0.1:{self.sshd.port} (pid {self.sshd.proc and self.sshd.proc.pid})")
         (self.root / "cm").mkdir(mode=0o700)
-        self.ssh_config_125.write_text(self.config_125())
+        (self.root / "cm-gcm").mkdir(mode=0o700)
+        self.ssh_config_125.write_text(self.config_125("cm"))
+        self.ssh_config_gcm.write_text(f"Ciphers {GCM}\n\n" + self.sshd.ssh_config.read_text())
+        self.ssh_config_125_gcm.write_text(f"Ciphers {GCM}\n\n" + self.config_125("cm-gcm"))
         for name in self.names:
             self.candidates[name] = getattr(self, f"_setup_{name}")()
 
-    def config_125(self) -> str:
+    def config_125(self, control_dir: str) -> str:
         """The alias as sshpyk 1.25 wants it: ControlMaster auto, ControlPersist, ControlPath
         (it refuses to start without them), BatchMode yes; otherwise as tests/sshd.py makes it."""
         sshd = self.sshd
@@ -189,7 +211,7 @@ class Bench:
   UserKnownHostsFile {sshd.known_hosts}
   BatchMode yes
   ControlMaster auto
-  ControlPath {self.root / "cm" / "%C"}
+  ControlPath {self.root / control_dir / "%C"}
   ControlPersist 10m
 """
 
@@ -210,32 +232,36 @@ class Bench:
         return env
 
     def _setup_local(self) -> Candidate:
-        return Candidate("local", sys.executable, "python3", self._env("local"))
+        return Candidate("local", sys.executable, {"default": "python3"}, self._env("local"))
 
     def _setup_sshpyk(self) -> Candidate:
         env = self._env("sshpyk")
-        name = "bench_sshpyk"
-        add = [sys.executable, "-m", "sshpyk.cli", "add", "--kernel-name", name]
-        add += ["--ssh-host-alias", self.sshd.alias, "--ssh-config", str(self.sshd.ssh_config)]
-        add += ["--remote-python", sys.executable, "--remote-kernel-name", "python3"]
-        self._run_setup(add, env, "sshpyk add")
-        # remote run dirs in our temp dir, so that leftovers can be counted exactly
-        spec = Path(env["JUPYTER_DATA_DIR"], "kernels", name, "kernel.json")
-        data = json.loads(spec.read_text())
-        data["metadata"]["kernel_provisioner"]["config"]["remote_run_root"] = str(self.run_root)
-        spec.write_text(json.dumps(data, indent=1))
-        return Candidate("sshpyk", sys.executable, name, env)
+        kernels = {}
+        for variant, config in (("default", self.sshd.ssh_config), ("gcm", self.ssh_config_gcm)):
+            name = kernels[variant] = f"bench_sshpyk_{variant}"
+            add = [sys.executable, "-m", "sshpyk.cli", "add", "--kernel-name", name]
+            add += ["--ssh-host-alias", self.sshd.alias, "--ssh-config", str(config)]
+            add += ["--remote-python", sys.executable, "--remote-kernel-name", "python3"]
+            self._run_setup(add, env, "sshpyk add")
+            # remote run dirs in our temp dir, so that leftovers can be counted exactly
+            spec = Path(env["JUPYTER_DATA_DIR"], "kernels", name, "kernel.json")
+            data = json.loads(spec.read_text())
+            data["metadata"]["kernel_provisioner"]["config"]["remote_run_root"] = str(self.run_root)
+            spec.write_text(json.dumps(data, indent=1))
+        return Candidate("sshpyk", sys.executable, kernels, env)
 
     def _setup_sshpyk125(self) -> Candidate:
         python = ensure_venv_125()
         env = self._env("sshpyk125")
-        name = "bench_sshpyk125"
-        add = [str(python.parent / "sshpyk"), "add", "--kernel-name", name]
-        add += ["--display-name", "bench 1.25", "--language", "python"]
-        add += ["--ssh-host-alias", self.sshd.alias, "--ssh-config", str(self.ssh_config_125)]
-        add += ["--remote-python", sys.executable, "--remote-kernel-name", "python3"]
-        self._run_setup(add, env, "sshpyk 1.25 add")
-        return Candidate("sshpyk125", str(python), name, env)
+        kernels = {}
+        for variant, config in (("default", self.ssh_config_125), ("gcm", self.ssh_config_125_gcm)):
+            name = kernels[variant] = f"bench_sshpyk125_{variant}"
+            add = [str(python.parent / "sshpyk"), "add", "--kernel-name", name]
+            add += ["--display-name", f"bench 1.25 {variant}", "--language", "python"]
+            add += ["--ssh-host-alias", self.sshd.alias, "--ssh-config", str(config)]
+            add += ["--remote-python", sys.executable, "--remote-kernel-name", "python3"]
+            self._run_setup(add, env, "sshpyk 1.25 add")
+        return Candidate("sshpyk125", str(python), kernels, env)
 
     @staticmethod
     def _run_setup(cmd: list[str], env: dict[str, str], what: str) -> None:
@@ -245,48 +271,65 @@ class Bench:
 
     # running drivers
     def close_master(self) -> None:
-        """Stop sshpyk 1.25's ControlMaster, if any: the next start is cold again."""
-        subprocess.run(
-            ["ssh", "-F", str(self.ssh_config_125), "-O", "exit", self.sshd.alias],
-            capture_output=True,
-            timeout=30,
-        )
+        """Stop sshpyk 1.25's ControlMasters, if any: the next start is cold again."""
+        for config in (self.ssh_config_125, self.ssh_config_125_gcm):
+            subprocess.run(
+                ["ssh", "-F", str(config), "-O", "exit", self.sshd.alias],
+                capture_output=True,
+                timeout=30,
+            )
 
-    def driver(self, name: str, mode: str, *extra: str, label: str = "") -> dict[str, Any]:
+    def driver(
+        self, name: str, mode: str, *extra: str, label: str = "", variant: str = "default"
+    ) -> dict[str, Any]:
+        """Run one driver process to its end; leftovers are collected afterwards."""
+        handle = self.start_driver(name, mode, *extra, label=label, variant=variant)
+        result = self.finish_driver(handle)
+        self.collect_leftovers(self.candidates[name])
+        return result
+
+    def start_driver(
+        self, name: str, mode: str, *extra: str, label: str = "", variant: str = "default"
+    ) -> DriverRun:
         cand = self.candidates[name]
         out = self.root / f"{name}-{mode}-{time.monotonic_ns()}.json"
         logfile = self.root / f"{name}-{mode}.log"
         cmd = [cand.python, str(HERE / "driver.py"), mode, "--kind", name]
-        cmd += ["--kernel", cand.kernel, "--out", str(out), "--timeout", str(self.settings.timeout)]
+        cmd += ["--kernel", cand.kernels[variant], "--out", str(out)]
+        cmd += ["--timeout", str(self.settings.timeout)]
         cmd += ["--sshd-port", str(self.sshd.port if name != "local" else 0)]
         cmd += ["--all-root", str(self.me), *extra]
         if name == "sshpyk125":
             self.close_master()
-        t0 = time.monotonic()
         with open(logfile, "a") as log_f:
             log_f.write(f"\n$ {' '.join(cmd)}\n")
             log_f.flush()
             proc = subprocess.Popen(
                 cmd, env=cand.env, stdout=log_f, stderr=log_f, start_new_session=True
             )
-            try:
-                proc.wait(self.settings.driver_timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
-        if name == "sshpyk125":
+        label = (label or mode) + ("" if variant == "default" else f" ({variant})")
+        return DriverRun(name, label, proc, out, logfile, time.monotonic())
+
+    def finish_driver(self, run: DriverRun) -> dict[str, Any]:
+        remaining = self.settings.driver_timeout - (time.monotonic() - run.started)
+        try:
+            run.proc.wait(max(1.0, remaining))
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(run.proc.pid, signal.SIGKILL)
+            run.proc.wait(10)
+        if run.name == "sshpyk125":
             self.close_master()
         result: dict[str, Any] = {}
-        if out.exists():
-            result = json.loads(out.read_text())
+        if run.out.exists():
+            result = json.loads(run.out.read_text())
         else:
             result["error"] = f"driver gave no result (timeout {self.settings.driver_timeout:g}s?)"
         if "error" in result:
-            result["error"] += f" (log: {logfile})"
-        self.collect_leftovers(cand)
+            result["error"] += f" (log: {run.logfile})"
         done = "error: " + result["error"] if "error" in result else "ok"
-        log(f"  {label or mode:<10} {TITLES[name]:<20} {time.monotonic() - t0:6.1f}s {done}")
+        elapsed = time.monotonic() - run.started
+        log(f"  {run.label:<16} {TITLES[run.name]:<20} {elapsed:6.1f}s {done}")
         return result
 
     def collect_leftovers(self, cand: Candidate, wait: float = 10.0) -> None:
@@ -383,23 +426,32 @@ ROWS = [
     ("shutdown_s", "Shutdown (another kernel keeps the connection)", "s", ".2f"),
     ("last_shutdown_s", "Shutdown of the last kernel", "s", ".2f"),
     ("kernel_info_ms", "kernel_info round trip", "ms", ".2f"),
-    ("printed_mb_s", "Printed output, 20 MB", "MB/s", ".1f"),
-    ("tunnel_mib_s", "Raw tunnel, 200 MiB through one forward", "MiB/s", ".0f"),
-    ("idle_client_cpu_s", "Idle 8 kernels x 60 s: client process tree CPU", "CPU s", ".2f"),
+    ("kernel_info_ms_gcm", f"… with `Ciphers {GCM}` (local: same as above)", "ms", ".2f"),
+    ("printed_mb_s", "Printed output, {print_mb:g} MB", "MB/s", ".1f"),
+    ("printed_mb_s_gcm", f"… with `Ciphers {GCM}` (local: same as above)", "MB/s", ".1f"),
+    ("tunnel_mib_s", "Raw tunnel, {tunnel_mib:g} MiB through one forward", "MiB/s", ".0f"),
+    (
+        "idle_client_cpu_s",
+        "Idle {idle_kernels} kernels x {idle_seconds:g} s: client process tree CPU",
+        "CPU s",
+        ".2f",
+    ),
     ("idle_all_cpu_s", "… CPU of everything (client, sshd, kernels)", "CPU s", ".2f"),
-    ("concurrent_start_s", "32 kernels started at once: total", "s", ".1f"),
+    ("concurrent_start_s", "{concurrent} kernels started at once: total", "s", ".1f"),
     ("concurrent_vs_single", "… ÷ the candidate's single cold start", "x", ".1f"),
+    ("failed_starts", "… kernels that failed to start", "", ".0f"),
     ("ssh_connections", "… TCP connections to sshd, peak / at end", "", ".0f"),
     ("rss_per_kernel_mib", "… driver RSS growth per kernel", "MiB", ".2f"),
     ("concurrent_shutdown_s", "… shutdown of all of them", "s", ".1f"),
     ("leftovers", "Processes / run dirs left behind (whole run)", "", ".0f"),
 ]
-NO_RATIO = {"ssh_connections", "leftovers", "concurrent_vs_single"}
+NO_RATIO = {"ssh_connections", "leftovers", "concurrent_vs_single", "failed_starts"}
 
 
 class Report:
-    def __init__(self, names: list[str]) -> None:
+    def __init__(self, names: list[str], settings: Settings) -> None:
         self.names = names
+        self.settings = settings
         self.samples: dict[str, dict[str, list[float]]] = {n: {} for n in names}
         self.errors: dict[str, dict[str, str]] = {n: {} for n in names}
         self.facts: dict[str, dict[str, Any]] = {n: {} for n in names}
@@ -448,7 +500,15 @@ class Report:
         head += [p[2] for p in pairs]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in rows:
-            label = f"{r.label} ({r.unit})" if r.unit else r.label
+            st = self.settings
+            label = r.label.format(
+                print_mb=st.print_bytes / 1e6,
+                tunnel_mib=st.tunnel_bytes / 2**20,
+                idle_kernels=st.idle_kernels,
+                idle_seconds=st.idle_seconds,
+                concurrent=st.concurrent,
+            )
+            label = f"{label} ({r.unit})" if r.unit else label
             if r.key == "ssh_connections":
                 cells = [self.connections_cell(n) for n in self.names]
             else:
@@ -476,7 +536,8 @@ class Report:
             (statistics.median(r.mib_per_s) for r in ssh_l if r.requested == "default"), None
         )
         lines = [
-            "| Forwarder | Cipher | n | MiB/s, median (min-max) | ÷ ssh -L, same cipher | ÷ ssh -L, OpenSSH's default cipher |",
+            "| Forwarder | Cipher | n | MiB/s, median (min-max) | ÷ ssh -L, same cipher "
+            "| ÷ ssh -L, OpenSSH's default cipher |",
             "|---|---|---|---|---|---|",
         ]
         for r in self.tunnel:
@@ -524,21 +585,28 @@ def run_lifecycle(bench: Bench, report: Report) -> None:
 
 
 def run_latency(bench: Bench, report: Report) -> None:
+    """Each candidate with its default ssh config, then the SSH candidates with
+    ``Ciphers aes128-gcm@openssh.com`` (keys ending in ``_gcm``; the local kernel's
+    numbers are repeated there so that the ratios read the same)."""
     s = bench.settings
-    for name in bench.names:
+    runs = [(name, "default") for name in bench.names]
+    runs += [(name, "gcm") for name in bench.names if name != "local"]
+    for name, variant in runs:
+        suffix = "" if variant == "default" else "_gcm"
         res = bench.driver(
             name,
             "latency",
             *("--rounds", str(s.rounds), "--print-bytes", str(s.print_bytes)),
             *("--print-reps", str(s.print_reps)),
+            variant=variant,
         )
+        keys = [k + suffix for k in ("kernel_info_ms", "printed_mb_s")]
         if "error" in res:
-            report.error(name, ["kernel_info_ms", "printed_mb_s"], res["error"])
-        report.add(name, "kernel_info_ms", res.get("kernel_info_ms"))
-        if res.get("printed_s"):
-            report.add(
-                name, "printed_mb_s", [res["printed_bytes"] / t / 1e6 for t in res["printed_s"]]
-            )
+            report.error(name, keys, res["error"])
+        printed = [res["printed_bytes"] / t / 1e6 for t in res.get("printed_s") or []]
+        for key_suffix in [suffix] + (["_gcm"] if name == "local" else []):
+            report.add(name, "kernel_info_ms" + key_suffix, res.get("kernel_info_ms"))
+            report.add(name, "printed_mb_s" + key_suffix, printed or None)
 
 
 def run_tunnel(bench: Bench, report: Report) -> None:
@@ -570,13 +638,20 @@ def run_tunnel(bench: Bench, report: Report) -> None:
 
 
 def run_idle(bench: Bench, report: Report) -> None:
+    """The local kernel and sshpyk sit idle at the same time (their CPU is counted per
+    process tree, and neither uses the other's processes); sshpyk 1.25 alone after them,
+    since its remote side (sshd sessions, ``ps``) would mix with sshpyk's."""
     s = bench.settings
+    args = ("--kernels", str(s.idle_kernels), "--seconds", str(s.idle_seconds))
+    together = [n for n in bench.names if n in ("local", "sshpyk")]
+    runs = [bench.start_driver(n, "idle", *args) for n in together]
+    results = {run.name: bench.finish_driver(run) for run in runs}
+    for name in together:
+        bench.collect_leftovers(bench.candidates[name])
+    if "sshpyk125" in bench.names:
+        results["sshpyk125"] = bench.driver("sshpyk125", "idle", *args)
     for name in bench.names:
-        res = bench.driver(
-            name,
-            "idle",
-            *("--kernels", str(s.idle_kernels), "--seconds", str(s.idle_seconds)),
-        )
+        res = results[name]
         if "error" in res:
             report.error(name, ["idle_client_cpu_s", "idle_all_cpu_s"], res["error"])
         report.add(name, "idle_client_cpu_s", res.get("client_cpu_s"))
@@ -608,6 +683,11 @@ def run_concurrent(bench: Bench, report: Report) -> None:
                 ],
                 res["error"],
             )
+        if "failed_starts" in res:
+            report.add(name, "failed_starts", res["failed_starts"])
+            if res["failed_starts"]:
+                log(f"  {TITLES[name]}: {res['failed_starts']} failed: {res['failed_start_error']}")
+                report.facts[name]["failed_start_error"] = res["failed_start_error"]
         for key in (
             "concurrent_start_s",
             "rss_per_kernel_mib",
@@ -633,7 +713,7 @@ def run_concurrent(bench: Bench, report: Report) -> None:
 # -- environment and targets ----------------------------------------------------------
 
 
-def environment(python_125: str | None) -> str:
+def environment(python_125: str | None, load_start: tuple[float, float, float]) -> str:
     def version(python: str, module: str) -> str:
         out = subprocess.run(
             [python, "-c", f"import importlib.metadata as m; print(m.version({module!r}))"],
@@ -656,10 +736,14 @@ def environment(python_125: str | None) -> str:
     py = sys.executable
     lines = [
         f"- date: {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M:%S %Z')}",
-        f"- machine: {os.cpu_count()} cores (nproc {len(os.sched_getaffinity(0))}), {cpu}, {mem} RAM, "
-        f"{platform.system()} {platform.release()}, load average at start {os.getloadavg()[0]:.2f}",
+        f"- machine: {os.cpu_count()} cores (nproc {len(os.sched_getaffinity(0))}), {cpu}, "
+        f"{mem} RAM, "
+        f"{platform.system()} {platform.release()}",
+        f"- load average (1/5/15 min): {' / '.join(f'{x:.2f}' for x in load_start)} at the start, "
+        f"{' / '.join(f'{x:.2f}' for x in os.getloadavg())} at the end",
         f"- python {platform.python_version()}, jupyter_client {version(py, 'jupyter_client')}, "
-        f"ipykernel {version(py, 'ipykernel')}, pyzmq {version(py, 'pyzmq')}, asyncssh {version(py, 'asyncssh')}, "
+        f"ipykernel {version(py, 'ipykernel')}, pyzmq {version(py, 'pyzmq')}, "
+        f"asyncssh {version(py, 'asyncssh')}, "
         f"sshpyk (this tree) {version(py, 'sshpyk')}, {ssh_v}",
     ]
     if python_125:
@@ -736,7 +820,8 @@ def targets(report: Report) -> str:
             "raw tunnel ≥ 0.9x OpenSSH (best cipher for us vs OpenSSH's default)",
             b / default_ossh,
             0.9,
-            f"ForwardSet {best.cipher} {b:.0f} MiB/s vs ssh -L {default[0].cipher} {default_ossh:.0f} MiB/s = {b / default_ossh:.2f}x",
+            f"ForwardSet {best.cipher} {b:.0f} MiB/s vs ssh -L {default[0].cipher} "
+            f"{default_ossh:.0f} MiB/s = {b / default_ossh:.2f}x",
             lower_is_better=False,
         )
         same = next((r for r in ossh if r.cipher == best.cipher), None)
@@ -761,7 +846,12 @@ def targets(report: Report) -> str:
     if conc is not None:
         conc_l = med("local", "concurrent_vs_single")
         extra = f" (local: {conc_l:.1f}x)" if conc_l is not None else ""
-        check("32 concurrent starts ≤ 3x a single start", conc, 3.0, f"{conc:.1f}x{extra}")
+        check(
+            f"{report.settings.concurrent} concurrent starts ≤ 3x a single start",
+            conc,
+            3.0,
+            f"{conc:.1f}x{extra}",
+        )
     peak = report.stat("sshpyk", "ssh_connections_peak")
     if peak is not None:
         check(
@@ -823,8 +913,9 @@ def main() -> int:
 
     procstat.become_subreaper()
     started = time.monotonic()
+    load_start = os.getloadavg()
     command = "python benchmarks/run.py" + "".join(f" {a}" for a in sys.argv[1:])
-    report = Report(names)
+    report = Report(names, settings)
     with workdir(args.keep) as root:
         bench = Bench(root, settings, names)
         try:
@@ -855,7 +946,7 @@ def main() -> int:
     python_125 = str(VENV_125 / "bin" / "python") if "sshpyk125" in names else None
     parts = [
         "## Environment\n",
-        environment(python_125),
+        environment(python_125, load_start),
         f"- command: `{command}` ({elapsed / 60:.1f} min)",
         "\n## Results\n",
         "Medians over repeated runs, (min-max) in brackets; ratios are of medians. "

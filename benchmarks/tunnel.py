@@ -177,8 +177,10 @@ class Forwarders:
         here = Path(__file__).resolve().parent
         with open(self.log, "a") as log:
             proc = subprocess.Popen(
-                [sys.executable, str(here / "tunnel.py"), "forward", mode, self.alias, str(config)]
-                + [str(self.target)],
+                [
+                    *(sys.executable, str(here / "tunnel.py"), "forward", mode),
+                    *(self.alias, str(config), str(self.target)),
+                ],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=log,
@@ -196,8 +198,10 @@ class Forwarders:
         port = _free_port()
         with open(self.log, "a") as log:
             proc = subprocess.Popen(
-                ["ssh", "-F", str(config), "-N", "-o", "ExitOnForwardFailure=yes", "-L"]
-                + [f"{port}:127.0.0.1:{self.target}", self.alias],
+                [
+                    *("ssh", "-F", str(config), "-N", "-o", "ExitOnForwardFailure=yes"),
+                    *("-L", f"{port}:127.0.0.1:{self.target}", self.alias),
+                ],
                 stdin=subprocess.PIPE,
                 stdout=log,
                 stderr=log,
