@@ -21,6 +21,7 @@ then any of (``kid`` is the kernel id, ``rid`` a request id)::
      "slurm_walltime_warning": 300.0, "slurm_status_interval": 30.0}
     {"op": "signal", "kid": ..., "signum": 2}       # to the kernel's process group
     {"op": "stop", "kid": ...}                      # kill the group, remove its run dir
+    {"op": "load", "rid": 1, "name": "slurm", "source": ...}  # the SLURM launcher, once
     {"op": "slurm_info", "rid": 1, "args": [...]}   # is SLURM usable here? (srun --test-only)
 
 agent -> local (stdout), every line carries ``"v"``::
@@ -41,12 +42,14 @@ agent kills every kernel's process group and removes their run directories.
 The HMAC key only travels over stdin and into a 0600 file in a 0700 directory.
 
 With ``launcher: slurm`` the agent runs on the login node and submits each kernel
-as a SLURM job with ``srun``; this same source, fed to the remote python on the
-compute node through srun's stdin, runs there in *node mode* (first line
-``{"op": "node", ...}``): it writes the connection file in a private run dir on the
-node, starts the kernel (tcp, on the node's address) and relays signal and stop
-requests from its stdin; its events reach the agent on srun's stdout. See
-:class:`SlurmKernel` for why srun rather than sbatch.
+as a SLURM job with ``srun``. That code is ``bootstrap_slurm.py``, sent by the local
+side (``load``) before the first SLURM request and compiled into this namespace only
+then, so direct kernels never pay for it. This source plus that one, fed to the
+remote python on the compute node through srun's stdin, run there in *node mode*
+(first line ``{"op": "node", ...}``): it writes the connection file in a private run
+dir on the node, starts the kernel (tcp, on the node's address) and relays signal
+and stop requests from its stdin; its events reach the agent on srun's stdout. See
+``SlurmKernel`` there for why srun rather than sbatch.
 
 Remote Python >= 3.8; nothing beyond the standard library, except the remote
 environment's ``jupyter_core``/``jupyter_client``, used to find kernelspecs.
@@ -56,7 +59,6 @@ import importlib.util
 import json
 import os
 import queue
-import re
 import shutil
 import signal
 import socket
@@ -648,7 +650,35 @@ def kill_run_dir(info):
                 time.sleep(0.02)
             if not pid_alive(pid):
                 break
+    if info.get("launcher") == "slurm" and "slurm" in EXTENSIONS:
+        # srun (pid) cancels its job on TERM; the job may outlive it (a SIGKILLed srun)
+        extension("cancel_kernel_job")(info)
     shutil.rmtree(info["run_dir"], ignore_errors=True)
+
+
+#: extensions loaded into this namespace (name -> True); see load_extension
+EXTENSIONS = {}  # type: dict[str, bool]
+
+
+def load_extension(name, source):
+    """Compile an extension's source (``bootstrap_<name>.py``) into this namespace.
+
+    It defines its classes and functions next to ours, so they use ours directly;
+    ``extension()`` fetches them. Loading twice is a no-op."""
+    if name not in EXTENSIONS:
+        if name != "slurm":
+            raise BootstrapError("protocol", "unknown extension %r" % name)
+        namespace = globals()
+        namespace["SSHPYK_" + name.upper()] = source  # for the compute node, see srun
+        exec(compile(source, "sshpyk-" + name, "exec"), namespace)
+        EXTENSIONS[name] = True
+
+
+def extension(name):
+    """A function or class of a loaded extension (the SLURM launcher)."""
+    if "slurm" not in EXTENSIONS:
+        raise BootstrapError("protocol", "the SLURM launcher is not loaded in this agent")
+    return globals()[name]
 
 
 class Agent:
@@ -744,7 +774,11 @@ class Agent:
             OUTPUT.writers = []
         self.attach(stdio_controller(self))
         while True:
-            starting = [k for k in self.kernels.values() if not k.ready and k.exit_code is None]
+            starting = [
+                k
+                for k in self.kernels.values()
+                if k.polls_ready and not k.ready and k.exit_code is None
+            ]
             try:
                 kind, value = self.events.get(timeout=0.01 if starting else 1.0)
             except queue.Empty:
@@ -768,6 +802,13 @@ class Agent:
                 kernel = self.kernels.get(kid)
                 if kernel is not None and kernel.exit_code is None:
                     kernel.on_exit(code)
+            elif kind == "node":
+                kid, event = value
+                kernel = self.kernels.get(kid)
+                if kernel is not None:
+                    kernel.on_node_event(event)
+            elif kind == "fail":
+                self.fail_start(*value)
             for kernel in starting:
                 kernel.check_ready()
             if not self.detached and self.grace and now - self.last_contact > self.grace:
@@ -784,7 +825,10 @@ class Agent:
             if op == "launch":
                 if kid in self.kernels:
                     raise BootstrapError("protocol", "kernel %s already exists" % kid)
-                kernel = self.kernels[kid] = Kernel(self, msg)
+                if msg.get("launcher", "direct") not in ("direct", "slurm"):
+                    raise BootstrapError("protocol", "unknown launcher %r" % msg["launcher"])
+                cls = extension("SlurmKernel") if msg.get("launcher") == "slurm" else Kernel
+                kernel = self.kernels[kid] = cls(self, msg)
                 kernel.launch()
             elif op == "signal":
                 if kid in self.kernels:
@@ -808,7 +852,15 @@ class Agent:
                 inspect(msg)
             elif op == "ps":
                 roots = default_run_roots(msg.get("run_root") or self.run_root)
-                emit("ps", rid=msg.get("rid"), kernels=scan_kernels(roots))
+                kernels = scan_kernels(roots)
+                if "slurm" in EXTENSIONS:
+                    kernels = extension("slurm_states")(kernels)
+                emit("ps", rid=msg.get("rid"), kernels=kernels)
+            elif op == "load":
+                load_extension(msg.get("name"), msg.get("source") or "")
+                emit("loaded", rid=msg.get("rid"), name=msg.get("name"))
+            elif op == "slurm_info":
+                extension("slurm_info")(msg)
             elif op == "kill":
                 self.kill(msg)
             elif op == "shutdown":
@@ -850,6 +902,24 @@ class Agent:
                 continue
             del self.kernels[kid]
             kernel.cleanup()
+
+    def fail_start(self, kid, kind, message):
+        """A kernel cannot start (e.g. its SLURM job waited too long): clean up, then tell."""
+        kernel = self.kernels.get(kid)
+        if kernel is None or kernel.ready or kernel.exit_code is not None:
+            return
+        if getattr(kernel, "running_since", None) is not None:
+            return  # it started meanwhile
+        del self.kernels[kid]
+        kernel.exit_code = -1
+
+        def fail():
+            kernel.cleanup()
+            emit("error", kid=kid, kind=kind, message=message, stderr_tail=tail(kernel.log_path))
+
+        thread = threading.Thread(target=fail, daemon=True)
+        self.stopping.append(thread)
+        thread.start()
 
     def _stop(self, kid, kernel):
         if kernel is not None:
@@ -932,7 +1002,7 @@ def main():
     except ValueError:
         emit("error", kind="protocol", message="the first line was not a JSON request")
         return 2
-    if hello.get("v") != PROTOCOL or hello.get("op") not in ("hello", "attach"):
+    if hello.get("v") != PROTOCOL or hello.get("op") not in ("hello", "attach", "node"):
         emit(
             "error",
             kind="protocol",
@@ -942,6 +1012,13 @@ def main():
         return 2
     if hello.get("op") == "attach":
         return relay(hello["socket"])
+    if hello.get("op") == "node":
+        try:
+            load_extension("slurm", globals().get("SSHPYK_SLURM") or "")
+            return extension("run_node")(hello)
+        except BootstrapError as exc:
+            emit("error", kind=exc.kind, message=exc.message)
+            return 1
     agent = Agent(hello)
     try:
         agent.run()

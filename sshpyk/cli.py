@@ -39,6 +39,7 @@ from .inventory import (
 )
 from .kernelspec import (
     INTERRUPT_MODES,
+    LAUNCHERS,
     TRANSPORTS,
     InstalledKernel,
     SSHKernelSpec,
@@ -52,6 +53,7 @@ from .kernelspec import (
 )
 from .listing import collect_kernels, entry_json, render_block
 from .session import SSHSession
+from .slurm import parse_slurm_args
 from .sshconfig import config_path, host_aliases
 
 __all__ = ["main"]
@@ -352,6 +354,32 @@ def _spec_options(edit: bool) -> Callable[[Callable[..., Any]], Callable[..., An
             " (reattach with `sshpyk attach` or by reopening the notebook).",
         ),
         click.option(
+            "--launcher",
+            type=click.Choice(LAUNCHERS),
+            **default("direct"),
+            help="direct: the kernel runs on the host; slurm: the host is a login node and "
+            "each kernel runs as a SLURM job (srun) on a compute node.",
+        ),
+        click.option(
+            "--slurm-args",
+            metavar="ARGS",
+            help="srun options for --launcher slurm, e.g. "
+            '"--partition=gpu --gres=gpu:1 --time=04:00:00".' + clear,
+        ),
+        click.option(
+            "--slurm-queue-timeout",
+            type=float,
+            **default(600.0),
+            help="Seconds a SLURM job may wait in the queue before it is cancelled "
+            "(on top of --start-timeout).",
+        ),
+        click.option(
+            "--slurm-walltime-warning",
+            type=float,
+            **default(300.0),
+            help="Log a warning this many seconds before the SLURM job's time limit (0: never).",
+        ),
+        click.option(
             "--replace",
             is_flag=True,
             help="Overwrite an existing kernel of that name"
@@ -393,10 +421,20 @@ def _parse_env(values: tuple[str, ...]) -> dict[str, str]:
 
 
 async def _inspect(
-    alias: str, ssh_config: str | None, python: str, kernel: str, pre: str | None
+    alias: str,
+    ssh_config: str | None,
+    python: str,
+    kernel: str,
+    pre: str | None,
+    slurm_args: list[str] | None = None,
 ) -> dict[str, Any]:
     async with await SSHSession.connect(alias, ssh_config=ssh_config, connect_timeout=20) as s:
-        return await asyncio.wait_for(s.inspect(python, kernel, pre), 30)
+        info = await asyncio.wait_for(s.inspect(python, kernel, pre), 30)
+        if slurm_args is not None:
+            # srun on the login node, and `srun --test-only` accepting the job options
+            agent = await s.agent(python, pre)
+            info["slurm"] = await asyncio.wait_for(agent.slurm_info(slurm_args), 30)
+        return info
 
 
 def _inspect_spec(spec: SSHKernelSpec) -> dict[str, Any]:
@@ -407,6 +445,7 @@ def _inspect_spec(spec: SSHKernelSpec) -> dict[str, Any]:
             spec.remote_python,
             spec.remote_kernel_name,
             spec.pre_command,
+            parse_slurm_args(spec.slurm_args) if spec.launcher == "slurm" else None,
         )
     )
 
@@ -416,8 +455,9 @@ def _inspect_spec(spec: SSHKernelSpec) -> dict[str, Any]:
 def add(**opts: Any) -> None:
     """Add a new SSH kernel.
 
-    Connects to the host to check the remote python and kernelspec (unless
-    --no-check) and writes kernel.json into your Jupyter data dir.
+    Connects to the host to check the remote python and kernelspec (and, with
+    --launcher slurm, that srun accepts --slurm-args) unless --no-check, and writes
+    kernel.json into your Jupyter data dir.
     """
     spec = SSHKernelSpec(
         name=opts["kernel_name"],
@@ -436,6 +476,10 @@ def add(**opts: Any) -> None:
         remote_run_root=opts["remote_run_root"],
         grace_period=opts["grace_period"],
         persistent=opts["persistent"],
+        launcher=opts["launcher"],
+        slurm_args=opts["slurm_args"] or "",
+        slurm_queue_timeout=opts["slurm_queue_timeout"],
+        slurm_walltime_warning=opts["slurm_walltime_warning"],
     )
     spec.validate()
     if not opts["no_check"]:
@@ -457,6 +501,8 @@ _REMOTE_FIELDS = (
     "remote_python",
     "remote_kernel_name",
     "pre_command",
+    "launcher",
+    "slurm_args",
 )
 
 
@@ -467,7 +513,8 @@ def edit(kernel: str, **opts: Any) -> None:
     """Change an SSH kernel: every option of `add` sets that field.
 
     Validates against the remote host when the host, ssh config, remote python,
-    remote kernel name or pre-command change (unless --no-check).
+    remote kernel name, pre-command, launcher or SLURM arguments change (unless
+    --no-check).
     """
     old = find_kernel(kernel).spec
     fields = (
@@ -485,6 +532,10 @@ def edit(kernel: str, **opts: Any) -> None:
         "remote_run_root",
         "grace_period",
         "persistent",
+        "launcher",
+        "slurm_args",
+        "slurm_queue_timeout",
+        "slurm_walltime_warning",
     )
     changes = {f: opts[f] for f in fields}
     changes["name"] = opts["kernel_name"]

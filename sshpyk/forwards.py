@@ -4,8 +4,10 @@ A :class:`ForwardSet` binds one listener per ZMQ channel (port 0 the first time,
 then the same ports for the life of the set, so a restarted kernel keeps its
 local ports). Each accepted connection waits until the current remote kernel is
 ready, then opens a channel on the session's SSH connection: ``direct-streamlocal``
-to the kernel's unix socket (ipc transport) or ``direct-tcpip`` to its loopback
-port (tcp transport), and pipes bytes both ways with flow control.
+to the kernel's unix socket (ipc transport) or ``direct-tcpip`` to its port (tcp
+transport) on the kernel's host: loopback for a kernel next to the agent, the
+compute node's address for a SLURM kernel (sshd on the login node connects there),
+and pipes bytes both ways with flow control.
 
 Because the target is looked up per connection, restarting the kernel only
 changes the target, and a dropped SSH link only delays new connections until
@@ -202,7 +204,7 @@ class ForwardSet:
             if process.transport == "ipc":
                 await conn.create_unix_connection(factory, target)
             else:
-                await conn.create_connection(factory, "127.0.0.1", target)
+                await conn.create_connection(factory, process.host, target)
             if local.closed:
                 remote.close()
                 return

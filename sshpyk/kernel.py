@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, cast
 from .errors import KernelStartTimeoutError, RemoteError, SSHPykError
 from .forwards import CHANNELS, ForwardSet
 from .remote import KernelProcess, LaunchRequest
+from .slurm import check_node_reachable, slurm_logger, slurm_summary
 
 if TYPE_CHECKING:
     from jupyter_client.asynchronous import AsyncKernelClient
@@ -44,6 +45,23 @@ class KernelOptions:
     start_timeout: float = 60.0
     #: keep the kernel when the local side goes away without shutting it down
     persistent: bool = False
+    #: "direct": next to the agent; "slurm": a SLURM job submitted from the host
+    #: (a login node) with srun, the kernel on a compute node
+    launcher: str = "direct"
+    #: srun arguments, e.g. ["--partition=gpu", "--gres=gpu:1", "--time=04:00:00"]
+    slurm_args: list[str] = field(default_factory=list)
+    #: seconds the job may wait in the queue (on top of start_timeout)
+    slurm_queue_timeout: float = 600.0
+    #: log a warning this many seconds before the job's time limit (0: never)
+    slurm_walltime_warning: float = 300.0
+    #: while the job is pending, log its state at least this often (seconds)
+    slurm_status_interval: float = 30.0
+
+    @property
+    def total_start_timeout(self) -> float:
+        """The whole start: the queue (SLURM) plus the kernel's own start."""
+        queue = self.slurm_queue_timeout if self.launcher == "slurm" else 0.0
+        return self.start_timeout + queue
 
 
 class RemoteKernel:
@@ -55,9 +73,11 @@ class RemoteKernel:
         self.kernel_id = kernel_id or str(uuid.uuid4())
         # a forwarded connection may wait for a start, or for a reconnect after link loss
         self.forwards = ForwardSet(
-            session, connect_timeout=max(options.start_timeout, options.grace) + 5
+            session, connect_timeout=max(options.total_start_timeout, options.grace) + 5
         )
         self.process: KernelProcess | None = None
+        #: where SLURM queue and walltime events are logged (the provisioner's self.log)
+        self.logger: Any = log
         self.key = ""
         self.signature_scheme = "hmac-sha256"
         #: durations of the last launch's stages, for logs and benchmarks
@@ -99,13 +119,18 @@ class RemoteKernel:
             raise SSHPykError(f"kernel {self.kernel_id} is already running")
         await self._discard_process()
         self.key, self.signature_scheme = key, signature_scheme
+        timeout = self.options.total_start_timeout
         try:
-            await asyncio.wait_for(self._launch(env), self.options.start_timeout)
+            await asyncio.wait_for(self._launch(env), timeout)
         except asyncio.TimeoutError as exc:
+            process = self.process
             await asyncio.shield(self._discard_process())
+            where = ""
+            if process is not None and process.launcher == "slurm":
+                where = f" (SLURM {slurm_summary(process.slurm)})"
             raise KernelStartTimeoutError(
                 f"kernel {self.options.kernel_name!r} on {self.session.alias!r} did not start "
-                f"within {self.options.start_timeout:g}s (raise --start-timeout?)"
+                f"within {timeout:g}s{where} (raise --start-timeout?)"
             ) from exc
         except BaseException:
             await asyncio.shield(self._discard_process())
@@ -126,6 +151,11 @@ class RemoteKernel:
             env={**opts.env, **(env or {})},
             cwd=opts.cwd,
             persistent=opts.persistent,
+            launcher=opts.launcher,
+            slurm_args=list(opts.slurm_args),
+            slurm_queue_timeout=opts.slurm_queue_timeout,
+            slurm_walltime_warning=opts.slurm_walltime_warning,
+            slurm_status_interval=opts.slurm_status_interval,
         )
         t1 = time.monotonic()
         agent = await self.session.agent(
@@ -133,7 +163,10 @@ class RemoteKernel:
         )
         timings["agent"] = time.monotonic() - t1
         t1 = time.monotonic()
-        self.process = await agent.launch(self.kernel_id, request)
+        on_slurm = None
+        if opts.launcher == "slurm":
+            on_slurm = slurm_logger(self.logger, alias, self.kernel_id)
+        self.process = await agent.launch(self.kernel_id, request, on_slurm=on_slurm)
         timings["spawn"] = time.monotonic() - t1
         log.debug(
             "[%s] kernel %s: remote pid %s, %s transport, run dir %s",
@@ -144,10 +177,15 @@ class RemoteKernel:
             self.process.run_dir,
         )
         self.forwards.set_target(self.process)
-        t2 = time.monotonic()
-        await self.process.wait_ready()
-        await self.session.check_forwarding(self.process.transport, self.process.endpoints["hb"])
-        timings["ready"] = time.monotonic() - t2
+        if self.process.launcher == "slurm":
+            await self._wait_slurm_ready(self.process)
+        else:
+            t2 = time.monotonic()
+            await self.process.wait_ready()
+            await self.session.check_forwarding(
+                self.process.transport, self.process.endpoints["hb"]
+            )
+            timings["ready"] = time.monotonic() - t2
         timings["total"] = time.monotonic() - t0
         log.debug(
             "[%s] kernel %s ready in %.3fs "
@@ -160,6 +198,24 @@ class RemoteKernel:
             timings["spawn"],
             timings["ready"],
         )
+
+    async def _wait_slurm_ready(self, process: KernelProcess) -> None:
+        """The job's queue (bounded by the agent's queue timeout), then the kernel's own
+        start on its node, bounded by start_timeout."""
+        t1 = time.monotonic()
+        await process.running.wait()
+        self.timings["queue"] = time.monotonic() - t1
+        t2 = time.monotonic()
+        try:
+            await asyncio.wait_for(process.wait_ready(), self.options.start_timeout)
+        except asyncio.TimeoutError:
+            raise KernelStartTimeoutError(
+                f"kernel {self.options.kernel_name!r} on {self.session.alias!r}: SLURM "
+                f"{slurm_summary(process.slurm)}, but the kernel did not bind its sockets "
+                f"within {self.options.start_timeout:g}s (raise --start-timeout?)"
+            ) from None
+        await check_node_reachable(self.session, process.host, process.endpoints["hb"])
+        self.timings["ready"] = time.monotonic() - t2
 
     @classmethod
     async def attach(

@@ -18,9 +18,11 @@ from typing import Any
 from jupyter_core.paths import jupyter_data_dir
 
 from .errors import SSHPykError
+from .slurm import LAUNCHERS, parse_slurm_args
 
 __all__ = [
     "INTERRUPT_MODES",
+    "LAUNCHERS",
     "PROVISIONER_NAME",
     "TRANSPORTS",
     "InstalledKernel",
@@ -60,6 +62,12 @@ class SSHKernelSpec:
     remote_run_root: str | None = None
     grace_period: float = 60.0
     persistent: bool = False
+    #: "direct", or "slurm": the host is a login node, each kernel a SLURM job (srun)
+    launcher: str = "direct"
+    #: srun arguments as typed, e.g. "--partition=gpu --gres=gpu:1 --time=04:00:00"
+    slurm_args: str = ""
+    slurm_queue_timeout: float = 600.0
+    slurm_walltime_warning: float = 300.0
     resource_dir: str | None = None
 
     #: the keys stored under metadata.kernel_provisioner.config
@@ -76,7 +84,13 @@ class SSHKernelSpec:
         "remote_run_root",
         "grace_period",
         "persistent",
+        "launcher",
+        "slurm_args",
+        "slurm_queue_timeout",
+        "slurm_walltime_warning",
     )
+    #: not stored for a direct kernel while they keep their defaults
+    SLURM_KEYS = ("launcher", "slurm_args", "slurm_queue_timeout", "slurm_walltime_warning")
 
     def validate(self) -> None:
         if not _NAME_RE.match(self.name):
@@ -99,6 +113,18 @@ class SSHKernelSpec:
             raise SSHPykError("grace period must be a positive number of seconds")
         if self.ssh_config and not os.path.isfile(self.ssh_config):
             raise SSHPykError(f"ssh config file {self.ssh_config} does not exist")
+        if self.launcher not in LAUNCHERS:
+            raise SSHPykError(f"launcher must be one of {', '.join(LAUNCHERS)}")
+        parse_slurm_args(self.slurm_args)
+        if not self.slurm_queue_timeout > 0:
+            raise SSHPykError("SLURM queue timeout must be a positive number of seconds")
+        if not self.slurm_walltime_warning >= 0:
+            raise SSHPykError("SLURM walltime warning must be 0 (off) or a number of seconds")
+        if self.launcher == "slurm" and self.transport == "ipc":
+            raise SSHPykError(
+                "the slurm launcher needs --transport tcp or auto: unix sockets do not cross "
+                "from the login node to a compute node"
+            )
 
     @property
     def default_display_name(self) -> str:
@@ -107,6 +133,11 @@ class SSHKernelSpec:
     def to_kernel_json(self) -> dict[str, Any]:
         config = {k: getattr(self, k) for k in self.PROVISIONER_KEYS}
         config = {k: v for k, v in config.items() if v not in (None, {}, "")}
+        if self.launcher == "direct":
+            defaults = {f.name: f.default for f in fields(self)}
+            for key in self.SLURM_KEYS:
+                if config.get(key) == defaults[key]:
+                    config.pop(key, None)
         return {
             "argv": [
                 "sshpyk-remote-kernel",

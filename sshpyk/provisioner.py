@@ -28,6 +28,7 @@ from .errors import SSHPykError
 from .kernel import KernelOptions, RemoteKernel
 from .loop import SSHLoop
 from .session import SSHSession
+from .slurm import LAUNCHERS, parse_slurm_args, slurm_summary
 
 __all__ = ["SSHKernelProvisioner"]
 
@@ -59,6 +60,27 @@ class SSHKernelProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     persistent = Bool(
         False, config=True, help="Keep the kernel when the local side goes away without shutdown"
     )
+    launcher = Enum(
+        list(LAUNCHERS),
+        default_value="direct",
+        config=True,
+        help="direct: run the kernel on the host; slurm: submit it from the host (a login "
+        "node) as a SLURM job with srun",
+    )
+    slurm_args = Unicode(
+        "", config=True, help="srun arguments, e.g. '--partition=gpu --gres=gpu:1'"
+    )
+    slurm_queue_timeout = Float(
+        600.0,
+        config=True,
+        help="Seconds a SLURM job may wait in the queue (on top of start_timeout)",
+    )
+    slurm_walltime_warning = Float(
+        300.0, config=True, help="Log a warning this many seconds before the job's time limit"
+    )
+    slurm_status_interval = Float(
+        30.0, config=True, help="Log a pending SLURM job's state at least this often (seconds)"
+    )
 
     _kernel: RemoteKernel | None = None
     _session: SSHSession | None = None
@@ -82,6 +104,11 @@ class SSHKernelProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             grace=self.grace_period,
             start_timeout=self.start_timeout,
             persistent=self.persistent,
+            launcher=self.launcher,
+            slurm_args=parse_slurm_args(self.slurm_args),
+            slurm_queue_timeout=self.slurm_queue_timeout,
+            slurm_walltime_warning=self.slurm_walltime_warning,
+            slurm_status_interval=self.slurm_status_interval,
         )
 
     async def _connect(self) -> SSHSession:
@@ -99,6 +126,7 @@ class SSHKernelProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     async def _open(self) -> RemoteKernel:
         session = await self._connect()
         kernel = RemoteKernel(session, self._options(), kernel_id=self.kernel_id)
+        kernel.logger = self.log  # SLURM queue and walltime events go to Jupyter's log
         try:
             await kernel.open_forwards()
         except BaseException:
@@ -239,7 +267,19 @@ class SSHKernelProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                 await asyncio.shield(self._loop.run(self._close()))
                 raise
             process, timings = self._kernel.process, self._kernel.timings
-            if process is not None:
+            if process is not None and process.launcher == "slurm":
+                self.log.info(
+                    "[%s] kernel %s: SLURM %s, kernel pid %s ready in %.3fs: "
+                    "queue %.3fs, sockets bound %.3fs",
+                    self.ssh_host_alias,
+                    self.kernel_id,
+                    slurm_summary(process.slurm),
+                    process.slurm.get("node_pid"),
+                    timings.get("total", 0.0),
+                    timings.get("queue", 0.0),
+                    timings.get("ready", 0.0),
+                )
+            elif process is not None:
                 self.log.info(
                     "[%s] kernel %s: remote pid %s (%s transport) ready in %.3fs: "
                     "agent %.3fs, spawn %.3fs, sockets bound %.3fs",
@@ -296,7 +336,8 @@ class SSHKernelProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         return recommended
 
     def get_stable_start_time(self, recommended: float = 10.0) -> float:
-        return max(recommended, self.start_timeout)
+        queue = self.slurm_queue_timeout if self.launcher == "slurm" else 0.0
+        return max(recommended, self.start_timeout + queue)
 
     async def get_provisioner_info(self) -> dict[str, Any]:
         info: dict[str, Any] = await super().get_provisioner_info()
@@ -313,6 +354,8 @@ class SSHKernelProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                 "ports": kernel.ports if kernel else None,
             }
         )
+        if process is not None and process.launcher == "slurm":
+            info["slurm"] = {k: process.slurm.get(k) for k in ("job_id", "node", "host", "state")}
         return info
 
     async def load_provisioner_info(self, provisioner_info: dict[str, Any]) -> None:

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import json
 import logging
 import secrets
 import shlex
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from importlib import resources
 from typing import TYPE_CHECKING, Any
@@ -26,6 +28,7 @@ import asyncssh
 from .errors import (
     ConnectionLostError,
     KernelStartError,
+    KernelStartTimeoutError,
     ProtocolError,
     RemoteError,
     RemoteJupyterClientMissingError,
@@ -38,12 +41,28 @@ from .errors import (
 if TYPE_CHECKING:
     from .session import SSHSession
 
-__all__ = ["LOST", "PROTOCOL", "KernelProcess", "LaunchRequest", "RemoteAgent", "remote_command"]
+__all__ = [
+    "LOST",
+    "PROTOCOL",
+    "KernelProcess",
+    "LaunchRequest",
+    "RemoteAgent",
+    "SlurmListener",
+    "remote_command",
+]
 
 log = logging.getLogger("sshpyk")
 
 PROTOCOL = 1
 _BOOTSTRAP = resources.files("sshpyk").joinpath("bootstrap.py").read_bytes()
+
+
+@functools.cache
+def _slurm_extension() -> str:
+    """The SLURM launcher's remote code, sent to an agent on its first SLURM request."""
+    return resources.files("sshpyk").joinpath("bootstrap_slurm.py").read_text("utf-8")
+
+
 _STDERR_LIMIT = 8000
 #: lines of login-script output tolerated before the agent's hello
 _MAX_NOISE_LINES = 200
@@ -77,12 +96,15 @@ def remote_command(python: str, pre_command: str | None = None) -> str:
     return "\n".join(lines)
 
 
-_ERROR_KINDS: dict[str, type[RemoteError]] = {
+_ERROR_KINDS: dict[str, type[SSHPykError]] = {
     "jupyter_client_missing": RemoteJupyterClientMissingError,
     "kernelspec_not_found": RemoteKernelSpecNotFoundError,
     "kernel_exited": KernelStartError,
     "protocol": ProtocolError,
     "not_found": RemoteError,
+    # SLURM launcher: the job waited in the queue too long, or ended before the kernel ran
+    "slurm_queue_timeout": KernelStartTimeoutError,
+    "slurm_failed": KernelStartError,
 }
 
 
@@ -100,6 +122,16 @@ class LaunchRequest:
     env: dict[str, str] | None = None
     cwd: str | None = None
     persistent: bool = False
+    #: "direct" (a process next to the agent) or "slurm" (a SLURM job submitted with srun)
+    launcher: str = "direct"
+    slurm_args: list[str] | None = None
+    slurm_queue_timeout: float = 600.0
+    slurm_walltime_warning: float = 300.0
+    slurm_status_interval: float = 30.0
+
+
+#: called with the kernel and each ``slurm`` event (queue state, job start, walltime warning)
+SlurmListener = Callable[["KernelProcess", dict[str, Any]], None]
 
 
 class KernelProcess:
@@ -117,11 +149,20 @@ class KernelProcess:
         self.run_dir = ""
         self.transport = ""
         self.endpoints: dict[str, Any] = {}
+        #: where the kernel's tcp sockets listen, as seen from the remote host
+        self.host = "127.0.0.1"
+        self.launcher = "direct"
+        #: the SLURM job as last reported: job_id, state, reason, node, waited, time_left
+        self.slurm: dict[str, Any] = {}
+        self.slurm_listeners: list[SlurmListener] = []
         self.argv: list[str] = []
         self.exit_code: int | None = None
         self.stderr_tail = ""
         self.persistent = False
         self.started = asyncio.Event()
+        #: set once the kernel process runs: at once for direct kernels, when the job
+        #: starts for SLURM kernels (or the kernel ended)
+        self.running = asyncio.Event()
         #: set once all five sockets are bound (or the kernel ended)
         self.ready = asyncio.Event()
         #: set while the kernel is ready AND the link to it is up; forwards wait on it
@@ -144,7 +185,14 @@ class KernelProcess:
             self.transport = str(event["transport"])
             self.endpoints = dict(event["endpoints"])
             self.argv = list(event.get("argv") or [])
+            self.launcher = str(event.get("launcher") or "direct")
+            if self.launcher == "slurm":
+                self.slurm["job_name"] = event.get("job_name")
+            else:
+                self.running.set()
             self.started.set()
+        elif kind == "slurm":
+            self._on_slurm(event)
         elif kind == "ready":
             self.ready.set()
             self.reachable.set()
@@ -163,8 +211,22 @@ class KernelProcess:
         if self.exit_code is None:
             self.exit_code = code
             self.stderr_tail = stderr_tail
-        for event in (self.exited, self.started, self.ready, self.reachable):
+        for event in (self.exited, self.started, self.running, self.ready, self.reachable):
             event.set()  # wake every waiter; they look at exit_code/error
+
+    def _on_slurm(self, event: dict[str, Any]) -> None:
+        if "endpoints" in event:
+            self.endpoints = dict(event["endpoints"])
+            self.host = str(event.get("host") or self.host)
+            self.running.set()
+        self.slurm.update(
+            {k: v for k, v in event.items() if k not in ("v", "event", "kid", "endpoints")}
+        )
+        for listener in list(self.slurm_listeners):
+            try:
+                listener(self, event)
+            except Exception:  # a logging hook must not break the event stream
+                log.exception("[%s] SLURM event hook failed", self.agent.alias)
 
     def _restore(self, state: dict[str, Any]) -> None:
         """Adopt the agent's view after a (re)attach."""
@@ -174,6 +236,16 @@ class KernelProcess:
         self.transport = str(state.get("transport") or self.transport)
         self.endpoints = dict(state.get("endpoints") or self.endpoints)
         self.persistent = bool(state.get("persistent"))
+        self.host = str(state.get("host") or self.host)
+        self.launcher = str(state.get("launcher") or self.launcher)
+        if self.launcher == "slurm":
+            for key in ("job_id", "node", "host"):
+                if state.get(key):
+                    self.slurm[key] = state[key]
+            if state.get("slurm_state"):
+                self.slurm["state"] = state["slurm_state"]
+        if self.launcher != "slurm" or state.get("host"):
+            self.running.set()
         self.started.set()
         if state.get("exit_code") is not None:
             self._set_exit(int(state["exit_code"]), "")
@@ -288,6 +360,8 @@ class RemoteAgent:
         self._closing = False
         #: we spawned it: closing tells it to stop (non-persistent) kernels
         self.owner = True
+        self._slurm_loaded = False
+        self._slurm_lock = asyncio.Lock()
 
     @property
     def alive(self) -> bool:
@@ -571,24 +645,51 @@ class RemoteAgent:
         event = await self.request("inspect", kernel_name=kernel_name)
         return dict(event.get("kernelspec") or {})
 
-    async def ps(self, run_root: str | None = None) -> list[dict[str, Any]]:
+    async def load_slurm(self) -> None:
+        """Send the SLURM launcher (``bootstrap_slurm.py``) to the agent, once: agents that
+        only run direct kernels never receive nor compile it."""
+        async with self._slurm_lock:
+            if not self._slurm_loaded:
+                await self.request("load", name="slurm", source=_slurm_extension())
+                self._slurm_loaded = True
+
+    async def ps(self, run_root: str | None = None, *, slurm: bool = False) -> list[dict[str, Any]]:
         """Every sshpyk kernel of this user on the host (any agent, any local process).
 
         Each entry: kernel_id, kernel_name, pid, alive, started (epoch), agent_pid,
         agent_alive, attached (a local side was heard within its grace), last_contact
-        (epoch or None), persistent, transport, run_dir.
+        (epoch or None), persistent, transport, run_dir. SLURM kernels also have
+        launcher ("slurm"), job_id, job_name, node, host and, with ``slurm`` (or once
+        the agent runs SLURM kernels), slurm_state and slurm_reason from squeue.
         """
+        if slurm:
+            await self.load_slurm()
         event = await self.request("ps", run_root=run_root)
         return list(event.get("kernels") or [])
 
     async def kill(
-        self, kernel_id: str | None = None, *, orphans: bool = False, run_root: str | None = None
+        self,
+        kernel_id: str | None = None,
+        *,
+        orphans: bool = False,
+        run_root: str | None = None,
+        slurm: bool = False,
     ) -> list[dict[str, Any]]:
-        """Kill one kernel (by id or unique id prefix) or every orphan; remove run dirs."""
+        """Kill one kernel (by id or unique id prefix) or every orphan; remove run dirs.
+        With ``slurm`` the jobs of SLURM kernels are scancelled too."""
         if not kernel_id and not orphans:
             raise ValueError("kill() needs a kernel_id or orphans=True")
+        if slurm:
+            await self.load_slurm()
         event = await self.request("kill", kernel_id=kernel_id, orphans=orphans, run_root=run_root)
         return list(event.get("kernels") or [])
+
+    async def slurm_info(self, args: list[str] | None = None) -> dict[str, Any]:
+        """SLURM as the agent sees it: version, srun's path, partitions; with ``args``,
+        also whether ``srun --test-only ARGS`` accepts them (RemoteError if not)."""
+        await self.load_slurm()
+        event = await self.request("slurm_info", args=args)
+        return {k: v for k, v in event.items() if k not in ("v", "event", "rid")}
 
     async def connection_info(self, kid: str) -> dict[str, Any]:
         """The remote connection file of a kernel of this agent (includes the key)."""
@@ -605,12 +706,19 @@ class RemoteAgent:
                 return kernel
         raise RemoteError(f"no kernel {kid} in the agent on {self.alias!r}")
 
-    async def launch(self, kid: str, request: LaunchRequest) -> KernelProcess:
-        """Start a kernel; returns once its process exists (not yet ready)."""
+    async def launch(
+        self, kid: str, request: LaunchRequest, *, on_slurm: SlurmListener | None = None
+    ) -> KernelProcess:
+        """Start a kernel; returns once its process exists (not yet ready; a SLURM
+        kernel's job may still wait in the queue). ``on_slurm`` sees its SLURM events."""
         if not self.alive or not self.connected.is_set():
             raise self._lost_error or ConnectionLostError(f"the agent on {self.alias!r} is gone")
+        if request.launcher == "slurm":
+            await self.load_slurm()
         kernel = self.kernels[kid] = KernelProcess(self, kid)
         kernel.persistent = request.persistent
+        if on_slurm is not None:
+            kernel.slurm_listeners.append(on_slurm)
         self.send({"op": "launch", "kid": kid, **asdict(request)})
         try:
             await kernel.wait_started()

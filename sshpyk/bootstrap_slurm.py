@@ -1,0 +1,788 @@
+"""The SLURM launcher, remote side: an extension of ``bootstrap.py`` (stdlib only,
+Python >= 3.8), never imported locally.
+
+The local side sends this source in a ``load`` request before its first SLURM request
+(``launch`` with ``launcher: slurm``, ``slurm_info``, ``ps`` of a host with SLURM
+kernels); the agent compiles it into its own namespace, so the names of
+``bootstrap.py`` (``Kernel``, ``emit``, ``BootstrapError``...) are used here directly,
+and agents that only run direct kernels never compile it.
+
+On the login node, :class:`SlurmKernel` submits a kernel with ``srun``; on the compute
+node, :func:`run_node` (node mode: the same two sources, fed to the remote python
+through srun's stdin) starts it and relays signal and stop requests.
+"""
+
+# ruff: noqa: UP031, B905
+
+import json
+import os
+import queue
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # at run time these names are bootstrap.py's, in the same namespace
+    from sshpyk.bootstrap import (
+        PROTOCOL,
+        TERM_WAIT,
+        BootstrapError,
+        Kernel,
+        emit,
+        endpoints_bound,
+        find_kernelspec,
+        kernel_argv,
+        private_run_dir,
+        tail,
+        write_connection_file,
+    )
+
+# -- SLURM: the login node side -----------------------------------------------------------
+
+#: srun's command on the compute node: bootstrap.py's source (the agent's loader keeps
+#: it in SSHPYK_SOURCE) then this one arrive first on stdin, then the ``node`` request
+NODE_LOADER = (
+    "import sys;SSHPYK_SOURCE=sys.stdin.buffer.read(%d);"
+    "SSHPYK_SLURM=sys.stdin.buffer.read(%d);"
+    "exec(compile(SSHPYK_SOURCE,'sshpyk-node','exec'))"
+)
+#: seconds between squeue polls while a job is pending
+SLURM_POLL = 2.0
+#: bound on every SLURM client command (slurmctld may be slow or down)
+SLURM_COMMAND_TIMEOUT = 15.0
+#: after scancel, how long to wait for the job to leave the queue
+SLURM_GONE_WAIT = 15.0
+#: job states after which nothing of the job runs any more
+SLURM_ENDED = frozenset(
+    (
+        "BOOT_FAIL",
+        "CANCELLED",
+        "COMPLETED",
+        "DEADLINE",
+        "FAILED",
+        "NODE_FAIL",
+        "OUT_OF_MEMORY",
+        "PREEMPTED",
+        "TIMEOUT",
+    )
+)
+_SRUN_JOB_RE = re.compile(r"job (\d+) (?:queued|has been allocated)", re.IGNORECASE)
+_SQUEUE_FORMAT = "%i|%T|%r|%N|%L"
+
+
+def last_line(text):
+    lines = [line.strip() for line in (text or "").strip().splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def slurm_command(argv, timeout=SLURM_COMMAND_TIMEOUT):
+    """Run a SLURM client command: (exit code, stdout, stderr); BootstrapError if missing."""
+    path = shutil.which(argv[0])
+    if path is None:
+        raise BootstrapError(
+            "slurm_missing",
+            "%s not found on the PATH of the login node (is SLURM installed? load it in "
+            "the pre-command, e.g. 'module load slurm')" % argv[0],
+        )
+    try:
+        done = subprocess.run(
+            [path] + [str(a) for a in argv[1:]],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        raise BootstrapError(
+            "slurm_error", "%s did not answer within %gs" % (argv[0], timeout)
+        ) from None
+    except OSError as exc:
+        raise BootstrapError("slurm_error", "cannot run %s: %s" % (argv[0], exc)) from None
+    return (
+        done.returncode,
+        done.stdout.decode("utf-8", "replace"),
+        done.stderr.decode("utf-8", "replace"),
+    )
+
+
+def parse_duration(text):
+    """Seconds in a SLURM duration ([days-]hours:minutes:seconds, minutes:seconds, ...);
+    None for UNLIMITED, NOT_SET, INVALID or anything else."""
+    days = 0
+    if "-" in text:
+        head, text = text.split("-", 1)
+        if not head.isdigit():
+            return None
+        days = int(head)
+    parts = text.split(":")
+    if not parts or not all(p.isdigit() for p in parts) or len(parts) > 3:
+        return None
+    seconds = 0
+    for part in parts:
+        seconds = seconds * 60 + int(part)
+    return days * 86400 + seconds
+
+
+def squeue_jobs(job_ids):
+    """{job id: {state, reason, node, time_left}} for the jobs SLURM still lists."""
+    ids = [str(j) for j in job_ids if j]
+    if not ids:
+        return {}
+    code, out, err = slurm_command(["squeue", "-h", "-j", ",".join(ids), "-o", _SQUEUE_FORMAT])
+    if code != 0:
+        if "invalid job id" in err.lower():
+            return {}  # finished and purged
+        raise BootstrapError("slurm_error", "squeue failed: %s" % (last_line(err) or code))
+    jobs = {}
+    for line in out.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) != 5:
+            continue
+        job_id, state, reason, node, left = parts
+        jobs[job_id] = {
+            "state": state,
+            "reason": "" if reason == "None" else reason,
+            "node": node or None,
+            "time_left": parse_duration(left),
+        }
+    return jobs
+
+
+def slurm_job_by_name(name):
+    """The id of this user's newest job called ``name``, or None."""
+    code, out, _ = slurm_command(["squeue", "-h", "-u", str(os.getuid()), "-n", name, "-o", "%i"])
+    ids = [line.strip() for line in out.splitlines() if line.strip().isdigit()]
+    return ids[-1] if code == 0 and ids else None
+
+
+def scancel(job_id, wait=SLURM_GONE_WAIT):
+    """Cancel a job unless it ended already, then wait (bounded) until it is gone."""
+    jobs = squeue_jobs([job_id])
+    if str(job_id) not in jobs or jobs[str(job_id)]["state"] in SLURM_ENDED:
+        return
+    slurm_command(["scancel", str(job_id)])
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        jobs = squeue_jobs([job_id])
+        if str(job_id) not in jobs or jobs[str(job_id)]["state"] in SLURM_ENDED:
+            return
+        time.sleep(0.1)
+
+
+def slurm_states(kernels):
+    """Add the SLURM state of each SLURM kernel found by ``scan_kernels`` (one squeue)."""
+    mine = [k for k in kernels if k.get("launcher") == "slurm"]
+    if not mine:
+        return kernels
+    try:
+        jobs = squeue_jobs([k.get("job_id") for k in mine])
+    except BootstrapError as exc:
+        jobs = None
+        error = exc.message
+    for k in mine:
+        if jobs is None:
+            k["slurm_state"], k["slurm_reason"] = "UNKNOWN", error
+        elif not k.get("job_id"):
+            k["slurm_state"], k["slurm_reason"] = "SUBMITTING" if k.get("alive") else "GONE", ""
+        else:
+            job = jobs.get(str(k["job_id"]))
+            k["slurm_state"] = job["state"] if job else "GONE"
+            k["slurm_reason"] = job["reason"] if job else ""
+            if job and job["node"]:
+                k["node"] = job["node"]
+    return kernels
+
+
+def slurm_info(msg):
+    """Is SLURM usable from here: version, partitions, and whether srun accepts ``args``."""
+    _, out, err = slurm_command(["sinfo", "--version"])
+    version = out.strip() or last_line(err)
+    code, out, err = slurm_command(["sinfo", "-h", "-o", "%P|%a|%D|%T"])
+    if code != 0:
+        raise BootstrapError("slurm_error", "sinfo failed: %s" % (last_line(err) or code))
+    partitions = []
+    for line in out.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) == 4:
+            partitions.append(dict(zip(("partition", "avail", "nodes", "state"), parts)))
+    test = None
+    args = msg.get("args")
+    if args is not None:
+        srun = ["srun", "--test-only"] + [str(a) for a in args] + ["--ntasks=1", "true"]
+        code, out, err = slurm_command(srun)
+        test = last_line(err) or last_line(out)
+        if code != 0:
+            raise BootstrapError(
+                "slurm_args", "srun rejects the SLURM arguments %r: %s" % (" ".join(args), test)
+            )
+    emit(
+        "slurm_info",
+        rid=msg.get("rid"),
+        version=version,
+        srun=shutil.which("srun"),
+        partitions=partitions,
+        test=test,
+    )
+
+
+class SlurmKernel(Kernel):
+    """A kernel run as a SLURM job: ``srun`` here on the login node, the kernel on a
+    compute node, where this same source runs in node mode (:func:`run_node`).
+
+    Why srun and not sbatch:
+
+    - srun's stdin reaches the job: the node side's code and the HMAC key travel over
+      it (no shared file system needed; the key is never stored by SLURM as an sbatch
+      script or an ``--export`` value would be), then signal and stop requests; srun's
+      stdout brings the node's events back. One SSH connection, no extra files.
+    - the job lives as long as srun, a child of this agent: if the agent dies, even by
+      SIGKILL, srun's stdin ends, the node side stops the kernel and the job ends; if
+      srun itself is killed, slurmstepd closes the task's stdin and the same happens.
+      A batch job would run on, holding its allocation, until its time limit.
+    - the kernel starts ~0.1 s after submission when resources are free; a batch job
+      waits for the scheduler's batch cycle.
+
+    Signals never go to srun itself (a SIGINT makes it print the step's status, a second
+    one within a second kills the step): an interrupt travels as a ``signal`` line over
+    srun's stdin and the node side signals the kernel's process group, exactly what the
+    direct launcher does, without a round trip through slurmctld (scancel --signal).
+    On the node the kernel is the node side's child, with JPY_PARENT_PID set to it:
+    ipykernel's ParentPollerUnix exits the kernel when its parent changes (slurmstepd
+    would be its parent otherwise, and it checks only for init then).
+    """
+
+    polls_ready = False
+    launcher = "slurm"
+
+    def __init__(self, agent, request):
+        Kernel.__init__(self, agent, request)
+        self.job_id = None
+        self.job_name = "sshpyk-" + str(self.kid)[:8]
+        self.node = None
+        self.host = None
+        self.slurm_state = "SUBMITTING"
+        self.reason = ""
+        self.submitted = time.monotonic()
+        self.running_since = None
+        self.node_error = None
+        self.finished = threading.Event()
+        self.stdout_done = threading.Event()
+        self.stdin_queue = queue.Queue()
+        self.cleanup_lock = threading.Lock()
+        self.cleaned_up = False
+        self.info = {}
+
+    def state(self):
+        state = Kernel.state(self)
+        state.update(
+            launcher="slurm",
+            host=self.host,
+            job_id=self.job_id,
+            node=self.node,
+            slurm_state=self.slurm_state,
+            slurm_reason=self.reason,
+        )
+        return state
+
+    def launch(self):
+        request = self.request
+        core, extension = globals().get("SSHPYK_SOURCE"), globals().get("SSHPYK_SLURM")
+        if not core or not extension:
+            raise BootstrapError("launch_failed", "the agent does not have its own source")
+        if not isinstance(extension, bytes):
+            extension = extension.encode("utf-8")
+        spec = find_kernelspec(request["kernel_name"])
+        if request.get("transport", "auto") == "ipc":
+            raise BootstrapError(
+                "launch_failed",
+                "the slurm launcher needs the tcp transport: unix sockets do not cross nodes",
+            )
+        srun = shutil.which("srun")
+        if srun is None:
+            slurm_command(["srun"])  # raises the clear "not found" error
+        cwd = os.path.expanduser(request.get("cwd") or "~")
+        if not os.path.isdir(cwd):
+            raise BootstrapError(
+                "launch_failed", "remote working directory %r does not exist" % cwd
+            )
+        self.transport = "tcp"
+        self.run_dir = private_run_dir(self.agent.run_root, self.kid)
+        self.log_path = os.path.join(self.run_dir, "srun.log")
+        argv = kernel_argv(spec, "{connection_file}")
+        env = dict(spec.get("env") or {})
+        env.update(request.get("env") or {})
+        command = (
+            [srun, "--job-name=" + self.job_name]
+            + [str(a) for a in request.get("slurm_args") or []]
+            + ["--ntasks=1", sys.executable, "-c", NODE_LOADER % (len(core), len(extension))]
+        )
+        node_request = {
+            "v": PROTOCOL,
+            "op": "node",
+            "kid": self.kid,
+            "key": request["key"],
+            "signature_scheme": request.get("signature_scheme", "hmac-sha256"),
+            "kernel_name": request["kernel_name"],
+            "argv": argv,
+            "env": env,
+            "cwd": request.get("cwd"),
+            "run_root": self.agent.run_root,
+        }
+        try:
+            self.proc = subprocess.Popen(
+                command,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                cwd=cwd,
+                start_new_session=True,
+                close_fds=True,
+            )
+        except OSError as exc:
+            raise BootstrapError("launch_failed", "cannot start %s: %s" % (srun, exc)) from None
+        self.submitted = time.monotonic()
+        self.stdin_queue.put(core + extension + (json.dumps(node_request) + "\n").encode("utf-8"))
+        self.info = {
+            "kernel_id": self.kid,
+            "kernel_name": request["kernel_name"],
+            "pid": self.proc.pid,
+            "agent_pid": os.getpid(),
+            "started": time.time(),
+            "transport": self.transport,
+            "persistent": self.persistent,
+            "argv": argv,
+            "launcher": "slurm",
+            "job_name": self.job_name,
+            "slurm_args": request.get("slurm_args") or [],
+        }
+        self.write_info()
+        for target in (self._write_stdin, self._read_stdout, self._read_stderr, self._wait):
+            threading.Thread(target=target, daemon=True).start()
+        emit(
+            "started",
+            kid=self.kid,
+            pid=self.proc.pid,
+            pgid=self.proc.pid,
+            run_dir=self.run_dir,
+            transport=self.transport,
+            endpoints={},
+            argv=argv,
+            resource_dir=spec.get("resource_dir"),
+            language=spec.get("language"),
+            launcher="slurm",
+            job_name=self.job_name,
+        )
+        # after "started": the local side learns of the kernel before its queue events
+        threading.Thread(target=self._monitor, daemon=True).start()
+
+    def write_info(self):
+        """sshpyk.json in the run dir on the login node (what `sshpyk ps` reads)."""
+        if not self.run_dir:
+            return
+        self.info.update(job_id=self.job_id, node=self.node, host=self.host)
+        path = os.path.join(self.run_dir, "sshpyk.json")
+        try:
+            with open(path + ".tmp", "w") as f:
+                json.dump(self.info, f)
+            os.replace(path + ".tmp", path)
+        except OSError:
+            pass  # the run dir is being removed
+
+    # -- srun's stdio (threads) ------------------------------------------------------
+    def send(self, message):
+        self.stdin_queue.put((json.dumps(message) + "\n").encode("utf-8"))
+
+    def _write_stdin(self):
+        stdin = self.proc.stdin
+        while True:
+            data = self.stdin_queue.get()
+            if data is None:
+                break
+            try:
+                stdin.write(data)
+                stdin.flush()
+            except (OSError, ValueError):
+                break
+        try:
+            stdin.close()
+        except (OSError, ValueError):
+            pass
+
+    def _read_stdout(self):
+        try:
+            for line in iter(self.proc.stdout.readline, b""):
+                try:
+                    event = json.loads(line.decode("utf-8"))
+                except ValueError:
+                    continue  # the kernel's output goes to its log on the node, not here
+                if isinstance(event, dict):
+                    self.agent.events.put(("node", (self.kid, event)))
+        except (OSError, ValueError):
+            pass
+        finally:
+            self.stdout_done.set()
+
+    def _read_stderr(self):
+        try:
+            with open(self.log_path, "ab") as log:
+                for line in iter(self.proc.stderr.readline, b""):
+                    log.write(line)
+                    log.flush()
+                    match = _SRUN_JOB_RE.search(line.decode("utf-8", "replace"))
+                    if match and self.job_id is None:
+                        self.job_id = match.group(1)
+                        self.write_info()
+        except (OSError, ValueError):
+            pass
+
+    def _wait(self):
+        self.stdout_done.wait()  # the node's last events are queued before srun's exit
+        code = self.proc.wait()
+        self.agent.events.put(("exit", (self.kid, code)))
+
+    # -- the queue, the time limit (a thread) ------------------------------------------
+    def _poll_job(self):
+        if self.job_id is None and time.monotonic() - self.submitted > SLURM_POLL:
+            found = slurm_job_by_name(self.job_name)  # srun did not say (e.g. --quiet)
+            if found and self.job_id is None:
+                self.job_id = found
+                self.write_info()
+        if self.job_id is None:
+            return None
+        return squeue_jobs([self.job_id]).get(str(self.job_id))
+
+    def _monitor(self):
+        request = self.request
+        interval = max(1.0, float(request.get("slurm_status_interval") or 30.0))
+        queue_timeout = float(request.get("slurm_queue_timeout") or 600.0)
+        lead = float(request.get("slurm_walltime_warning") or 0.0)
+        reported_at, reported = None, None
+        while not self.finished.is_set() and self.running_since is None:
+            try:
+                job = self._poll_job()
+            except BootstrapError:
+                job = None
+            waited = time.monotonic() - self.submitted
+            if self.running_since is not None:
+                break
+            if job is not None:
+                self.slurm_state, self.reason = job["state"], job["reason"]
+                now = time.monotonic()
+                if (job["state"], job["reason"]) != reported or now - reported_at >= interval:
+                    reported, reported_at = (job["state"], job["reason"]), now
+                    emit(
+                        "slurm",
+                        kid=self.kid,
+                        job_id=self.job_id,
+                        state=job["state"],
+                        reason=job["reason"],
+                        waited=round(waited, 1),
+                    )
+            if waited >= queue_timeout:
+                if self.job_id:
+                    what = "SLURM job %s was still %s after %gs%s" % (
+                        self.job_id,
+                        (self.slurm_state or "pending").lower(),
+                        queue_timeout,
+                        " (reason: %s)" % self.reason if self.reason else "",
+                    )
+                else:
+                    what = "the SLURM job was not started within %gs" % queue_timeout
+                self.agent.events.put(
+                    (
+                        "fail",
+                        (
+                            self.kid,
+                            "slurm_queue_timeout",
+                            what + "; cancelled it (raise --slurm-queue-timeout, or see "
+                            "`sinfo` for the state of the partition)",
+                        ),
+                    )
+                )
+                return
+            self.finished.wait(min(SLURM_POLL, max(0.05, queue_timeout - waited)))
+        # running: warn once, `lead` seconds ahead of the time limit
+        while lead > 0 and not self.finished.is_set():
+            try:
+                job = self._poll_job()
+            except BootstrapError:
+                job = None
+            if job is None or job["time_left"] is None:
+                return  # no time limit, or SLURM cannot tell
+            due = job["time_left"] - lead
+            if due > 0:
+                self.finished.wait(min(due, 600.0))  # then ask again: limits can change
+                continue
+            emit(
+                "slurm",
+                kid=self.kid,
+                job_id=self.job_id,
+                state=job["state"],
+                node=self.node,
+                time_left=job["time_left"],
+                warning="walltime",
+            )
+            return
+
+    # -- events from the node (on the agent's loop) --------------------------------------
+    def on_node_event(self, event):
+        kind = event.get("event")
+        if kind == "node":
+            self.running_since = time.monotonic()
+            self.job_id = str(event.get("job_id") or self.job_id or "") or None
+            self.node = event.get("node")
+            self.host = event.get("host")
+            self.endpoints = dict(event.get("endpoints") or {})
+            self.slurm_state, self.reason = "RUNNING", ""
+            self.write_info()
+            emit(
+                "slurm",
+                kid=self.kid,
+                job_id=self.job_id,
+                state="RUNNING",
+                node=self.node,
+                host=self.host,
+                endpoints=self.endpoints,
+                node_pid=event.get("pid"),
+                waited=round(self.running_since - self.submitted, 3),
+            )
+        elif kind == "ready":
+            if not self.ready and self.exit_code is None:
+                self.ready = True
+                emit("ready", kid=self.kid)
+        elif kind == "exited":
+            if self.exit_code is None:
+                self.on_exit(int(event.get("code", -1)), str(event.get("stderr_tail") or ""))
+        elif kind == "error":
+            self.node_error = (str(event.get("kind") or "launch_failed"), event.get("message"))
+
+    def on_exit(self, code, stderr_tail=None):
+        self.exit_code = code
+        self.finished.set()
+        if stderr_tail is None:
+            stderr_tail = tail(self.log_path)  # srun's stderr: why the job did not run
+        if self.ready:
+            emit("exited", kid=self.kid, code=code, stderr_tail=stderr_tail)
+        else:
+            if self.node_error is not None:
+                kind, message = self.node_error
+            elif self.running_since is None:
+                kind = "slurm_failed"
+                message = "the SLURM job%s ended before the kernel ran (srun exit code %s)" % (
+                    " " + self.job_id if self.job_id else "",
+                    code,
+                )
+            else:
+                kind = "kernel_exited"
+                message = "the kernel exited with code %s during start (SLURM job %s on %s)" % (
+                    code,
+                    self.job_id,
+                    self.node,
+                )
+            emit(
+                "error",
+                kid=self.kid,
+                kind=kind,
+                message=message,
+                code=code,
+                stderr_tail=stderr_tail,
+            )
+        # the job ends with srun; reap what is left off the loop (scancel may be slow)
+        threading.Thread(target=self.cleanup, daemon=True).start()
+
+    def signal(self, signum):
+        if self.exit_code is not None or self.proc is None:
+            return
+        if self.running_since is not None:
+            self.send({"op": "signal", "signum": int(signum)})
+        elif signum in (signal.SIGTERM, signal.SIGKILL):
+            self.cleanup()  # not running yet: give up the queued job
+
+    def cleanup(self):
+        """Stop the kernel on the node, end the job (scancel), remove the run dir.
+        Idempotent and thread safe: a second caller waits for the first."""
+        with self.cleanup_lock:
+            if self.cleaned_up:
+                return
+            self.cleaned_up = True
+            self.finished.set()
+            proc = self.proc
+            if proc is not None:
+                if proc.poll() is None and self.running_since is not None:
+                    self.send({"op": "stop"})  # the node side TERMs, then KILLs the kernel
+                    self.stdin_queue.put(None)
+                    wait_exit(proc, TERM_WAIT + 5)
+                for signum, seconds in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 2.0)):
+                    if proc.poll() is None:
+                        # srun cancels its step (or revokes a pending allocation)
+                        try:
+                            os.killpg(proc.pid, signum)
+                        except (ProcessLookupError, PermissionError):
+                            pass
+                        wait_exit(proc, seconds)
+                self.stdin_queue.put(None)
+            try:
+                if self.job_id is None and proc is not None:
+                    self.job_id = slurm_job_by_name(self.job_name)
+                if self.job_id is not None:
+                    scancel(self.job_id)  # belt and braces: no job outlives its kernel
+            except BootstrapError:
+                pass
+            if self.run_dir:
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+                self.run_dir = None
+
+
+def wait_exit(proc, seconds):
+    try:
+        proc.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+# -- SLURM: the compute node side -------------------------------------------------------
+
+
+def node_address():
+    """This node's address as the login node reaches it: the local end of the route to
+    the host srun runs on (connecting a UDP socket sends nothing), else the address of
+    the node's name."""
+    launch = os.environ.get("SLURM_LAUNCH_NODE_IPADDR", "")
+    if launch and ":" not in launch:
+        probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            probe.connect((launch, 9))
+            return probe.getsockname()[0]
+        except OSError:
+            pass
+        finally:
+            probe.close()
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
+
+
+def run_node(request):
+    """Node mode, inside the SLURM job step: start one kernel, report on stdout, obey
+    stdin (``signal``, ``stop``; EOF means the agent or srun is gone). Always stops the
+    kernel's process group and removes the run dir on the way out."""
+    # The kernel inherits ignored signals but not handlers: ignore SIGINT (a
+    # `scancel --signal=INT` reaches every process of the step) through a handler.
+    signal.signal(signal.SIGINT, lambda *_: None)
+    events = queue.Queue()
+    run_dir = private_run_dir(request.get("run_root"), request["kid"])
+    proc = None
+    try:
+        host = node_address()
+        conn_file, endpoints = write_connection_file(run_dir, "tcp", request, host)
+        argv = [str(a).replace("{connection_file}", conn_file) for a in request["argv"]]
+        env = dict(os.environ)
+        env.update(request.get("env") or {})
+        env["JPY_PARENT_PID"] = str(os.getpid())
+        env["SSHPYK_KERNEL_ID"] = request["kid"]
+        env["SSHPYK_RUN_DIR"] = run_dir
+        cwd = os.path.expanduser(request.get("cwd") or "~")
+        if not os.path.isdir(cwd):
+            raise BootstrapError(
+                "launch_failed", "working directory %r does not exist on the node" % cwd
+            )
+        log_path = os.path.join(run_dir, "kernel.log")
+        with open(log_path, "wb") as log:
+            try:
+                proc = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    cwd=cwd,
+                    start_new_session=True,
+                    close_fds=True,
+                )
+            except OSError as exc:
+                raise BootstrapError(
+                    "launch_failed", "cannot start %s on the node: %s" % (argv[0], exc)
+                ) from None
+        emit(
+            "node",
+            pid=proc.pid,
+            host=host,
+            endpoints=endpoints,
+            run_dir=run_dir,
+            node=os.environ.get("SLURMD_NODENAME") or socket.gethostname(),
+            job_id=os.environ.get("SLURM_JOB_ID"),
+            step_id=os.environ.get("SLURM_STEP_ID"),
+        )
+
+        def read_stdin():
+            for line in iter(sys.stdin.buffer.readline, b""):
+                try:
+                    msg = json.loads(line.decode("utf-8"))
+                except ValueError:
+                    continue
+                if isinstance(msg, dict):
+                    events.put(("msg", msg))
+            events.put(("eof", None))
+
+        def wait_kernel():
+            events.put(("exit", proc.wait()))
+
+        for target in (read_stdin, wait_kernel):
+            threading.Thread(target=target, daemon=True).start()
+        ready = False
+        while True:
+            try:
+                kind, value = events.get(timeout=1.0 if ready else 0.01)
+            except queue.Empty:
+                kind, value = None, None
+            if kind == "exit":
+                emit("exited", code=value, stderr_tail=tail(log_path))
+                return 0
+            if kind == "eof" or (kind == "msg" and value.get("op") == "stop"):
+                return 0
+            if kind == "msg" and value.get("op") == "signal":
+                try:
+                    os.killpg(proc.pid, int(value["signum"]))
+                except (ProcessLookupError, PermissionError, KeyError, ValueError):
+                    pass
+            if not ready and endpoints_bound("tcp", endpoints, host):
+                ready = True
+                emit("ready")
+    finally:
+        if proc is not None:
+            stop_group(proc)
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def stop_group(proc):
+    """TERM the process group, KILL it after TERM_WAIT seconds."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            pass
+        deadline = time.monotonic() + TERM_WAIT
+        while proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # children it left behind in its group
+    except (ProcessLookupError, PermissionError):
+        pass
+    wait_exit(proc, 2.0)
+
+
+def cancel_kernel_job(info):
+    """For `sshpyk kill`: scancel the job of a SLURM kernel found by ``scan_kernels``."""
+    try:
+        job_id = info.get("job_id")
+        if not job_id and info.get("job_name"):
+            job_id = slurm_job_by_name(str(info["job_name"]))
+        if job_id:
+            scancel(job_id)
+    except BootstrapError:
+        pass
