@@ -638,6 +638,9 @@ def mtime(path):
 
 
 def kill_run_dir(info):
+    if info.get("launcher") == "slurm" and info.get("alive") and "slurm" in EXTENSIONS:
+        # first gracefully, so that the node side removes its run dir (the key) too
+        extension("terminate_kernel_job")(info)
     pid = int(info.get("pid") or 0)
     if pid > 1 and info.get("alive"):
         for signum in (signal.SIGTERM, signal.SIGKILL):

@@ -37,6 +37,7 @@ if TYPE_CHECKING:  # at run time these names are bootstrap.py's, in the same nam
         endpoints_bound,
         find_kernelspec,
         kernel_argv,
+        pid_alive,
         private_run_dir,
         tail,
         write_connection_file,
@@ -492,17 +493,9 @@ class SlurmKernel(Kernel):
                     )
                 else:
                     what = "the SLURM job was not started within %gs" % queue_timeout
-                self.agent.events.put(
-                    (
-                        "fail",
-                        (
-                            self.kid,
-                            "slurm_queue_timeout",
-                            what + "; cancelled it (raise --slurm-queue-timeout, or see "
-                            "`sinfo` for the state of the partition)",
-                        ),
-                    )
-                )
+                # the local side appends " on '<alias>'"
+                what += ", so it was cancelled: raise --slurm-queue-timeout, or see `sinfo`"
+                self.agent.events.put(("fail", (self.kid, "slurm_queue_timeout", what)))
                 return
             self.finished.wait(min(SLURM_POLL, max(0.05, queue_timeout - waited)))
         # running: warn once, `lead` seconds ahead of the time limit
@@ -774,6 +767,23 @@ def stop_group(proc):
     except (ProcessLookupError, PermissionError):
         pass
     wait_exit(proc, 2.0)
+
+
+def terminate_kernel_job(info):
+    """For `sshpyk kill`: SIGTERM to the processes of a SLURM kernel's job, then wait
+    (bounded) for its srun to exit. Not to srun, which would SIGKILL the step at once:
+    the node side handles SIGTERM by stopping the kernel and removing its run dir."""
+    job_id = info.get("job_id")
+    pid = int(info.get("pid") or 0)
+    if not job_id or pid <= 1:
+        return
+    try:
+        slurm_command(["scancel", "--signal=TERM", str(job_id)])
+    except BootstrapError:
+        return
+    deadline = time.monotonic() + TERM_WAIT + 5
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def cancel_kernel_job(info):

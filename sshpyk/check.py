@@ -5,7 +5,10 @@ each and stopping at the first fatal failure, with a suggested fix for it::
 
     config resolution -> TCP connect -> host key -> authentication -> remote python
     -> jupyter_client -> remote kernelspec -> TCP forwarding -> ipc (unix sockets)
-    -> test kernel started and answering
+    [-> SLURM (login node), for --launcher slurm] -> test kernel started and answering
+
+For a SLURM kernelspec the test kernel is a real job (its id, node and state are
+reported).
 
 ``sshpyk list`` runs lighter checks (alias reachable, remote python usable,
 remote kernelspec present): one connection per host, every host concurrently,
@@ -45,9 +48,11 @@ from .kernel import KernelOptions
 from .kernelspec import SSHKernelSpec
 from .remote import RemoteAgent
 from .session import SSHSession
+from .slurm import parse_slurm_args, slurm_summary
 from .sshconfig import HostSettings, alias_in_config, config_path, resolve_host
 
 __all__ = [
+    "SLURM_STAGE",
     "STAGES",
     "CheckTarget",
     "KernelStatus",
@@ -55,6 +60,7 @@ __all__ = [
     "Status",
     "check_kernels",
     "run_check",
+    "stages_for",
 ]
 
 #: A loopback port nothing should listen on: sshd answers "connect failed" (2) when it
@@ -93,7 +99,16 @@ STAGES: tuple[tuple[str, str], ...] = (
     ("ipc", "ipc (unix sockets)"),
     ("kernel", "test kernel"),
 )
-_TITLES = dict(STAGES)
+#: checked before the test kernel for SLURM kernelspecs only: srun, sinfo, the job options
+SLURM_STAGE = ("slurm", "SLURM (login node)")
+_TITLES = dict((*STAGES, SLURM_STAGE))
+
+
+def stages_for(launcher: str) -> tuple[tuple[str, str], ...]:
+    """The stages ``sshpyk check`` runs for a kernelspec with this launcher."""
+    if launcher != "slurm":
+        return STAGES
+    return (*STAGES[:-1], SLURM_STAGE, STAGES[-1])
 
 
 @dataclass
@@ -133,6 +148,9 @@ class CheckTarget:
     cwd: str | None = None
     run_root: str | None = None
     start_timeout: float = 60.0
+    launcher: str = "direct"
+    slurm_args: list[str] = field(default_factory=list)
+    slurm_queue_timeout: float = 600.0
     #: the local kernelspec being checked, if any (used in suggested fixes)
     kernel: str | None = None
 
@@ -149,6 +167,9 @@ class CheckTarget:
             cwd=spec.remote_cwd,
             run_root=spec.remote_run_root,
             start_timeout=spec.start_timeout,
+            launcher=spec.launcher,
+            slurm_args=parse_slurm_args(spec.slurm_args),
+            slurm_queue_timeout=spec.slurm_queue_timeout,
             kernel=spec.name,
         )
 
@@ -233,10 +254,12 @@ class _Diagnosis:
             await self.stage_kernelspec()
             await self.stage_forwarding()
             await self.stage_ipc()
+            if self.target.launcher == "slurm":
+                await self.stage_slurm()
             await self.stage_kernel()
         except _StageFailedError:
             done = {r.stage for r in self.results}
-            for stage, _ in STAGES:
+            for stage, _ in stages_for(self.target.launcher):
                 if stage not in done:
                     self.record(stage, Status.SKIP, None, "skipped: an earlier stage failed")
         finally:
@@ -489,6 +512,8 @@ class _Diagnosis:
 
     def expected_transport(self) -> str:
         """The transport a kernel start would pick (like bootstrap.pick_transport)."""
+        if self.target.launcher == "slurm":
+            return "tcp"  # unix sockets do not cross from the login node to the node
         if self.target.transport != "auto":
             return self.target.transport
         argv = " ".join(str(a) for a in self.kernelspec.get("argv") or [])
@@ -629,6 +654,36 @@ class _Diagnosis:
             except asyncio.TimeoutError:
                 process.close()
 
+    async def stage_slurm(self) -> None:
+        """srun and sinfo work on the login node, and ``srun --test-only`` accepts the
+        kernelspec's SLURM arguments (no job is submitted)."""
+        t = self.target
+        assert self.agent is not None
+        started = time.monotonic()
+        try:
+            info = await asyncio.wait_for(self.agent.slurm_info(t.slurm_args), self.timeout)
+        except (SSHPykError, asyncio.TimeoutError) as exc:
+            detail = str(exc) or f"no answer within {self.timeout:g}s"
+            if "not found on the PATH" in detail:
+                fix = (
+                    "install SLURM's client commands on the login node, or load them first: "
+                    + t.change("--pre-command 'module load slurm'")
+                )
+            elif "rejects the SLURM arguments" in detail:
+                fix = "fix the job options: " + t.change('--slurm-args "--partition=..."')
+            else:
+                fix = f"see what SLURM says: `ssh {t.alias} sinfo`"
+            self.fail("slurm", time.monotonic() - started, detail, fix)
+        partitions = ", ".join(
+            f"{p['partition']} {p['avail']} ({p['nodes']} {p['state']})"
+            for p in info.get("partitions") or []
+        )
+        detail = f"{info.get('version')}, srun at {info.get('srun')}"
+        detail += f"; partitions: {partitions or 'none'}"
+        if info.get("test"):
+            detail += f"; {info['test']}"
+        self.record("slurm", Status.OK, time.monotonic() - started, detail)
+
     async def stage_kernel(self) -> None:
         t = self.target
         if not self.test_kernel:
@@ -645,18 +700,23 @@ class _Diagnosis:
             run_root=t.run_root,
             grace=DEFAULT_GRACE,
             start_timeout=t.start_timeout,
+            launcher=t.launcher,
+            slurm_args=list(t.slurm_args),
+            slurm_queue_timeout=t.slurm_queue_timeout,
         )
         started = time.monotonic()
+        limit = options.total_start_timeout + self.timeout
         try:
-            detail = await asyncio.wait_for(
-                self._test_kernel(options), t.start_timeout + self.timeout
-            )
+            detail = await asyncio.wait_for(self._test_kernel(options), limit)
         except (SSHPykError, asyncio.TimeoutError, RuntimeError) as exc:
             if isinstance(exc, asyncio.TimeoutError):
-                detail = f"no answer within {t.start_timeout + self.timeout:g}s"
+                detail = f"no answer within {limit:g}s"
             else:
                 detail = str(exc)
-            if isinstance(exc, KernelStartTimeoutError):
+            if isinstance(exc, KernelStartTimeoutError) and "SLURM" in str(exc):
+                fix = "let it wait longer in the queue: " + t.change("--slurm-queue-timeout 3600")
+                fix += ", or pick a less busy partition (`sinfo`)"
+            elif isinstance(exc, KernelStartTimeoutError):
                 fix = "give it more time: " + t.change("--start-timeout 120")
             elif isinstance(exc, ForwardingRefusedError):
                 fix = "see the forwarding stages above"
@@ -686,6 +746,14 @@ class _Diagnosis:
                 client.stop_channels()
             answered = time.monotonic() - started
             assert process is not None
+            if process.launcher == "slurm":
+                return (
+                    f"SLURM {slurm_summary(process.slurm)} ({process.host}), kernel pid "
+                    f"{process.slurm.get('node_pid')}, started in "
+                    f"{kernel.timings.get('total', 0.0):.2f}s (queue "
+                    f"{kernel.timings.get('queue', 0.0):.2f}s), answered kernel_info in "
+                    f"{answered:.2f}s"
+                )
             return (
                 f"pid {process.pid}, {process.transport} transport, started in "
                 f"{kernel.timings.get('total', 0.0):.2f}s, answered kernel_info in "
@@ -770,7 +838,10 @@ class KernelStatus:
     alias: Status = Status.SKIP
     python: Status = Status.SKIP
     kernel: Status = Status.SKIP
-    #: the remote python's facts and kernelspec (from the agent), when reached
+    #: SLURM kernelspecs: srun/sinfo work and `srun --test-only` accepts the arguments
+    slurm: Status = Status.SKIP
+    #: the remote python's facts and kernelspec (from the agent), when reached; for
+    #: SLURM kernelspecs also "slurm" (version, partitions) and "slurm_jobs" (running)
     remote: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     seconds: float = 0.0
@@ -781,6 +852,7 @@ class KernelStatus:
             "ssh_host_alias": self.alias.value,
             "remote_python": self.python.value,
             "remote_kernel_name": self.kernel.value,
+            "slurm_args": self.slurm.value,
             "remote": dict(self.remote),
             "error": self.error,
             "seconds": round(self.seconds, 4),
@@ -816,6 +888,34 @@ async def _check_one(session: SSHSession, spec: SSHKernelSpec, status: KernelSta
         status.error = str(exc)
         return
     status.python = status.kernel = Status.OK
+    if spec.launcher == "slurm":
+        await _check_slurm(agent, spec, status)
+
+
+async def _check_slurm(agent: RemoteAgent, spec: SSHKernelSpec, status: KernelStatus) -> None:
+    """SLURM on the login node, and the jobs running this kernelspec's kernels there."""
+    args = parse_slurm_args(spec.slurm_args)
+    try:
+        status.remote["slurm"] = await agent.slurm_info(args)
+    except SSHPykError as exc:
+        status.slurm = Status.FAIL
+        status.error = str(exc)
+        return
+    status.slurm = Status.OK
+    jobs = []
+    for k in await agent.ps(spec.remote_run_root, slurm=True):
+        mine = k.get("kernel_name") == spec.remote_kernel_name and k.get("slurm_args") == args
+        if k.get("launcher") == "slurm" and k.get("alive") and mine:
+            jobs.append(
+                {
+                    "kernel_id": k.get("kernel_id"),
+                    "job_id": k.get("job_id"),
+                    "node": k.get("node"),
+                    "state": k.get("slurm_state"),
+                    "reason": k.get("slurm_reason"),
+                }
+            )
+    status.remote["slurm_jobs"] = jobs
 
 
 async def _check_host(

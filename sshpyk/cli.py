@@ -26,7 +26,15 @@ from click.shell_completion import CompletionItem
 
 from . import __version__
 from .attach import attach_kernel
-from .check import STAGES, CheckTarget, StageResult, Status, check_kernels, run_check
+from .check import (
+    SLURM_STAGE,
+    STAGES,
+    CheckTarget,
+    StageResult,
+    Status,
+    check_kernels,
+    run_check,
+)
 from .errors import SSHPykError
 from .inventory import (
     HostKernels,
@@ -593,7 +601,7 @@ def delete(kernels: tuple[str, ...], yes: bool, force: bool) -> None:
 
 # -- check -----------------------------------------------------------------------------
 
-_TITLE_WIDTH = max(len(title) for _, title in STAGES)
+_TITLE_WIDTH = max(len(title) for _, title in (*STAGES, SLURM_STAGE))
 
 
 def _stage_line(obj: Context, result: StageResult) -> str:
@@ -627,9 +635,10 @@ def check(obj: Context, target: str, **opts: Any) -> None:
     """Diagnose a host or an SSH kernel, stage by stage, with a fix for each failure.
 
     Stages: config resolution, TCP connect, host key, authentication, remote python,
-    jupyter_client, remote kernelspec, TCP forwarding, ipc (unix sockets), and a test
-    kernel started and answering. A KERNEL_NAME of an installed SSH kernel checks
-    its settings; anything else is taken as a host alias. Exits 1 if a stage failed.
+    jupyter_client, remote kernelspec, TCP forwarding, ipc (unix sockets), SLURM on the
+    login node (SLURM kernels only), and a test kernel started and answering (for a
+    SLURM kernel, a real job). A KERNEL_NAME of an installed SSH kernel checks its
+    settings; anything else is taken as a host alias. Exits 1 if a stage failed.
     """
     kernel: InstalledKernel | None = None
     try:
@@ -765,7 +774,8 @@ def ps(
     """List the kernels sshpyk started on hosts (default: every host of an SSH kernel).
 
     LOCAL OWNER is "alive" while the local process that started the kernel is still
-    heard from, "gone" for orphans (see `sshpyk kill --orphans`).
+    heard from, "gone" for orphans (see `sshpyk kill --orphans`). Kernels started with
+    --launcher slurm add JOB ID, NODE and JOB STATE (from squeue; PID is srun's).
     """
     targets = _targets(aliases, ssh_config, remote_python, run_root)
     hosts = run(ps_hosts(targets, timeout=timeout))
@@ -838,9 +848,10 @@ def kill(
     else:
         killed = run(kill_kernels(target, kernel_ids))
     for k in killed:
+        job = f"; cancelled SLURM job {k['job_id']}" if k.get("job_id") else ""
         click.echo(
             f"Killed kernel {k.get('kernel_id')} ({k.get('kernel_name')}, pid {k.get('pid')}) "
-            f"on {alias}; removed {k.get('run_dir')}"
+            f"on {alias}; removed {k.get('run_dir')}{job}"
         )
 
 

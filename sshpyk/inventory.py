@@ -5,7 +5,8 @@ The remote agent finds them by their run directories (``sshpyk-*`` under the run
 roots: ``$XDG_RUNTIME_DIR``, the temp dir, and any ``remote_run_root`` of an installed
 kernelspec for that host) and tells whether the local side that owns each one is still
 heard from (``attached``). Killing a kernel kills its process group and removes its run
-directory.
+directory. SLURM kernels (launcher ``slurm``) also show their job id, node and job
+state (from squeue); killing one also scancels its job.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ class HostTarget:
     pre_command: str | None = None
     #: extra run roots to scan besides the defaults (None = the defaults only)
     run_roots: list[str | None] = field(default_factory=lambda: [None])
+    #: a kernelspec of this host uses the SLURM launcher: ask squeue about jobs
+    slurm: bool = False
 
 
 @dataclass
@@ -100,6 +103,7 @@ def host_targets(
                     python=python or (first.remote_python if first else "python3"),
                     pre_command=first.pre_command if first and not python else None,
                     run_roots=list(dict.fromkeys(roots)),
+                    slurm=any(s.launcher == "slurm" for s in host_specs),
                 )
             )
     return targets
@@ -122,8 +126,13 @@ async def _agent(session: SSHSession, target: HostTarget) -> RemoteAgent:
 
 async def _ps(agent: RemoteAgent, target: HostTarget) -> list[dict[str, Any]]:
     seen: dict[str, dict[str, Any]] = {}
+    slurm = target.slurm
     for root in target.run_roots:
-        for kernel in await agent.ps(run_root=root):
+        kernels = await agent.ps(run_root=root, slurm=slurm)
+        if not slurm and any(k.get("launcher") == "slurm" for k in kernels):
+            slurm = True  # SLURM kernels without a SLURM kernelspec here: ask again
+            kernels = await agent.ps(run_root=root, slurm=True)
+        for kernel in kernels:
             seen.setdefault(str(kernel.get("run_dir")), kernel)
     return sorted(seen.values(), key=lambda k: (k.get("started") or 0, str(k.get("kernel_id"))))
 
@@ -179,7 +188,8 @@ async def kill_kernels(target: HostTarget, kernel_ids: Iterable[str]) -> list[di
         killed = []
         for full_id, kernel in chosen.items():
             root = os.path.dirname(str(kernel["run_dir"]))
-            killed += await agent.kill(full_id, run_root=root)
+            slurm = kernel.get("launcher") == "slurm"
+            killed += await agent.kill(full_id, run_root=root, slurm=slurm)
         return killed
 
 
@@ -188,8 +198,9 @@ async def kill_orphans(target: HostTarget) -> list[dict[str, Any]]:
     async with await SSHSession.connect(target.alias, ssh_config=target.ssh_config) as session:
         agent = await _agent(session, target)
         killed: dict[str, dict[str, Any]] = {}
+        slurm = target.slurm or any(k.get("launcher") == "slurm" for k in await _ps(agent, target))
         for root in target.run_roots:
-            for kernel in await agent.kill(orphans=True, run_root=root):
+            for kernel in await agent.kill(orphans=True, run_root=root, slurm=slurm):
                 killed.setdefault(str(kernel.get("run_dir")), kernel)
         return list(killed.values())
 
@@ -206,8 +217,13 @@ def age(epoch: float | None, now: float | None = None) -> str:
 
 
 def ps_table(hosts: Iterable[HostKernels]) -> list[list[str]]:
-    """Rows (header first) for the kernels of ``hosts``."""
+    """Rows (header first) for the kernels of ``hosts``; with SLURM kernels among them,
+    three more columns: JOB ID, NODE, JOB STATE (with the reason while pending)."""
+    hosts = list(hosts)
     rows = [["HOST", "KERNEL ID", "NAME", "PID", "STARTED", "LAST CONTACT", "LOCAL OWNER", "STATE"]]
+    slurm = any(k.get("launcher") == "slurm" for h in hosts for k in h.kernels)
+    if slurm:
+        rows[0] += ["JOB ID", "NODE", "JOB STATE"]
     now = time.time()
     for host in hosts:
         for k in host.kernels:
@@ -227,4 +243,15 @@ def ps_table(hosts: Iterable[HostKernels]) -> list[list[str]]:
                     "running" if k.get("alive") else "dead",
                 ]
             )
+            if slurm:
+                rows[-1] += _slurm_cells(k)
     return rows
+
+
+def _slurm_cells(kernel: dict[str, Any]) -> list[str]:
+    if kernel.get("launcher") != "slurm":
+        return ["-", "-", "-"]
+    state = str(kernel.get("slurm_state") or "?")
+    if kernel.get("slurm_reason") and state != "RUNNING":
+        state += f" ({kernel['slurm_reason']})"
+    return [str(kernel.get("job_id") or "-"), str(kernel.get("node") or "-"), state]

@@ -20,6 +20,7 @@ from typing import Any
 from .check import KernelStatus, Status
 from .errors import SSHPykError
 from .kernelspec import InstalledKernel, SSHKernelSpec, installed_kernels
+from .slurm import slurm_summary
 
 __all__ = ["KernelEntry", "collect_kernels", "entry_json", "render_block"]
 
@@ -66,10 +67,14 @@ def _line(label: str, value: object) -> str:
 def simplified_command(spec: SSHKernelSpec) -> str:
     """What runs, in one line (the real command feeds the sshpyk agent on stdin)."""
     pre = f"{shlex.quote(spec.pre_command)} && " if spec.pre_command else ""
-    return (
+    command = (
         f"ssh {spec.ssh_host_alias} {pre}{spec.remote_python} <sshpyk agent> "
         f"--kernel={spec.remote_kernel_name}"
     )
+    if spec.launcher == "slurm":
+        srun = f"srun {spec.slurm_args} " if spec.slurm_args else "srun "
+        command += f" -> {srun}{spec.remote_python} <sshpyk node>"
+    return command
 
 
 def remote_command_line(remote_spec: dict[str, Any], remote: dict[str, Any]) -> str:
@@ -140,6 +145,8 @@ def render_block(entry: KernelEntry, mark: Callable[[Status], str] | None = None
         ]
     lines.append(_line("Start Timeout", f"{spec.start_timeout:g}"))
     lines.append(_line("Transport", spec.transport))
+    if spec.launcher == "slurm":
+        lines += _slurm_lines(spec, remote, marked)
     if spec.remote_env:
         env = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(spec.remote_env.items()))
         lines.append(_line("Remote Env", env))
@@ -154,6 +161,34 @@ def render_block(entry: KernelEntry, mark: Callable[[Status], str] | None = None
     if status is not None and status.error:
         lines.append(_line("Problem", status.error))
     return "\n".join(lines)
+
+
+def _slurm_lines(
+    spec: SSHKernelSpec, remote: dict[str, Any], marked: Callable[[object, str], str]
+) -> list[str]:
+    """The launcher's settings; with live checks, SLURM on the login node and the jobs
+    running this kernelspec's kernels there (job id, node, state)."""
+    warning = spec.slurm_walltime_warning
+    lines = [
+        _line("Launcher", marked("slurm (srun on the login node)", "slurm")),
+        _line("SLURM Args", spec.slurm_args or "(none)"),
+        _line("SLURM Queue Limit", f"{spec.slurm_queue_timeout:g}s"),
+        _line("SLURM Time Warning", f"{warning:g}s before the limit" if warning else "off"),
+    ]
+    info = remote.get("slurm")
+    if info:
+        partitions = ", ".join(
+            f"{p.get('partition')} {p.get('avail')} ({p.get('nodes')} {p.get('state')})"
+            for p in info.get("partitions") or []
+        )
+        lines.append(_line("SLURM", f"{info.get('version')}; partitions: {partitions or 'none'}"))
+    jobs = remote.get("slurm_jobs")
+    if jobs is not None:
+        running = ", ".join(
+            f"{slurm_summary(j)} (kernel {str(j.get('kernel_id'))[:8]})" for j in jobs
+        )
+        lines.append(_line("SLURM Jobs", running or "none"))
+    return lines
 
 
 def entry_json(entry: KernelEntry) -> dict[str, Any]:

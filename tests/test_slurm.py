@@ -1,0 +1,510 @@
+"""The SLURM launcher against a real single-node SLURM (tests/slurm.py) behind the real
+sshd: the host alias is the login node, each kernel a job that srun starts on the node.
+
+Proves: the kernel runs inside the job (SLURM_JOB_ID in its environment), execute,
+interrupt and restart work through AsyncKernelManager, shutdown and failures leave the
+queue empty, a lost client (SIGKILLed owner, short grace) and a SIGKILLed agent leave no
+job, a pending job (node drained) times out with a clear one-line message after logging
+its queue state, the walltime warning, and add/check/list/ps/kill for SLURM kernels.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cli_helpers import assert_one_line_error, sshpyk
+from conftest import leftovers, wait_until
+from kernel_helpers import interrupt_sleep, run_cell, start_manager, stop_manager
+from slurm import ThrowawaySlurm, slurm_missing
+
+from sshpyk import KernelOptions, KernelStartError, KernelStartTimeoutError, SSHSession
+from sshpyk.kernelspec import SSHKernelSpec, kernels_dir, load_spec
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThrowawaySlurm]:
+    why = slurm_missing()
+    if why:
+        pytest.skip(why)
+    server = ThrowawaySlurm(tmp_path_factory.mktemp("slurm"))
+    try:
+        server.start()
+    except RuntimeError as exc:
+        server.stop()
+        pytest.skip(f"the throwaway SLURM cluster did not start: {exc}")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def slurm(cluster: ThrowawaySlurm) -> Iterator[ThrowawaySlurm]:
+    """The cluster with its node up and an empty queue, before and after the test."""
+    if cluster.node_state() != "idle":
+        cluster.resume()
+    assert wait_until(lambda: cluster.jobs() == [], 15), cluster.jobs()
+    yield cluster
+    left = cluster.jobs()
+    cluster.run("scancel", f"--user={os.getuid()}")  # keep the next tests clean either way
+    assert left == [] or wait_until(lambda: cluster.jobs() == [], 1), f"jobs left: {left}"
+
+
+@pytest.fixture
+def slurm_spec(
+    make_kernelspec: Callable[..., SSHKernelSpec], slurm: ThrowawaySlurm
+) -> Callable[..., SSHKernelSpec]:
+    """An SSH kernelspec with the SLURM launcher on the test cluster; ``provisioner``
+    sets provisioner options that are not kernelspec fields (straight into kernel.json)."""
+
+    def make(
+        name: str = "ssh_slurm", provisioner: dict[str, Any] | None = None, **fields: Any
+    ) -> SSHKernelSpec:
+        settings: dict[str, Any] = {
+            "launcher": "slurm",
+            "pre_command": slurm.pre_command,
+            "slurm_args": "--time=10",
+        }
+        settings.update(fields)
+        spec = make_kernelspec(name, **settings)
+        if provisioner:
+            path = Path(kernels_dir()) / name / "kernel.json"
+            data = json.loads(path.read_text())
+            data["metadata"]["kernel_provisioner"]["config"].update(provisioner)
+            path.write_text(json.dumps(data))
+        return spec
+
+    return make
+
+
+def slurm_options(slurm: ThrowawaySlurm, run_root: Path, **overrides: Any) -> KernelOptions:
+    fields: dict[str, Any] = {
+        "python": sys.executable,
+        "pre_command": slurm.pre_command,
+        "run_root": str(run_root),
+        "launcher": "slurm",
+        "slurm_args": ["--time=10"],
+    }
+    fields.update(overrides)
+    return KernelOptions(**fields)
+
+
+# -- the kernel in a job, end to end through AsyncKernelManager ---------------------------
+
+
+async def test_kernel_runs_in_a_slurm_job(
+    slurm: ThrowawaySlurm, slurm_spec: Any, no_leftovers: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    slurm_spec("ssh_slurm")
+    started = time.monotonic()
+    km, kc = await start_manager("ssh_slurm")
+    start_seconds = time.monotonic() - started
+    try:
+        (job,) = slurm.jobs()
+        assert job["state"] == "RUNNING" and job["node"] == slurm.node
+        _, out = await run_cell(
+            kc,
+            "import os; print(os.environ['SLURM_JOB_ID'], os.environ['SLURMD_NODENAME'], "
+            "os.getppid() == int(os.environ['JPY_PARENT_PID']))",
+        )
+        assert out.split() == [job["job_id"], slurm.node, "True"]
+        assert f"SLURM job {job['job_id']} running on {slurm.node}" in caplog.text
+        assert f"SLURM job {job['job_id']} RUNNING on {slurm.node}" in caplog.text  # ready line
+
+        status, seconds = await interrupt_sleep(km, kc)
+        assert status == "error/KeyboardInterrupt", status
+        assert seconds < 5
+        _, out = await run_cell(kc, "print(6 * 7)")
+        assert out.strip() == "42"  # the kernel survived the interrupt
+        (same,) = slurm.jobs()
+        assert same["job_id"] == job["job_id"]
+
+        await km.restart_kernel()
+        await kc.wait_for_ready(timeout=60)
+        (new_job,) = slurm.jobs()  # the old job is gone: restart replaced it
+        assert new_job["job_id"] != job["job_id"]
+        _, out = await run_cell(kc, "import os; print(os.environ['SLURM_JOB_ID'])")
+        assert out.strip() == new_job["job_id"]
+    finally:
+        await stop_manager(km, kc)
+    assert slurm.jobs() == []  # gone when shutdown returns, not some time later
+    no_leftovers()
+    assert start_seconds < 30
+
+
+async def test_shutdown_now_and_the_session_api(
+    sshd: Any, slurm: ThrowawaySlurm, run_root: Path, no_leftovers: Any
+) -> None:
+    """RemoteKernel directly: close() while the kernel runs leaves no job and no run dir."""
+    async with await SSHSession.connect(sshd.alias, ssh_config=sshd.ssh_config) as session:
+        kernel = await session.start_kernel(options=slurm_options(slurm, run_root))
+        process = kernel.process
+        assert process is not None and process.launcher == "slurm"
+        assert process.slurm["node"] == slurm.node and process.host
+        assert [j["job_id"] for j in slurm.jobs()] == [process.slurm["job_id"]]
+        started = time.monotonic()
+        await kernel.close()
+        assert time.monotonic() - started < 10
+        assert slurm.jobs() == []
+    no_leftovers()
+
+
+# -- failures: nothing is left running ----------------------------------------------------
+
+
+async def test_pending_job_times_out_with_a_clear_message(
+    sshd: Any,
+    slurm: ThrowawaySlurm,
+    slurm_spec: Any,
+    no_leftovers: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Node drained: the job pends; its state is logged (refreshed) and it is cancelled
+    after the queue timeout with one clear line."""
+    caplog.set_level(logging.INFO)
+    slurm_spec(
+        "ssh_slurm_pending",
+        slurm_queue_timeout=4.0,
+        provisioner={"slurm_status_interval": 1.0},
+    )
+    slurm.drain("test")
+    started = time.monotonic()
+    try:
+        with pytest.raises(KernelStartTimeoutError) as raised:
+            await start_manager("ssh_slurm_pending")
+        elapsed = time.monotonic() - started
+        assert slurm.jobs() == []  # cancelled before the error was raised
+    finally:
+        slurm.resume()
+    message = str(raised.value)
+    assert "\n" not in message
+    # SLURM's own words for the reason (its description of ReqNodeNotAvail)
+    match = re.search(r"SLURM job (\d+) was still pending after 4s \(reason: ([^)]+)\)", message)
+    assert match, message
+    reason = match.group(2)
+    assert "DRAINED" in reason or "ReqNodeNotAvail" in reason, reason
+    assert message.endswith(
+        f", so it was cancelled: raise --slurm-queue-timeout, or see `sinfo` on '{sshd.alias}'"
+    )
+    assert 4 <= elapsed < 20, elapsed
+    job_id = match.group(1)
+    pending = [r.getMessage() for r in caplog.records if "pending for" in r.getMessage()]
+    assert len(pending) >= 2, caplog.text  # refreshed while it waits
+    assert all(f"SLURM job {job_id} pending" in line for line in pending), pending
+    assert all("(reason: " in line for line in pending), pending
+    assert pending[-1].endswith(f"(reason: {reason})"), pending  # as SLURM put it last
+    assert all(r.levelno == logging.INFO for r in caplog.records if "pending for" in r.message)
+    no_leftovers()
+
+
+async def test_bad_slurm_arguments_fail_fast(
+    sshd: Any, slurm: ThrowawaySlurm, run_root: Path, no_leftovers: Any
+) -> None:
+    """srun refuses the job: the start fails at once with srun's own words."""
+    options = slurm_options(slurm, run_root, slurm_args=["--partition=nosuchpartition"])
+    started = time.monotonic()
+    async with await SSHSession.connect(sshd.alias, ssh_config=sshd.ssh_config) as session:
+        with pytest.raises(KernelStartError) as raised:
+            await session.start_kernel(options=options)
+    assert time.monotonic() - started < 15
+    message = str(raised.value)
+    assert "ended before the kernel ran" in message and "\n" not in message
+    assert "invalid partition" in message.lower(), message
+    assert slurm.jobs() == []
+    no_leftovers()
+
+
+async def test_sigkilled_agent_ends_the_job(
+    sshd: Any, slurm: ThrowawaySlurm, run_root: Path, no_leftovers: Any
+) -> None:
+    """The agent dies without cleaning up: srun's stdin ends, the node side stops the
+    kernel and removes its run dir, and the job ends: no job outlives its agent. The
+    agent's own run dir on the login node stays, as for a direct kernel, until
+    `sshpyk kill --orphans`."""
+    async with await SSHSession.connect(sshd.alias, ssh_config=sshd.ssh_config) as session:
+        kernel = await session.start_kernel(options=slurm_options(slurm, run_root))
+        assert kernel.process is not None
+        agent_pid = kernel.process.agent.pid
+        assert agent_pid and slurm.jobs()
+        os.kill(agent_pid, signal.SIGKILL)
+        assert wait_until(lambda: slurm.jobs() == [], 15), slurm.jobs()
+        assert await asyncio.wait_for(kernel.wait(), 10) is not None
+        await kernel.close()
+    assert wait_until(lambda: leftovers(run_root)[0] == [], 10), leftovers(run_root)
+    (login_dir,) = run_root.iterdir()  # the node's run dir is gone, with its key
+    assert {p.name for p in login_dir.iterdir()} == {"srun.log", "sshpyk.json"}
+    result = await asyncio.to_thread(
+        sshpyk,
+        "kill",
+        sshd.alias,
+        "--orphans",
+        "-y",
+        "--ssh-config",
+        str(sshd.ssh_config),
+        "--run-root",
+        str(run_root),
+    )
+    assert result.exit_code == 0, result.output
+    no_leftovers()
+
+
+OWNER = textwrap.dedent(
+    """
+    import asyncio, sys
+    from jupyter_client.manager import AsyncKernelManager
+
+    async def main(name):
+        km = AsyncKernelManager(kernel_name=name)
+        await km.start_kernel()
+        kernel = km.provisioner._kernel
+        print(kernel.kernel_id, kernel.process.slurm["job_id"], flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+        await km.shutdown_kernel(now=True)
+
+    asyncio.run(main(sys.argv[1]))
+    """
+)
+
+
+class SlurmOwner:
+    """Another local process holding a SLURM kernel through AsyncKernelManager."""
+
+    def __init__(self, kernel_name: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", OWNER, kernel_name],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=os.environ.copy(),
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            self.stop()
+            raise AssertionError(f"the owner did not start a kernel: {self.proc.stderr}")
+        self.kernel_id, self.job_id = line.split()
+
+    def sigkill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if stream is not None and not stream.closed:
+                stream.close()
+
+
+@pytest.mark.slow
+def test_lost_client_leaves_no_job(slurm: ThrowawaySlurm, slurm_spec: Any, run_root: Path) -> None:
+    """The process holding the kernel is SIGKILLed: after the grace period the agent
+    cancels the job."""
+    grace = 3.0
+    slurm_spec("ssh_slurm_owner", grace_period=grace)
+    owner = SlurmOwner("ssh_slurm_owner")
+    try:
+        assert [j["job_id"] for j in slurm.jobs()] == [owner.job_id]
+        owner.sigkill()
+        killed = time.monotonic()
+        assert wait_until(lambda: slurm.jobs() == [], grace + 20), slurm.jobs()
+        assert time.monotonic() - killed >= grace - 0.5  # kept for the grace period
+        assert wait_until(lambda: leftovers(run_root) == ([], []), 10), leftovers(run_root)
+    finally:
+        owner.stop()
+
+
+async def test_walltime_warning_is_logged(
+    sshd: Any, slurm: ThrowawaySlurm, run_root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="sshpyk")
+    options = slurm_options(slurm, run_root, slurm_args=["--time=1"], slurm_walltime_warning=57)
+    async with await SSHSession.connect(sshd.alias, ssh_config=sshd.ssh_config) as session:
+        kernel = await session.start_kernel(options=options)
+        try:
+            assert kernel.process is not None
+            job_id = kernel.process.slurm["job_id"]
+
+            def warned() -> bool:
+                return any(
+                    r.levelno == logging.WARNING and "reaches its time limit in" in r.message
+                    for r in caplog.records
+                )
+
+            deadline = time.monotonic() + 20
+            while not warned() and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            assert warned(), caplog.text
+            (line,) = [r.message for r in caplog.records if "time limit" in r.message]
+            assert f"SLURM job {job_id} on {slurm.node} reaches its time limit in " in line
+            assert kernel.process.slurm["time_left"] <= 57
+        finally:
+            await kernel.close()
+    assert slurm.jobs() == []
+
+
+# -- the CLI ------------------------------------------------------------------------------
+
+
+def add_args(sshd: Any, slurm: ThrowawaySlurm, name: str, *extra: str) -> list[str]:
+    return [
+        "add",
+        "--kernel-name",
+        name,
+        "--ssh-host-alias",
+        sshd.alias,
+        "--ssh-config",
+        str(sshd.ssh_config),
+        "--remote-python",
+        sys.executable,
+        "--pre-command",
+        slurm.pre_command,
+        "--launcher",
+        "slurm",
+        *extra,
+    ]
+
+
+def test_add_checks_srun_accepts_the_arguments(sshd: Any, slurm: ThrowawaySlurm) -> None:
+    args = "--partition=debug --time=04:00:00"
+    result = sshpyk(*add_args(sshd, slurm, "ssh_slurm_cli", "--slurm-args", args))
+    assert result.exit_code == 0, result.output
+    spec = load_spec("ssh_slurm_cli")
+    assert (spec.launcher, spec.slurm_args) == ("slurm", args)
+    assert (spec.slurm_queue_timeout, spec.slurm_walltime_warning) == (600.0, 300.0)
+    data = json.loads((Path(spec.resource_dir or "") / "kernel.json").read_text())
+    config = data["metadata"]["kernel_provisioner"]["config"]
+    assert config["launcher"] == "slurm" and config["slurm_args"] == args
+    assert slurm.jobs() == []  # srun --test-only submits nothing
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragments"),
+    [
+        (["--slurm-args", "--partition=nosuchpartition"], ("srun rejects", "Invalid partition")),
+        (["--slurm-args", "--output=/tmp/x"], ("--output is set by sshpyk",)),
+        (["--slurm-args", "--time='1"], ("No closing quotation",)),
+        (["--transport", "ipc"], ("the slurm launcher needs --transport tcp or auto",)),
+        (["--slurm-queue-timeout", "0"], ("SLURM queue timeout must be a positive",)),
+    ],
+)
+def test_add_refuses_bad_slurm_settings(
+    sshd: Any, slurm: ThrowawaySlurm, extra: list[str], fragments: tuple[str, ...]
+) -> None:
+    result = sshpyk(*add_args(sshd, slurm, "ssh_slurm_bad", *extra))
+    assert_one_line_error(result, *fragments)
+    assert not (Path(kernels_dir()) / "ssh_slurm_bad").exists()
+
+
+def test_direct_kernelspec_json_has_no_slurm_keys(make_kernelspec: Any) -> None:
+    spec = make_kernelspec("ssh_plain")
+    data = json.loads((Path(spec.resource_dir) / "kernel.json").read_text())
+    config = data["metadata"]["kernel_provisioner"]["config"]
+    assert not [k for k in config if k == "launcher" or k.startswith("slurm_")], config
+
+
+def test_edit_switches_launcher_and_clears_slurm_args(
+    make_kernelspec: Any, slurm: ThrowawaySlurm
+) -> None:
+    make_kernelspec("ssh_edit_slurm", pre_command=slurm.pre_command)
+    result = sshpyk(
+        "edit", "ssh_edit_slurm", "--launcher", "slurm", "--slurm-args", "--time=5"
+    )  # checked against the host: srun --test-only accepts it
+    assert result.exit_code == 0, result.output
+    assert "launcher: 'direct' -> 'slurm'" in result.stdout
+    spec = load_spec("ssh_edit_slurm")
+    assert (spec.launcher, spec.slurm_args) == ("slurm", "--time=5")
+    result = sshpyk("edit", "ssh_edit_slurm", "-n", "--slurm-args", "")
+    assert result.exit_code == 0, result.output
+    assert load_spec("ssh_edit_slurm").slurm_args == ""
+    result = sshpyk("edit", "ssh_edit_slurm", "-n", "--transport", "ipc")
+    assert_one_line_error(result, "needs --transport tcp or auto")
+
+
+def test_check_runs_a_real_job(slurm: ThrowawaySlurm, slurm_spec: Any, no_leftovers: Any) -> None:
+    slurm_spec("ssh_slurm_check")
+    result = sshpyk("check", "ssh_slurm_check")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    (slurm_line,) = [line for line in lines if "SLURM (login node)" in line]
+    assert slurm_line.startswith("(v) ") and " 22.05" in slurm_line, slurm_line
+    assert "partitions: debug* up (1 idle)" in slurm_line and "to start at" in slurm_line
+    (kernel_line,) = [line for line in lines if "test kernel" in line]
+    assert re.search(rf"SLURM job \d+ RUNNING on {slurm.node} ", kernel_line), kernel_line
+    assert "answered kernel_info" in kernel_line
+    assert [line.split()[1] for line in lines[1:-1]][-2:] == ["SLURM", "test"]
+    assert slurm.jobs() == []
+    no_leftovers()
+
+
+def test_check_fails_at_the_slurm_stage(slurm: ThrowawaySlurm, slurm_spec: Any) -> None:
+    slurm_spec("ssh_slurm_badcheck", slurm_args="--partition=nosuchpartition")
+    result = sshpyk("check", "--json", "ssh_slurm_badcheck")
+    assert result.exit_code == 1
+    stages = {s["stage"]: s for s in json.loads(result.stdout)["stages"]}
+    assert list(stages)[-2:] == ["slurm", "kernel"]
+    assert stages["slurm"]["status"] == "fail" and stages["kernel"]["status"] == "skip"
+    assert "invalid partition" in stages["slurm"]["detail"].lower()
+    assert "sshpyk edit ssh_slurm_badcheck --slurm-args" in stages["slurm"]["fix"]
+
+
+@pytest.fixture
+def owner(slurm: ThrowawaySlurm, slurm_spec: Any) -> Iterator[SlurmOwner]:
+    slurm_spec("ssh_slurm_ps")
+    holder = SlurmOwner("ssh_slurm_ps")
+    yield holder
+    holder.stop()
+
+
+def test_ps_list_and_kill_show_the_job(
+    sshd: Any, slurm: ThrowawaySlurm, owner: SlurmOwner, run_root: Path
+) -> None:
+    host = [sshd.alias, "--ssh-config", str(sshd.ssh_config), "--run-root", str(run_root)]
+    result = sshpyk("ps", *host)
+    assert result.exit_code == 0, result.output
+    header, *rows = result.stdout.splitlines()
+    assert header.split()[-5:] == ["JOB", "ID", "NODE", "JOB", "STATE"]
+    (row,) = rows
+    assert row.split()[1] == owner.kernel_id
+    assert row.split()[-3:] == [owner.job_id, slurm.node, "RUNNING"]
+    result = sshpyk("ps", "--json", *host)
+    (kernel,) = json.loads(result.stdout)["hosts"][0]["kernels"]
+    assert kernel["launcher"] == "slurm" and kernel["job_id"] == owner.job_id
+    assert (kernel["node"], kernel["slurm_state"]) == (slurm.node, "RUNNING")
+
+    result = sshpyk("list", "--remote")
+    assert result.exit_code == 0, result.output
+    assert f"SLURM Jobs:            job {owner.job_id} RUNNING on {slurm.node} " in result.stdout
+    assert "Launcher:              (v) slurm" in result.stdout
+    result = sshpyk("list", "--remote", "--json")
+    (entry,) = json.loads(result.stdout)["kernels"]
+    assert entry["checks"]["slurm_args"] == "ok"
+    (job,) = entry["checks"]["remote"]["slurm_jobs"]
+    assert (job["job_id"], job["state"], job["node"]) == (owner.job_id, "RUNNING", slurm.node)
+
+    result = sshpyk("kill", "-y", *host[:3], owner.kernel_id, "--run-root", str(run_root))
+    assert result.exit_code == 0, result.output
+    assert f"cancelled SLURM job {owner.job_id}" in result.stdout
+    assert slurm.jobs() == []
+    assert wait_until(lambda: leftovers(run_root)[1] == [], 10), leftovers(run_root)
