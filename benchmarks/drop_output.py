@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
@@ -29,6 +30,23 @@ from sshd import ThrowawaySSHD  # noqa: E402
 
 LINES = 160
 CELL = f"import time\nfor i in range({LINES}):\n    print(i, flush=True)\n    time.sleep(0.05)"
+
+
+async def _first_round_trip(kc: Any, since: float, limit: float = 60.0) -> float:
+    """Seconds from ``since`` until a kernel_info request on the control channel is
+    answered (the shell channel would wait for the running cell)."""
+    deadline = since + limit
+    while time.monotonic() < deadline:
+        request = kc.session.msg("kernel_info_request")
+        kc.control_channel.send(request)
+        try:
+            while True:
+                msg = await kc.control_channel.get_msg(timeout=0.5)
+                if msg["parent_header"].get("msg_id") == request["header"]["msg_id"]:
+                    return time.monotonic() - since
+        except Exception:
+            continue
+    return float("nan")
 
 
 async def measure(mode: str, kernel_name: str, proxy: FaultProxy) -> dict[str, object]:
@@ -49,6 +67,8 @@ async def measure(mode: str, kernel_name: str, proxy: FaultProxy) -> dict[str, o
             proxy.reset(down=True)
         await asyncio.sleep(3)
         proxy.heal()
+        healed = time.monotonic()
+        usable_after = await _first_round_trip(kc, healed)
         reply = None
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -70,6 +90,7 @@ async def measure(mode: str, kernel_name: str, proxy: FaultProxy) -> dict[str, o
         except Exception:
             reply = "lost"
         return {
+            "usable": usable_after,
             "mode": mode,
             "printed": LINES,
             "received": len(received),
@@ -119,12 +140,15 @@ def main() -> int:
                     )
                 )
                 rows.append(asyncio.run(measure(mode, f"drop_{mode}", proxy)))
-    print("| link fault (3 s, 2 s into the cell) | lines printed | received | lost | reply |")
-    print("|---|---|---|---|---|")
+    print(
+        "| link fault (3 s, 2 s into the cell) | lines printed | received | lost "
+        "| cell reply | usable after the link returns |"
+    )
+    print("|---|---|---|---|---|---|")
     for row in rows:
         print(
             f"| {row['mode']} | {row['printed']} | {row['received']} | {row['lost']} "
-            f"| {row['reply']} |"
+            f"| {row['reply']} | {row['usable']:.2f} s |"
         )
     return 0
 

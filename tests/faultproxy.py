@@ -101,7 +101,7 @@ class FaultProxy:
         self._server, self.port = server, server.getsockname()[1]
         self._thread.start()
         self._call(self._flowing.set)
-        asyncio.run_coroutine_threadsafe(self._accept(), self._loop)
+        self._acceptor = asyncio.run_coroutine_threadsafe(self._accept(), self._loop)
         return self
 
     async def _accept(self) -> None:
@@ -151,14 +151,18 @@ class FaultProxy:
         return len(self._links)
 
     def stop(self) -> None:
-        def do() -> None:
+        async def shutdown() -> None:
             for link in list(self._links):
                 link.close()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             if self._server is not None:
                 self._server.close()
-            self._loop.stop()
 
-        self._loop.call_soon_threadsafe(do)
+        asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(5)
+        self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
         self._loop.close()
 
