@@ -54,6 +54,15 @@ EDITS: list[tuple[str, list[str], str, Any]] = [
     ("--remote-run-root", ["--remote-run-root", "/scratch/me"], "remote_run_root", "/scratch/me"),
     ("--grace-period", ["--grace-period", "600"], "grace_period", 600.0),
     ("--persistent", ["--persistent"], "persistent", True),
+    ("--launcher", ["--launcher", "slurm"], "launcher", "slurm"),
+    (
+        "--slurm-args",
+        ["--slurm-args", "--partition=gpu --gres=gpu:1 --time=04:00:00"],
+        "slurm_args",
+        "--partition=gpu --gres=gpu:1 --time=04:00:00",
+    ),
+    ("--slurm-queue-timeout", ["--slurm-queue-timeout", "30"], "slurm_queue_timeout", 30.0),
+    ("--slurm-walltime-warning", ["--slurm-walltime-warning", "0"], "slurm_walltime_warning", 0.0),
     # clearing optional fields
     ("--pre-command", ["--pre-command", ""], "pre_command", None),
     ("--remote-cwd", ["--remote-cwd", ""], "remote_cwd", None),
