@@ -289,6 +289,23 @@ class SlurmKernel(Kernel):
         )
         return state
 
+    def connection_info(self):
+        """What the node wrote in its connection file (which is on the node): the key
+        comes from the launch request, the address and ports from the node."""
+        request = self.request
+        if not self.endpoints:
+            raise BootstrapError("not_found", "kernel %s has not started yet" % self.kid)
+        info = {
+            "transport": "tcp",
+            "ip": self.host,
+            "key": request["key"],
+            "signature_scheme": request.get("signature_scheme", "hmac-sha256"),
+            "kernel_name": request["kernel_name"],
+        }
+        for channel, port in self.endpoints.items():
+            info[channel + "_port"] = port
+        return info
+
     def launch(self):
         request = self.request
         core, extension = globals().get("SSHPYK_SOURCE"), globals().get("SSHPYK_SLURM")
@@ -593,7 +610,8 @@ class SlurmKernel(Kernel):
         if self.running_since is not None:
             self.send({"op": "signal", "signum": int(signum)})
         elif signum in (signal.SIGTERM, signal.SIGKILL):
-            self.cleanup()  # not running yet: give up the queued job
+            # not running yet: give up the queued job, off the loop (scancel may be slow)
+            threading.Thread(target=self.cleanup, daemon=True).start()
 
     def cleanup(self):
         """Stop the kernel on the node, end the job (scancel), remove the run dir.

@@ -272,7 +272,8 @@ class RemoteKernel:
         process, self.process = self.process, None
         self.forwards.clear_target()
         if process is not None:
-            await process.stop()
+            # a SLURM kernel's stop may wait for srun, then for the job to leave the queue
+            await process.stop(timeout=30.0 if process.launcher == "slurm" else 10.0)
 
     async def shutdown(self) -> None:
         """Stop the remote kernel (process group killed, run dir removed); keep the ports."""

@@ -30,7 +30,13 @@ from conftest import leftovers, wait_until
 from kernel_helpers import interrupt_sleep, run_cell, start_manager, stop_manager
 from slurm import ThrowawaySlurm, slurm_missing
 
-from sshpyk import KernelOptions, KernelStartError, KernelStartTimeoutError, SSHSession
+from sshpyk import (
+    KernelOptions,
+    KernelStartError,
+    KernelStartTimeoutError,
+    RemoteKernel,
+    SSHSession,
+)
 from sshpyk.kernelspec import SSHKernelSpec, kernels_dir, load_spec
 
 pytestmark = pytest.mark.timeout(180)
@@ -160,6 +166,42 @@ async def test_shutdown_now_and_the_session_api(
         await kernel.close()
         assert time.monotonic() - started < 10
         assert slurm.jobs() == []
+    no_leftovers()
+
+
+async def test_persistent_slurm_kernel_is_reattached(
+    sshd: Any, slurm: ThrowawaySlurm, run_root: Path, no_leftovers: Any
+) -> None:
+    """A persistent SLURM kernel outlives its local side; a new session reattaches to it
+    (the forwards find the node again from the agent's state) and then ends the job."""
+    options = slurm_options(slurm, run_root, persistent=True)
+    async with await SSHSession.connect(sshd.alias, ssh_config=sshd.ssh_config) as session:
+        kernel = await session.start_kernel(options=options)
+        assert kernel.process is not None
+        kernel_id, job_id = kernel.kernel_id, kernel.process.slurm["job_id"]
+        kc = kernel.client()
+        kc.start_channels()
+        try:
+            await kc.wait_for_ready(timeout=60)
+            await run_cell(kc, "x = 41")
+        finally:
+            kc.stop_channels()
+        await kernel.detach()
+    assert [j["job_id"] for j in slurm.jobs()] == [job_id]  # kept: it is persistent
+    async with await SSHSession.connect(sshd.alias, ssh_config=sshd.ssh_config) as session:
+        kernel = await RemoteKernel.attach(session, kernel_id, options)
+        assert kernel.process is not None and kernel.process.launcher == "slurm"
+        assert kernel.process.slurm["job_id"] == job_id
+        kc = kernel.client()
+        kc.start_channels()
+        try:
+            await kc.wait_for_ready(timeout=60)
+            _, out = await run_cell(kc, "import os; print(x + 1, os.environ['SLURM_JOB_ID'])")
+            assert out.split() == ["42", job_id]
+        finally:
+            kc.stop_channels()
+        await kernel.close()
+    assert slurm.jobs() == []
     no_leftovers()
 
 
