@@ -308,11 +308,11 @@ class SlurmKernel(Kernel):
 
     def launch(self):
         request = self.request
-        core, extension = globals().get("SSHPYK_SOURCE"), globals().get("SSHPYK_SLURM")
-        if not core or not extension:
+        core, slurm_source = globals().get("SSHPYK_SOURCE"), globals().get("SSHPYK_SLURM")
+        if not core or not slurm_source:
             raise BootstrapError("launch_failed", "the agent does not have its own source")
-        if not isinstance(extension, bytes):
-            extension = extension.encode("utf-8")
+        if not isinstance(slurm_source, bytes):
+            slurm_source = slurm_source.encode("utf-8")
         spec = find_kernelspec(request["kernel_name"])
         if request.get("transport", "auto") == "ipc":
             raise BootstrapError(
@@ -336,7 +336,7 @@ class SlurmKernel(Kernel):
         command = (
             [srun, "--job-name=" + self.job_name]
             + [str(a) for a in request.get("slurm_args") or []]
-            + ["--ntasks=1", sys.executable, "-c", NODE_LOADER % (len(core), len(extension))]
+            + ["--ntasks=1", sys.executable, "-c", NODE_LOADER % (len(core), len(slurm_source))]
         )
         node_request = {
             "v": PROTOCOL,
@@ -363,7 +363,9 @@ class SlurmKernel(Kernel):
         except OSError as exc:
             raise BootstrapError("launch_failed", "cannot start %s: %s" % (srun, exc)) from None
         self.submitted = time.monotonic()
-        self.stdin_queue.put(core + extension + (json.dumps(node_request) + "\n").encode("utf-8"))
+        self.stdin_queue.put(
+            core + slurm_source + (json.dumps(node_request) + "\n").encode("utf-8")
+        )
         self.info = {
             "kernel_id": self.kid,
             "kernel_name": request["kernel_name"],

@@ -249,7 +249,10 @@ async def test_pending_job_times_out_with_a_clear_message(
     assert all(f"SLURM job {job_id} pending" in line for line in pending), pending
     assert all("(reason: " in line for line in pending), pending
     assert pending[-1].endswith(f"(reason: {reason})"), pending  # as SLURM put it last
-    assert all(r.levelno == logging.INFO for r in caplog.records if "pending for" in r.message)
+    records = [r for r in caplog.records if "pending for" in r.getMessage()]
+    assert all(r.levelno == logging.INFO for r in records)
+    # through the provisioner's self.log (Jupyter's log), not sshpyk's module logger
+    assert {r.name for r in records} == {logging.getLogger("traitlets").name}, records
     no_leftovers()
 
 
