@@ -201,10 +201,12 @@ async def latency(args: argparse.Namespace, out: dict[str, Any]) -> None:
         for _ in range(20):  # warm-up
             await wait_ready(kc, args.timeout)
         rounds = []
+        cpu0 = _client_cpu()
         for _ in range(args.rounds):
             t0 = time.perf_counter()
             await _await_shell(kc, _reply_to(kc.kernel_info()), 10)
             rounds.append(time.perf_counter() - t0)
+        out["kernel_info_client_cpu_ms"] = (_client_cpu() - cpu0) / args.rounds * 1000
         out["kernel_info_ms"] = [r * 1000 for r in rounds]
 
         line_chars = 100_000  # 99,999 "x" and a newline per print
@@ -212,13 +214,24 @@ async def latency(args: argparse.Namespace, out: dict[str, Any]) -> None:
         code = f"s = 'x' * {line_chars - 1}\nfor _ in range({lines}):\n    print(s)\n"
         await printed(kc, "print('warm-up')", 0, args.timeout)
         out["printed_bytes"] = lines * line_chars
+        cpu0 = _client_cpu()
         out["printed_s"] = [
             await printed(kc, code, lines * line_chars, args.timeout)
             for _ in range(args.print_reps)
         ]
+        out["printed_client_cpu_s"] = (_client_cpu() - cpu0) / args.print_reps
         await kernel.shutdown(args.timeout)
     finally:
         await kernel.close_quietly()
+
+
+def _client_cpu() -> float:
+    """CPU seconds of this process and its descendants (an ssh ControlMaster included:
+    we are its subreaper), not counting local kernels (a local candidate's children)."""
+    me = os.getpid()
+    table = procstat.process_table()
+    kernels = [p for p in procstat.descendants(me, table) if "ipykernel" in table[p].cmdline]
+    return procstat.cpu_seconds(me, kernels, table)
 
 
 async def printed(kc: Any, code: str, expected: int, timeout: float) -> float:

@@ -154,6 +154,8 @@ class Candidate:
     kernels: dict[str, str]
     env: dict[str, str]
     leftovers: list[str] = field(default_factory=list)
+    #: errors of driver runs that failed (each was retried once)
+    failures: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -280,12 +282,25 @@ class Bench:
             )
 
     def driver(
-        self, name: str, mode: str, *extra: str, label: str = "", variant: str = "default"
+        self,
+        name: str,
+        mode: str,
+        *extra: str,
+        label: str = "",
+        variant: str = "default",
+        retry: bool = True,
     ) -> dict[str, Any]:
-        """Run one driver process to its end; leftovers are collected afterwards."""
+        """Run one driver process to its end; leftovers are collected afterwards.
+
+        A failed run is counted (and reported) and, with ``retry``, run once more."""
         handle = self.start_driver(name, mode, *extra, label=label, variant=variant)
         result = self.finish_driver(handle)
         self.collect_leftovers(self.candidates[name])
+        if "error" in result:
+            self.candidates[name].failures.append(f"{mode}: {result['error']}")
+            if retry:
+                log(f"  retrying {mode} of {TITLES[name]} once")
+                return self.driver(name, mode, *extra, label=label, variant=variant, retry=False)
         return result
 
     def start_driver(
@@ -427,8 +442,12 @@ ROWS = [
     ("last_shutdown_s", "Shutdown of the last kernel", "s", ".2f"),
     ("kernel_info_ms", "kernel_info round trip", "ms", ".2f"),
     ("kernel_info_ms_gcm", f"… with `Ciphers {GCM}` (local: same as above)", "ms", ".2f"),
+    ("kernel_info_cpu_ms", "… client CPU per round trip (driver + its ssh)", "ms", ".2f"),
+    ("kernel_info_cpu_ms_gcm", "… client CPU per round trip, aes128-gcm", "ms", ".2f"),
     ("printed_mb_s", "Printed output, {print_mb:g} MB", "MB/s", ".1f"),
     ("printed_mb_s_gcm", f"… with `Ciphers {GCM}` (local: same as above)", "MB/s", ".1f"),
+    ("printed_cpu_s", "… client CPU per {print_mb:g} MB (driver + its ssh)", "CPU s", ".2f"),
+    ("printed_cpu_s_gcm", "… client CPU per {print_mb:g} MB, aes128-gcm", "CPU s", ".2f"),
     ("tunnel_mib_s", "Raw tunnel, {tunnel_mib:g} MiB through one forward", "MiB/s", ".0f"),
     (
         "idle_client_cpu_s",
@@ -444,8 +463,15 @@ ROWS = [
     ("rss_per_kernel_mib", "… driver RSS growth per kernel", "MiB", ".2f"),
     ("concurrent_shutdown_s", "… shutdown of all of them", "s", ".1f"),
     ("leftovers", "Processes / run dirs left behind (whole run)", "", ".0f"),
+    ("failed_runs", "Driver runs that failed, each retried once (whole run)", "", ".0f"),
 ]
-NO_RATIO = {"ssh_connections", "leftovers", "concurrent_vs_single", "failed_starts"}
+NO_RATIO = {
+    "ssh_connections",
+    "leftovers",
+    "concurrent_vs_single",
+    "failed_starts",
+    "failed_runs",
+}
 
 
 class Report:
@@ -531,7 +557,7 @@ class Report:
         if not self.tunnel:
             return ""
         ssh_l = [r for r in self.tunnel if r.label == tunnel.OPENSSH and r.mib_per_s]
-        openssh = {r.cipher: statistics.median(r.mib_per_s) for r in ssh_l}
+        openssh = {r.requested: statistics.median(r.mib_per_s) for r in ssh_l}
         default_openssh = next(
             (statistics.median(r.mib_per_s) for r in ssh_l if r.requested == "default"), None
         )
@@ -542,7 +568,7 @@ class Report:
         ]
         for r in self.tunnel:
             stat = Stat(r.mib_per_s)
-            same = openssh.get(r.cipher)
+            same = openssh.get(r.requested)
             lines.append(
                 f"| {r.label} | {r.cipher} | {len(r.mib_per_s)} | {cell(stat, '.0f', r.error)} | "
                 + (f"{stat.median / same:.2f}x" if stat.ok and same else "-")
@@ -607,6 +633,9 @@ def run_latency(bench: Bench, report: Report) -> None:
         for key_suffix in [suffix] + (["_gcm"] if name == "local" else []):
             report.add(name, "kernel_info_ms" + key_suffix, res.get("kernel_info_ms"))
             report.add(name, "printed_mb_s" + key_suffix, printed or None)
+            cpu = res.get("kernel_info_client_cpu_ms")
+            report.add(name, "kernel_info_cpu_ms" + key_suffix, cpu)
+            report.add(name, "printed_cpu_s" + key_suffix, res.get("printed_client_cpu_s"))
 
 
 def run_tunnel(bench: Bench, report: Report) -> None:
@@ -648,6 +677,10 @@ def run_idle(bench: Bench, report: Report) -> None:
     results = {run.name: bench.finish_driver(run) for run in runs}
     for name in together:
         bench.collect_leftovers(bench.candidates[name])
+    for name in together:
+        if "error" in results[name]:  # counted, then once more on its own
+            bench.candidates[name].failures.append(f"idle: {results[name]['error']}")
+            results[name] = bench.driver(name, "idle", *args, retry=False)
     if "sshpyk125" in bench.names:
         results["sshpyk125"] = bench.driver("sshpyk125", "idle", *args)
     for name in bench.names:
@@ -824,7 +857,7 @@ def targets(report: Report) -> str:
             f"{default_ossh:.0f} MiB/s = {b / default_ossh:.2f}x",
             lower_is_better=False,
         )
-        same = next((r for r in ossh if r.cipher == best.cipher), None)
+        same = next((r for r in ossh if r.requested == best.requested), None)
         if same is not None:
             s_med = statistics.median(same.mib_per_s)
             check(
@@ -855,7 +888,7 @@ def targets(report: Report) -> str:
     peak = report.stat("sshpyk", "ssh_connections_peak")
     if peak is not None:
         check(
-            "SSH connections for 32 kernels = 1",
+            f"SSH connections for {report.settings.concurrent} kernels = 1",
             max(peak.values),
             1,
             f"peak {max(peak.values):.0f}",
@@ -940,8 +973,13 @@ def main() -> int:
             bench.stop()
         for name, cand in bench.candidates.items():
             report.add(name, "leftovers", float(len(cand.leftovers)))
+            report.add(name, "failed_runs", float(len(cand.failures)))
+            report.facts[name]["leftovers"] = cand.leftovers
+            report.facts[name]["failures"] = cand.failures
             for item in cand.leftovers:
                 log(f"left behind by {TITLES[name]}: {item}")
+            for item in cand.failures:
+                log(f"failed run of {TITLES[name]}: {item}")
     elapsed = time.monotonic() - started
     python_125 = str(VENV_125 / "bin" / "python") if "sshpyk125" in names else None
     parts = [

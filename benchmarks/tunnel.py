@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import socket
 import subprocess
@@ -72,6 +73,7 @@ class _FixedTarget:
         from sshpyk.forwards import CHANNELS
 
         self.transport = "tcp"
+        self.host = "127.0.0.1"
         self.endpoints = {channel: port for channel in CHANNELS}
         self.exit_code = None
         self.reachable = asyncio.Event()
@@ -81,6 +83,8 @@ class _FixedTarget:
 async def _forward(mode: str, alias: str, config: str, target: int) -> None:
     """Open one forward to 127.0.0.1:``target``, print the local port, wait for stdin EOF."""
     loop = asyncio.get_running_loop()
+    logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("sshpyk").setLevel(logging.DEBUG)  # a refused forward says why
     if mode == "forwardset":
         # sshpyk's own forwarding code: the listener a kernel channel uses, on the shared
         # connection SSHSession opens (ssh config, known_hosts, keepalive as for kernels)
@@ -134,7 +138,7 @@ def sink(port: int, expected: int, timeout: float) -> float:
             got += n
     seconds = time.perf_counter() - t0
     if got != expected:
-        raise RuntimeError(f"received {got} bytes, expected {expected}")
+        raise RuntimeError(f"received {got} bytes, expected {expected} (see tunnel.log)")
     return seconds
 
 
@@ -269,6 +273,29 @@ def cipher_config(base: Path, cipher: str | None, dest: Path) -> Path:
     return dest
 
 
+def _measure_one(
+    result: TunnelResult,
+    start: Callable[[Path], tuple[int, str, Callable[[], None]]],
+    config: Path,
+    cipher: str | None,
+    total: int,
+    timeout: float,
+) -> None:
+    try:
+        port, negotiated, stop = start(config)
+    except Exception as exc:
+        result.error = f"{type(exc).__name__}: {exc}"
+        return
+    try:
+        result.cipher = negotiated if not cipher else cipher
+        seconds = sink(port, total, timeout)
+        result.mib_per_s.append(total / seconds / 2**20)
+    except Exception as exc:
+        result.error = f"{type(exc).__name__}: {exc}"
+    finally:
+        stop()
+
+
 def measure_all(
     *,
     alias: str,
@@ -291,6 +318,7 @@ def measure_all(
         text=True,
     )
     results: list[TunnelResult] = []
+    by_key: dict[tuple[str, str], TunnelResult] = {}
     try:
         assert source.stdout is not None
         target = int(source.stdout.readline())
@@ -301,36 +329,31 @@ def measure_all(
             (ASYNCSSH, lambda c: fwd._python("asyncssh", c), True),
             (CONTROLMASTER, fwd.controlmaster, False),
         ]
-        for cipher, reps in ciphers:
-            for label, start, every_cipher in kinds:
-                if not every_cipher and cipher:
+        # repetitions outermost, so that a change of machine load hits every forwarder alike
+        for rep in range(max((reps for _, reps in ciphers), default=0)):
+            for cipher, reps in ciphers:
+                if rep >= reps:
                     continue
                 name = cipher or "default"
-                base = controlmaster_config if start == fwd.controlmaster else ssh_config
-                config = cipher_config(base, cipher, work / f"ssh_config-{name}")
-                result = TunnelResult(label, name, name)
-                results.append(result)
-                for _ in range(reps):
-                    try:
-                        port, negotiated, stop = start(config)
-                    except Exception as exc:
-                        result.error = f"{type(exc).__name__}: {exc}"
-                        break
-                    try:
-                        result.cipher = negotiated if not cipher else cipher
-                        seconds = sink(port, total, timeout)
-                        result.mib_per_s.append(total / seconds / 2**20)
-                    except Exception as exc:
-                        result.error = f"{type(exc).__name__}: {exc}"
-                    finally:
-                        stop()
+                for label, start, every_cipher in kinds:
+                    if not every_cipher and cipher:
+                        continue
+                    key = (label, name)
+                    if key not in by_key:
+                        by_key[key] = TunnelResult(label, name, name)
+                        results.append(by_key[key])
+                    result = by_key[key]
                     if result.error:
-                        break
-                progress(
-                    f"  tunnel {label:<48} {name:<32} "
-                    + (" ".join(f"{v:6.0f}" for v in result.mib_per_s) or result.error)
-                    + " MiB/s"
-                )
+                        continue
+                    base = controlmaster_config if label == CONTROLMASTER else ssh_config
+                    config = cipher_config(base, cipher, work / f"ssh_config-{name}")
+                    _measure_one(result, start, config, cipher, total, timeout)
+        for result in results:
+            progress(
+                f"  tunnel {result.label:<56} {result.requested:<30} "
+                + (" ".join(f"{v:4.0f}" for v in result.mib_per_s) + " MiB/s")
+                + (f" {result.error}" if result.error else "")
+            )
     finally:
         if source.stdin is not None:
             source.stdin.close()
