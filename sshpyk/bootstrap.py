@@ -870,6 +870,8 @@ class Agent:
                 # the local side closes on purpose: keep persistent kernels only if asked
                 self.stop_kernels(keep_persistent=bool(msg.get("keep_persistent")))
                 self.detached = True
+                # "bye" tells the local side whether to wait for this agent to exit
+                emit("bye", rid=msg.get("rid"), kept=len(self.kernels))
                 if not self.kernels:
                     return "exit"
             elif op != "ping":

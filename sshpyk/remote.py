@@ -743,17 +743,24 @@ class RemoteAgent:
         self._closing = True
         detach = detach or not self.owner
         process = self.process
+        agent_exits = not detach
         if process is not None and self.connected.is_set() and not detach:
-            self.send({"op": "shutdown", "keep_persistent": keep_persistent})
+            try:
+                bye = await asyncio.wait_for(
+                    self.request("shutdown", keep_persistent=keep_persistent), timeout
+                )
+                agent_exits = not bye.get("kept")
+            except (SSHPykError, asyncio.TimeoutError):
+                pass
             with contextlib.suppress(Exception):
                 process.stdin.write_eof()
-            if not keep_persistent:
+            if agent_exits:
                 # the channel closes once the agent has cleaned up and exited
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(process.wait_closed(), timeout)
         self.connected.clear()
         await self._close_channel()
-        if process is not None:
+        if process is not None and agent_exits:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(process.wait_closed(), timeout)
         for task in self._tasks:
