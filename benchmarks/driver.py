@@ -318,18 +318,8 @@ async def idle(args: argparse.Namespace, out: dict[str, Any]) -> None:
                 procstat.cpu_seconds(p, (), after) - procstat.cpu_seconds(p, (), before)
                 for p in local_kernels
             )
-        if args.kind == "local":
-            # a local kernel uses no other process: everything is this tree, kernels too
-            out["all_cpu_s"] = procstat.cpu_seconds(me, (), after) - procstat.cpu_seconds(
-                me, (), before
-            )
-        elif args.all_root:
-            # everything run.py started (this client, sshd and its sessions, remote agents
-            # and kernels, orphans it reaped) but run.py itself and other drivers running
-            # at the same time (run.py only runs a local-kernel driver beside this one)
-            out["all_cpu_s"] = _all_cpu(args.all_root, me, after) - _all_cpu(
-                args.all_root, me, before
-            )
+        if args.kind == "local" or args.all_root:
+            out["all_cpu_s"] = _everything_cpu(args, me, after) - _everything_cpu(args, me, before)
         tree = procstat.descendants(me, after)
         out["client_processes"] = sorted(
             {after[p].cmdline.split(" ")[0].rsplit("/", 1)[-1] for p in tree if p != me} - {""}
@@ -342,6 +332,20 @@ async def idle(args: argparse.Namespace, out: dict[str, Any]) -> None:
         for kernel in kernels:
             kernel.km.stop_restarter()
         await asyncio.gather(*(k.close_quietly() for k in kernels))
+
+
+def _everything_cpu(
+    args: argparse.Namespace, me: int, table: dict[int, procstat.ProcInfo]
+) -> float:
+    """CPU so far of every process serving this candidate's kernels.
+
+    A local kernel uses no other process: this tree, kernels included. Otherwise all that
+    run.py started (this client, sshd and its sessions, remote agents and kernels,
+    orphans reparented to it) but run.py itself and other drivers running at the same
+    time (run.py only ever runs a local-kernel driver beside this one)."""
+    if args.kind == "local" or not args.all_root:
+        return procstat.cpu_seconds(me, (), table)
+    return _all_cpu(args.all_root, me, table)
 
 
 def _all_cpu(root: int, me: int, table: dict[int, procstat.ProcInfo]) -> float:
@@ -387,9 +391,15 @@ async def concurrent(args: argparse.Namespace, out: dict[str, Any]) -> None:
     kernels: list[Kernel] = []
     try:
         with ConnectionSampler(args.sshd_port) as sampler:
+            before = procstat.process_table()
             t0 = time.perf_counter()
             kernels = await start_many(args, args.kernels, restarter=False, out=out)
             out["concurrent_start_s"] = time.perf_counter() - t0
+            after = procstat.process_table()
+            out["concurrent_all_cpu_s"] = _everything_cpu(args, me, after) - _everything_cpu(
+                args, me, before
+            )
+            out["cores"] = len(os.sched_getaffinity(0))
             out.setdefault("failed_starts", 0)
             out["ssh_connections_now"] = (
                 procstat.established_to_port(args.sshd_port) if args.sshd_port else None

@@ -458,6 +458,12 @@ ROWS = [
     ("idle_all_cpu_s", "… CPU of everything (client, sshd, kernels)", "CPU s", ".2f"),
     ("concurrent_start_s", "{concurrent} kernels started at once: total", "s", ".1f"),
     ("concurrent_vs_single", "… ÷ the candidate's single cold start", "x", ".1f"),
+    (
+        "concurrent_cpu_bound_s",
+        "… CPU used by everything during the starts ÷ cores (a floor for the total)",
+        "s",
+        ".1f",
+    ),
     ("failed_starts", "… kernels that failed to start", "", ".0f"),
     ("ssh_connections", "… TCP connections to sshd, peak / at end", "", ".0f"),
     ("rss_per_kernel_mib", "… driver RSS growth per kernel", "MiB", ".2f"),
@@ -508,6 +514,7 @@ class Report:
         )
 
     def n(self, key: str) -> str:
+        key = "ssh_connections_peak" if key == "ssh_connections" else key
         counts = sorted({len(self.samples[n].get(key, [])) for n in self.names} - {0})
         return "/".join(str(c) for c in counts) or "0"
 
@@ -721,6 +728,8 @@ def run_concurrent(bench: Bench, report: Report) -> None:
             if res["failed_starts"]:
                 log(f"  {TITLES[name]}: {res['failed_starts']} failed: {res['failed_start_error']}")
                 report.facts[name]["failed_start_error"] = res["failed_start_error"]
+        if res.get("concurrent_all_cpu_s") is not None and res.get("cores"):
+            report.add(name, "concurrent_cpu_bound_s", res["concurrent_all_cpu_s"] / res["cores"])
         for key in (
             "concurrent_start_s",
             "rss_per_kernel_mib",
@@ -841,6 +850,14 @@ def targets(report: Report) -> str:
             ki,
             ki_l + 0.5,
             f"{ki:.2f} ms vs {ki_l:.2f} ms (+{ki - ki_l:.2f} ms)",
+        )
+    ki_g = med("sshpyk", "kernel_info_ms_gcm")
+    if ki_g is not None and ki_l is not None:
+        check(
+            f"kernel_info ≤ local + 0.5 ms, with `Ciphers {GCM}`",
+            ki_g,
+            ki_l + 0.5,
+            f"{ki_g:.2f} ms vs {ki_l:.2f} ms (+{ki_g - ki_l:.2f} ms)",
         )
     ossh = [r for r in report.tunnel if r.label == tunnel.OPENSSH and r.mib_per_s]
     ours = [r for r in report.tunnel if r.label == tunnel.FORWARDSET and r.mib_per_s]
