@@ -332,6 +332,39 @@ def tail(path, limit=STDERR_TAIL_BYTES):
         return ""
 
 
+def spawn_kernel(argv, extra_env, kid, run_dir, cwd, where=""):
+    """Start a kernel in its own session (so its own process group), output to
+    run_dir/kernel.log, JPY_PARENT_PID = this process. Returns (Popen, log path)."""
+    env = dict(os.environ)
+    env.update(extra_env)
+    env["JPY_PARENT_PID"] = str(os.getpid())
+    env["SSHPYK_KERNEL_ID"] = kid
+    env["SSHPYK_RUN_DIR"] = run_dir
+    cwd = os.path.expanduser(cwd or "~")
+    if not os.path.isdir(cwd):
+        raise BootstrapError(
+            "launch_failed", "working directory %r does not exist%s" % (cwd, where)
+        )
+    log_path = os.path.join(run_dir, "kernel.log")
+    with open(log_path, "wb") as log:
+        try:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=cwd,
+                start_new_session=True,
+                close_fds=True,
+            )
+        except OSError as exc:
+            raise BootstrapError(
+                "launch_failed", "cannot start %s%s: %s" % (argv[0], where, exc)
+            ) from None
+    return proc, log_path
+
+
 class Kernel:
     """One kernel supervised by the agent."""
 
@@ -379,34 +412,11 @@ class Kernel:
         conn_file, self.endpoints = write_connection_file(self.run_dir, self.transport, request)
         self.conn_file = conn_file
         argv = kernel_argv(spec, conn_file)
-        env = dict(os.environ)
-        env.update(spec.get("env") or {})
+        env = dict(spec.get("env") or {})
         env.update(request.get("env") or {})
-        env["JPY_PARENT_PID"] = str(os.getpid())
-        env["SSHPYK_KERNEL_ID"] = self.kid
-        env["SSHPYK_RUN_DIR"] = self.run_dir
-        cwd = os.path.expanduser(request.get("cwd") or "~")
-        if not os.path.isdir(cwd):
-            raise BootstrapError(
-                "launch_failed", "remote working directory %r does not exist" % cwd
-            )
-        self.log_path = os.path.join(self.run_dir, "kernel.log")
-        with open(self.log_path, "wb") as log:
-            try:
-                self.proc = subprocess.Popen(
-                    argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    env=env,
-                    cwd=cwd,
-                    start_new_session=True,
-                    close_fds=True,
-                )
-            except OSError as exc:
-                raise BootstrapError(
-                    "launch_failed", "cannot start %s: %s" % (argv[0], exc)
-                ) from None
+        self.proc, self.log_path = spawn_kernel(
+            argv, env, self.kid, self.run_dir, request.get("cwd")
+        )
         info = {
             "kernel_id": self.kid,
             "kernel_name": request["kernel_name"],

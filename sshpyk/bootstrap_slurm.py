@@ -39,6 +39,7 @@ if TYPE_CHECKING:  # at run time these names are bootstrap.py's, in the same nam
         kernel_argv,
         pid_alive,
         private_run_dir,
+        spawn_kernel,
         tail,
         write_connection_file,
     )
@@ -694,33 +695,14 @@ def run_node(request):
         host = node_address()
         conn_file, endpoints = write_connection_file(run_dir, "tcp", request, host)
         argv = [str(a).replace("{connection_file}", conn_file) for a in request["argv"]]
-        env = dict(os.environ)
-        env.update(request.get("env") or {})
-        env["JPY_PARENT_PID"] = str(os.getpid())
-        env["SSHPYK_KERNEL_ID"] = request["kid"]
-        env["SSHPYK_RUN_DIR"] = run_dir
-        cwd = os.path.expanduser(request.get("cwd") or "~")
-        if not os.path.isdir(cwd):
-            raise BootstrapError(
-                "launch_failed", "working directory %r does not exist on the node" % cwd
-            )
-        log_path = os.path.join(run_dir, "kernel.log")
-        with open(log_path, "wb") as log:
-            try:
-                proc = subprocess.Popen(
-                    argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    env=env,
-                    cwd=cwd,
-                    start_new_session=True,
-                    close_fds=True,
-                )
-            except OSError as exc:
-                raise BootstrapError(
-                    "launch_failed", "cannot start %s on the node: %s" % (argv[0], exc)
-                ) from None
+        proc, log_path = spawn_kernel(
+            argv,
+            request.get("env") or {},
+            request["kid"],
+            run_dir,
+            request.get("cwd"),
+            " on the node",
+        )
         emit(
             "node",
             pid=proc.pid,

@@ -46,7 +46,7 @@ from .errors import (
 )
 from .kernel import KernelOptions
 from .kernelspec import SSHKernelSpec
-from .remote import RemoteAgent
+from .remote import RemoteAgent, python_command
 from .session import SSHSession
 from .slurm import parse_slurm_args, slurm_summary
 from .sshconfig import HostSettings, alias_in_config, config_path, resolve_host
@@ -628,7 +628,7 @@ class _Diagnosis:
         t = self.target
         assert self.session is not None
         conn = await self.session.connection()
-        command = _python_command(t.python, t.pre_command, _IPC_PROBE, t.run_root or "")
+        command = python_command(t.python, t.pre_command, _IPC_PROBE, t.run_root or "")
         process = await conn.create_process(command)
         try:
             line = await process.stdout.readline()
@@ -788,25 +788,6 @@ finally:
         os.unlink(p)
     os.rmdir(d)
 """
-
-
-def _python_command(python: str, pre_command: str | None, code: str, *args: str) -> str:
-    """A shell command running ``code`` with the remote python, as the agent is started.
-
-    The same rules as ``sshpyk.remote.remote_command``: ``python`` is an executable or
-    an environment prefix (then its ``bin/python``), after ``pre_command``.
-    """
-    quoted = (
-        '"$HOME"/' + shlex.quote(python[2:]) if python.startswith("~/") else shlex.quote(python)
-    )
-    argv = " ".join(shlex.quote(a) for a in args)
-    lines = [pre_command] if pre_command else []
-    if "/" in python:
-        lines.append(f'p={quoted}; [ -d "$p" ] && p="$p/bin/python"')
-        lines.append(f'exec "$p" -c {shlex.quote(code)} {argv}')
-    else:
-        lines.append(f"exec {quoted} -c {shlex.quote(code)} {argv}")
-    return "\n".join(lines)
 
 
 async def run_check(

@@ -14,6 +14,7 @@ traceback appears only at ``-vvv``. Colour only when the stream is a terminal an
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -525,26 +526,13 @@ def edit(kernel: str, **opts: Any) -> None:
     --no-check).
     """
     old = find_kernel(kernel).spec
-    fields = (
-        "ssh_host_alias",
-        "display_name",
-        "language",
-        "ssh_config",
-        "remote_python",
-        "remote_kernel_name",
-        "start_timeout",
-        "transport",
-        "interrupt_mode",
-        "pre_command",
-        "remote_cwd",
-        "remote_run_root",
-        "grace_period",
-        "persistent",
-        "launcher",
-        "slurm_args",
-        "slurm_queue_timeout",
-        "slurm_walltime_warning",
-    )
+    # every stored field has its option (tests/test_cli_edit.py holds add and edit to it);
+    # the name and the remote env have options of their own
+    fields = [
+        f.name
+        for f in dataclasses.fields(SSHKernelSpec)
+        if f.name not in ("name", "remote_env", "resource_dir")
+    ]
     changes = {f: opts[f] for f in fields}
     changes["name"] = opts["kernel_name"]
     spec = edited_spec(

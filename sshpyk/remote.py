@@ -48,6 +48,7 @@ __all__ = [
     "LaunchRequest",
     "RemoteAgent",
     "SlurmListener",
+    "python_command",
     "remote_command",
 ]
 
@@ -70,30 +71,38 @@ _MAX_NOISE_LINES = 200
 LOST = -1
 
 
-def remote_command(python: str, pre_command: str | None = None) -> str:
-    """The shell command that starts the agent with the remote Python.
+def python_command(python: str, pre_command: str | None, code: str, *args: str) -> str:
+    """The shell command that runs ``python -c code args...`` on the remote host.
 
-    ``python`` is an executable (``python3``, ``/usr/bin/python3``) or an
-    environment prefix such as ``/opt/conda/envs/x`` (then its ``bin/python``).
+    ``python`` is an executable (``python3``, ``/usr/bin/python3``, ``~/venv/bin/python``)
+    or an environment prefix such as ``/opt/conda/envs/x`` (then its ``bin/python``);
+    ``pre_command`` runs first in the same shell.
     """
-    # the agent keeps its source (SSHPYK_SOURCE) to feed it to srun for SLURM kernels
-    loader = (
-        f"import sys;SSHPYK_SOURCE=sys.stdin.buffer.read({len(_BOOTSTRAP)});"
-        "exec(compile(SSHPYK_SOURCE,'sshpyk-bootstrap','exec'))"
-    )
     if python.startswith("~/"):
         quoted = '"$HOME"/' + shlex.quote(python[2:])
     else:
         quoted = shlex.quote(python)
+    argv = "".join(" " + shlex.quote(a) for a in args)
     lines = []
     if pre_command:
         lines.append(pre_command)
     if "/" in python:
         lines.append(f'p={quoted}; [ -d "$p" ] && p="$p/bin/python"')
-        lines.append(f'exec "$p" -c {shlex.quote(loader)}')
+        lines.append(f'exec "$p" -c {shlex.quote(code)}{argv}')
     else:
-        lines.append(f"exec {quoted} -c {shlex.quote(loader)}")
+        lines.append(f"exec {quoted} -c {shlex.quote(code)}{argv}")
     return "\n".join(lines)
+
+
+def remote_command(python: str, pre_command: str | None = None) -> str:
+    """The shell command that starts the agent with the remote Python (its source
+    follows on stdin)."""
+    # the agent keeps its source (SSHPYK_SOURCE) to feed it to srun for SLURM kernels
+    loader = (
+        f"import sys;SSHPYK_SOURCE=sys.stdin.buffer.read({len(_BOOTSTRAP)});"
+        "exec(compile(SSHPYK_SOURCE,'sshpyk-bootstrap','exec'))"
+    )
+    return python_command(python, pre_command, loader)
 
 
 _ERROR_KINDS: dict[str, type[SSHPykError]] = {
