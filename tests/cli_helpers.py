@@ -147,14 +147,6 @@ class KernelOwner:
                     stream.close()
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(") ", 1)[1][:1] != "Z"
-    except (FileNotFoundError, IndexError):
-        return False
-
-
 @contextlib.contextmanager
 def silent_host(sshd: Any, tmp_path: Path, alias: str = "sshpyk-silent") -> Iterator[Path]:
     """An ssh config whose ``alias`` points at a port that accepts TCP and never speaks."""

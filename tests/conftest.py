@@ -96,6 +96,14 @@ def remote_processes(pattern: str) -> list[str]:
     return lines
 
 
+def pid_alive(pid: int) -> bool:
+    """The process exists and is not a zombie (the remote is this host: read /proc)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
 def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, step: float = 0.05) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

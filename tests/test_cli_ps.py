@@ -9,8 +9,8 @@ import time
 from typing import Any
 
 import pytest
-from cli_helpers import KernelOwner, assert_one_line_error, pid_alive, sshpyk
-from conftest import wait_until
+from cli_helpers import KernelOwner, assert_one_line_error, sshpyk
+from conftest import pid_alive, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 

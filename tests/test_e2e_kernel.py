@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import leftovers, remote_processes, wait_until
+from conftest import leftovers, pid_alive, remote_processes, wait_until
 from jupyter_client.manager import KernelManager
 from kernel_helpers import interrupt_sleep, run_cell, start_manager, stop_manager
 
@@ -98,17 +98,9 @@ async def test_shutdown_leaves_nothing(make_kernelspec, run_root: Path) -> None:
     procs, files = leftovers(run_root)
     assert files == [] and not run_dir.exists()
     assert wait_until(lambda: not remote_processes(str(run_root)), 2), procs
-    assert wait_until(lambda: not _alive(child_pid), 2)
+    assert wait_until(lambda: not pid_alive(child_pid), 2)
     # the last kernel on the connection is gone: so are the connection and the agent
-    assert wait_until(lambda: not _alive(agent_pid), 5)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0]
-    except (FileNotFoundError, IndexError):
-        return False
-    return state != "Z"
+    assert wait_until(lambda: not pid_alive(agent_pid), 5)
 
 
 async def test_crash_is_seen_by_poll(make_kernelspec, no_leftovers) -> None:

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import leftovers, wait_until
+from conftest import leftovers, pid_alive, wait_until
 from jupyter_client.manager import AsyncKernelManager
 from jupyter_client.provisioning import KernelProvisionerFactory
 from kernel_helpers import run_cell, start_manager, stop_manager
@@ -60,13 +60,6 @@ OWNER = textwrap.dedent(
 )
 
 
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][0] != "Z"
-    except (FileNotFoundError, IndexError):
-        return False
-
-
 async def test_persistent_kernel_survives_owner_and_is_reattached(
     make_kernelspec, run_root
 ) -> None:
@@ -89,13 +82,13 @@ async def test_persistent_kernel_survives_owner_and_is_reattached(
     try:
         await _reattach_and_check(pid, run_root)
     finally:
-        if _alive(pid):  # a failed run must not leave a persistent kernel behind
+        if pid_alive(pid):  # a failed run must not leave a persistent kernel behind
             os.killpg(pid, signal.SIGKILL)
 
 
 async def _reattach_and_check(pid: int, run_root: Path) -> None:
     await asyncio.sleep(2.0 + 3)  # well past the grace period
-    assert _alive(pid), "a persistent kernel was reaped with its owner"
+    assert pid_alive(pid), "a persistent kernel was reaped with its owner"
     assert len(state.records()) == 1
 
     # A new "server" opens the same notebook: it gets the same kernel back, state intact.
@@ -112,7 +105,7 @@ async def _reattach_and_check(pid: int, run_root: Path) -> None:
         kc.stop_channels()
         await km.shutdown_kernel()
     # an explicit shutdown ends it for good
-    assert wait_until(lambda: not _alive(pid), 10)
+    assert wait_until(lambda: not pid_alive(pid), 10)
     assert state.records() == []
     assert wait_until(lambda: leftovers(run_root) == ([], []), 10), leftovers(run_root)
 
@@ -233,13 +226,13 @@ async def test_attach_by_hand_after_the_owner_died(make_kernelspec, sshd, run_ro
         assert "keeps running" in attach.stderr.read()
         assert not connection_file.exists()
         await asyncio.sleep(1)
-        assert _alive(pid)  # detaching does not stop it
+        assert pid_alive(pid)  # detaching does not stop it
     finally:
         if attach.poll() is None:
             attach.kill()
         attach.stdout.close()
         attach.stderr.close()
-        if _alive(pid):
+        if pid_alive(pid):
             os.killpg(pid, signal.SIGKILL)
 
 

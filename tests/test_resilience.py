@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import leftovers, wait_until
+from conftest import leftovers, pid_alive, wait_until
 from faultproxy import FaultProxy
 from kernel_helpers import run_cell, start_manager, stop_manager
 
@@ -180,20 +180,13 @@ async def test_sigkilled_owner_kernel_reaped_after_grace(make_kernelspec, run_ro
         owner.send_signal(signal.SIGKILL)
         owner.wait(10)
         killed = time.monotonic()
-        assert wait_until(lambda: not _alive(pid), grace + 5), "kernel survived its owner"
+        assert wait_until(lambda: not pid_alive(pid), grace + 5), "kernel survived its owner"
         assert time.monotonic() - killed <= grace + 5
         assert wait_until(lambda: leftovers(run_root) == ([], []), 5), leftovers(run_root)
     finally:
         if owner.poll() is None:
             owner.kill()
         owner.stdout.close()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][0] != "Z"
-    except (FileNotFoundError, IndexError):
-        return False
 
 
 FAKE_KERNEL = textwrap.dedent(
