@@ -60,30 +60,40 @@ OWNER = textwrap.dedent(
 )
 
 
-async def test_persistent_kernel_survives_owner_and_is_reattached(
-    make_kernelspec, run_root
-) -> None:
-    persistent_spec(make_kernelspec, "ssh_persist", grace=2.0)
+async def orphaned_kernel(kernel_name: str, session_name: str) -> int:
+    """OWNER starts ``kernel_name`` for notebook ``session_name`` and is SIGKILLed: the pid
+    of the remote kernel it leaves behind."""
     owner = subprocess.Popen(
-        [sys.executable, "-c", OWNER, "ssh_persist", "analysis.ipynb"],
+        [sys.executable, "-c", OWNER, kernel_name, session_name],
         stdout=subprocess.PIPE,
         text=True,
-        env=os.environ.copy(),
     )
     try:
-        line = await asyncio.wait_for(asyncio.to_thread(owner.stdout.readline), 60)
-        pid = int(line)
+        pid = int(await asyncio.wait_for(asyncio.to_thread(owner.stdout.readline), 60))
         owner.send_signal(signal.SIGKILL)
         owner.wait(10)
     finally:
         if owner.poll() is None:
             owner.kill()
         owner.stdout.close()
+    return pid
+
+
+def kill_if_alive(pid: int) -> None:
+    """A failed run must not leave a persistent kernel behind."""
+    if pid_alive(pid):
+        os.killpg(pid, signal.SIGKILL)
+
+
+async def test_persistent_kernel_survives_owner_and_is_reattached(
+    make_kernelspec, run_root
+) -> None:
+    persistent_spec(make_kernelspec, "ssh_persist", grace=2.0)
+    pid = await orphaned_kernel("ssh_persist", "analysis.ipynb")
     try:
         await _reattach_and_check(pid, run_root)
     finally:
-        if pid_alive(pid):  # a failed run must not leave a persistent kernel behind
-            os.killpg(pid, signal.SIGKILL)
+        kill_if_alive(pid)
 
 
 async def _reattach_and_check(pid: int, run_root: Path) -> None:
@@ -167,19 +177,7 @@ async def test_load_provisioner_info_takes_over_a_kernel(make_kernelspec, run_ro
 async def test_attach_by_hand_after_the_owner_died(make_kernelspec, sshd, run_root, tmp_path):
     """`sshpyk attach` forwards an orphaned persistent kernel for `jupyter console --existing`."""
     persistent_spec(make_kernelspec, "ssh_handattach", grace=2.0)
-    owner = subprocess.Popen(
-        [sys.executable, "-c", OWNER, "ssh_handattach", "nb.ipynb"],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        pid = int(await asyncio.wait_for(asyncio.to_thread(owner.stdout.readline), 60))
-        owner.send_signal(signal.SIGKILL)
-        owner.wait(10)
-    finally:
-        if owner.poll() is None:
-            owner.kill()
-        owner.stdout.close()
+    pid = await orphaned_kernel("ssh_handattach", "nb.ipynb")
     (record,) = state.records()
     connection_file = tmp_path / "attached.json"
     attach = subprocess.Popen(
@@ -232,8 +230,7 @@ async def test_attach_by_hand_after_the_owner_died(make_kernelspec, sshd, run_ro
             attach.kill()
         attach.stdout.close()
         attach.stderr.close()
-        if pid_alive(pid):
-            os.killpg(pid, signal.SIGKILL)
+        kill_if_alive(pid)
 
 
 def stat_mode(path: Path) -> int:
