@@ -15,6 +15,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from sshd import ThrowawaySSHD, find_sshd
 
+import sshpyk
+from sshpyk import SSHSession
 from sshpyk.kernelspec import SSHKernelSpec, write_spec
 
 
@@ -117,6 +119,28 @@ def leftovers(run_root: Path) -> tuple[list[str], list[str]]:
     """(processes mentioning run_root, files under run_root) — both should be empty."""
     files = [str(p) for p in run_root.rglob("*")]
     return remote_processes(str(run_root)), files
+
+
+def one_line(exc: BaseException) -> str:
+    """The error's message, which must be one line and not empty."""
+    text = str(exc)
+    assert text and "\n" not in text, repr(text)
+    return text
+
+
+async def connect_error(
+    alias: str, config: Path, *, connect_timeout: float = 10.0, within: float = 5.0
+) -> BaseException:
+    """The one-line SSHPykError that connecting to ``alias`` raises within ``within`` s."""
+    started = time.monotonic()
+    with pytest.raises(sshpyk.SSHPykError) as info:
+        async with await SSHSession.connect(
+            alias, ssh_config=config, connect_timeout=connect_timeout
+        ):
+            pass
+    assert time.monotonic() - started < within
+    one_line(info.value)
+    return info.value
 
 
 @pytest.fixture

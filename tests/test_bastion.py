@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import leftovers, wait_until
+from conftest import connect_error, leftovers, wait_until
 from kernel_helpers import run_cell, start_manager, stop_manager
 from netns import Topology, unavailable_reason
 
@@ -82,20 +82,9 @@ def nudge_on() -> Iterator[None]:
     jump.NUDGE_BASTIONS = True
 
 
-def one_line(exc: BaseException) -> str:
-    text = str(exc)
-    assert text and "\n" not in text, repr(text)
-    return text
-
-
-async def connect_error(alias: str, config: Path) -> BaseException:
-    started = time.monotonic()
-    with pytest.raises(sshpyk.SSHPykError) as info:
-        async with await SSHSession.connect(alias, ssh_config=config, connect_timeout=20):
-            pass
-    assert time.monotonic() - started < 10
-    one_line(info.value)
-    return info.value
+async def bastion_connect_error(alias: str, config: Path) -> BaseException:
+    """connect_error with room for the hops: a 20 s connect timeout, an answer within 10 s."""
+    return await connect_error(alias, config, connect_timeout=20, within=10)
 
 
 async def ssh_connection(alias: str, config: Path) -> list[str]:
@@ -179,7 +168,7 @@ async def test_hop_with_user_and_port(topo: Topology, caplog) -> None:
 
 
 async def test_proxyjump_loop_is_an_error(topo: Topology) -> None:
-    exc = await connect_error("spk-loop-a", topo.ssh_config)
+    exc = await bastion_connect_error("spk-loop-a", topo.ssh_config)
     assert isinstance(exc, sshpyk.SSHConfigError)
     assert "ProxyJump loop" in str(exc) and "spk-loop-a -> spk-loop-b -> spk-loop-a" in str(exc)
 
@@ -200,7 +189,7 @@ async def test_include_and_match_pick_the_keys(topo: Topology, tmp_path: Path) -
     # With the Match blocks: every hop logs in (each sshd accepts one key only).
     assert (await ssh_connection("spk-deep", topo.ssh_config))[2] == topo.addr(14)
     # Without them: no key for the bastion, and the error says it was the bastion.
-    exc = await connect_error("spk-internal", config_without_keys(topo, tmp_path))
+    exc = await bastion_connect_error("spk-internal", config_without_keys(topo, tmp_path))
     assert isinstance(exc, sshpyk.AuthenticationError)
     assert "through bastion 'spk-bastion'" in str(exc)
 
@@ -229,7 +218,7 @@ def broken_config(topo: Topology, tmp_path: Path, lines: list[str], bad: int) ->
 )
 async def test_unparsable_config_line(topo, tmp_path, alias, lines, bad, reason) -> None:
     broken, line = broken_config(topo, tmp_path, lines, bad)
-    exc = await connect_error(alias, tmp_path / "ssh_config")
+    exc = await bastion_connect_error(alias, tmp_path / "ssh_config")
     assert isinstance(exc, sshpyk.SSHConfigError)
     text = str(exc)
     assert f"{broken} line {line}" in text and reason in text, text
@@ -252,7 +241,7 @@ async def test_unparsable_config_line(topo, tmp_path, alias, lines, bad, reason)
     ],
 )
 async def test_changed_host_key_on_any_hop(topo, alias, bad_host, through) -> None:
-    exc = await connect_error(alias, topo.ssh_config)
+    exc = await bastion_connect_error(alias, topo.ssh_config)
     assert isinstance(exc, sshpyk.HostKeyError)
     text = str(exc)
     assert f"host key of {bad_host!r}" in text, text  # which host

@@ -8,28 +8,13 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import connect_error, one_line
 from jupyter_client.manager import AsyncKernelManager
 
 import sshpyk
 from sshpyk import SSHSession
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def one_line(exc: BaseException) -> str:
-    text = str(exc)
-    assert "\n" not in text and text, repr(text)
-    return text
-
-
-async def connect_error(alias: str, config: Path) -> BaseException:
-    started = time.monotonic()
-    with pytest.raises(sshpyk.SSHPykError) as info:
-        async with await SSHSession.connect(alias, ssh_config=config, connect_timeout=10):
-            pass
-    assert time.monotonic() - started < 5
-    one_line(info.value)
-    return info.value
 
 
 async def test_unknown_alias(sshd) -> None:
