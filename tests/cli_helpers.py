@@ -29,6 +29,29 @@ def sshpyk(*args: str, input: str | None = None, env: dict[str, str] | None = No
     return CliRunner().invoke(main, list(args), input=input, env=env, prog_name="sshpyk")
 
 
+def add_args(
+    sshd: Any,
+    name: str = "ssh_cli",
+    *extra: str,
+    alias: str | None = None,
+    remote_python: str | None = sys.executable,
+) -> list[str]:
+    """`sshpyk add` of kernel ``name`` on ``sshd`` (or ``alias`` in its config) with this
+    Python as the remote one (none given: ``remote_python=None``), then ``extra``."""
+    args = [
+        "add",
+        "--kernel-name",
+        name,
+        "--ssh-host-alias",
+        alias or sshd.alias,
+        "--ssh-config",
+        str(sshd.ssh_config),
+    ]
+    if remote_python is not None:
+        args += ["--remote-python", remote_python]
+    return [*args, *extra]
+
+
 def assert_one_line_error(result: Result, *fragments: str, code: int = 1) -> str:
     """A user error: exit code, exactly one line on stderr starting with Error:, no traceback."""
     assert result.exit_code == code, (result.exit_code, result.output, result.exception)

@@ -5,25 +5,11 @@ from __future__ import annotations
 import json
 import sys
 
+from cli_helpers import add_args
 from click.testing import CliRunner
 
 from sshpyk.cli import main
 from sshpyk.kernelspec import PROVISIONER_NAME, kernels_dir, load_spec
-
-
-def add_args(sshd, name="ssh_cli", *extra: str) -> list[str]:
-    return [
-        "add",
-        "--kernel-name",
-        name,
-        "--ssh-host-alias",
-        sshd.alias,
-        "--ssh-config",
-        str(sshd.ssh_config),
-        "--remote-python",
-        sys.executable,
-        *extra,
-    ]
 
 
 def test_add_writes_kernelspec_with_remote_defaults(sshd, isolated_jupyter) -> None:
@@ -88,18 +74,8 @@ def test_add_all_options_stored(sshd) -> None:
 
 
 def test_add_bad_alias_is_one_line_error(sshd, isolated_jupyter) -> None:
-    result = CliRunner().invoke(
-        main,
-        [
-            "add",
-            "--kernel-name",
-            "k",
-            "--ssh-host-alias",
-            "sshpyk-refused",
-            "--ssh-config",
-            str(sshd.ssh_config),
-        ],
-    )
+    args = add_args(sshd, "k", alias="sshpyk-refused", remote_python=None)
+    result = CliRunner().invoke(main, args)
     assert result.exit_code == 1
     assert result.output.startswith("Error: connection refused")
     assert len(result.output.strip().splitlines()) == 1
@@ -134,8 +110,8 @@ def test_add_unknown_remote_kernel_lists_the_available_ones(sshd, isolated_jupyt
 
 
 def test_add_no_check_does_not_contact_the_host(sshd) -> None:
-    args = ["add", "--kernel-name", "k_down", "--ssh-host-alias", "sshpyk-refused", "--no-check"]
-    result = CliRunner().invoke(main, [*args, "--ssh-config", str(sshd.ssh_config)])
+    args = add_args(sshd, "k_down", "--no-check", alias="sshpyk-refused", remote_python=None)
+    result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     spec = load_spec("k_down")
     # without the remote kernelspec: the documented defaults

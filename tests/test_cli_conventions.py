@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from cli_helpers import SSHPYK, assert_one_line_error, run_in_pty, sshpyk
+from cli_helpers import SSHPYK, add_args, assert_one_line_error, run_in_pty, sshpyk
 
 import sshpyk as sshpyk_package
 
@@ -49,16 +49,7 @@ BROKEN = [
 def command_lines(sshd, alias: str, python: str) -> dict[str, list[str]]:
     config = ["--ssh-config", str(sshd.ssh_config)]
     return {
-        "add": [
-            "add",
-            "--kernel-name",
-            "k_new",
-            "--ssh-host-alias",
-            alias,
-            *config,
-            "--remote-python",
-            python,
-        ],
+        "add": add_args(sshd, "k_new", alias=alias, remote_python=python),
         "edit": ["edit", "k_edit", "--ssh-host-alias", alias, "--remote-python", python],
         "check": ["check", alias, *config, "--remote-python", python],
         "ps": ["ps", alias, *config, "--remote-python", python],
@@ -81,15 +72,7 @@ def test_broken_host_is_a_one_line_error(
 
 
 def test_traceback_only_at_vvv(sshd) -> None:
-    args = [
-        "add",
-        "--kernel-name",
-        "k",
-        "--ssh-host-alias",
-        "sshpyk-refused",
-        "--ssh-config",
-        str(sshd.ssh_config),
-    ]
+    args = add_args(sshd, "k", alias="sshpyk-refused", remote_python=None)
     for verbose in ([], ["-v"], ["-vv"]):
         assert_one_line_error(sshpyk(*verbose, *args), "connection refused")
     result = sshpyk("-vvv", *args)

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from cli_helpers import silent_host, sshpyk
+from cli_helpers import add_args, silent_host, sshpyk
 
 from sshpyk.kernelspec import SSHKernelSpec, load_spec
 
@@ -160,15 +160,7 @@ def test_list_timeout_bounds_a_silent_host(sshd, make_kernelspec, tmp_path) -> N
 
 def test_list_json_round_trips_what_add_wrote(sshd, isolated_jupyter) -> None:
     args = [
-        "add",
-        "--kernel-name",
-        "ssh_json",
-        "--ssh-host-alias",
-        sshd.alias,
-        "--ssh-config",
-        str(sshd.ssh_config),
-        "--remote-python",
-        sys.executable,
+        *add_args(sshd, "ssh_json"),
         "--start-timeout",
         "45",
         "--transport",

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
 
 import pytest
+from cli_helpers import add_args
 from click.testing import CliRunner
 from conftest import leftovers, wait_until
 from jupyter_client.manager import AsyncKernelManager
@@ -19,19 +19,7 @@ from sshpyk.kernelspec import load_spec, write_spec
 @pytest.mark.timeout(300)
 async def test_full_scenario(sshd, run_root) -> None:
     result = await asyncio.to_thread(  # the CLI runs its own event loop
-        CliRunner().invoke,
-        main,
-        [
-            "add",
-            "--kernel-name",
-            "ssh_scenario",
-            "--ssh-host-alias",
-            sshd.alias,
-            "--ssh-config",
-            str(sshd.ssh_config),
-            "--remote-python",
-            sys.executable,
-        ],
+        CliRunner().invoke, main, add_args(sshd, "ssh_scenario")
     )
     assert result.exit_code == 0, result.output
     spec = load_spec("ssh_scenario")

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cli_helpers import assert_one_line_error, sshpyk
+from cli_helpers import add_args, assert_one_line_error, sshpyk
 from conftest import leftovers, wait_until
 from kernel_helpers import interrupt_sleep, run_cell, start_manager, stop_manager
 from slurm import ThrowawaySlurm, slurm_missing
@@ -412,28 +412,13 @@ async def test_walltime_warning_is_logged(
 # -- the CLI ------------------------------------------------------------------------------
 
 
-def add_args(sshd: Any, slurm: ThrowawaySlurm, name: str, *extra: str) -> list[str]:
-    return [
-        "add",
-        "--kernel-name",
-        name,
-        "--ssh-host-alias",
-        sshd.alias,
-        "--ssh-config",
-        str(sshd.ssh_config),
-        "--remote-python",
-        sys.executable,
-        "--pre-command",
-        slurm.pre_command,
-        "--launcher",
-        "slurm",
-        *extra,
-    ]
+def slurm_add_args(sshd: Any, slurm: ThrowawaySlurm, name: str, *extra: str) -> list[str]:
+    return add_args(sshd, name, "--pre-command", slurm.pre_command, "--launcher", "slurm", *extra)
 
 
 def test_add_checks_srun_accepts_the_arguments(sshd: Any, slurm: ThrowawaySlurm) -> None:
     args = "--partition=debug --time=04:00:00"
-    result = sshpyk(*add_args(sshd, slurm, "ssh_slurm_cli", "--slurm-args", args))
+    result = sshpyk(*slurm_add_args(sshd, slurm, "ssh_slurm_cli", "--slurm-args", args))
     assert result.exit_code == 0, result.output
     spec = load_spec("ssh_slurm_cli")
     assert (spec.launcher, spec.slurm_args) == ("slurm", args)
@@ -457,7 +442,7 @@ def test_add_checks_srun_accepts_the_arguments(sshd: Any, slurm: ThrowawaySlurm)
 def test_add_refuses_bad_slurm_settings(
     sshd: Any, slurm: ThrowawaySlurm, extra: list[str], fragments: tuple[str, ...]
 ) -> None:
-    result = sshpyk(*add_args(sshd, slurm, "ssh_slurm_bad", *extra))
+    result = sshpyk(*slurm_add_args(sshd, slurm, "ssh_slurm_bad", *extra))
     assert_one_line_error(result, *fragments)
     assert not (Path(kernels_dir()) / "ssh_slurm_bad").exists()
 
