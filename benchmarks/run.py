@@ -71,9 +71,9 @@ class Settings:
         default_factory=lambda: [
             (None, 3),
             ("aes128-gcm@openssh.com", 3),
-            ("aes256-gcm@openssh.com", 1),
-            ("chacha20-poly1305@openssh.com", 1),
-            ("aes128-ctr", 1),
+            ("aes256-gcm@openssh.com", 3),
+            ("chacha20-poly1305@openssh.com", 3),
+            ("aes128-ctr", 3),
         ]
     )
     idle_kernels: int = 8
