@@ -7,9 +7,11 @@ pre-command) and supervises every kernel started through it, so starting a
 kernel on an open connection costs no new SSH session, shell or interpreter.
 
 It speaks protocol version ``PROTOCOL`` as JSON lines. local -> agent (stdin),
-the first line opens the conversation::
+the first line opens the conversation, either starting an agent or relaying to a
+running one through its control socket (reattach after a dropped connection)::
 
     {"v": 1, "op": "hello", "grace": 60.0, "run_root": null}
+    {"v": 1, "op": "attach", "socket": "/tmp/sshpyk-agent-.../agent.sock"}
 
 then any of (``kid`` is the kernel id, ``rid`` a request id)::
 
@@ -21,6 +23,11 @@ then any of (``kid`` is the kernel id, ``rid`` a request id)::
      "slurm_walltime_warning": 300.0, "slurm_status_interval": 30.0}
     {"op": "signal", "kid": ..., "signum": 2}       # to the kernel's process group
     {"op": "stop", "kid": ...}                      # kill the group, remove its run dir
+    {"op": "state", "rid": 1}                       # every kernel: pid, ready, exit code
+    {"op": "connection_info", "rid": 1, "kid": ...} # for a local side that reattaches
+    {"op": "ps", "rid": 1, "run_root": null}        # all sshpyk kernels of this user here
+    {"op": "kill", "rid": 1, "kernel_id": ...|null, "orphans": false}
+    {"op": "shutdown", "rid": 1, "keep_persistent": false}  # the local side leaves
     {"op": "load", "rid": 1, "name": "slurm", "source": ...}  # the SLURM launcher, once
     {"op": "slurm_info", "rid": 1, "args": [...]}   # is SLURM usable here? (srun --test-only)
 
@@ -33,13 +40,18 @@ agent -> local (stdout), every line carries ``"v"``::
     {"event": "ready", "kid"}                       # all five sockets are bound
     {"event": "exited", "kid", "code", "stderr_tail"}
     {"event": "stopped", "kid"}                     # process group dead, run dir gone
+    {"event": "state"|"connection_info"|"ps"|"killed", "rid", ...}
+    {"event": "bye", "rid", "kept"}                 # answer to shutdown
     {"event": "error", "kid"|"rid", "kind", "message"}
 
 Each kernel runs in its own session (so its own process group) with
 ``JPY_PARENT_PID`` set to the agent, so it also exits if the agent is SIGKILLed.
-When the local side is gone (stdin EOF, or no line for ``grace`` seconds) the
-agent kills every kernel's process group and removes their run directories.
-The HMAC key only travels over stdin and into a 0600 file in a 0700 directory.
+Several local sides may be attached at once (an owner and ``sshpyk attach``);
+events go to all of them. When no local side has been heard for ``grace``
+seconds (a dropped link, a crashed client) the agent kills every non-persistent
+kernel's process group and removes its run directory; a kernel that exits on its
+own is reaped at once. The HMAC key only travels over stdin and into a 0600 file
+in a 0700 directory.
 
 With ``launcher: slurm`` the agent runs on the login node and submits each kernel
 as a SLURM job with ``srun``. That code is ``bootstrap_slurm.py``, sent by the local
