@@ -44,7 +44,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from sshd import find_sshd
+from sshd import find_sshd, keygen, stop_process
 
 __all__ = ["NetnsHost", "Topology", "unavailable_reason"]
 
@@ -90,16 +90,6 @@ def unavailable_reason() -> str | None:
     finally:
         _ip("netns", "del", probe, check=False)
     return None
-
-
-def _keygen(path: Path, comment: str) -> str:
-    subprocess.run(
-        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)],
-        check=True,
-        stdin=subprocess.DEVNULL,
-        timeout=30,
-    )
-    return path.with_suffix(".pub").read_text().strip()
 
 
 @dataclass
@@ -293,16 +283,16 @@ class Topology:
         self.conf_dir.mkdir(exist_ok=True)
         for host in self.hosts.values():
             host.dir.mkdir(exist_ok=True)
-            host.host_pub = _keygen(host.dir / "host_ed25519", f"host-{host.name}")
+            host.host_pub = keygen(host.dir / "host_ed25519", f"host-{host.name}")
             host.client_key = self.root / f"id_{host.name}"
             if host.name == "deep":  # internal hosts share a key, selected by Match
                 host.client_key = self.root / "id_internal"
             if not host.client_key.exists():
-                _keygen(host.client_key, f"client-{host.name}")
+                keygen(host.client_key, f"client-{host.name}")
             authorized = host.dir / "authorized_keys"
             authorized.write_text(host.client_key.with_suffix(".pub").read_text())
             os.chmod(authorized, 0o600)
-        _keygen(self.root / "other_host", "other-host")
+        keygen(self.root / "other_host", "other-host")
 
     def _start_sshd(self, host: NetnsHost) -> None:
         sshd = find_sshd()
@@ -362,14 +352,8 @@ LogLevel VERBOSE
 
     def _stop_sshd(self, host: NetnsHost) -> None:
         proc, host.proc = host.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        if proc is not None:
+            stop_process(proc)
 
     # -- client side -------------------------------------------------------------------
     def _write_known_hosts(self) -> None:

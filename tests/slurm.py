@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from sshd import free_port, stop_process
 
 __all__ = ["ThrowawaySlurm", "slurm_missing"]
 
@@ -48,12 +49,6 @@ def slurm_missing() -> str | None:
     if os.geteuid() != 0:
         return "the throwaway SLURM cluster runs slurmd as root: run the tests as root"
     return None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _alive(proc: subprocess.Popen[bytes] | None) -> bool:
@@ -110,7 +105,7 @@ class ThrowawaySlurm:
             ],
         )
         self._wait(lambda: self.munge_socket.exists(), deadline, "munged")
-        self.conf.write_text(self.config_text(_free_port(), _free_port()))
+        self.conf.write_text(self.config_text(free_port(), free_port()))
         self._spawn("slurmctld", ["-D", "-c", "-f", str(self.conf)])
         self._wait(self._controller_up, deadline, "slurmctld")
         self._spawn("slurmd", ["-D", "-N", self.node, "-f", str(self.conf)])
@@ -155,15 +150,8 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
             self.run("scancel", f"--user={os.getuid()}")  # nothing outlives the cluster
         for name in ("slurmd", "slurmctld", "munged"):
             proc = self.procs.pop(name, None)
-            if proc is None:
-                continue
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(5)
+            if proc is not None:
+                stop_process(proc, grace=10)
         if self._own_root:
             shutil.rmtree(self.root, ignore_errors=True)
 

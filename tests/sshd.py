@@ -34,13 +34,27 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _keygen(path: Path) -> str:
+def keygen(path: Path, comment: str = "sshpyk-test") -> str:
+    """A fresh ed25519 key pair at ``path`` (no passphrase): the public key's line."""
     subprocess.run(
-        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "sshpyk-test", "-f", str(path)],
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)],
         check=True,
         stdin=subprocess.DEVNULL,
+        timeout=30,
     )
     return path.with_suffix(".pub").read_text().strip()
+
+
+def stop_process(proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within ``grace`` seconds; reaped."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
 
 
 class ThrowawaySSHD:
@@ -72,10 +86,10 @@ class ThrowawaySSHD:
             os.makedirs("/run/sshd", exist_ok=True)
         root = self.root
         root.mkdir(parents=True, exist_ok=True)
-        host_pub = _keygen(root / "host_ed25519")
-        client_pub = _keygen(root / "id_ed25519")
-        _keygen(root / "id_stranger")  # a key the server does not know
-        _keygen(root / "other_host")  # to fake a changed host key
+        host_pub = keygen(root / "host_ed25519")
+        client_pub = keygen(root / "id_ed25519")
+        keygen(root / "id_stranger")  # a key the server does not know
+        keygen(root / "other_host")  # to fake a changed host key
         (root / "authorized_keys").write_text(client_pub + "\n")
         os.chmod(root / "authorized_keys", 0o600)
         last_error = ""
@@ -163,13 +177,8 @@ Host sshpyk-refused
         return False
 
     def _kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        if self.proc is not None:
+            stop_process(self.proc)
         self.proc = None
 
     def stop(self) -> None:
