@@ -155,3 +155,19 @@ async def test_too_much_login_noise_is_one_clear_error(sshd, run_root) -> None:
     exc = await start_error(sshd, run_root, pre_command="seq 1 500")
     assert isinstance(exc, sshpyk.ProtocolError)
     assert "login scripts" in str(exc)
+
+
+async def test_aes_gcm_preferred_unless_the_config_chooses(sshd, tmp_path) -> None:
+    """AES-GCM (OpenSSL, AES-NI) first by default; a `Ciphers` line in the config wins."""
+    async with await SSHSession.connect(sshd.alias, ssh_config=sshd.ssh_config) as session:
+        conn = await session.connection()
+        assert conn.get_extra_info("send_cipher") == "aes128-gcm@openssh.com"
+    config = tmp_path / "ssh_config_chacha"
+    config.write_text(
+        sshd.ssh_config.read_text().replace(
+            f"Host {sshd.alias}\n", f"Host {sshd.alias}\n  Ciphers chacha20-poly1305@openssh.com\n"
+        )
+    )
+    async with await SSHSession.connect(sshd.alias, ssh_config=config) as session:
+        conn = await session.connection()
+        assert conn.get_extra_info("send_cipher") == "chacha20-poly1305@openssh.com"
