@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import json
 import logging
 import os
@@ -75,9 +76,10 @@ def _reply_to(msg_id: str) -> Callable[[dict[str, Any]], bool]:
     return lambda msg: bool(msg["parent_header"].get("msg_id") == msg_id)
 
 
-async def wait_ready(kc: Any, timeout: float) -> None:
+async def wait_ready(kc: Any, timeout: float, km: Any = None) -> None:
     """kernel_info until a reply comes (resent every 0.5 s, as a request sent into a
-    connection that is being replaced can be lost)."""
+    connection that is being replaced can be lost). With ``km``, a kernel that died
+    (e.g. a local kernel whose port was taken) fails at once."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while loop.time() < deadline:
@@ -90,7 +92,10 @@ async def wait_ready(kc: Any, timeout: float) -> None:
             )
             return
         except queue.Empty:
-            continue
+            # as jupyter_client's wait_for_ready: poll only after a silence (polling
+            # costs sshpyk 1.25 several ssh commands)
+            if km is not None and not await km.is_alive():
+                raise RuntimeError("the kernel died while starting") from None
     raise TimeoutError(f"no kernel_info_reply within {timeout:g}s")
 
 
@@ -105,9 +110,9 @@ async def execute(kc: Any, code: str, timeout: float) -> dict[str, Any]:
     return dict(reply)
 
 
-async def first_reply(kc: Any, timeout: float) -> None:
+async def first_reply(kc: Any, timeout: float, km: Any = None) -> None:
     """Ready (kernel_info answered), then the first cell's execute_reply."""
-    await wait_ready(kc, timeout)
+    await wait_ready(kc, timeout, km)
     await execute(kc, "pass", timeout)
 
 
@@ -128,7 +133,7 @@ class Kernel:
         await asyncio.wait_for(self.km.start_kernel(), timeout)
         self.kc = self.km.client()
         self.kc.start_channels(hb=False)
-        await first_reply(self.kc, timeout)
+        await first_reply(self.kc, timeout, self.km)
         seconds = time.perf_counter() - t0
         if not with_client:
             self.kc.stop_channels()
@@ -138,7 +143,7 @@ class Kernel:
     async def restart(self, timeout: float) -> float:
         t0 = time.perf_counter()
         await asyncio.wait_for(self.km.restart_kernel(), timeout)
-        await first_reply(self.kc, timeout)
+        await first_reply(self.kc, timeout, self.km)
         return time.perf_counter() - t0
 
     async def shutdown(self, timeout: float) -> float:
@@ -444,7 +449,12 @@ def main() -> int:
     parser.add_argument("--sshd-port", type=int, default=0)
     parser.add_argument("--all-root", type=int, default=0, help="pid of run.py")
     parser.add_argument("--log-level", default="WARNING", help="of the kernel managers' log")
+    parser.add_argument(
+        "--stacks-after", type=float, default=0, help="dump all stacks to stderr after S s"
+    )
     args = parser.parse_args()
+    if args.stacks_after > 0:  # run.py kills a stuck driver later: the log then says where
+        faulthandler.dump_traceback_later(args.stacks_after, exit=False)
     logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("traitlets").setLevel(args.log_level)
 

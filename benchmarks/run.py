@@ -313,7 +313,8 @@ class Bench:
         cmd += ["--kernel", cand.kernels[variant], "--out", str(out)]
         cmd += ["--timeout", str(self.settings.timeout)]
         cmd += ["--sshd-port", str(self.sshd.port if name != "local" else 0)]
-        cmd += ["--all-root", str(self.me), *extra]
+        cmd += ["--all-root", str(self.me)]
+        cmd += ["--stacks-after", str(max(10.0, self.settings.driver_timeout - 20)), *extra]
         if name == "sshpyk125":
             self.close_master()
         with open(logfile, "a") as log_f:
