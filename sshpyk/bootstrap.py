@@ -568,6 +568,7 @@ def socket_controller(agent, conn):
             conn.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+        rfile.close()  # the file holds a reference: the fd stays open until both close
         conn.close()
 
     return Controller(agent, rfile, write, close)
