@@ -312,10 +312,17 @@ def write_connection_file(run_dir, transport, request, host="127.0.0.1"):
     return path, endpoints
 
 
-def endpoints_bound(transport, endpoints, host="127.0.0.1"):
+def endpoints_bound(transport, endpoints, host="127.0.0.1", bound=None):
     """True once every socket accepts connections (a unix socket file exists
-    between bind() and listen(), so existence is not enough)."""
-    for target in endpoints.values():
+    between bind() and listen(), so existence is not enough).
+
+    ``bound`` (a set, kept by the caller between polls) remembers the sockets that
+    answered: each is probed once, so a kernel that accepts slowly never sees a
+    pile of probes fill its listen backlog."""
+    bound = set() if bound is None else bound
+    for name, target in endpoints.items():
+        if name in bound:
+            continue
         if transport == "ipc":
             if not os.path.exists(target):
                 return False
@@ -330,6 +337,7 @@ def endpoints_bound(transport, endpoints, host="127.0.0.1"):
                 return False
         finally:
             s.close()
+        bound.add(name)
     return True
 
 
@@ -398,6 +406,7 @@ class Kernel:
         self.persistent = bool(request.get("persistent"))
         self.conn_file = None
         self.cleaned = False
+        self.bound = set()  # sockets seen accepting, see endpoints_bound
 
     def state(self):
         return {
@@ -463,7 +472,7 @@ class Kernel:
         if (
             not self.ready
             and self.exit_code is None
-            and endpoints_bound(self.transport, self.endpoints)
+            and endpoints_bound(self.transport, self.endpoints, bound=self.bound)
         ):
             self.ready = True
             emit("ready", kid=self.kid)

@@ -730,6 +730,7 @@ def run_node(request):
         for target in (read_stdin, wait_kernel):
             threading.Thread(target=target, daemon=True).start()
         ready = False
+        bound = set()  # sockets seen accepting, see endpoints_bound
         while True:
             try:
                 kind, value = events.get(timeout=1.0 if ready else 0.01)
@@ -745,7 +746,7 @@ def run_node(request):
                     os.killpg(proc.pid, int(value["signum"]))
                 except (ProcessLookupError, PermissionError, KeyError, ValueError):
                     pass
-            if not ready and endpoints_bound("tcp", endpoints, host):
+            if not ready and endpoints_bound("tcp", endpoints, host, bound):
                 ready = True
                 emit("ready")
     finally:
