@@ -407,6 +407,7 @@ class Kernel:
         self.conn_file = None
         self.cleaned = False
         self.bound = set()  # sockets seen accepting, see endpoints_bound
+        self.info = {}
 
     def state(self):
         return {
@@ -438,18 +439,7 @@ class Kernel:
         self.proc, self.log_path = spawn_kernel(
             argv, env, self.kid, self.run_dir, request.get("cwd")
         )
-        info = {
-            "kernel_id": self.kid,
-            "kernel_name": request["kernel_name"],
-            "pid": self.proc.pid,
-            "agent_pid": os.getpid(),
-            "started": time.time(),
-            "transport": self.transport,
-            "persistent": self.persistent,
-            "argv": argv,
-        }
-        with open(os.path.join(self.run_dir, "sshpyk.json"), "w") as f:
-            json.dump(info, f)
+        self.describe(argv)
         threading.Thread(target=self._wait, daemon=True).start()
         emit(
             "started",
@@ -463,6 +453,33 @@ class Kernel:
             resource_dir=spec.get("resource_dir"),
             language=spec.get("language"),
         )
+
+    def describe(self, argv, **extra):
+        """Record what `sshpyk ps` shows of this kernel (never the key)."""
+        self.info = {
+            "kernel_id": self.kid,
+            "kernel_name": self.request["kernel_name"],
+            "pid": self.proc.pid,
+            "agent_pid": os.getpid(),
+            "started": time.time(),
+            "transport": self.transport,
+            "persistent": self.persistent,
+            "argv": argv,
+        }
+        self.info.update(extra)
+        self.write_info()
+
+    def write_info(self):
+        """sshpyk.json in the run dir, replaced atomically (`ps` may read it any time)."""
+        if not self.run_dir:
+            return
+        path = os.path.join(self.run_dir, "sshpyk.json")
+        try:
+            with open(path + ".tmp", "w") as f:
+                json.dump(self.info, f)
+            os.replace(path + ".tmp", path)
+        except OSError:
+            pass  # the run dir is being removed
 
     def _wait(self):
         code = self.proc.wait()

@@ -276,7 +276,6 @@ class SlurmKernel(Kernel):
         self.stdin_queue = queue.Queue()
         self.cleanup_lock = threading.Lock()
         self.cleaned_up = False
-        self.info = {}
 
     def state(self):
         state = Kernel.state(self)
@@ -367,20 +366,12 @@ class SlurmKernel(Kernel):
         self.stdin_queue.put(
             core + slurm_source + (json.dumps(node_request) + "\n").encode("utf-8")
         )
-        self.info = {
-            "kernel_id": self.kid,
-            "kernel_name": request["kernel_name"],
-            "pid": self.proc.pid,
-            "agent_pid": os.getpid(),
-            "started": time.time(),
-            "transport": self.transport,
-            "persistent": self.persistent,
-            "argv": argv,
-            "launcher": "slurm",
-            "job_name": self.job_name,
-            "slurm_args": request.get("slurm_args") or [],
-        }
-        self.write_info()
+        self.describe(
+            argv,
+            launcher="slurm",
+            job_name=self.job_name,
+            slurm_args=request.get("slurm_args") or [],
+        )
         for target in (self._write_stdin, self._read_stdout, self._read_stderr, self._wait):
             threading.Thread(target=target, daemon=True).start()
         emit(
@@ -401,17 +392,9 @@ class SlurmKernel(Kernel):
         threading.Thread(target=self._monitor, daemon=True).start()
 
     def write_info(self):
-        """sshpyk.json in the run dir on the login node (what `sshpyk ps` reads)."""
-        if not self.run_dir:
-            return
+        """sshpyk.json on the login node, with where the job runs."""
         self.info.update(job_id=self.job_id, node=self.node, host=self.host)
-        path = os.path.join(self.run_dir, "sshpyk.json")
-        try:
-            with open(path + ".tmp", "w") as f:
-                json.dump(self.info, f)
-            os.replace(path + ".tmp", path)
-        except OSError:
-            pass  # the run dir is being removed
+        super().write_info()
 
     # -- srun's stdio (threads) ------------------------------------------------------
     def send(self, message):
