@@ -20,9 +20,11 @@ from .errors import (
     RemoteJupyterClientMissingError,
     RemoteKernelSpecNotFoundError,
     RemotePythonNotFoundError,
+    RequestTimeoutError,
     SessionClosedError,
     SSHConfigError,
     SSHPykError,
+    UnsafePathError,
 )
 from .kernel import KernelOptions, RemoteKernel
 from .kernelspec import SSHKernelSpec
@@ -47,11 +49,13 @@ __all__ = [
     "RemoteKernel",
     "RemoteKernelSpecNotFoundError",
     "RemotePythonNotFoundError",
+    "RequestTimeoutError",
     "SSHConfigError",
     "SSHKernelProvisioner",
     "SSHKernelSpec",
     "SSHPykError",
     "SSHSession",
     "SessionClosedError",
+    "UnsafePathError",
     "__version__",
 ]

@@ -18,6 +18,8 @@
     │   ├── RemoteJupyterClientMissingError
     │   ├── RemoteKernelSpecNotFoundError
     │   ├── KernelStartError      the kernel exited while starting
+    │   ├── UnsafePathError       a shared path another user could tamper with was refused
+    │   ├── RequestTimeoutError   the agent did not answer a request in time
     │   └── ProtocolError         the bootstrap answered something unexpected
     └── KernelStartTimeoutError   the kernel did not come up within start_timeout
 
@@ -47,9 +49,11 @@ __all__ = [
     "RemoteJupyterClientMissingError",
     "RemoteKernelSpecNotFoundError",
     "RemotePythonNotFoundError",
+    "RequestTimeoutError",
     "SSHConfigError",
     "SSHPykError",
     "SessionClosedError",
+    "UnsafePathError",
     "translate_error",
 ]
 
@@ -120,6 +124,15 @@ class KernelStartError(RemoteError):
 
 class ProtocolError(RemoteError):
     pass
+
+
+class UnsafePathError(RemoteError):
+    """A path (run root, run dir, a kernel id used as a file name) that another user
+    could plant or swap; refused rather than used."""
+
+
+class RequestTimeoutError(RemoteError):
+    """The remote agent did not answer a request within its timeout."""
 
 
 class KernelStartTimeoutError(SSHPykError):

@@ -34,7 +34,9 @@ from .errors import (
     RemoteJupyterClientMissingError,
     RemoteKernelSpecNotFoundError,
     RemotePythonNotFoundError,
+    RequestTimeoutError,
     SSHPykError,
+    UnsafePathError,
     translate_error,
 )
 
@@ -69,6 +71,8 @@ _STDERR_LIMIT = 8000
 _MAX_NOISE_LINES = 200
 #: exit code reported when the agent's channel closed without an ``exited`` event
 LOST = -1
+#: seconds an agent request may take before it fails (a silent remote never hangs us)
+DEFAULT_REQUEST_TIMEOUT = 30.0
 
 
 def python_command(python: str, pre_command: str | None, code: str, *args: str) -> str:
@@ -111,6 +115,8 @@ _ERROR_KINDS: dict[str, type[SSHPykError]] = {
     "kernel_exited": KernelStartError,
     "protocol": ProtocolError,
     "not_found": RemoteError,
+    # a run root, run dir or name another user could tamper with (see the security model)
+    "unsafe_path": UnsafePathError,
     # SLURM launcher: the job waited in the queue too long, or ended before the kernel ran
     "slurm_queue_timeout": KernelStartTimeoutError,
     "slurm_failed": KernelStartError,
@@ -634,8 +640,13 @@ class RemoteAgent:
                 self.process.stdin.write(json.dumps(message).encode() + b"\n")
 
     # -- requests ----------------------------------------------------------------------
-    async def request(self, op: str, **fields: Any) -> dict[str, Any]:
-        """Send one request and wait for the event that answers it (matched by rid)."""
+    async def request(
+        self, op: str, *, timeout: float = DEFAULT_REQUEST_TIMEOUT, **fields: Any
+    ) -> dict[str, Any]:
+        """Send one request and wait for the event that answers it (matched by rid).
+
+        Raises :class:`RequestTimeoutError` when no answer comes within ``timeout``
+        seconds (a remote that stopped answering)."""
         if self.closed.is_set():
             raise self._lost_error or ConnectionLostError(f"the agent on {self.alias!r} is gone")
         if not self.connected.is_set():
@@ -645,7 +656,11 @@ class RemoteAgent:
         self._requests[rid] = future
         self.send({"op": op, "rid": rid, **fields})
         try:
-            return await future
+            return await asyncio.wait_for(future, timeout)
+        except asyncio.TimeoutError:
+            raise RequestTimeoutError(
+                f"the remote agent on {self.alias!r} did not answer {op!r} within {timeout:g}s"
+            ) from None
         finally:
             self._requests.pop(rid, None)
 
@@ -662,7 +677,14 @@ class RemoteAgent:
                 await self.request("load", name="slurm", source=_slurm_extension())
                 self._slurm_loaded = True
 
-    async def ps(self, run_root: str | None = None, *, slurm: bool = False) -> list[dict[str, Any]]:
+    async def ps(
+        self,
+        run_root: str | None = None,
+        *,
+        slurm: bool = False,
+        all_users: bool = False,
+        timeout: float = DEFAULT_REQUEST_TIMEOUT,
+    ) -> list[dict[str, Any]]:
         """Every sshpyk kernel of this user on the host (any agent, any local process).
 
         Each entry: kernel_id, kernel_name, pid, alive, started (epoch), agent_pid,
@@ -673,7 +695,7 @@ class RemoteAgent:
         """
         if slurm:
             await self.load_slurm()
-        event = await self.request("ps", run_root=run_root)
+        event = await self.request("ps", run_root=run_root, all_users=all_users, timeout=timeout)
         return list(event.get("kernels") or [])
 
     async def kill(
@@ -683,14 +705,27 @@ class RemoteAgent:
         orphans: bool = False,
         run_root: str | None = None,
         slurm: bool = False,
+        all_users: bool = False,
+        timeout: float = DEFAULT_REQUEST_TIMEOUT,
     ) -> list[dict[str, Any]]:
         """Kill one kernel (by id or unique id prefix) or every orphan; remove run dirs.
-        With ``slurm`` the jobs of SLURM kernels are scancelled too."""
+        With ``slurm`` the jobs of SLURM kernels are scancelled too.
+
+        Only this remote user's kernels are touched; ``all_users`` (the remote user must
+        be root) widens that to every user's. Each returned entry has ``killed`` (bool)
+        and ``error`` (None, or why the kill or the removal failed)."""
         if not kernel_id and not orphans:
             raise ValueError("kill() needs a kernel_id or orphans=True")
         if slurm:
             await self.load_slurm()
-        event = await self.request("kill", kernel_id=kernel_id, orphans=orphans, run_root=run_root)
+        event = await self.request(
+            "kill",
+            kernel_id=kernel_id,
+            orphans=orphans,
+            run_root=run_root,
+            all_users=all_users,
+            timeout=timeout,
+        )
         return list(event.get("kernels") or [])
 
     async def slurm_info(self, args: list[str] | None = None) -> dict[str, Any]:
