@@ -629,8 +629,10 @@ class _Diagnosis:
         assert self.session is not None
         conn = await self.session.connection()
         command = python_command(t.python, t.pre_command, _IPC_PROBE, t.run_root or "")
-        process = await conn.create_process(command)
+        process = await conn.create_process(command.command)
         try:
+            if command.stdin:
+                process.stdin.write(command.stdin.decode("utf-8"))
             line = await process.stdout.readline()
             path = line.strip()
             if not path.startswith("/"):

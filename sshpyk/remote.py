@@ -49,6 +49,7 @@ __all__ = [
     "KernelProcess",
     "LaunchRequest",
     "RemoteAgent",
+    "RemoteCommand",
     "SlurmListener",
     "python_command",
     "remote_command",
@@ -75,32 +76,59 @@ LOST = -1
 DEFAULT_REQUEST_TIMEOUT = 30.0
 
 
-def python_command(python: str, pre_command: str | None, code: str, *args: str) -> str:
+#: reads the pre-command from stdin (a line count, then the lines) and runs it: the
+#: shell's argv, which every user on the host can read in ``ps``, never holds its text
+_READ_PRE_COMMAND = (
+    'IFS= read -r n || exit 98; s=; i=0; while [ "$i" -lt "$n" ]; do '
+    'IFS= read -r l || exit 98; s="$s$l\n"; i=$((i+1)); done; eval "$s"; unset n s i l'
+)
+
+
+@dataclass(frozen=True)
+class RemoteCommand:
+    """A shell command for the remote host and what it reads first on stdin."""
+
+    #: what sshd's shell runs; visible to every user on the host (``ps``): no secrets
+    command: str
+    #: written to the channel's stdin before anything else (the pre-command's text)
+    stdin: bytes = b""
+
+
+def python_command(python: str, pre_command: str | None, code: str, *args: str) -> RemoteCommand:
     """The shell command that runs ``python -c code args...`` on the remote host.
 
     ``python`` is an executable (``python3``, ``/usr/bin/python3``, ``~/venv/bin/python``)
     or an environment prefix such as ``/opt/conda/envs/x`` (then its ``bin/python``);
-    ``pre_command`` runs first in the same shell.
+    ``pre_command`` runs first in the same shell. It travels on stdin, not in the
+    command line, so a token it exports does not show in other users' ``ps``.
     """
+    if not python or python.startswith("-"):
+        raise SSHPykError(
+            f"remote python {python!r} is not a path or command name "
+            "(it must not be empty or start with '-')"
+        )
     if python.startswith("~/"):
         quoted = '"$HOME"/' + shlex.quote(python[2:])
     else:
         quoted = shlex.quote(python)
     argv = "".join(" " + shlex.quote(a) for a in args)
     lines = []
+    stdin = b""
     if pre_command:
-        lines.append(pre_command)
+        text = pre_command.rstrip("\n").split("\n")
+        stdin = (f"{len(text)}\n" + "".join(line + "\n" for line in text)).encode("utf-8")
+        lines.append(_READ_PRE_COMMAND)
     if "/" in python:
         lines.append(f'p={quoted}; [ -d "$p" ] && p="$p/bin/python"')
         lines.append(f'exec "$p" -c {shlex.quote(code)}{argv}')
     else:
         lines.append(f"exec {quoted} -c {shlex.quote(code)}{argv}")
-    return "\n".join(lines)
+    return RemoteCommand("\n".join(lines), stdin)
 
 
-def remote_command(python: str, pre_command: str | None = None) -> str:
+def remote_command(python: str, pre_command: str | None = None) -> RemoteCommand:
     """The shell command that starts the agent with the remote Python (its source
-    follows on stdin)."""
+    follows on stdin, after the pre-command)."""
     # the agent keeps its source (SSHPYK_SOURCE) to feed it to srun for SLURM kernels
     loader = (
         f"import sys;SSHPYK_SOURCE=sys.stdin.buffer.read({len(_BOOTSTRAP)});"
@@ -388,13 +416,13 @@ class RemoteAgent:
         conn = await self.session.connection()
         command = remote_command(self.python, self.pre_command)
         try:
-            process = await conn.create_process(command, encoding=None)
+            process = await conn.create_process(command.command, encoding=None)
         except Exception as exc:
             raise translate_error(exc, self.alias) from exc
         self.process = process
         self._stderr = bytearray()
         self._channel_tasks = [asyncio.ensure_future(self._drain_stderr(process))]
-        process.stdin.write(_BOOTSTRAP + json.dumps({"v": PROTOCOL, **first_line}).encode() + b"\n")
+        process.stdin.write(command.stdin + _BOOTSTRAP + json.dumps({"v": PROTOCOL, **first_line}).encode() + b"\n")
         event = await self._read_first_event()
         if event is None:
             raise await self._failure()
