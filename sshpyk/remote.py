@@ -422,7 +422,8 @@ class RemoteAgent:
         self.process = process
         self._stderr = bytearray()
         self._channel_tasks = [asyncio.ensure_future(self._drain_stderr(process))]
-        process.stdin.write(command.stdin + _BOOTSTRAP + json.dumps({"v": PROTOCOL, **first_line}).encode() + b"\n")
+        hello = json.dumps({"v": PROTOCOL, **first_line}).encode() + b"\n"
+        process.stdin.write(command.stdin + _BOOTSTRAP + hello)
         event = await self._read_first_event()
         if event is None:
             raise await self._failure()
