@@ -6,6 +6,7 @@ __version__ = "2.0.0.dev0"
 
 from .errors import (
     AuthenticationError,
+    ChangedHostKeyError,
     ConnectError,
     ConnectionLostError,
     ConnectTimeoutError,
@@ -24,6 +25,7 @@ from .errors import (
     SessionClosedError,
     SSHConfigError,
     SSHPykError,
+    UnknownHostKeyError,
     UnsafePathError,
 )
 from .kernel import KernelOptions, RemoteKernel
@@ -33,6 +35,7 @@ from .session import SSHSession
 
 __all__ = [
     "AuthenticationError",
+    "ChangedHostKeyError",
     "ConnectError",
     "ConnectTimeoutError",
     "ConnectionLostError",
@@ -56,6 +59,7 @@ __all__ = [
     "SSHPykError",
     "SSHSession",
     "SessionClosedError",
+    "UnknownHostKeyError",
     "UnsafePathError",
     "__version__",
 ]

@@ -44,6 +44,7 @@ from .errors import (
     SSHPykError,
     translate_error,
 )
+from .hostkeys import DEFAULT_KNOWN_HOSTS, KeyRecorder, host_key_error
 from .kernel import KernelOptions
 from .kernelspec import SSHKernelSpec
 from .remote import RemoteAgent, python_command
@@ -184,10 +185,12 @@ class _StageFailedError(Exception):
     """Stops the stage runner: a fatal stage failed (its result is already recorded)."""
 
 
-class _TimingClient(asyncssh.SSHClient):
-    """Notes when the TCP connection, the key exchange and the authentication end."""
+class _TimingClient(KeyRecorder):
+    """Notes when the TCP connection, the key exchange and the authentication end
+    (and, as a KeyRecorder, the host key known_hosts did not trust)."""
 
-    def __init__(self, marks: dict[str, float]) -> None:
+    def __init__(self, marks: dict[str, float], offered: list[tuple[asyncssh.SSHKey, str]]) -> None:
+        super().__init__(offered)
         self.marks = marks
 
     def connection_made(self, conn: asyncssh.SSHClientConnection) -> None:
@@ -307,16 +310,33 @@ class _Diagnosis:
         t, settings = self.target, self.settings
         assert settings is not None and self.options is not None
         marks: dict[str, float] = {}
+        offered: list[tuple[asyncssh.SSHKey, str]] = []
         started = time.monotonic()
         try:
             conn = await asyncio.wait_for(
                 asyncssh.connect(
-                    t.alias, options=self.options, client_factory=lambda: _TimingClient(marks)
+                    t.alias,
+                    options=self.options,
+                    client_factory=lambda: _TimingClient(marks, offered),
                 ),
                 self.timeout,
             )
         except Exception as exc:
-            self._connect_failed(exc, started, marks)
+            error: SSHPykError | None = None
+            # behind a ProxyJump asyncssh checks the hops too: the key seen is the target's
+            if isinstance(exc, asyncssh.HostKeyNotVerifiable) and (
+                offered or not settings.proxy_jump
+            ):
+                error = await host_key_error(
+                    exc,
+                    label=repr(t.alias),
+                    options=self.options,
+                    offered=offered,
+                    dest=t.alias,
+                    jump=None,
+                    ssh_config=self.config,
+                )
+            self._connect_failed(exc, started, marks, error)
         try:
             via = self._via()
             tcp_at = marks.get("tcp", started)
@@ -343,15 +363,19 @@ class _Diagnosis:
         return ""
 
     def _connect_failed(
-        self, exc: BaseException, started: float, marks: dict[str, float]
+        self,
+        exc: BaseException,
+        started: float,
+        marks: dict[str, float],
+        error: SSHPykError | None = None,
     ) -> NoReturn:
         t, settings = self.target, self.settings
         assert settings is not None
         now = time.monotonic()
-        if isinstance(exc, asyncio.TimeoutError):
-            error: SSHPykError = ConnectError(
-                f"no answer from {t.alias!r} within {self.timeout:g}s"
-            )
+        if error is not None:
+            pass
+        elif isinstance(exc, asyncio.TimeoutError):
+            error = ConnectError(f"no answer from {t.alias!r} within {self.timeout:g}s")
         else:
             error = translate_error(exc, t.alias, config=self.config)
         if isinstance(error, HostKeyError):
@@ -388,16 +412,27 @@ class _Diagnosis:
                     f"check that {endpoint} is up and reachable from here (firewall, VPN, "
                     "ProxyJump); `ssh -v " + t.alias + "` shows the same"
                 )
+        elif stage == "hostkey" and isinstance(error, HostKeyError) and error.fix:
+            fix = error.fix
         elif stage == "hostkey" and isinstance(error, HostKeyError):
             host = (
                 settings.hostname
                 if settings.port == 22
                 else f"[{settings.hostname}]:{settings.port}"
             )
+            files = list(settings.known_hosts) or [os.path.expanduser(DEFAULT_KNOWN_HOSTS)]
+            file_arg = (
+                ""
+                if files == [os.path.expanduser(DEFAULT_KNOWN_HOSTS)]
+                else f" -f {files[0]}"
+                if len(files) == 1
+                else " -f FILE"
+            )
             fix = (
-                f"if the host was reinstalled: `ssh-keygen -R '{host}'`, then `ssh {t.alias}` "
-                "once to accept the new key (known_hosts: "
-                + (", ".join(settings.known_hosts) or "~/.ssh/known_hosts")
+                f"verify the host's key fingerprint with its admin (a changed key may mean an "
+                f"attack); if it was reinstalled: `ssh-keygen -R '{host}'{file_arg}`, then "
+                f"`ssh {t.alias}` once to accept the new key (known_hosts: "
+                + ", ".join(files)
                 + ")"
             )
         elif stage == "hostkey":
@@ -413,7 +448,8 @@ class _Diagnosis:
                 f"make `ssh {t.alias} true` work without a password: check User "
                 f"({settings.user}) and IdentityFile ({keys}), then `ssh-copy-id {t.alias}`"
             )
-        self.fail(stage, now - previous, str(error), fix)
+        detail = error.problem if isinstance(error, HostKeyError) and error.problem else error
+        self.fail(stage, now - previous, str(detail), fix)
 
     async def stage_python(self) -> None:
         t = self.target

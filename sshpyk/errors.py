@@ -9,7 +9,9 @@
     │   ├── HostRefusedError  nothing listens on the port
     │   ├── ConnectTimeoutError   no answer in time
     │   ├── AuthenticationError   no key was accepted
-    │   └── HostKeyError          host key unknown or changed
+    │   └── HostKeyError          host key not verified against known_hosts
+    │       ├── UnknownHostKeyError   no known_hosts entry for the host
+    │       └── ChangedHostKeyError   an entry with another key (maybe an attack)
     ├── ConnectionLostError       the SSH connection died
     ├── SessionClosedError        the SSHSession was used after close()
     ├── ForwardingRefusedError    sshd refuses port/socket forwarding
@@ -35,6 +37,7 @@ import asyncssh
 
 __all__ = [
     "AuthenticationError",
+    "ChangedHostKeyError",
     "ConnectError",
     "ConnectTimeoutError",
     "ConnectionLostError",
@@ -53,6 +56,7 @@ __all__ = [
     "SSHConfigError",
     "SSHPykError",
     "SessionClosedError",
+    "UnknownHostKeyError",
     "UnsafePathError",
     "translate_error",
 ]
@@ -87,7 +91,36 @@ class AuthenticationError(ConnectError):
 
 
 class HostKeyError(ConnectError):
-    pass
+    """The host key was not verified against known_hosts.
+
+    ``problem`` and ``fix`` are the two halves of the message (what is wrong, what to
+    do), ``fingerprint`` the SHA256 fingerprint of the key the server offered and
+    ``known_hosts`` the file to fix, each None when not known.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        problem: str | None = None,
+        fix: str | None = None,
+        fingerprint: str | None = None,
+        known_hosts: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.problem = problem
+        self.fix = fix
+        self.fingerprint = fingerprint
+        self.known_hosts = known_hosts
+
+
+class UnknownHostKeyError(HostKeyError):
+    """known_hosts has no entry for the host: accept its key after verifying it."""
+
+
+class ChangedHostKeyError(HostKeyError):
+    """known_hosts has another key for the host (or marks this one revoked): this may
+    be a man-in-the-middle attack."""
 
 
 class ConnectionLostError(SSHPykError):
@@ -165,10 +198,12 @@ def translate_error(exc: BaseException, alias: str, *, config: str | None = None
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
         return ConnectTimeoutError(f"timed out connecting to {where}")
     if isinstance(exc, asyncssh.HostKeyNotVerifiable):
+        # connections made by sshpyk.jump tell unknown from changed keys; this is the
+        # fallback for any other path
         return HostKeyError(
             f"host key of {where} not verified against known_hosts ({_one_line(exc.reason)}): "
-            "if the host was reinstalled, remove its old entry with `ssh-keygen -R HOST`, "
-            "then connect once with `ssh` to accept the new key"
+            "it is unknown or it changed, and a changed key may mean an attack "
+            "(man-in-the-middle); `sshpyk check` shows its fingerprint and what to do"
         )
     if isinstance(exc, asyncssh.PermissionDenied):
         return AuthenticationError(

@@ -52,7 +52,6 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
-import os
 import weakref
 from dataclasses import dataclass
 from functools import partial
@@ -61,6 +60,7 @@ from typing import TYPE_CHECKING, Any
 import asyncssh
 
 from .errors import HostKeyError, SSHConfigError, SSHPykError
+from .hostkeys import KeyRecorder, host_key_error
 
 if TYPE_CHECKING:
     from .session import SSHSession
@@ -204,7 +204,9 @@ async def open_bastion(
     try:
         return await SSHSession.connect(hop, ssh_config=ssh_config)
     except SSHPykError as exc:
-        raise type(exc)(f"cannot reach {target.alias!r} through bastion {hop!r}: {exc}") from exc
+        wrapped = type(exc)(f"cannot reach {target.alias!r} through bastion {hop!r}: {exc}")
+        wrapped.__dict__.update(exc.__dict__)  # a HostKeyError's fingerprint, file, fix
+        raise wrapped from exc
     finally:
         _opening.reset(token)
 
@@ -237,55 +239,61 @@ async def nudge_bastion(conn: asyncssh.SSHClientConnection, alias: str) -> None:
     chan.close()
 
 
-def _known_hosts_files(options: asyncssh.SSHClientConnectionOptions) -> list[str]:
-    """The known_hosts files asyncssh checks for these options, for messages."""
-    files = getattr(options, "known_hosts", ())
-    if isinstance(files, (str, os.PathLike)):
-        files = [files]
-    if not isinstance(files, (list, tuple)) or not files:
-        return [os.path.expanduser(os.path.join("~", ".ssh", "known_hosts"))]
-    return [os.path.expanduser(os.fspath(f)) for f in files if isinstance(f, (str, os.PathLike))]
-
-
-def _host_key_error(
-    exc: asyncssh.HostKeyNotVerifiable,
-    target: JumpTarget,
-    options: asyncssh.SSHClientConnectionOptions,
-) -> HostKeyError:
-    """Name the host and the known_hosts file(s), and how to fix a stale entry."""
-    files = _known_hosts_files(options)
-    host = str(getattr(options, "host", None) or target.host)
-    port = getattr(options, "port", 22)
-    entry = getattr(options, "host_key_alias", None) or host
-    if port != 22:
-        entry = f"[{entry}]:{port}"
-    file_arg = files[0] if len(files) == 1 else "FILE"
-    return HostKeyError(
-        f"host key of {target.name!r} ({host}) not verified against {', '.join(files)} "
-        f"({' '.join(str(exc.reason).split())}): if the host was reinstalled, remove its old "
-        f"entry with `ssh-keygen -R {entry} -f {file_arg}`, then connect once with `ssh` to "
-        "accept the new key"
-    )
-
-
 async def connect_via(
     target: JumpTarget,
     options: asyncssh.SSHClientConnectionOptions,
     bastion: SSHSession | None,
+    *,
+    ssh_config: str | None = None,
     **kwargs: Any,
 ) -> asyncssh.SSHClientConnection:
     """Open the SSH connection to ``target``, through ``bastion``'s connection if given.
 
     Host keys are checked against the known_hosts files of ``options`` at every hop
-    (each bastion checked its own when it connected); a key that does not match is
-    reported with the host and the files.
+    (each bastion checked its own when it connected); a key that is not trusted is
+    reported as unknown or changed, with its fingerprint, the host and the file
+    (:mod:`sshpyk.hostkeys`).
     """
     tunnel: Any = ()
     if bastion is not None:
         tunnel = await bastion.connection()
         # before the first byte for us crosses it: see "The ~40 ms stall" above
         await nudge_bastion(tunnel, bastion.alias)
+    offered: list[tuple[asyncssh.SSHKey, str]] = []
     try:
-        return await asyncssh.connect(target.host, options=options, tunnel=tunnel, **kwargs)
+        return await asyncssh.connect(
+            target.host,
+            options=options,
+            tunnel=tunnel,
+            client_factory=lambda: KeyRecorder(offered),
+            **kwargs,
+        )
     except asyncssh.HostKeyNotVerifiable as exc:
-        raise _host_key_error(exc, target, options) from exc
+        raise await _host_key_error(exc, target, options, offered, tunnel, ssh_config) from exc
+
+
+async def _host_key_error(
+    exc: asyncssh.HostKeyNotVerifiable,
+    target: JumpTarget,
+    options: asyncssh.SSHClientConnectionOptions,
+    offered: list[tuple[asyncssh.SSHKey, str]],
+    tunnel: Any,
+    ssh_config: str | None,
+) -> HostKeyError:
+    """Unknown or changed, with the fingerprint, the host (or hop) and the file."""
+    if target.username is None and target.port is None:
+        dest, port = target.host, None  # an alias of the config: ssh reads the rest
+    else:
+        dest = f"{target.username}@{target.host}" if target.username else target.host
+        port = target.port
+    return await host_key_error(
+        exc,
+        label=repr(target.name),
+        options=options,
+        offered=offered,
+        tunnel=tunnel,
+        dest=dest,
+        dest_port=port,
+        jump=target.via,
+        ssh_config=ssh_config,
+    )

@@ -139,7 +139,7 @@ class _SharedConnection:
             extra["encryption_algs"] = [alg.decode("ascii") for alg in preferred]
         # ProxyJump: each bastion is a shared SSHSession of its own (sshpyk/jump.py)
         self.bastion = await open_bastion(target, options, self.ssh_config, self.bastion)
-        return await connect_via(target, options, self.bastion, **extra)
+        return await connect_via(target, options, self.bastion, ssh_config=self.ssh_config, **extra)
 
     async def check_forwarding(self, transport: str, endpoint: str | int) -> None:
         """Fail clearly if sshd refuses the forwarding a transport needs.
