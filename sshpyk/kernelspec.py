@@ -101,6 +101,12 @@ class SSHKernelSpec:
             raise SSHPykError("an SSH host alias is required (--ssh-host-alias)")
         if not self.remote_python:
             raise SSHPykError("a remote python is required (--remote-python)")
+        if self.remote_python.lstrip().startswith("-"):
+            # the remote shell would read it as an option of `exec`, not as a program
+            raise SSHPykError(
+                f"remote python {self.remote_python!r} starts with '-': give a path or a "
+                "command name (e.g. ./-odd-name for a relative path)"
+            )
         if not self.remote_kernel_name:
             raise SSHPykError("a remote kernel name is required (--remote-kernel-name)")
         if self.transport not in TRANSPORTS:
