@@ -3,14 +3,16 @@
 For a kernel whose local owner went away (a persistent kernel, or one still in
 its grace period): finds it through the agents on the host, reattaches to its
 agent, opens five local forwards and writes a local connection file usable by
-``jupyter console --existing``. Leaving (Ctrl-C) only hangs up: the kernel keeps
-running for whoever attaches next, until it is shut down or killed.
+``jupyter console --existing``. The forwards listen on 127.0.0.1 TCP by default,
+since tools started by hand on such a file (IDEs, ``jupyter console``, qtconsole)
+may only speak TCP; ``local_transport="ipc"`` gives private unix sockets instead.
+Leaving (Ctrl-C) only hangs up: the kernel keeps running for whoever attaches next,
+until it is shut down or killed.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -20,18 +22,17 @@ from jupyter_core.paths import jupyter_runtime_dir
 
 from .errors import RemoteError
 from .kernel import KernelOptions, RemoteKernel
+from .localfs import check_kernel_id, write_private_json
 from .session import SSHSession
 
 __all__ = ["attach_kernel", "write_connection_file"]
 
 
 def write_connection_file(path: Path, info: dict[str, Any]) -> Path:
-    """Write a jupyter connection file 0600 (it holds the key)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(info, f, indent=1)
-    return path
+    """Write a jupyter connection file: a new 0600 file (it holds the key), renamed
+    over ``path`` so that neither an existing file's mode nor a symlink there is
+    kept; a missing parent directory is created 0700."""
+    return write_private_json(path, info, replace=True)
 
 
 async def attach_kernel(
@@ -43,10 +44,12 @@ async def attach_kernel(
     pre_command: str | None = None,
     run_root: str | None = None,
     connection_file: str | os.PathLike[str] | None = None,
+    local_transport: str = "tcp",
     on_ready: Callable[[RemoteKernel, Path], None] | None = None,
 ) -> int | None:
     """Attach and forward until cancelled or the kernel ends; returns its exit code
     (None when cancelled while it still runs). ``kernel_id`` may be a unique prefix."""
+    check_kernel_id(kernel_id)
     async with await SSHSession.connect(alias, ssh_config=ssh_config) as session:
         finder = await session.agent(python, pre_command)
         found = [
@@ -61,8 +64,13 @@ async def attach_kernel(
         if len(found) > 1:
             ids = ", ".join(str(k["kernel_id"]) for k in found)
             raise RemoteError(f"kernel id {kernel_id!r} is ambiguous on {alias!r}: {ids}")
-        full_id = str(found[0]["kernel_id"])
-        options = KernelOptions(python=python, pre_command=pre_command, run_root=run_root)
+        full_id = check_kernel_id(found[0]["kernel_id"])  # it becomes a local file name
+        options = KernelOptions(
+            python=python,
+            pre_command=pre_command,
+            run_root=run_root,
+            local_transport=local_transport,
+        )
         kernel = await RemoteKernel.attach(session, full_id, options)
         try:
             path = Path(

@@ -1,8 +1,13 @@
-"""Local listeners on 127.0.0.1 forwarded to a remote kernel's five sockets.
+"""Local listeners forwarded to a remote kernel's five sockets.
 
-A :class:`ForwardSet` binds one listener per ZMQ channel (port 0 the first time,
-then the same ports for the life of the set, so a restarted kernel keeps its
-local ports). Each accepted connection waits until the current remote kernel is
+A :class:`ForwardSet` binds one listener per ZMQ channel and keeps it for the life of
+the set, so a restarted kernel keeps its local endpoints. By default (``transport
+"ipc"``) the listeners are unix sockets ``k-1`` .. ``k-5`` in a private 0700 directory
+of ours: no other local user can connect to them (ZMQ's iopub is not authenticated,
+so anyone who can connect could read the kernel's code and output). jupyter_client
+speaks ``transport: ipc``. With ``transport "tcp"`` they listen on 127.0.0.1 (port 0
+the first time, then the same ports), for tools that only speak TCP. Each accepted
+connection waits until the current remote kernel is
 ready, then opens a channel on the session's SSH connection: ``direct-streamlocal``
 to the kernel's unix socket (ipc transport) or ``direct-tcpip`` to its port (tcp
 transport) on the kernel's host: loopback for a kernel next to the agent, the
@@ -17,22 +22,30 @@ the kernel is reachable again: listeners and ports stay.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import logging
+import os
+import shutil
 import socket
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-from .errors import SSHPykError
+from .errors import SSHPykError, UnsafePathError
+from .localfs import make_private_dir, socket_base_dir
 
 if TYPE_CHECKING:
     from .remote import KernelProcess
     from .session import SSHSession
 
-__all__ = ["CHANNELS", "ForwardSet"]
+__all__ = ["CHANNELS", "LOCAL_TRANSPORTS", "ForwardSet"]
 
 log = logging.getLogger("sshpyk")
 
 CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
+#: how the local ends listen: unix sockets in a private directory, or 127.0.0.1 TCP
+LOCAL_TRANSPORTS = ("ipc", "tcp")
 
 
 class _Pipe(asyncio.Protocol):
@@ -108,29 +121,58 @@ class _Pipe(asyncio.Protocol):
             remote.transport.write_eof()
 
 
+def _listening(path: str) -> bool:
+    """Whether something accepts connections on the unix socket ``path`` (non-blocking:
+    a full backlog counts as listening)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.setblocking(False)
+        try:
+            return probe.connect_ex(path) in (0, errno.EAGAIN, errno.EINPROGRESS)
+        except OSError:
+            return False
+
+
 class ForwardSet:
     """Five local listeners that follow the session's current kernel."""
 
-    def __init__(self, session: SSHSession, *, connect_timeout: float = 60.0) -> None:
+    def __init__(
+        self, session: SSHSession, *, connect_timeout: float = 60.0, transport: str = "ipc"
+    ) -> None:
+        if transport not in LOCAL_TRANSPORTS:
+            raise SSHPykError(f"local transport {transport!r} is not one of ipc, tcp")
         self.session = session
         self.connect_timeout = connect_timeout
+        self.transport = transport
+        #: what a connection file calls ``ip``: 127.0.0.1, or the unix socket path prefix
+        #: (the sockets are ``{ip}-{port}``, ports 1 to 5)
+        self.ip = "127.0.0.1"
         self.ports: dict[str, int] = {}
-        self._servers: list[asyncio.AbstractServer] = []
+        #: the private directory of the unix sockets (ipc)
+        self.directory: Path | None = None
+        self._servers: dict[str, asyncio.AbstractServer] = {}
+        self._inodes: dict[str, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._pipes: set[_Pipe] = set()
         self._process: KernelProcess | None = None
         self._retargeted = asyncio.Event()
         self._closed = False
 
-    async def open(self, ports: dict[str, int] | None = None) -> dict[str, int]:
-        """Bind the listeners (on ``ports`` if given, else port 0) and return the ports.
+    async def open(
+        self, ports: dict[str, int] | None = None, *, ip: str | None = None
+    ) -> dict[str, int]:
+        """Bind the listeners and return the ports.
 
-        All or nothing: if one port cannot be bound, none stays open and the set can
-        be opened again (e.g. on fresh ports)."""
+        tcp: on ``ports`` if given, else port 0. ipc: in the private directory of
+        ``ip`` (a socket path prefix from an earlier set, reused if it is still ours),
+        else in a fresh one. All or nothing: if one listener cannot be bound, none
+        stays open and the set can be opened again (e.g. on fresh ports)."""
         if self._servers or self._closed:
             raise SSHPykError("these forwards are already open (or closed)")
+        if self.transport == "ipc":
+            await self._open_ipc(ip)
+            return dict(self.ports)
         loop = asyncio.get_running_loop()
-        servers: list[asyncio.AbstractServer] = []
+        servers: dict[str, asyncio.AbstractServer] = {}
         bound: dict[str, int] = {}
         try:
             for channel in CHANNELS:
@@ -139,10 +181,10 @@ class ForwardSet:
                     "127.0.0.1",
                     (ports or {}).get(channel, 0),
                 )
-                servers.append(server)
+                servers[channel] = server
                 bound[channel] = server.sockets[0].getsockname()[1]
         except OSError as exc:
-            for opened in servers:
+            for opened in servers.values():
                 opened.close()
                 await opened.wait_closed()
             raise SSHPykError(
@@ -150,6 +192,56 @@ class ForwardSet:
             ) from exc
         self._servers, self.ports = servers, bound
         return dict(bound)
+
+    async def _open_ipc(self, ip: str | None) -> None:
+        directory = None
+        if ip and os.path.basename(ip) == "k":
+            with contextlib.suppress(UnsafePathError):
+                directory = make_private_dir(os.path.dirname(ip))
+            if directory is not None and any(_listening(f"{ip}-{n}") for n in (1, 2, 3, 4, 5)):
+                directory = None  # another live set listens there: like taken ports
+        if directory is None:
+            directory = make_private_dir(parent=socket_base_dir())
+        self.directory, self.ip = directory, str(directory / "k")
+        self.ports = {channel: n for n, channel in enumerate(CHANNELS, start=1)}
+        try:
+            await self.rebind()
+        except BaseException:
+            await self._close_servers()
+            self._remove_directory()
+            raise
+
+    def path(self, channel: str) -> str:
+        """The unix socket of ``channel`` (ipc)."""
+        return f"{self.ip}-{self.ports[channel]}"
+
+    async def rebind(self) -> None:
+        """(Re)create every unix listener whose socket file is gone or replaced.
+
+        jupyter_client removes a kernel's ipc files when it shuts the kernel down, also
+        on a restart: the provisioner calls this before the next start. tcp: no-op."""
+        if self.transport != "ipc" or self._closed:
+            return
+        loop = asyncio.get_running_loop()
+        for channel in CHANNELS:
+            path = self.path(channel)
+            try:
+                inode = os.lstat(path).st_ino
+            except FileNotFoundError:
+                inode = None
+            if channel in self._servers and inode == self._inodes.get(channel):
+                continue
+            old = self._servers.pop(channel, None)
+            if old is not None:
+                old.close()
+            try:
+                server = await loop.create_unix_server(partial(self._accept, channel), path)
+            except OSError as exc:
+                raise SSHPykError(
+                    f"cannot listen on {path} for the kernel's {channel} channel: {exc}"
+                ) from exc
+            self._servers[channel] = server
+            self._inodes[channel] = os.lstat(path).st_ino
 
     def set_target(self, process: KernelProcess) -> None:
         """Point new connections at ``process``; they wait while it is not reachable."""
@@ -220,16 +312,29 @@ class ForwardSet:
         if self._closed:
             return
         self._closed = True
-        for server in self._servers:
+        for server in self._servers.values():
             server.close()
         for task in self._tasks:
             task.cancel()
         for pipe in list(self._pipes):
             pipe.close()
         self._pipes.clear()
+        self._remove_directory()
+
+    def _remove_directory(self) -> None:
+        """Remove our unix sockets and their private directory (ipc)."""
+        directory, self.directory = self.directory, None
+        if directory is not None:
+            shutil.rmtree(directory, ignore_errors=True)
+
+    async def _close_servers(self) -> None:
+        servers, self._servers = list(self._servers.values()), {}
+        for server in servers:
+            server.close()
+            await server.wait_closed()
 
     async def wait_closed(self) -> None:
-        for server in self._servers:
+        for server in self._servers.values():
             await server.wait_closed()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)

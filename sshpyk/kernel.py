@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, cast
 from .errors import KernelStartTimeoutError, RemoteError, SSHPykError
 from .forwards import CHANNELS, ForwardSet
 from .remote import KernelProcess, LaunchRequest
-from .slurm import check_node_reachable, slurm_logger, slurm_summary
+from .slurm import check_relay, slurm_logger, slurm_summary
 
 if TYPE_CHECKING:
     from jupyter_client.asynchronous import AsyncKernelClient
@@ -56,6 +56,9 @@ class KernelOptions:
     slurm_walltime_warning: float = 300.0
     #: while the job is pending, log its state at least this often (seconds)
     slurm_status_interval: float = 30.0
+    #: how the local ends listen: "ipc" (unix sockets in a private 0700 directory, no
+    #: other local user can connect) or "tcp" (127.0.0.1, for tools that need TCP)
+    local_transport: str = "ipc"
 
     @property
     def total_start_timeout(self) -> float:
@@ -73,7 +76,9 @@ class RemoteKernel:
         self.kernel_id = kernel_id or str(uuid.uuid4())
         # a forwarded connection may wait for a start, or for a reconnect after link loss
         self.forwards = ForwardSet(
-            session, connect_timeout=max(options.total_start_timeout, options.grace) + 5
+            session,
+            connect_timeout=max(options.total_start_timeout, options.grace) + 5,
+            transport=options.local_transport,
         )
         self.process: KernelProcess | None = None
         #: where SLURM queue and walltime events are logged (the provisioner's self.log)
@@ -95,8 +100,8 @@ class RemoteKernel:
 
     def connection_info(self) -> dict[str, Any]:
         info: dict[str, Any] = {
-            "transport": "tcp",
-            "ip": "127.0.0.1",
+            "transport": self.forwards.transport,
+            "ip": self.forwards.ip,
             "key": self.key,
             "signature_scheme": self.signature_scheme,
             "kernel_name": self.options.kernel_name,
@@ -118,6 +123,7 @@ class RemoteKernel:
         if self.process is not None and self.process.poll() is None:
             raise SSHPykError(f"kernel {self.kernel_id} is already running")
         await self._discard_process()
+        await self.forwards.rebind()  # jupyter_client removed the ipc files on restart
         self.key, self.signature_scheme = key, signature_scheme
         timeout = self.options.total_start_timeout
         try:
@@ -214,7 +220,7 @@ class RemoteKernel:
                 f"{slurm_summary(process.slurm)}, but the kernel did not bind its sockets "
                 f"within {self.options.start_timeout:g}s (raise --start-timeout?)"
             ) from None
-        await check_node_reachable(self.session, process.host, process.endpoints["hb"])
+        await check_relay(self.session, process.endpoints["hb"])  # login node unix socket
         self.timings["ready"] = time.monotonic() - t2
 
     @classmethod
@@ -226,9 +232,11 @@ class RemoteKernel:
         *,
         key: str | None = None,
         ports: dict[str, int] | None = None,
+        ip: str | None = None,
     ) -> RemoteKernel:
         """Reattach to a kernel that runs on the host already (e.g. a persistent one
-        whose local process went away). Opens new forwards (on ``ports`` if free)."""
+        whose local process went away). Opens new forwards: on ``ports`` if free (tcp),
+        in the socket directory of ``ip`` if it is still ours (ipc), else fresh ones."""
         options = options or KernelOptions()
         finder = await session.agent(options.python, options.pre_command)
         entries = [k for k in await finder.ps(options.run_root) if k.get("kernel_id") == kernel_id]
@@ -247,7 +255,7 @@ class RemoteKernel:
         kernel.key = key or str(remote_info.get("key", ""))
         kernel.signature_scheme = str(remote_info.get("signature_scheme", "hmac-sha256"))
         try:
-            await kernel.forwards.open(ports)
+            await kernel.forwards.open(ports, ip=ip)
         except SSHPykError:
             await kernel.forwards.open()  # the old ports are taken: new ones
         kernel.forwards.set_target(process)

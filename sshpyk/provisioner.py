@@ -25,6 +25,7 @@ from traitlets import Bool, Dict, Enum, Float, Unicode
 
 from . import state
 from .errors import SSHPykError
+from .forwards import LOCAL_TRANSPORTS
 from .kernel import KernelOptions, RemoteKernel
 from .loop import SSHLoop
 from .session import SSHSession
@@ -82,6 +83,14 @@ class SSHKernelProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         30.0, config=True, help="Log a pending SLURM job's state at least this often (seconds)"
     )
 
+    local_transport = Enum(
+        list(LOCAL_TRANSPORTS),
+        default_value="ipc",
+        config=True,
+        help="How the local ends of the forwards listen: ipc (unix sockets in a private "
+        "0700 directory: no other local user can connect) or tcp (127.0.0.1)",
+    )
+
     _kernel: RemoteKernel | None = None
     _session: SSHSession | None = None
     _launched = False
@@ -109,6 +118,7 @@ class SSHKernelProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             slurm_queue_timeout=self.slurm_queue_timeout,
             slurm_walltime_warning=self.slurm_walltime_warning,
             slurm_status_interval=self.slurm_status_interval,
+            local_transport=self.local_transport,
         )
 
     async def _connect(self) -> SSHSession:
@@ -143,6 +153,7 @@ class SSHKernelProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                 self._options(),
                 key=record.get("key"),
                 ports=record.get("ports"),
+                ip=record.get("ip"),
             ),
             self.start_timeout,
         )
@@ -202,6 +213,8 @@ class SSHKernelProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                 "ssh_config": self.ssh_config,
                 "remote_pid": kernel.process.pid,
                 "ports": kernel.ports,
+                "transport": kernel.forwards.transport,
+                "ip": kernel.forwards.ip,
                 "key": kernel.key,
                 "signature_scheme": kernel.signature_scheme,
                 "created": time.time(),
@@ -235,8 +248,8 @@ class SSHKernelProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         if self._kernel is None:
             self._kernel = await self._loop.run(self._open())
         if km is not None:
-            km.transport = "tcp"
-            km.ip = "127.0.0.1"
+            km.transport = self._kernel.forwards.transport
+            km.ip = self._kernel.forwards.ip
             for channel, port in self._kernel.ports.items():
                 setattr(km, f"{channel}_port", port)
             km.write_connection_file(jupyter_session=self._session_name)
@@ -352,6 +365,8 @@ class SSHKernelProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                 "remote_run_dir": process.run_dir if process else None,
                 "remote_transport": process.transport if process else None,
                 "ports": kernel.ports if kernel else None,
+                "transport": kernel.forwards.transport if kernel else None,
+                "ip": kernel.forwards.ip if kernel else None,
             }
         )
         if process is not None and process.launcher == "slurm":
@@ -371,6 +386,7 @@ class SSHKernelProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             "remote_kernel_id": remote_kernel_id,
             "key": (self.connection_info or {}).get("key"),
             "ports": provisioner_info.get("ports"),
+            "ip": provisioner_info.get("ip"),
         }
         if isinstance(record["key"], bytes):
             record["key"] = record["key"].decode()

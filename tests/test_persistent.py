@@ -154,7 +154,8 @@ async def test_load_provisioner_info_takes_over_a_kernel(make_kernelspec, run_ro
         assert await provisioner.poll() is None
         conn = provisioner.connection_info
         assert conn["key"] == info["connection_info"]["key"]
-        assert conn["shell_port"] != info["ports"]["shell"]  # the first manager holds those
+        # the first manager still holds its endpoints (ipc: its socket dir; tcp: its ports)
+        assert (conn["ip"], conn["shell_port"]) != (info["ip"], info["ports"]["shell"])
         km2.load_connection_info(conn)
         kc2 = km2.client()
         kc2.start_channels()
