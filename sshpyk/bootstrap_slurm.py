@@ -12,8 +12,9 @@ node, :func:`run_node` (node mode: the same two sources, fed to the remote pytho
 through srun's stdin) starts it and relays signal and stop requests.
 """
 
-# ruff: noqa: UP031, B905
+# ruff: noqa: UP031, UP041, B905
 
+import collections
 import json
 import os
 import queue
@@ -21,6 +22,7 @@ import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -29,6 +31,9 @@ import time
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # at run time these names are bootstrap.py's, in the same namespace
     from sshpyk.bootstrap import (
+        CHANNELS,
+        MAX_IPC_PREFIX,
+        OUTPUT,
         PROTOCOL,
         TERM_WAIT,
         BootstrapError,
@@ -37,6 +42,7 @@ if TYPE_CHECKING:  # at run time these names are bootstrap.py's, in the same nam
         endpoints_bound,
         find_kernelspec,
         kernel_argv,
+        pick_transport,
         pid_alive,
         private_run_dir,
         spawn_kernel,
@@ -231,6 +237,327 @@ def slurm_info(msg):
     )
 
 
+# -- the relay: srun's stdio as one multiplexed stream -----------------------------------
+#
+# The kernel on the node binds only private sockets (ipc in the node's 0700 run dir, or
+# tcp on 127.0.0.1), so nothing of it is reachable from the cluster network. Its traffic
+# travels over srun's stdin/stdout, which the node side has anyway. Frames, both ways:
+#
+#     type (1 byte) | stream id (4 bytes, big endian) | length (4) | payload | "\n"
+#
+# The trailing newline is there for slurmstepd, which line-buffers a task's stdout: it
+# holds bytes after the last newline until more come (measured on 22.05), so every frame
+# ends one. Types:
+#
+#     JSON    id 0: one event (node -> login) or request (login -> node), as before
+#     OPEN    login -> node: a connection was accepted on channel <payload> (shell...)
+#     DATA    bytes of a stream
+#     EOF     the sender will send no more DATA on the stream (a half-close)
+#     CLOSE   the sender is done with the stream (both halves closed, or an error)
+#     CREDIT  the receiver wrote <payload: 4 bytes> more bytes of the stream to its socket
+#
+# Flow control is per stream and credit based: a side may have at most RELAY_WINDOW
+# bytes of a stream in flight (sent, not yet credited back). The reader of the mux
+# stream therefore never blocks on a stream (it only appends to that stream's inbox, at
+# most one window), so there is no head-of-line blocking between streams and no
+# deadlock between the reader of srun's stdio and a kernel socket: a stream whose peer
+# stops reading (an iopub subscriber that fell behind) stalls only itself; its sender
+# stops reading from the kernel's socket, which is what ZMQ sees on a slow tcp link too.
+# Memory is bounded: per stream and direction one window, plus the frames in the pipes.
+
+F_JSON, F_OPEN, F_DATA, F_EOF, F_CLOSE, F_CREDIT = range(6)
+_FRAME = struct.Struct(">BII")
+_CREDIT = struct.Struct(">I")
+#: bytes of one stream one side may have in flight before the other credits them back
+RELAY_WINDOW = 1 << 20
+#: largest DATA payload (one recv from a socket)
+RELAY_CHUNK = 1 << 16
+#: largest frame accepted at all (JSON events included); anything bigger is corruption
+RELAY_MAX_FRAME = 1 << 22
+#: credit back once this much was written (or when the inbox runs empty)
+_CREDIT_BATCH = RELAY_WINDOW // 4
+#: seconds a relay thread waits on its condition before looking at its flags again
+_RELAY_TICK = 1.0
+
+
+class Mux:
+    """One end of the multiplexed stream. ``write(frame)`` sends bytes (thread safe here,
+    under ``lock``); :meth:`serve` reads frames until EOF. ``connect(channel)`` (the node
+    side) opens a socket to the kernel for an OPEN; the login side opens streams itself
+    (:meth:`open_stream`). ``on_json`` gets each JSON frame's object."""
+
+    def __init__(self, write, on_json, connect=None):
+        self.write = write
+        self.on_json = on_json
+        self.connect = connect
+        self.lock = threading.Lock()
+        self.streams = {}
+        self.streams_lock = threading.Lock()
+        self.next_sid = 1
+        self.closed = False
+
+    def send(self, kind, sid, payload=b""):
+        """Send one frame; False if the mux stream is closed (nothing is sent then)."""
+        frame = b"".join((_FRAME.pack(kind, sid, len(payload)), payload, b"\n"))
+        with self.lock:
+            if self.closed:
+                return False
+            try:
+                self.write(frame)
+            except (OSError, ValueError):
+                self.closed = True
+                return False
+        return True
+
+    def send_json(self, line):
+        """For ``OUTPUT``: an event line, as a JSON frame."""
+        self.send(F_JSON, 0, line.rstrip(b"\n"))
+
+    def open_stream(self, sock, channel):
+        """The login side: a connection accepted on ``channel``'s socket."""
+        with self.streams_lock:
+            if self.closed:
+                sock.close()
+                return None
+            sid = self.next_sid
+            self.next_sid += 1
+            stream = self.streams[sid] = Stream(self, sid, sock)
+        if not self.send(F_OPEN, sid, channel.encode("ascii")):
+            stream.abort(notify=False)
+            return None
+        stream.start()
+        return stream
+
+    def forget(self, sid):
+        with self.streams_lock:
+            self.streams.pop(sid, None)
+
+    def serve(self, read):
+        """Read frames with ``read(n)`` (n bytes, fewer at EOF) until EOF or a broken
+        frame, then :meth:`shutdown`. Never blocks on a stream (see the credits above)."""
+        try:
+            while not self.closed:
+                head = read(_FRAME.size)
+                if len(head) < _FRAME.size:
+                    break
+                kind, sid, length = _FRAME.unpack(head)
+                if length > RELAY_MAX_FRAME:
+                    break
+                body = read(length + 1)
+                if len(body) != length + 1 or body[-1:] != b"\n":
+                    break
+                self.dispatch(kind, sid, body[:-1])
+        except (OSError, ValueError):
+            pass
+        finally:
+            self.shutdown()
+
+    def dispatch(self, kind, sid, payload):
+        if kind == F_JSON:
+            try:
+                msg = json.loads(payload.decode("utf-8"))
+            except ValueError:
+                return
+            if isinstance(msg, dict):
+                self.on_json(msg)
+            return
+        with self.streams_lock:
+            stream = self.streams.get(sid)
+            if kind == F_OPEN and stream is None and self.connect is not None:
+                stream = self.streams[sid] = Stream(self, sid)
+                channel = payload.decode("ascii", "replace")
+                stream.start(lambda: self.connect(channel))
+                return
+        if stream is None:
+            return  # a stream one side closed already: its late frames are dropped
+        if kind == F_DATA:
+            stream.put(payload)
+        elif kind == F_EOF:
+            stream.put(None)
+        elif kind == F_CREDIT and len(payload) == _CREDIT.size:
+            stream.grant(_CREDIT.unpack(payload)[0])
+        elif kind == F_CLOSE:
+            stream.abort(notify=False)
+
+    def shutdown(self):
+        """The mux stream ended (srun's stdio closed, or stop): close every stream."""
+        with self.lock:
+            self.closed = True
+        with self.streams_lock:
+            streams = list(self.streams.values())
+            self.streams.clear()
+        for stream in streams:
+            stream.abort(notify=False)
+
+
+class Stream:
+    """One forwarded connection: a socket on this side, a stream id on the mux. Two
+    threads: ``_outbound`` (socket -> DATA frames, within the credit the peer granted)
+    and ``_inbound`` (the inbox of DATA frames -> socket, crediting back what it wrote).
+    """
+
+    def __init__(self, mux, sid, sock=None):
+        self.mux = mux
+        self.sid = sid
+        self.sock = sock
+        self.cond = threading.Condition()
+        self.inbox = collections.deque()  # payloads; None for the peer's EOF
+        self.queued = 0
+        self.credit = RELAY_WINDOW
+        self.closed = False
+        self.connected = sock is not None
+        self.halves = 0  # directions finished: at 2 the stream is done
+        self.users = 2  # the threads still using the socket: the last one closes it
+
+    def start(self, connect=None):
+        for target, args in ((self._outbound, (connect,)), (self._inbound, ())):
+            threading.Thread(target=target, args=args, daemon=True).start()
+
+    # -- from the mux reader (must not block) --------------------------------------------
+    def put(self, payload):
+        with self.cond:
+            if self.closed:
+                return
+            if payload is not None:
+                self.queued += len(payload)
+                if self.queued > RELAY_WINDOW:
+                    overrun = True  # the peer ignored its credit
+                else:
+                    overrun = False
+                    self.inbox.append(payload)
+            else:
+                overrun = False
+                self.inbox.append(None)
+            self.cond.notify_all()
+        if overrun:
+            self.abort()
+
+    def grant(self, count):
+        with self.cond:
+            self.credit += count
+            self.cond.notify_all()
+
+    # -- the threads -------------------------------------------------------------------------
+    def _outbound(self, connect):
+        try:
+            if connect is not None:
+                try:
+                    sock = connect()
+                except (OSError, KeyError, ValueError):
+                    self.abort()
+                    return
+                with self.cond:
+                    self.sock, self.connected = sock, True
+                    closed = self.closed
+                    self.cond.notify_all()
+                if closed:
+                    return
+            sock = self.sock
+            while True:  # ends with the socket (EOF, error, or abort's shutdown)
+                with self.cond:
+                    while self.credit <= 0 and not self.closed:
+                        self.cond.wait(_RELAY_TICK)
+                    if self.closed:
+                        return
+                    size = min(self.credit, RELAY_CHUNK)
+                try:
+                    data = sock.recv(size)
+                except OSError:
+                    data = None
+                if data is None:
+                    self.abort()
+                    return
+                if not data:
+                    break
+                with self.cond:
+                    self.credit -= len(data)
+                if not self.mux.send(F_DATA, self.sid, data):
+                    self.abort(notify=False)
+                    return
+            self.mux.send(F_EOF, self.sid)
+            self._half_done()
+        finally:
+            self._release()
+
+    def _inbound(self):
+        unacked = 0
+        try:
+            with self.cond:
+                while not self.connected and not self.closed:
+                    self.cond.wait(_RELAY_TICK)
+            while True:  # ends with the peer's EOF, or abort
+                with self.cond:
+                    if not self.inbox and unacked:
+                        pass  # credit what was written before waiting
+                    else:
+                        while not self.inbox and not self.closed:
+                            self.cond.wait(_RELAY_TICK)
+                    if self.closed:
+                        return
+                    payload = self.inbox.popleft() if self.inbox else b""
+                if unacked and (payload == b"" or unacked >= _CREDIT_BATCH):
+                    self.mux.send(F_CREDIT, self.sid, _CREDIT.pack(unacked))
+                    unacked = 0
+                if payload is None:
+                    try:
+                        self.sock.shutdown(socket.SHUT_WR)
+                    except OSError:
+                        pass
+                    self._half_done()
+                    return
+                if not payload:
+                    continue
+                try:
+                    self.sock.sendall(payload)
+                except OSError:
+                    self.abort()
+                    return
+                with self.cond:
+                    self.queued -= len(payload)
+                unacked += len(payload)
+        finally:
+            self._release()
+
+    # -- the end -----------------------------------------------------------------------------
+    def _half_done(self):
+        with self.cond:
+            self.halves += 1
+            done = self.halves >= 2
+        if done:
+            # both directions finished; the peer finishes on its own (a CLOSE now could
+            # make it drop the last bytes it has not written to its socket yet)
+            self.abort(notify=False)
+
+    def abort(self, notify=True):
+        """Close the stream now (idempotent); ``notify``: send CLOSE to the peer."""
+        with self.cond:
+            if self.closed:
+                return
+            self.closed = True
+            self.inbox.clear()
+            sock = self.sock
+            self.cond.notify_all()
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in recv
+            except OSError:
+                pass
+        self.mux.forget(self.sid)
+        if notify:
+            self.mux.send(F_CLOSE, self.sid)
+
+    def _release(self):
+        with self.cond:
+            self.users -= 1
+            last = self.users == 0
+            sock = self.sock
+        if last and sock is not None:
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+
 class SlurmKernel(Kernel):
     """A kernel run as a SLURM job: ``srun`` here on the login node, the kernel on a
     compute node, where this same source runs in node mode (:func:`run_node`).
@@ -276,6 +603,12 @@ class SlurmKernel(Kernel):
         self.stdin_queue = queue.Queue()
         self.cleanup_lock = threading.Lock()
         self.cleaned_up = False
+        #: srun's stdio once the node speaks frames (see "the relay" above)
+        self.mux = Mux(self.stdin_queue.put, self._on_json)
+        #: where the five relay sockets are (the run dir, or a shorter one if it is long)
+        self.socket_dir = None
+        self.listeners = []
+        self.listeners_lock = threading.Lock()
 
     def state(self):
         state = Kernel.state(self)
@@ -290,20 +623,20 @@ class SlurmKernel(Kernel):
         return state
 
     def connection_info(self):
-        """What the node wrote in its connection file (which is on the node): the key
-        comes from the launch request, the address and ports from the node."""
+        """The kernel as seen from here: an ipc kernel on the relay sockets (the node's
+        own connection file stays on the node); the key is the launch request's."""
         request = self.request
-        if not self.endpoints:
+        if self.running_since is None:
             raise BootstrapError("not_found", "kernel %s has not started yet" % self.kid)
         info = {
-            "transport": "tcp",
-            "ip": self.host,
+            "transport": "ipc",
+            "ip": os.path.join(self.socket_dir, "k"),
             "key": request["key"],
             "signature_scheme": request.get("signature_scheme", "hmac-sha256"),
             "kernel_name": request["kernel_name"],
         }
-        for channel, port in self.endpoints.items():
-            info[channel + "_port"] = port
+        for n, channel in enumerate(CHANNELS, start=1):
+            info[channel + "_port"] = n
         return info
 
     def launch(self):
@@ -314,11 +647,6 @@ class SlurmKernel(Kernel):
         if not isinstance(slurm_source, bytes):
             slurm_source = slurm_source.encode("utf-8")
         spec = find_kernelspec(request["kernel_name"])
-        if request.get("transport", "auto") == "ipc":
-            raise BootstrapError(
-                "launch_failed",
-                "the slurm launcher needs the tcp transport: unix sockets do not cross nodes",
-            )
         srun = shutil.which("srun")
         if srun is None:
             slurm_command(["srun"])  # raises the clear "not found" error
@@ -327,9 +655,23 @@ class SlurmKernel(Kernel):
             raise BootstrapError(
                 "launch_failed", "remote working directory %r does not exist" % cwd
             )
-        self.transport = "tcp"
         self.run_dir = private_run_dir(self.agent.run_root, self.kid)
         self.log_path = os.path.join(self.run_dir, "srun.log")
+        # Seen from here the kernel is an ipc kernel: five unix sockets, bound once the
+        # node is ready, relayed over srun's stdio (the run dir is 0700).
+        self.transport = "ipc"
+        self.socket_dir = self.run_dir
+        if len(os.path.join(self.socket_dir, "k")) > MAX_IPC_PREFIX:
+            self.socket_dir = private_run_dir(None, self.kid)  # a long --remote-run-root
+            if len(os.path.join(self.socket_dir, "k")) > MAX_IPC_PREFIX:
+                raise BootstrapError(
+                    "launch_failed",
+                    "no directory short enough for unix sockets (%s)" % self.socket_dir,
+                )
+        self.endpoints = dict(
+            (channel, os.path.join(self.socket_dir, "k-%d" % n))
+            for n, channel in enumerate(CHANNELS, start=1)
+        )
         argv = kernel_argv(spec, "{connection_file}")
         env = dict(spec.get("env") or {})
         env.update(request.get("env") or {})
@@ -349,6 +691,7 @@ class SlurmKernel(Kernel):
             "env": env,
             "cwd": request.get("cwd"),
             "run_root": self.agent.run_root,
+            "transport": request.get("transport") or "auto",
         }
         try:
             self.proc = subprocess.Popen(
@@ -371,6 +714,7 @@ class SlurmKernel(Kernel):
             launcher="slurm",
             job_name=self.job_name,
             slurm_args=request.get("slurm_args") or [],
+            socket_dir=self.socket_dir if self.socket_dir != self.run_dir else None,
         )
         for target in (self._write_stdin, self._read_stdout, self._read_stderr, self._wait):
             threading.Thread(target=target, daemon=True).start()
@@ -398,7 +742,11 @@ class SlurmKernel(Kernel):
 
     # -- srun's stdio (threads) ------------------------------------------------------
     def send(self, message):
-        self.stdin_queue.put((json.dumps(message) + "\n").encode("utf-8"))
+        """A request to the node, as a JSON frame (after the ``node`` request line)."""
+        self.mux.send(F_JSON, 0, json.dumps(message).encode("utf-8"))
+
+    def _on_json(self, event):
+        self.agent.events.put(("node", (self.kid, event)))
 
     def _write_stdin(self):
         stdin = self.proc.stdin
@@ -417,18 +765,74 @@ class SlurmKernel(Kernel):
             pass
 
     def _read_stdout(self):
+        """JSON lines until the node's ``node`` event (errors before it come as lines
+        too), then frames until srun's stdout ends: then every relayed connection is
+        closed and the relay sockets stop accepting."""
+        stdout = self.proc.stdout
         try:
-            for line in iter(self.proc.stdout.readline, b""):
+            framed = False
+            for line in iter(stdout.readline, b""):  # ends at EOF, or at the switch
                 try:
                     event = json.loads(line.decode("utf-8"))
                 except ValueError:
-                    continue  # the kernel's output goes to its log on the node, not here
+                    continue
                 if isinstance(event, dict):
-                    self.agent.events.put(("node", (self.kid, event)))
+                    self._on_json(event)
+                    if event.get("event") == "node" and event.get("relay"):
+                        framed = True
+                        break
+            if framed:
+                self.mux.serve(stdout.read)
         except (OSError, ValueError):
             pass
         finally:
+            self.mux.shutdown()
+            self.close_listeners()
             self.stdout_done.set()
+
+    # -- the relay sockets here (threads) ----------------------------------------------------
+    def listen(self):
+        """Bind the five relay sockets (when the node is ready); False if impossible."""
+        with self.listeners_lock:
+            if self.listeners or self.mux.closed:
+                return bool(self.listeners)
+            try:
+                for channel in CHANNELS:
+                    path = self.endpoints[channel]
+                    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                    self.listeners.append(listener)
+                    listener.bind(path)
+                    listener.listen(64)
+                    listener.settimeout(_RELAY_TICK)
+            except OSError as exc:
+                self.node_error = ("launch_failed", "cannot listen on %s: %s" % (path, exc))
+                for listener in self.listeners:
+                    listener.close()
+                self.listeners = []
+                return False
+            for channel, listener in zip(CHANNELS, self.listeners):
+                threading.Thread(target=self._accept, args=(listener, channel), daemon=True).start()
+        return True
+
+    def _accept(self, listener, channel):
+        while not self.mux.closed:  # ends when the relay closes (checked every tick)
+            try:
+                conn, _ = listener.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return  # closed
+            conn.settimeout(None)
+            self.mux.open_stream(conn, channel)
+
+    def close_listeners(self):
+        with self.listeners_lock:
+            listeners, self.listeners = self.listeners, []
+        for listener in listeners:
+            try:
+                listener.close()
+            except OSError:
+                pass
 
     def _read_stderr(self):
         try:
@@ -531,8 +935,7 @@ class SlurmKernel(Kernel):
             self.running_since = time.monotonic()
             self.job_id = str(event.get("job_id") or self.job_id or "") or None
             self.node = event.get("node")
-            self.host = event.get("host")
-            self.endpoints = dict(event.get("endpoints") or {})
+            self.host = event.get("host")  # for information: nothing connects there
             self.slurm_state, self.reason = "RUNNING", ""
             self.write_info()
             emit(
@@ -542,14 +945,20 @@ class SlurmKernel(Kernel):
                 state="RUNNING",
                 node=self.node,
                 host=self.host,
+                transport=self.transport,
                 endpoints=self.endpoints,
                 node_pid=event.get("pid"),
+                node_transport=event.get("transport"),
                 waited=round(self.running_since - self.submitted, 3),
             )
         elif kind == "ready":
+            # the node probed the kernel's sockets; bind ours, then tell the local side
             if not self.ready and self.exit_code is None:
-                self.ready = True
-                emit("ready", kid=self.kid)
+                if self.listen():
+                    self.ready = True
+                    emit("ready", kid=self.kid)
+                else:
+                    threading.Thread(target=self.cleanup, daemon=True).start()
         elif kind == "exited":
             if self.exit_code is None:
                 self.on_exit(int(event.get("code", -1)), str(event.get("stderr_tail") or ""))
@@ -622,6 +1031,8 @@ class SlurmKernel(Kernel):
                             pass
                         wait_exit(proc, seconds)
                 self.stdin_queue.put(None)
+            self.mux.shutdown()
+            self.close_listeners()
             try:
                 if self.job_id is None and proc is not None:
                     self.job_id = slurm_job_by_name(self.job_name)
@@ -629,6 +1040,8 @@ class SlurmKernel(Kernel):
                     scancel(self.job_id)  # belt and braces: no job outlives its kernel
             except BootstrapError:
                 pass
+            if self.socket_dir and self.socket_dir != self.run_dir:
+                shutil.rmtree(self.socket_dir, ignore_errors=True)
             if self.run_dir:
                 shutil.rmtree(self.run_dir, ignore_errors=True)
                 self.run_dir = None
@@ -665,18 +1078,24 @@ def node_address():
 
 
 def run_node(request):
-    """Node mode, inside the SLURM job step: start one kernel, report on stdout, obey
-    stdin (``signal``, ``stop``; EOF means the agent or srun is gone). Always stops the
-    kernel's process group and removes the run dir on the way out."""
+    """Node mode, inside the SLURM job step: start one kernel on private sockets, report
+    on stdout, obey stdin (``signal``, ``stop``; EOF means the agent or srun is gone),
+    and relay the login node's connections to the kernel (see "the relay"). Always
+    stops the kernel's process group and removes the run dir on the way out."""
     # The kernel inherits ignored signals but not handlers: ignore SIGINT (a
     # `scancel --signal=INT` reaches every process of the step) through a handler.
     signal.signal(signal.SIGINT, lambda *_: None)
     events = queue.Queue()
     run_dir = private_run_dir(request.get("run_root"), request["kid"])
     proc = None
+    mux = None
     try:
-        host = node_address()
-        conn_file, endpoints = write_connection_file(run_dir, "tcp", request, host)
+        # ipc in the 0700 run dir if the kernel supports it (and the path fits), else tcp
+        # on 127.0.0.1: never an address other hosts reach
+        transport = pick_transport(
+            request.get("transport") or "auto", {"argv": request["argv"]}, run_dir
+        )
+        conn_file, endpoints = write_connection_file(run_dir, transport, request, "127.0.0.1")
         argv = [str(a).replace("{connection_file}", conn_file) for a in request["argv"]]
         proc, log_path = spawn_kernel(
             argv,
@@ -686,25 +1105,57 @@ def run_node(request):
             request.get("cwd"),
             " on the node",
         )
-        emit(
-            "node",
-            pid=proc.pid,
-            host=host,
-            endpoints=endpoints,
-            run_dir=run_dir,
-            node=os.environ.get("SLURMD_NODENAME") or socket.gethostname(),
-            job_id=os.environ.get("SLURM_JOB_ID"),
-            step_id=os.environ.get("SLURM_STEP_ID"),
-        )
+
+        def connect(channel):
+            target = endpoints[channel]
+            if transport == "ipc":
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                address = target
+            else:
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                address = ("127.0.0.1", target)
+            try:
+                sock.settimeout(10.0)
+                sock.connect(address)
+                sock.settimeout(None)
+            except OSError:
+                sock.close()
+                raise
+            return sock
+
+        out = sys.stdout.buffer
+
+        def write(frame):
+            out.write(frame)
+            out.flush()
+
+        mux = Mux(write, lambda msg: events.put(("msg", msg)), connect)
+        # the last JSON line: from here on, stdout carries frames only
+        with OUTPUT.lock:
+            emit_line = (
+                json.dumps(
+                    {
+                        "v": PROTOCOL,
+                        "event": "node",
+                        "relay": 1,
+                        "pid": proc.pid,
+                        "host": node_address(),
+                        "transport": transport,
+                        "run_dir": run_dir,
+                        "node": os.environ.get("SLURMD_NODENAME") or socket.gethostname(),
+                        "job_id": os.environ.get("SLURM_JOB_ID"),
+                        "step_id": os.environ.get("SLURM_STEP_ID"),
+                    }
+                )
+                + "\n"
+            ).encode("utf-8")
+            with mux.lock:
+                write(emit_line)
+            OUTPUT.writers = [mux.send_json]
 
         def read_stdin():
-            for line in iter(sys.stdin.buffer.readline, b""):
-                try:
-                    msg = json.loads(line.decode("utf-8"))
-                except ValueError:
-                    continue
-                if isinstance(msg, dict):
-                    events.put(("msg", msg))
+            mux.serve(sys.stdin.buffer.read)
             events.put(("eof", None))
 
         def wait_kernel():
@@ -714,7 +1165,7 @@ def run_node(request):
             threading.Thread(target=target, daemon=True).start()
         ready = False
         bound = set()  # sockets seen accepting, see endpoints_bound
-        while True:
+        while True:  # ends with the kernel, a stop request, or srun's stdin
             try:
                 kind, value = events.get(timeout=1.0 if ready else 0.01)
             except queue.Empty:
@@ -729,10 +1180,12 @@ def run_node(request):
                     os.killpg(proc.pid, int(value["signum"]))
                 except (ProcessLookupError, PermissionError, KeyError, ValueError):
                     pass
-            if not ready and endpoints_bound("tcp", endpoints, host, bound):
+            if not ready and endpoints_bound(transport, endpoints, "127.0.0.1", bound):
                 ready = True
                 emit("ready")
     finally:
+        if mux is not None:
+            mux.shutdown()
         if proc is not None:
             stop_group(proc)
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -773,7 +1226,11 @@ def terminate_kernel_job(info):
 
 
 def cancel_kernel_job(info):
-    """For `sshpyk kill`: scancel the job of a SLURM kernel found by ``scan_kernels``."""
+    """For `sshpyk kill`: scancel the job of a SLURM kernel found by ``scan_kernels``,
+    and remove its relay sockets' directory if they were not in its run dir."""
+    socket_dir = info.get("socket_dir")
+    if socket_dir and os.path.basename(str(socket_dir)).startswith("sshpyk-"):
+        shutil.rmtree(str(socket_dir), ignore_errors=True)
     try:
         job_id = info.get("job_id")
         if not job_id and info.get("job_name"):

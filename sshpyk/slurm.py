@@ -1,11 +1,14 @@
 """The SLURM launcher, local side: the kernelspec's SLURM arguments, the log lines for
-queue and walltime events, and the reachability check of a kernel on a compute node.
+queue and walltime events, and the check of the relay sockets on the login node.
 
 With ``launcher: slurm`` the remote agent runs on the login node and submits each
-kernel with ``srun`` (see ``SlurmKernel`` in ``bootstrap.py`` for why srun and not
-sbatch); the kernel listens on tcp on the compute node, and the local forwards reach
-it with ``direct-tcpip`` channels to ``node:port`` on the one SSH connection to the
-login node.
+kernel with ``srun`` (see ``SlurmKernel`` in ``bootstrap_slurm.py`` for why srun and not
+sbatch). On its compute node the kernel binds only private sockets (ipc in a 0700 run
+dir, or tcp on 127.0.0.1); its traffic is relayed over srun's stdin/stdout to five unix
+sockets in the kernel's 0700 run dir on the login node. Seen from here a SLURM kernel is
+an ipc kernel on the login node: the local forwards reach it with ``direct-streamlocal``
+channels on the one SSH connection, and nothing of the kernel listens on the cluster
+network.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import asyncssh
 
-from .errors import ForwardingRefusedError, KernelStartError, SSHPykError, translate_error
+from .errors import ForwardingRefusedError, SSHPykError, translate_error
 
 if TYPE_CHECKING:
     from .remote import KernelProcess, SlurmListener
@@ -23,7 +26,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LAUNCHERS",
-    "check_node_reachable",
+    "check_relay",
     "duration",
     "parse_slurm_args",
     "slurm_logger",
@@ -134,21 +137,18 @@ def slurm_logger(logger: Any, alias: str, kernel_id: str) -> SlurmListener:
     return listen
 
 
-async def check_node_reachable(session: SSHSession, host: str, port: int | str) -> None:
-    """Open (and close) a ``direct-tcpip`` channel from the login node to the kernel on
-    its compute node: fails clearly if sshd refuses TCP forwarding or cannot get there."""
+async def check_relay(session: SSHSession, path: str) -> None:
+    """Open (and close) a ``direct-streamlocal`` channel to one of the kernel's relay
+    sockets on the login node (the node's agent connects it to the kernel): fails
+    clearly if sshd refuses unix socket forwarding."""
     conn = await session.connection()
     try:
-        _, writer = await conn.open_connection(host, int(port))
+        _, writer = await conn.open_unix_connection(path)
     except asyncssh.ChannelOpenError as exc:
-        if exc.code == asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED:
-            raise ForwardingRefusedError(
-                f"sshd on {session.alias!r} refuses TCP forwarding ({exc.reason}): the slurm "
-                "launcher needs AllowTcpForwarding yes on the login node"
-            ) from exc
-        raise KernelStartError(
-            f"the login node {session.alias!r} cannot reach the kernel at {host}:{port} on "
-            f"its compute node ({exc.reason})"
+        raise ForwardingRefusedError(
+            f"sshd on {session.alias!r} refuses unix socket forwarding ({exc.reason}): the "
+            "slurm launcher relays the kernel through unix sockets on the login node, set "
+            "AllowStreamLocalForwarding yes in its sshd_config"
         ) from exc
     except Exception as exc:
         raise translate_error(exc, session.alias, config=session.ssh_config) from exc
