@@ -15,9 +15,11 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from collections.abc import Callable, Iterator
@@ -167,6 +169,141 @@ async def test_shutdown_now_and_the_session_api(
         assert time.monotonic() - started < 10
         assert slurm.jobs() == []
     no_leftovers()
+
+
+# -- the relay: nothing of the kernel on the cluster network -----------------------------
+
+
+def socket_inodes(pids: list[int]) -> set[str]:
+    """The inodes of the sockets these processes hold open."""
+    inodes = set()
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    return inodes
+
+
+def listeners(pids: list[int]) -> dict[str, list[str]]:
+    """What these processes listen on: {"tcp": ["127.0.0.1:port", ...], "tcp6": [...],
+    "unix": [path, ...]}, from /proc/net (the node is this host)."""
+    inodes = socket_inodes(pids)
+    found: dict[str, list[str]] = {"tcp": [], "tcp6": [], "unix": []}
+    for proto in ("tcp", "tcp6"):
+        for line in Path(f"/proc/net/{proto}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # LISTEN
+                address, port = fields[1].split(":")
+                if proto == "tcp":
+                    host = ".".join(str(b) for b in reversed(bytes.fromhex(address)))
+                else:
+                    host = address
+                found[proto].append(f"{host}:{int(port, 16)}")
+    for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
+        fields = line.split()
+        # flags __SO_ACCEPTCON (listening), then the inode and the path (if any)
+        if len(fields) >= 7 and int(fields[3], 16) & 0x10000 and fields[6] in inodes:
+            found["unix"].append(fields[7] if len(fields) > 7 else "")
+    return found
+
+
+def process_group(pgid: int) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(") ", 1)[1].split()[2]) == pgid:
+                pids.append(int(entry))
+    return pids
+
+
+def parent_pid(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()[1])
+
+
+@pytest.mark.parametrize("transport", ["auto", "tcp"])
+async def test_no_kernel_socket_on_the_cluster_network(
+    sshd: Any, slurm: ThrowawaySlurm, transport: str
+) -> None:
+    """While a SLURM kernel runs, neither the kernel (its whole process group) nor the
+    node side nor the agent listens on any address but 127.0.0.1: ipykernel on ipc in the
+    node's run dir ("auto", with a run root short enough for unix sockets) or on
+    127.0.0.1 ("tcp"); the login node's relay sockets are unix sockets in the kernel's
+    0700 run dir. Through the relay: execute, two clients at once (several connections
+    per channel), 20 MB of output, and a clean shutdown."""
+    run_root = Path(tempfile.mkdtemp(prefix="spk-", dir="/tmp"))  # short: ipc fits
+    try:
+        options = slurm_options(slurm, run_root, transport=transport)
+        async with await SSHSession.connect(sshd.alias, ssh_config=sshd.ssh_config) as session:
+            kernel = await session.start_kernel(options=options)
+            try:
+                process = kernel.process
+                assert process is not None and process.transport == "ipc"
+                node_pid = int(process.slurm["node_pid"])
+                kernel_pids = process_group(node_pid)
+                assert node_pid in kernel_pids
+                node_side = parent_pid(node_pid)  # run_node, the kernel's JPY_PARENT_PID
+                agent = process.agent.pid
+                assert agent is not None
+                kernel_listens = listeners(kernel_pids)
+                others = listeners([node_side, agent])
+                assert others["tcp"] == others["tcp6"] == [], others
+                assert kernel_listens["tcp6"] == [], kernel_listens
+                loopback = [a for a in kernel_listens["tcp"] if a.startswith("127.0.0.1:")]
+                assert loopback == kernel_listens["tcp"], kernel_listens
+                if process.slurm["node_transport"] == "ipc":
+                    assert transport == "auto"
+                    assert len(kernel_listens["unix"]) == 5, kernel_listens
+                else:
+                    assert transport == "tcp"
+                    # the five channels (ipykernel's debugger adds one more on 127.0.0.1)
+                    assert len(kernel_listens["tcp"]) >= 5, kernel_listens
+                # the agent's relay sockets: the five endpoints the local side forwards to
+                assert set(process.endpoints.values()) <= set(others["unix"]), others
+                relay_dir = os.path.dirname(process.endpoints["hb"])
+                assert os.stat(relay_dir).st_mode & 0o777 == 0o700
+
+                kc, kc2 = kernel.client(), kernel.client()
+                kc.start_channels()
+                kc2.start_channels()
+                try:
+                    await kc.wait_for_ready(timeout=60)
+                    await kc2.wait_for_ready(timeout=60)
+                    _, out = await run_cell(
+                        kc, "import os; x = os.environ['SLURM_JOB_ID']; print(x)"
+                    )
+                    assert out.strip() == process.slurm["job_id"]
+                    _, out = await run_cell(kc2, "print(x)")  # the same kernel, another client
+                    assert out.strip() == process.slurm["job_id"]
+                    size = 20 * 1000 * 1000
+                    started = time.monotonic()
+                    _, out = await run_cell(
+                        kc, f"import sys; sys.stdout.write('x' * {size}); sys.stdout.flush()"
+                    )
+                    assert len(out) == size and set(out) == {"x"}
+                    assert time.monotonic() - started < 60
+                    _, out = await run_cell(kc2, "print(6 * 7)")
+                    assert out.strip() == "42"
+                finally:
+                    kc.stop_channels()
+                    kc2.stop_channels()
+            finally:
+                await kernel.close()
+        assert slurm.jobs() == []
+        assert wait_until(lambda: leftovers(run_root) == ([], []), 10), leftovers(run_root)
+    finally:
+        shutil.rmtree(run_root, ignore_errors=True)
 
 
 async def test_persistent_slurm_kernel_is_reattached(
