@@ -41,6 +41,7 @@ from .inventory import (
     HostKernels,
     HostTarget,
     host_targets,
+    kill_failed,
     kill_kernels,
     kill_orphans,
     ps_hosts,
@@ -740,16 +741,22 @@ def _print_table(rows: list[list[str]]) -> None:
         click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
 
 
+_ALL_USERS_HELP = (
+    "As root on the remote, act on every user's kernels (default: only the remote user's own)."
+)
+
+
 @main.command(short_help="List the kernels sshpyk started on hosts.")
 @click.argument("aliases", metavar="[ALIAS]...", nargs=-1, shell_complete=_complete_aliases)
 @_host_options
 @click.option("--json", "as_json", is_flag=True, help="Full details as JSON.")
+@click.option("--all-users", is_flag=True, help=_ALL_USERS_HELP)
 @click.option(
     "--timeout",
     type=click.FloatRange(min=0, min_open=True),
     default=30.0,
     show_default=True,
-    help="Seconds each host has to answer.",
+    help="Seconds each host has to answer (a silent host is then reported as an error).",
 )
 def ps(
     aliases: tuple[str, ...],
@@ -757,6 +764,7 @@ def ps(
     remote_python: str | None,
     run_root: str | None,
     as_json: bool,
+    all_users: bool,
     timeout: float,
 ) -> None:
     """List the kernels sshpyk started on hosts (default: every host of an SSH kernel).
@@ -766,7 +774,7 @@ def ps(
     --launcher slurm add JOB ID, NODE and JOB STATE (from squeue; PID is srun's).
     """
     targets = _targets(aliases, ssh_config, remote_python, run_root)
-    hosts = run(ps_hosts(targets, timeout=timeout))
+    hosts = run(ps_hosts(targets, timeout=timeout, all_users=all_users))
     if as_json:
         click.echo(json.dumps({"hosts": [h.as_dict() for h in hosts]}, indent=2))
     else:
@@ -792,26 +800,37 @@ def _fail_hosts(hosts: list[HostKernels]) -> None:
 @click.argument("kernel_ids", metavar="[KERNEL_ID]...", nargs=-1)
 @click.option("--orphans", is_flag=True, help="Kill every kernel whose local owner is gone.")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--all-users", is_flag=True, help=_ALL_USERS_HELP)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=30.0,
+    show_default=True,
+    help="Seconds the host has to answer (for the listing, then for the kill).",
+)
 @_host_options
 def kill(
     alias: str,
     kernel_ids: tuple[str, ...],
     orphans: bool,
     yes: bool,
+    all_users: bool,
+    timeout: float,
     ssh_config: str | None,
     remote_python: str | None,
     run_root: str | None,
 ) -> None:
     """Stop kernels sshpyk started on ALIAS and remove their run dirs.
 
-    Give kernel ids (or unique prefixes, see `sshpyk ps`), or --orphans.
+    Give kernel ids (or unique prefixes, see `sshpyk ps`), or --orphans. Kernels that
+    could not be killed are reported on stderr, and the exit code is then 1.
     """
     if bool(kernel_ids) == orphans:
         raise click.UsageError("give KERNEL_ID(s) or --orphans (not both)")
     # one alias may be used with several ssh configs: the first (or --ssh-config) wins
     target = _targets((alias,), ssh_config, remote_python, run_root)[0]
     if not yes:
-        (host,) = run(ps_hosts([target]))
+        (host,) = run(ps_hosts([target], timeout=timeout, all_users=all_users))
         _fail_hosts([host])
         if orphans:
             chosen = [k for k in host.kernels if not k.get("attached")]
@@ -830,17 +849,25 @@ def kill(
             warning = f" ({owned} still in use by a live owner)" if owned else ""
             click.confirm(f"Kill {len(chosen)} kernel(s) on {alias}{warning}?", abort=True)
     if orphans:
-        killed = run(kill_orphans(target))
+        killed = run(kill_orphans(target, all_users=all_users, timeout=timeout))
         if not killed:
             click.echo(f"No orphaned kernels on {alias}.")
     else:
-        killed = run(kill_kernels(target, kernel_ids))
+        killed = run(kill_kernels(target, kernel_ids, all_users=all_users, timeout=timeout))
+    failed = 0
     for k in killed:
+        reason = kill_failed(k)
+        if reason is not None:
+            failed += 1
+            click.echo(f"Could not kill kernel {k.get('kernel_id')} on {alias}: {reason}", err=True)
+            continue
         job = f"; cancelled SLURM job {k['job_id']}" if k.get("job_id") else ""
         click.echo(
             f"Killed kernel {k.get('kernel_id')} ({k.get('kernel_name')}, pid {k.get('pid')}) "
             f"on {alias}; removed {k.get('run_dir')}{job}"
         )
+    if failed:
+        raise click.exceptions.Exit(1)
 
 
 @main.command(short_help="Forward a running remote kernel to local ports.")

@@ -5,8 +5,10 @@ The remote agent finds them by their run directories (``sshpyk-*`` under the run
 roots: ``$XDG_RUNTIME_DIR``, the temp dir, and any ``remote_run_root`` of an installed
 kernelspec for that host) and tells whether the local side that owns each one is still
 heard from (``attached``). Killing a kernel kills its process group and removes its run
-directory. SLURM kernels (launcher ``slurm``) also show their job id, node and job
-state (from squeue); killing one also scancels its job.
+directory; a kill that failed says why. Only the remote user's own kernels are
+touched unless ``all_users`` (the remote user must be root). Every exchange with a host
+is bounded by a timeout, hanging up included. SLURM kernels (launcher ``slurm``) also
+show their job id, node and job state (from squeue); killing one also scancels its job.
 """
 
 from __future__ import annotations
@@ -14,11 +16,11 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
-from .errors import SSHPykError
+from .errors import RequestTimeoutError, SSHPykError
 from .kernelspec import SSHKernelSpec
 from .remote import RemoteAgent
 from .session import SSHSession
@@ -29,6 +31,7 @@ __all__ = [
     "HostTarget",
     "age",
     "host_targets",
+    "kill_failed",
     "kill_kernels",
     "kill_orphans",
     "ps_hosts",
@@ -120,57 +123,97 @@ def _same_config(a: str | None, b: str | None) -> bool:
     return _config_or_none(a) == _config_or_none(b)
 
 
-async def _agent(session: SSHSession, target: HostTarget) -> RemoteAgent:
-    return await session.agent(target.python, target.pre_command)
+#: What closing a host's connection may take beyond the caller's timeout when the host
+#: stopped answering (it is cut off then).
+CLOSE_GRACE = 0.5
+
+T = TypeVar("T")
 
 
-async def _ps(agent: RemoteAgent, target: HostTarget) -> list[dict[str, Any]]:
+async def _on_host(
+    target: HostTarget, timeout: float, work: Callable[[RemoteAgent], Awaitable[T]]
+) -> T:
+    """Connect, start the agent and run ``work`` on it, all within ``timeout`` seconds;
+    the connection is then closed with what is left (at least CLOSE_GRACE seconds).
+
+    A host that stops answering raises RequestTimeoutError (one line) instead of hanging.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    session: SSHSession | None = None
+
+    async def body() -> T:
+        nonlocal session
+        session = await SSHSession.connect(
+            target.alias, ssh_config=target.ssh_config, connect_timeout=timeout
+        )
+        agent = await session.agent(target.python, target.pre_command)
+        return await work(agent)
+
+    try:
+        return await asyncio.wait_for(body(), timeout)
+    except asyncio.TimeoutError:
+        raise RequestTimeoutError(f"no answer from {target.alias!r} within {timeout:g}s") from None
+    finally:
+        if session is not None:
+            await session.aclose(timeout=max(CLOSE_GRACE, deadline - loop.time()))
+
+
+async def _ps(
+    agent: RemoteAgent, target: HostTarget, all_users: bool = False
+) -> list[dict[str, Any]]:
     seen: dict[str, dict[str, Any]] = {}
     slurm = target.slurm
     for root in target.run_roots:
-        kernels = await agent.ps(run_root=root, slurm=slurm)
+        kernels = await agent.ps(run_root=root, slurm=slurm, all_users=all_users)
         if not slurm and any(k.get("launcher") == "slurm" for k in kernels):
             slurm = True  # SLURM kernels without a SLURM kernelspec here: ask again
-            kernels = await agent.ps(run_root=root, slurm=True)
+            kernels = await agent.ps(run_root=root, slurm=True, all_users=all_users)
         for kernel in kernels:
             seen.setdefault(str(kernel.get("run_dir")), kernel)
     return sorted(seen.values(), key=lambda k: (k.get("started") or 0, str(k.get("kernel_id"))))
 
 
-async def _ps_one(target: HostTarget, timeout: float) -> list[dict[str, Any]]:
-    async with await SSHSession.connect(
-        target.alias, ssh_config=target.ssh_config, connect_timeout=timeout
-    ) as session:
-        return await _ps(await _agent(session, target), target)
-
-
-async def _ps_host(target: HostTarget, timeout: float) -> HostKernels:
+async def _ps_host(target: HostTarget, timeout: float, all_users: bool) -> HostKernels:
     result = HostKernels(target.alias)
     try:
-        result.kernels = await asyncio.wait_for(_ps_one(target, timeout), timeout)
+        result.kernels = await _on_host(target, timeout, lambda a: _ps(a, target, all_users))
     except SSHPykError as exc:
         result.error = str(exc)
-    except asyncio.TimeoutError:
-        result.error = f"no answer from {target.alias!r} within {timeout:g}s"
     return result
 
 
-async def ps_hosts(targets: Iterable[HostTarget], *, timeout: float = 30.0) -> list[HostKernels]:
-    """Every host's sshpyk kernels, hosts asked concurrently; errors are per host."""
-    return list(await asyncio.gather(*(_ps_host(t, timeout) for t in targets)))
+async def ps_hosts(
+    targets: Iterable[HostTarget], *, timeout: float = 30.0, all_users: bool = False
+) -> list[HostKernels]:
+    """Every host's sshpyk kernels, hosts asked concurrently; errors are per host.
+
+    Each host answers within ``timeout`` seconds (plus CLOSE_GRACE to hang up) or
+    gets an error. ``all_users`` (the remote user must be root) lists every user's
+    kernels, not only the remote user's own."""
+    return list(await asyncio.gather(*(_ps_host(t, timeout, all_users) for t in targets)))
 
 
-async def kill_kernels(target: HostTarget, kernel_ids: Iterable[str]) -> list[dict[str, Any]]:
-    """Kill kernels by id or unique id prefix; returns what was killed.
+async def kill_kernels(
+    target: HostTarget,
+    kernel_ids: Iterable[str],
+    *,
+    all_users: bool = False,
+    timeout: float = 30.0,
+) -> list[dict[str, Any]]:
+    """Kill kernels by id or unique id prefix; returns one entry per kernel tried, with
+    ``error`` set (a one-line reason) for those that could not be killed or removed.
 
     Every id is resolved before any kernel is killed: an unknown or ambiguous one
-    raises SSHPykError and nothing is killed.
+    raises SSHPykError and nothing is killed. The whole exchange takes at most
+    ``timeout`` seconds (RequestTimeoutError otherwise).
     """
-    async with await SSHSession.connect(target.alias, ssh_config=target.ssh_config) as session:
-        agent = await _agent(session, target)
-        kernels = await _ps(agent, target)
+    wanted = list(kernel_ids)
+
+    async def work(agent: RemoteAgent) -> list[dict[str, Any]]:
+        kernels = await _ps(agent, target, all_users)
         chosen: dict[str, dict[str, Any]] = {}
-        for kernel_id in kernel_ids:
+        for kernel_id in wanted:
             matches = {
                 str(k["kernel_id"]): k for k in kernels if str(k["kernel_id"]).startswith(kernel_id)
             }
@@ -189,20 +232,45 @@ async def kill_kernels(target: HostTarget, kernel_ids: Iterable[str]) -> list[di
         for full_id, kernel in chosen.items():
             root = os.path.dirname(str(kernel["run_dir"]))
             slurm = kernel.get("launcher") == "slurm"
-            killed += await agent.kill(full_id, run_root=root, slurm=slurm)
+            killed += await agent.kill(
+                full_id, run_root=root, slurm=slurm, all_users=all_users, timeout=timeout
+            )
         return killed
 
+    return await _on_host(target, timeout, work)
 
-async def kill_orphans(target: HostTarget) -> list[dict[str, Any]]:
-    """Kill every kernel whose local owner is gone; returns what was killed."""
-    async with await SSHSession.connect(target.alias, ssh_config=target.ssh_config) as session:
-        agent = await _agent(session, target)
+
+async def kill_orphans(
+    target: HostTarget, *, all_users: bool = False, timeout: float = 30.0
+) -> list[dict[str, Any]]:
+    """Kill every kernel whose local owner is gone; returns one entry per kernel tried
+    (``error`` set for failures). Bounded by ``timeout`` like :func:`kill_kernels`."""
+
+    async def work(agent: RemoteAgent) -> list[dict[str, Any]]:
         killed: dict[str, dict[str, Any]] = {}
-        slurm = target.slurm or any(k.get("launcher") == "slurm" for k in await _ps(agent, target))
+        slurm = target.slurm or any(
+            k.get("launcher") == "slurm" for k in await _ps(agent, target, all_users)
+        )
         for root in target.run_roots:
-            for kernel in await agent.kill(orphans=True, run_root=root, slurm=slurm):
+            for kernel in await agent.kill(
+                orphans=True, run_root=root, slurm=slurm, all_users=all_users, timeout=timeout
+            ):
                 killed.setdefault(str(kernel.get("run_dir")), kernel)
         return list(killed.values())
+
+    return await _on_host(target, timeout, work)
+
+
+def kill_failed(entry: dict[str, Any]) -> str | None:
+    """Why the kill of this ``kill`` answer entry failed, or None if it was killed.
+
+    An entry with ``error`` set failed (the kernel or its run dir is still there);
+    any other entry was killed (agents before the ``killed``/``error`` fields only
+    listed what they killed)."""
+    error = entry.get("error")
+    if error:
+        return " ".join(str(error).split())
+    return None
 
 
 def age(epoch: float | None, now: float | None = None) -> str:

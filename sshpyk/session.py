@@ -45,6 +45,9 @@ log = logging.getLogger("sshpyk")
 DEFAULT_KEEPALIVE_INTERVAL = 15.0
 DEFAULT_KEEPALIVE_COUNT_MAX = 3
 DEFAULT_CONNECT_TIMEOUT = 30.0
+#: Bound on closing a connection: telling its agents to shut down, then the SSH close.
+#: A host that stopped answering is cut off (abort) when it is used up.
+DEFAULT_CLOSE_TIMEOUT = 30.0
 
 
 class SessionState(enum.Enum):
@@ -208,20 +211,30 @@ class _SharedConnection:
                 self.agents[key] = agent
             return agent
 
-    async def close(self) -> None:
+    async def close(self, timeout: float = DEFAULT_CLOSE_TIMEOUT) -> None:
+        """Shut the agents down and close the connection, within ``timeout`` seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         agents, self.agents = list(self.agents.values()), {}
         if agents:
-            # persistent kernels outlive the connection: only an explicit shutdown stops them
+            # persistent kernels outlive the connection: only an explicit shutdown stops
+            # them. An agent's close waits at most three times its timeout.
             await asyncio.gather(
-                *(a.close(keep_persistent=True) for a in agents), return_exceptions=True
+                *(a.close(timeout / 3, keep_persistent=True) for a in agents),
+                return_exceptions=True,
             )
         conn, self.conn = self.conn, None
         if conn is not None:
             conn.close()
-            await asyncio.shield(conn.wait_closed())
+            try:
+                remaining = max(0.1, deadline - loop.time())
+                await asyncio.wait_for(asyncio.shield(conn.wait_closed()), remaining)
+            except asyncio.TimeoutError:
+                log.info("[%s] no clean SSH close within %gs: aborted", self.alias, timeout)
+                conn.abort()
         bastion, self.bastion = self.bastion, None
         if bastion is not None:
-            await bastion.aclose()
+            await bastion.aclose(timeout=max(0.1, deadline - loop.time()))
 
 
 # One registry per event loop: asyncssh connections belong to the loop that made them.
@@ -382,7 +395,7 @@ class SSHSession:
         return kernel
 
     # -- lifecycle ---------------------------------------------------------------
-    async def _release(self) -> None:
+    async def _release(self, timeout: float = DEFAULT_CLOSE_TIMEOUT) -> None:
         if self._state is SessionState.CLOSED:
             return
         self._state = SessionState.CLOSED
@@ -393,7 +406,7 @@ class SSHSession:
                 registry = _registry()
                 if registry.get((shared.alias, shared.ssh_config)) is shared:
                     del registry[(shared.alias, shared.ssh_config)]
-                await shared.close()
+                await shared.close(timeout)
         finally:
             self._closed.set()
 
@@ -405,8 +418,11 @@ class SSHSession:
     async def wait_closed(self) -> None:
         await self._closed.wait()
 
-    async def aclose(self) -> None:
-        await asyncio.shield(self._release())
+    async def aclose(self, timeout: float = DEFAULT_CLOSE_TIMEOUT) -> None:
+        """Release this handle; the last one closes the connection, bounded by
+        ``timeout`` (a host that stopped answering is then cut off). Shielded: a
+        cancelled caller does not leave the connection half closed."""
+        await asyncio.shield(self._release(timeout))
 
     async def __aenter__(self) -> SSHSession:
         self._ensure_open()

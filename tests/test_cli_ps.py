@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -144,3 +146,49 @@ def test_kill_orphans(sshd, run_root, no_leftovers) -> None:
         owner.stop()
     assert wait_until(lambda: not pid_alive(agent_pid), 20)  # nothing left to serve
     no_leftovers()
+
+
+def test_kill_reports_a_failure_as_a_failure(sshd, run_root) -> None:
+    """Two kernels killed at once: one goes; the other's run dir cannot be removed (a
+    busy mount point in it, as root) and is reported on stderr with the reason; exit 1."""
+    good, bad = KernelOwner(sshd, run_root), KernelOwner(sshd, run_root)
+    busy: Path | None = None
+    try:
+        dirs = {k["kernel_id"]: k["run_dir"] for k in ps_json(sshd, run_root)}
+        busy = Path(dirs[bad.kernel_id]) / "busy"
+        busy.mkdir()
+        mounted = subprocess.run(
+            ["mount", "-t", "tmpfs", "sshpyk-test", str(busy)], capture_output=True, timeout=10
+        )
+        if mounted.returncode != 0:
+            busy = None
+            pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+        args = host_args(sshd, run_root)[1:]
+        result = sshpyk("kill", sshd.alias, good.kernel_id, bad.kernel_id, "--yes", *args)
+        assert result.exit_code == 1, result.output
+        assert result.stdout.splitlines() == [
+            f"Killed kernel {good.kernel_id} (python3, pid {good.pid}) on {sshd.alias}; "
+            f"removed {dirs[good.kernel_id]}"
+        ], result.stdout
+        (line,) = result.stderr.splitlines()
+        assert line.startswith(f"Could not kill kernel {bad.kernel_id} on {sshd.alias}: "), line
+        assert str(busy) in line or dirs[bad.kernel_id] in line, line
+        assert "Killed" not in result.stderr and "Traceback" not in result.output
+        assert wait_until(lambda: not pid_alive(good.pid), 10)
+        assert not Path(dirs[good.kernel_id]).exists()
+        assert Path(dirs[bad.kernel_id]).exists()  # what could not be removed is still there
+    finally:
+        if busy is not None:
+            subprocess.run(["umount", str(busy)], capture_output=True, timeout=10)
+        good.stop()
+        bad.stop()
+
+
+def test_kill_and_ps_document_all_users() -> None:
+    for command in ("kill", "ps"):
+        result = sshpyk(command, "--help")
+        assert result.exit_code == 0
+        text = " ".join(result.stdout.split())
+        assert "--all-users" in text and "every user's kernels" in text, text
+        assert "only the remote user's own" in text, text
+    assert "--timeout" in sshpyk("kill", "--help").stdout
