@@ -274,7 +274,7 @@ RELAY_WINDOW = 1 << 20
 RELAY_CHUNK = 1 << 16
 #: largest frame accepted at all (JSON events included); anything bigger is corruption
 RELAY_MAX_FRAME = 1 << 22
-#: credit back once this much was written (or when the inbox runs empty)
+#: credit back once this much was written (never less: see Stream._inbound)
 _CREDIT_BATCH = RELAY_WINDOW // 4
 #: seconds a relay thread waits on its condition before looking at its flags again
 _RELAY_TICK = 1.0
@@ -487,17 +487,11 @@ class Stream:
                     self.cond.wait(_RELAY_TICK)
             while True:  # ends with the peer's EOF, or abort
                 with self.cond:
-                    if not self.inbox and unacked:
-                        pass  # credit what was written before waiting
-                    else:
-                        while not self.inbox and not self.closed:
-                            self.cond.wait(_RELAY_TICK)
+                    while not self.inbox and not self.closed:
+                        self.cond.wait(_RELAY_TICK)
                     if self.closed:
                         return
-                    payload = self.inbox.popleft() if self.inbox else b""
-                if unacked and (payload == b"" or unacked >= _CREDIT_BATCH):
-                    self.mux.send(F_CREDIT, self.sid, _CREDIT.pack(unacked))
-                    unacked = 0
+                    payload = self.inbox.popleft()
                 if payload is None:
                     try:
                         self.sock.shutdown(socket.SHUT_WR)
@@ -505,8 +499,6 @@ class Stream:
                         pass
                     self._half_done()
                     return
-                if not payload:
-                    continue
                 try:
                     self.sock.sendall(payload)
                 except OSError:
@@ -515,6 +507,12 @@ class Stream:
                 with self.cond:
                     self.queued -= len(payload)
                 unacked += len(payload)
+                if unacked >= _CREDIT_BATCH:
+                    # in batches only: a small CREDIT frame right before a reply would
+                    # make TCP hold the reply (Nagle) on slurmstepd's link; the sender
+                    # keeps at least RELAY_WINDOW - _CREDIT_BATCH of credit meanwhile
+                    self.mux.send(F_CREDIT, self.sid, _CREDIT.pack(unacked))
+                    unacked = 0
         finally:
             self._release()
 
