@@ -20,7 +20,7 @@ from typing import Any
 
 from jupyter_core.paths import jupyter_runtime_dir
 
-from .errors import RemoteError
+from .errors import RemoteError, RequestTimeoutError
 from .kernel import KernelOptions, RemoteKernel
 from .localfs import check_kernel_id, write_private_json
 from .session import SSHSession
@@ -45,36 +45,28 @@ async def attach_kernel(
     run_root: str | None = None,
     connection_file: str | os.PathLike[str] | None = None,
     local_transport: str = "tcp",
+    timeout: float = 30.0,
     on_ready: Callable[[RemoteKernel, Path], None] | None = None,
 ) -> int | None:
     """Attach and forward until cancelled or the kernel ends; returns its exit code
     (None when cancelled while it still runs). ``kernel_id`` may be a unique prefix."""
     check_kernel_id(kernel_id)
-    async with await SSHSession.connect(alias, ssh_config=ssh_config) as session:
-        finder = await session.agent(python, pre_command)
-        found = [
-            k
-            for k in await finder.ps(run_root)
-            if str(k.get("kernel_id", "")).startswith(kernel_id) and k.get("alive")
-        ]
-        if not found:
-            raise RemoteError(
-                f"no running sshpyk kernel {kernel_id!r} on {alias!r} (see sshpyk ps)"
+    async with await asyncio.wait_for(
+        SSHSession.connect(alias, ssh_config=ssh_config, connect_timeout=timeout), timeout
+    ) as session:
+        try:
+            kernel = await asyncio.wait_for(
+                _attach(session, kernel_id, python, pre_command, run_root, local_transport),
+                timeout,
             )
-        if len(found) > 1:
-            ids = ", ".join(str(k["kernel_id"]) for k in found)
-            raise RemoteError(f"kernel id {kernel_id!r} is ambiguous on {alias!r}: {ids}")
-        full_id = check_kernel_id(found[0]["kernel_id"])  # it becomes a local file name
-        options = KernelOptions(
-            python=python,
-            pre_command=pre_command,
-            run_root=run_root,
-            local_transport=local_transport,
-        )
-        kernel = await RemoteKernel.attach(session, full_id, options)
+        except asyncio.TimeoutError:
+            raise RequestTimeoutError(
+                f"could not attach to kernel {kernel_id!r} on {alias!r} within {timeout:g}s"
+            ) from None
         try:
             path = Path(
-                connection_file or Path(jupyter_runtime_dir()) / f"kernel-sshpyk-{full_id}.json"
+                connection_file
+                or Path(jupyter_runtime_dir()) / f"kernel-sshpyk-{kernel.kernel_id}.json"
             )
             write_connection_file(path, kernel.connection_info())
             if on_ready is not None:
@@ -86,3 +78,33 @@ async def attach_kernel(
                 path.unlink(missing_ok=True)
         finally:
             await asyncio.shield(kernel.detach())
+
+
+async def _attach(
+    session: SSHSession,
+    kernel_id: str,
+    python: str,
+    pre_command: str | None,
+    run_root: str | None,
+    local_transport: str,
+) -> RemoteKernel:
+    finder = await session.agent(python, pre_command)
+    found = [
+        k
+        for k in await finder.ps(run_root)
+        if str(k.get("kernel_id", "")).startswith(kernel_id) and k.get("alive")
+    ]
+    alias = session.alias
+    if not found:
+        raise RemoteError(f"no running sshpyk kernel {kernel_id!r} on {alias!r} (see sshpyk ps)")
+    if len(found) > 1:
+        ids = ", ".join(str(k["kernel_id"]) for k in found)
+        raise RemoteError(f"kernel id {kernel_id!r} is ambiguous on {alias!r}: {ids}")
+    full_id = check_kernel_id(found[0]["kernel_id"])  # it becomes a local file name
+    options = KernelOptions(
+        python=python,
+        pre_command=pre_command,
+        run_root=run_root,
+        local_transport=local_transport,
+    )
+    return await RemoteKernel.attach(session, full_id, options)

@@ -37,6 +37,7 @@ from .check import (
     run_check,
 )
 from .errors import SSHPykError
+from .forwards import LOCAL_TRANSPORTS
 from .inventory import (
     HostKernels,
     HostTarget,
@@ -879,12 +880,29 @@ def kill(
     help="Where to write the local connection file (default: Jupyter's runtime dir).",
 )
 @click.option("--pre-command", help="Shell code run on the remote before the agent.")
+@click.option(
+    "--local-transport",
+    type=click.Choice(LOCAL_TRANSPORTS),
+    default="tcp",
+    show_default=True,
+    help="tcp: 127.0.0.1 ports, for tools that only speak TCP (any local user can "
+    "connect); ipc: unix sockets in a private 0700 directory.",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=30.0,
+    show_default=True,
+    help="Seconds allowed to find and attach the kernel (not for the forwarding itself).",
+)
 @_host_options
 def attach(
     alias: str,
     kernel_id: str,
     connection_file: str | None,
     pre_command: str | None,
+    local_transport: str,
+    timeout: float,
     ssh_config: str | None,
     remote_python: str | None,
     run_root: str | None,
@@ -914,6 +932,8 @@ def attach(
                 pre_command=pre_command or target.pre_command,
                 run_root=next((r for r in target.run_roots if r), None),
                 connection_file=connection_file,
+                local_transport=local_transport,
+                timeout=timeout,
                 on_ready=ready,
             )
         )
