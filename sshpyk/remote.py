@@ -74,6 +74,8 @@ _MAX_NOISE_LINES = 200
 LOST = -1
 #: seconds an agent request may take before it fails (a silent remote never hangs us)
 DEFAULT_REQUEST_TIMEOUT = 30.0
+#: seconds from the exec to the agent's hello (login shell, pre-command, interpreter)
+AGENT_START_TIMEOUT = 120.0
 
 
 #: reads the pre-command from stdin (a line count, then the lines) and runs it: the
@@ -424,7 +426,14 @@ class RemoteAgent:
         self._channel_tasks = [asyncio.ensure_future(self._drain_stderr(process))]
         hello = json.dumps({"v": PROTOCOL, **first_line}).encode() + b"\n"
         process.stdin.write(command.stdin + _BOOTSTRAP + hello)
-        event = await self._read_first_event()
+        try:
+            event = await asyncio.wait_for(self._read_first_event(), AGENT_START_TIMEOUT)
+        except asyncio.TimeoutError:
+            raise RequestTimeoutError(
+                f"the remote agent on {self.alias!r} did not start within "
+                f"{AGENT_START_TIMEOUT:g}s: the remote login shell or the pre-command hangs "
+                "(see `sshpyk check`)"
+            ) from None
         if event is None:
             raise await self._failure()
         if event.get("event") == "error":
