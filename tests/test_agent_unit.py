@@ -485,10 +485,10 @@ def test_agent_dir_is_removed_on_the_way_out(root: Path) -> None:
         record = bs.trusted_json(agent.agent_dir, "agent.json", os.getuid())
         assert record and record[0]["pid"] == os.getpid()
         assert bs.probe_agent(agent.socket_path, os.getpid(), os.getuid()) is True
-    finally:
-        agent.cleanup()
-        bs.CLEANING.clear()
         kind, probe = agent.events.get(timeout=5)  # the probe's accepted connection
         assert kind == "attach"
         probe.close()
+    finally:
+        agent.cleanup()
+        bs.CLEANING.clear()
     assert not os.path.exists(agent.agent_dir)
