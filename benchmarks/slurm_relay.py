@@ -7,8 +7,12 @@ ipykernel from this Python, each through sshpyk's SSHSession API:
 * direct ipc: a direct (non-SLURM) kernel next to the agent, ipc transport: the
   direct-streamlocal path every ipc kernel uses, the floor for the other two;
 * slurm relay: this tree's SLURM launcher: the kernel binds private sockets on the node,
-  its traffic crosses srun's stdin/stdout (framed, multiplexed) to unix sockets on the
+  its traffic crosses one authenticated TCP connection (TCP_NODELAY, framed,
+  multiplexed) from the login node's agent to the node side, to unix sockets on the
   login node, which the local forwards reach with direct-streamlocal;
+* slurm stdio relay (``--stdio-relay``, default 413dfc6): the same relay over srun's
+  stdin/stdout instead, as first written; its bootstrap_slurm.py from git, the rest is
+  this tree;
 * slurm tcp (before): the SLURM launcher as of ``--before`` (default 23caeee, the
   commit before the relay): the kernel listens on tcp on the node's address and the
   local forwards reach it with direct-tcpip. Its bootstrap_slurm.py is taken from git
@@ -148,6 +152,18 @@ async def run(args: argparse.Namespace) -> list[dict]:
                 results.append(
                     await measure("slurm relay", session, options, args.rounds, args.reps)
                 )
+            if "stdio" in wanted:
+                source = old_source(args.stdio_relay)
+                new_loader = sshpyk.remote._slurm_extension
+                sshpyk.remote._slurm_extension = lambda: source  # type: ignore[assignment]
+                try:
+                    options = KernelOptions(
+                        **{**slurm, "pre_command": slurm["pre_command"] + "; :"}
+                    )
+                    label = f"slurm stdio relay ({args.stdio_relay})"
+                    results.append(await measure(label, session, options, args.rounds, args.reps))
+                finally:
+                    sshpyk.remote._slurm_extension = new_loader  # type: ignore[assignment]
             if "before" in wanted:
                 source = old_source(args.before)
                 new_loader = sshpyk.remote._slurm_extension
@@ -200,7 +216,10 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=200)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--before", default="23caeee", help="git revision of the old launcher")
-    parser.add_argument("--candidates", default="direct,relay,before")
+    parser.add_argument(
+        "--stdio-relay", default="413dfc6", help="git revision of the relay over srun's stdio"
+    )
+    parser.add_argument("--candidates", default="direct,relay,stdio,before")
     args = parser.parse_args()
     why = slurm_missing()
     if why:

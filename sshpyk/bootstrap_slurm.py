@@ -15,6 +15,8 @@ through srun's stdin) starts it and relays signal and stop requests.
 # ruff: noqa: UP031, UP041, B905
 
 import collections
+import hashlib
+import hmac
 import json
 import os
 import queue
@@ -33,7 +35,6 @@ if TYPE_CHECKING:  # at run time these names are bootstrap.py's, in the same nam
     from sshpyk.bootstrap import (
         CHANNELS,
         MAX_IPC_PREFIX,
-        OUTPUT,
         PROTOCOL,
         TERM_WAIT,
         BootstrapError,
@@ -237,19 +238,41 @@ def slurm_info(msg):
     )
 
 
-# -- the relay: srun's stdio as one multiplexed stream -----------------------------------
+# -- the relay: one authenticated TCP connection per kernel, multiplexed ----------------
 #
 # The kernel on the node binds only private sockets (ipc in the node's 0700 run dir, or
-# tcp on 127.0.0.1), so nothing of it is reachable from the cluster network. Its traffic
-# travels over srun's stdin/stdout, which the node side has anyway. Frames, both ways:
+# tcp on 127.0.0.1), so nothing of it is reachable from the cluster network. Its five
+# channels travel over one TCP connection from the login node's agent to the node side,
+# which authenticates it before relaying a byte:
 #
-#     type (1 byte) | stream id (4 bytes, big endian) | length (4) | payload | "\n"
+# - the login side draws a random secret per kernel and sends it in the ``node``
+#   request over srun's stdin (never stored by SLURM, like the HMAC key);
+# - the node side listens on its routable address, on an ephemeral port, and says
+#   which in its ``node`` event (on srun's stdout);
+# - on a connection it sends a challenge (RELAY_MAGIC + 32 random bytes); the peer
+#   answers with 32 random bytes of its own and HMAC-SHA256(secret, "login" | both),
+#   within RELAY_AUTH_TIMEOUT; the node answers HMAC(secret, "node" | both), which
+#   the login side checks in turn (it talks to the node side, not to whoever bound
+#   the port). A connection that fails is closed at once, nothing relayed; the first
+#   that succeeds closes the listener, so the port is open only between the ``node``
+#   event and the login side's connect (milliseconds), and the kernel's own sockets
+#   never are. Both ends set TCP_NODELAY.
 #
-# The trailing newline is there for slurmstepd, which line-buffers a task's stdout: it
-# holds bytes after the last newline until more come (measured on 22.05), so every frame
-# ends one. Types:
+# Why not srun's stdin/stdout (measured, benchmarks/README.md): srun and slurmstepd
+# forward a task's stdio over a TCP connection without TCP_NODELAY, so the second of two
+# small writes in a row waits for the delayed ACK of the first (~40 ms on Linux), in
+# either direction; a kernel's busy status, reply and idle status are three such writes.
+# No srun option changes that (-u only ends slurmstepd's line buffering), and a burst
+# cannot be coalesced into one write in general (the reply comes ~1 ms after the
+# status). srun's stdio keeps the JSON control lines: the node request, its events,
+# signal and stop requests, and its EOF still ends the node side.
 #
-#     JSON    id 0: one event (node -> login) or request (login -> node), as before
+# The traffic is plaintext on the cluster network, as SLURM's own I/O forwarding (and
+# the HMAC-signed ZMQ messages of any remote kernel) is; what matters is that nobody
+# without the secret can connect to a kernel socket. Frames, both ways:
+#
+#     type (1 byte) | stream id (4 bytes, big endian) | length (4) | payload
+#
 #     OPEN    login -> node: a connection was accepted on channel <payload> (shell...)
 #     DATA    bytes of a stream
 #     EOF     the sender will send no more DATA on the stream (a half-close)
@@ -258,37 +281,114 @@ def slurm_info(msg):
 #
 # Flow control is per stream and credit based: a side may have at most RELAY_WINDOW
 # bytes of a stream in flight (sent, not yet credited back). The reader of the mux
-# stream therefore never blocks on a stream (it only appends to that stream's inbox, at
-# most one window), so there is no head-of-line blocking between streams and no
-# deadlock between the reader of srun's stdio and a kernel socket: a stream whose peer
-# stops reading (an iopub subscriber that fell behind) stalls only itself; its sender
-# stops reading from the kernel's socket, which is what ZMQ sees on a slow tcp link too.
-# Memory is bounded: per stream and direction one window, plus the frames in the pipes.
+# connection therefore never blocks on a stream (it only appends to that stream's
+# inbox, at most one window), so there is no head-of-line blocking between streams and
+# no deadlock between the mux reader and a kernel socket: a stream whose peer stops
+# reading (an iopub subscriber that fell behind) stalls only itself; its sender stops
+# reading from the kernel's socket, which is what ZMQ sees on a slow tcp link too.
+# Memory is bounded: per stream and direction one window, plus the socket buffers.
 
-F_JSON, F_OPEN, F_DATA, F_EOF, F_CLOSE, F_CREDIT = range(6)
+F_OPEN, F_DATA, F_EOF, F_CLOSE, F_CREDIT = range(1, 6)
 _FRAME = struct.Struct(">BII")
 _CREDIT = struct.Struct(">I")
 #: bytes of one stream one side may have in flight before the other credits them back
 RELAY_WINDOW = 1 << 20
 #: largest DATA payload (one recv from a socket)
-RELAY_CHUNK = 1 << 16
-#: largest frame accepted at all (JSON events included); anything bigger is corruption
+RELAY_CHUNK = 1 << 17
+#: largest frame accepted at all; anything bigger is corruption
 RELAY_MAX_FRAME = 1 << 22
-#: credit back once this much was written (never less: see Stream._inbound)
+#: credit back once this much was written (fewer, bigger CREDIT frames)
 _CREDIT_BATCH = RELAY_WINDOW // 4
 #: seconds a relay thread waits on its condition before looking at its flags again
 _RELAY_TICK = 1.0
+#: the node's challenge starts with this (a stray client sees what it reached)
+RELAY_MAGIC = b"sshpyk-relay-1\n"
+_NONCE = 32
+#: seconds a connection has to authenticate (each one), and the login side to connect
+RELAY_AUTH_TIMEOUT = 5.0
+RELAY_CONNECT_TIMEOUT = 60.0
+
+
+def _proof(secret, role, node_nonce, login_nonce):
+    return hmac.new(secret, role + node_nonce + login_nonce, hashlib.sha256).digest()
+
+
+def recv_exactly(sock, count):
+    """``count`` bytes from ``sock`` (fewer only at EOF)."""
+    chunks, got = [], 0
+    while got < count:  # ends at count bytes or EOF (a timeout raises)
+        chunk = sock.recv(count - got)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+def relay_accept(listener, secret, deadline):
+    """The node side: the first connection to ``listener`` that proves it knows
+    ``secret`` (see "the relay"), with TCP_NODELAY; every other one is closed at once.
+    Closes the listener either way; None if nobody authenticated before ``deadline``."""
+    try:
+        # ends at the deadline: every pass waits for, and times out, one connection
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            listener.settimeout(left)
+            try:
+                conn, _ = listener.accept()
+            except OSError:  # the deadline, or run_node's shutdown of the listener
+                return None
+            try:
+                conn.settimeout(RELAY_AUTH_TIMEOUT)
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                node_nonce = os.urandom(_NONCE)
+                conn.sendall(RELAY_MAGIC + node_nonce)
+                answer = recv_exactly(conn, 2 * _NONCE)
+                login_nonce = answer[:_NONCE]
+                expected = _proof(secret, b"login", node_nonce, login_nonce)
+                if len(answer) == 2 * _NONCE and hmac.compare_digest(answer[_NONCE:], expected):
+                    conn.sendall(_proof(secret, b"node", node_nonce, login_nonce))
+                    conn.settimeout(None)
+                    return conn
+            except OSError:
+                pass
+            conn.close()  # not the login side: nothing is relayed to it
+    finally:
+        listener.close()
+
+
+def relay_connect(host, port, secret, timeout=RELAY_AUTH_TIMEOUT):
+    """The login side: connect to the node side and authenticate both ways; raises
+    OSError (ValueError for a peer that does not know the secret)."""
+    sock = socket.create_connection((host, int(port)), timeout=timeout)
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        challenge = recv_exactly(sock, len(RELAY_MAGIC) + _NONCE)
+        if len(challenge) != len(RELAY_MAGIC) + _NONCE or not challenge.startswith(RELAY_MAGIC):
+            raise ValueError("not the node side of this kernel")
+        node_nonce = challenge[len(RELAY_MAGIC) :]
+        login_nonce = os.urandom(_NONCE)
+        sock.sendall(login_nonce + _proof(secret, b"login", node_nonce, login_nonce))
+        proof = recv_exactly(sock, 32)
+        if not hmac.compare_digest(proof, _proof(secret, b"node", node_nonce, login_nonce)):
+            raise ValueError("the node side did not prove it knows the relay secret")
+        sock.settimeout(None)
+        return sock
+    except BaseException:
+        sock.close()
+        raise
 
 
 class Mux:
-    """One end of the multiplexed stream. ``write(frame)`` sends bytes (thread safe here,
-    under ``lock``); :meth:`serve` reads frames until EOF. ``connect(channel)`` (the node
-    side) opens a socket to the kernel for an OPEN; the login side opens streams itself
-    (:meth:`open_stream`). ``on_json`` gets each JSON frame's object."""
+    """One end of the multiplexed connection ``sock`` (authenticated, see "the relay").
+    :meth:`send` writes one frame (thread safe, under ``lock``); :meth:`serve` reads
+    frames until EOF. ``connect(channel)`` (the node side) opens a socket to the kernel
+    for an OPEN; the login side opens streams itself (:meth:`open_stream`)."""
 
-    def __init__(self, write, on_json, connect=None):
-        self.write = write
-        self.on_json = on_json
+    def __init__(self, sock, connect=None):
+        self.sock = sock
         self.connect = connect
         self.lock = threading.Lock()
         self.streams = {}
@@ -297,21 +397,17 @@ class Mux:
         self.closed = False
 
     def send(self, kind, sid, payload=b""):
-        """Send one frame; False if the mux stream is closed (nothing is sent then)."""
-        frame = b"".join((_FRAME.pack(kind, sid, len(payload)), payload, b"\n"))
+        """Send one frame; False if the connection is closed (nothing is sent then)."""
+        frame = _FRAME.pack(kind, sid, len(payload)) + payload
         with self.lock:
             if self.closed:
                 return False
             try:
-                self.write(frame)
+                self.sock.sendall(frame)
             except (OSError, ValueError):
                 self.closed = True
                 return False
         return True
-
-    def send_json(self, line):
-        """For ``OUTPUT``: an event line, as a JSON frame."""
-        self.send(F_JSON, 0, line.rstrip(b"\n"))
 
     def open_stream(self, sock, channel):
         """The login side: a connection accepted on ``channel``'s socket."""
@@ -332,35 +428,32 @@ class Mux:
         with self.streams_lock:
             self.streams.pop(sid, None)
 
-    def serve(self, read):
-        """Read frames with ``read(n)`` (n bytes, fewer at EOF) until EOF or a broken
-        frame, then :meth:`shutdown`. Never blocks on a stream (see the credits above)."""
+    def serve(self):
+        """Read frames until EOF or a broken frame, then :meth:`shutdown` and close the
+        connection. Never blocks on a stream (see the credits above)."""
         try:
-            while not self.closed:
+            read = self.sock.makefile("rb").read  # n bytes, fewer only at EOF
+            while not self.closed:  # ends at EOF (shutdown makes one) or corruption
                 head = read(_FRAME.size)
                 if len(head) < _FRAME.size:
                     break
                 kind, sid, length = _FRAME.unpack(head)
                 if length > RELAY_MAX_FRAME:
                     break
-                body = read(length + 1)
-                if len(body) != length + 1 or body[-1:] != b"\n":
+                body = read(length)
+                if len(body) != length:
                     break
-                self.dispatch(kind, sid, body[:-1])
+                self.dispatch(kind, sid, body)
         except (OSError, ValueError):
             pass
         finally:
             self.shutdown()
+            try:
+                self.sock.close()
+            except OSError:
+                pass
 
     def dispatch(self, kind, sid, payload):
-        if kind == F_JSON:
-            try:
-                msg = json.loads(payload.decode("utf-8"))
-            except ValueError:
-                return
-            if isinstance(msg, dict):
-                self.on_json(msg)
-            return
         with self.streams_lock:
             stream = self.streams.get(sid)
             if kind == F_OPEN and stream is None and self.connect is not None:
@@ -380,9 +473,13 @@ class Mux:
             stream.abort(notify=False)
 
     def shutdown(self):
-        """The mux stream ended (srun's stdio closed, or stop): close every stream."""
+        """The connection ended (or stop): close every stream, wake :meth:`serve`."""
         with self.lock:
             self.closed = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         with self.streams_lock:
             streams = list(self.streams.values())
             self.streams.clear()
@@ -508,9 +605,8 @@ class Stream:
                     self.queued -= len(payload)
                 unacked += len(payload)
                 if unacked >= _CREDIT_BATCH:
-                    # in batches only: a small CREDIT frame right before a reply would
-                    # make TCP hold the reply (Nagle) on slurmstepd's link; the sender
-                    # keeps at least RELAY_WINDOW - _CREDIT_BATCH of credit meanwhile
+                    # in batches: the sender keeps at least RELAY_WINDOW - _CREDIT_BATCH
+                    # of credit meanwhile
                     self.mux.send(F_CREDIT, self.sid, _CREDIT.pack(unacked))
                     unacked = 0
         finally:
@@ -601,8 +697,10 @@ class SlurmKernel(Kernel):
         self.stdin_queue = queue.Queue()
         self.cleanup_lock = threading.Lock()
         self.cleaned_up = False
-        #: srun's stdio once the node speaks frames (see "the relay" above)
-        self.mux = Mux(self.stdin_queue.put, self._on_json)
+        #: the authenticated connection to the node side, once up (see "the relay")
+        self.mux = None
+        self.relay_secret = os.urandom(32)
+        self.node_ready = False  # the node side says the kernel's sockets are bound
         #: where the five relay sockets are (the run dir, or a shorter one if it is long)
         self.socket_dir = None
         self.listeners = []
@@ -656,7 +754,7 @@ class SlurmKernel(Kernel):
         self.run_dir = private_run_dir(self.agent.run_root, self.kid)
         self.log_path = os.path.join(self.run_dir, "srun.log")
         # Seen from here the kernel is an ipc kernel: five unix sockets, bound once the
-        # node is ready, relayed over srun's stdio (the run dir is 0700).
+        # node is ready, relayed to the node side (see "the relay"; the run dir is 0700).
         self.transport = "ipc"
         self.socket_dir = self.run_dir
         if len(os.path.join(self.socket_dir, "k")) > MAX_IPC_PREFIX:
@@ -690,6 +788,7 @@ class SlurmKernel(Kernel):
             "cwd": request.get("cwd"),
             "run_root": self.agent.run_root,
             "transport": request.get("transport") or "auto",
+            "relay_secret": self.relay_secret.hex(),
         }
         try:
             self.proc = subprocess.Popen(
@@ -740,8 +839,8 @@ class SlurmKernel(Kernel):
 
     # -- srun's stdio (threads) ------------------------------------------------------
     def send(self, message):
-        """A request to the node, as a JSON frame (after the ``node`` request line)."""
-        self.mux.send(F_JSON, 0, json.dumps(message).encode("utf-8"))
+        """A request to the node, as a JSON line on srun's stdin."""
+        self.stdin_queue.put((json.dumps(message) + "\n").encode("utf-8"))
 
     def _on_json(self, event):
         self.agent.events.put(("node", (self.kid, event)))
@@ -763,36 +862,52 @@ class SlurmKernel(Kernel):
             pass
 
     def _read_stdout(self):
-        """JSON lines until the node's ``node`` event (errors before it come as lines
-        too), then frames until srun's stdout ends: then every relayed connection is
-        closed and the relay sockets stop accepting."""
+        """The node's JSON events, until srun's stdout ends."""
         stdout = self.proc.stdout
         try:
-            framed = False
-            for line in iter(stdout.readline, b""):  # ends at EOF, or at the switch
+            for line in iter(stdout.readline, b""):  # ends at EOF
                 try:
                     event = json.loads(line.decode("utf-8"))
                 except ValueError:
                     continue
                 if isinstance(event, dict):
                     self._on_json(event)
-                    if event.get("event") == "node" and event.get("relay"):
-                        framed = True
-                        break
-            if framed:
-                self.mux.serve(stdout.read)
         except (OSError, ValueError):
             pass
         finally:
-            self.mux.shutdown()
-            self.close_listeners()
             self.stdout_done.set()
+
+    # -- the relay (threads) -------------------------------------------------------------
+    def _connect_relay(self, host, port):
+        """Connect and authenticate the node's relay connection (see "the relay"), then
+        serve it until it ends: then every relayed connection is closed and the relay
+        sockets stop accepting."""
+        try:
+            sock = relay_connect(host, port, self.relay_secret)
+        except (OSError, ValueError) as exc:
+            self.node_error = (
+                "launch_failed",
+                "cannot reach the node side of the kernel at %s:%s from the login node: %s"
+                % (host, port, exc),
+            )
+            self.agent.events.put(("node", (self.kid, {"event": "relay_failed"})))
+            return
+        with self.cleanup_lock:
+            if self.cleaned_up:
+                sock.close()
+                return
+            self.mux = Mux(sock)
+        self.agent.events.put(("node", (self.kid, {"event": "relay_up"})))
+        try:
+            self.mux.serve()
+        finally:
+            self.close_listeners()
 
     # -- the relay sockets here (threads) ----------------------------------------------------
     def listen(self):
         """Bind the five relay sockets (when the node is ready); False if impossible."""
         with self.listeners_lock:
-            if self.listeners or self.mux.closed:
+            if self.listeners or self.mux is None or self.mux.closed:
                 return bool(self.listeners)
             try:
                 for channel in CHANNELS:
@@ -813,7 +928,8 @@ class SlurmKernel(Kernel):
         return True
 
     def _accept(self, listener, channel):
-        while not self.mux.closed:  # ends when the relay closes (checked every tick)
+        mux = self.mux
+        while not mux.closed:  # ends when the relay closes (checked every tick)
             try:
                 conn, _ = listener.accept()
             except socket.timeout:
@@ -821,7 +937,7 @@ class SlurmKernel(Kernel):
             except OSError:
                 return  # closed
             conn.settimeout(None)
-            self.mux.open_stream(conn, channel)
+            mux.open_stream(conn, channel)
 
     def close_listeners(self):
         with self.listeners_lock:
@@ -933,7 +1049,7 @@ class SlurmKernel(Kernel):
             self.running_since = time.monotonic()
             self.job_id = str(event.get("job_id") or self.job_id or "") or None
             self.node = event.get("node")
-            self.host = event.get("host")  # for information: nothing connects there
+            self.host = event.get("host")  # the node side's relay listener
             self.slurm_state, self.reason = "RUNNING", ""
             self.write_info()
             emit(
@@ -949,14 +1065,26 @@ class SlurmKernel(Kernel):
                 node_transport=event.get("transport"),
                 waited=round(self.running_since - self.submitted, 3),
             )
-        elif kind == "ready":
-            # the node probed the kernel's sockets; bind ours, then tell the local side
-            if not self.ready and self.exit_code is None:
-                if self.listen():
+            port = event.get("relay_port")
+            if port and not self.cleaned_up:
+                threading.Thread(
+                    target=self._connect_relay,
+                    args=(event.get("host"), port),
+                    daemon=True,
+                ).start()
+        elif kind in ("ready", "relay_up"):
+            # the node probed the kernel's sockets and the relay is up (both, in either
+            # order): bind ours, then tell the local side
+            if kind == "ready":
+                self.node_ready = True
+            if self.node_ready and self.mux is not None and not self.ready:
+                if self.exit_code is None and self.listen():
                     self.ready = True
                     emit("ready", kid=self.kid)
                 else:
                     threading.Thread(target=self.cleanup, daemon=True).start()
+        elif kind == "relay_failed":
+            threading.Thread(target=self.cleanup, daemon=True).start()
         elif kind == "exited":
             if self.exit_code is None:
                 self.on_exit(int(event.get("code", -1)), str(event.get("stderr_tail") or ""))
@@ -1029,7 +1157,8 @@ class SlurmKernel(Kernel):
                             pass
                         wait_exit(proc, seconds)
                 self.stdin_queue.put(None)
-            self.mux.shutdown()
+            if self.mux is not None:
+                self.mux.shutdown()
             self.close_listeners()
             try:
                 if self.job_id is None and proc is not None:
@@ -1087,6 +1216,7 @@ def run_node(request):
     run_dir = private_run_dir(request.get("run_root"), request["kid"])
     proc = None
     mux = None
+    listener = None
     try:
         # ipc in the 0700 run dir if the kernel supports it (and the path fits), else tcp
         # on 127.0.0.1: never an address other hosts reach
@@ -1122,44 +1252,53 @@ def run_node(request):
                 raise
             return sock
 
-        out = sys.stdout.buffer
+        # the relay's listener: on the address the login node reaches, for one
+        # authenticated connection (see "the relay"), closed once it is made
+        secret = bytes.fromhex(str(request.get("relay_secret") or ""))
+        if len(secret) < 16:
+            raise BootstrapError("launch_failed", "the node request has no relay secret")
+        host = node_address()
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            listener.bind((host, 0))
+            listener.listen(8)
+        except OSError:
+            listener.close()
+            raise
+        emit(
+            "node",
+            pid=proc.pid,
+            host=host,
+            relay_port=listener.getsockname()[1],
+            transport=transport,
+            run_dir=run_dir,
+            node=os.environ.get("SLURMD_NODENAME") or socket.gethostname(),
+            job_id=os.environ.get("SLURM_JOB_ID"),
+            step_id=os.environ.get("SLURM_STEP_ID"),
+        )
 
-        def write(frame):
-            out.write(frame)
-            out.flush()
+        def accept_relay():
+            conn = relay_accept(listener, secret, time.monotonic() + RELAY_CONNECT_TIMEOUT)
+            events.put(("relay", conn))
 
-        mux = Mux(write, lambda msg: events.put(("msg", msg)), connect)
-        # the last JSON line: from here on, stdout carries frames only
-        with OUTPUT.lock:
-            emit_line = (
-                json.dumps(
-                    {
-                        "v": PROTOCOL,
-                        "event": "node",
-                        "relay": 1,
-                        "pid": proc.pid,
-                        "host": node_address(),
-                        "transport": transport,
-                        "run_dir": run_dir,
-                        "node": os.environ.get("SLURMD_NODENAME") or socket.gethostname(),
-                        "job_id": os.environ.get("SLURM_JOB_ID"),
-                        "step_id": os.environ.get("SLURM_STEP_ID"),
-                    }
-                )
-                + "\n"
-            ).encode("utf-8")
-            with mux.lock:
-                write(emit_line)
-            OUTPUT.writers = [mux.send_json]
+        def serve_relay(the_mux):
+            the_mux.serve()
+            events.put(("eof", None))  # the login side is gone (or stopping us)
 
         def read_stdin():
-            mux.serve(sys.stdin.buffer.read)
+            for line in iter(sys.stdin.buffer.readline, b""):  # ends at srun's EOF
+                try:
+                    msg = json.loads(line.decode("utf-8"))
+                except ValueError:
+                    continue
+                if isinstance(msg, dict):
+                    events.put(("msg", msg))
             events.put(("eof", None))
 
         def wait_kernel():
             events.put(("exit", proc.wait()))
 
-        for target in (read_stdin, wait_kernel):
+        for target in (accept_relay, read_stdin, wait_kernel):
             threading.Thread(target=target, daemon=True).start()
         ready = False
         bound = set()  # sockets seen accepting, see endpoints_bound
@@ -1173,15 +1312,36 @@ def run_node(request):
                 return 0
             if kind == "eof" or (kind == "msg" and value.get("op") == "stop"):
                 return 0
+            if kind == "relay":
+                if value is None:
+                    emit(
+                        "error",
+                        kind="launch_failed",
+                        message="the login node did not connect to the node side of the "
+                        "kernel (on %s) within %gs: does a firewall stand between them?"
+                        % (host, RELAY_CONNECT_TIMEOUT),
+                    )
+                    return 1
+                mux = Mux(value, connect)
+                threading.Thread(target=serve_relay, args=(mux,), daemon=True).start()
             if kind == "msg" and value.get("op") == "signal":
                 try:
                     os.killpg(proc.pid, int(value["signum"]))
                 except (ProcessLookupError, PermissionError, KeyError, ValueError):
                     pass
-            if not ready and endpoints_bound(transport, endpoints, "127.0.0.1", bound):
+            if (
+                not ready
+                and mux is not None
+                and endpoints_bound(transport, endpoints, "127.0.0.1", bound)
+            ):
                 ready = True
                 emit("ready")
     finally:
+        if listener is not None:
+            try:
+                listener.shutdown(socket.SHUT_RDWR)  # wakes accept_relay, which closes it
+            except OSError:
+                pass
         if mux is not None:
             mux.shutdown()
         if proc is not None:

@@ -4,11 +4,12 @@ queue and walltime events, and the check of the relay sockets on the login node.
 With ``launcher: slurm`` the remote agent runs on the login node and submits each
 kernel with ``srun`` (see ``SlurmKernel`` in ``bootstrap_slurm.py`` for why srun and not
 sbatch). On its compute node the kernel binds only private sockets (ipc in a 0700 run
-dir, or tcp on 127.0.0.1); its traffic is relayed over srun's stdin/stdout to five unix
-sockets in the kernel's 0700 run dir on the login node. Seen from here a SLURM kernel is
-an ipc kernel on the login node: the local forwards reach it with ``direct-streamlocal``
-channels on the one SSH connection, and nothing of the kernel listens on the cluster
-network.
+dir, or tcp on 127.0.0.1); its traffic is relayed to five unix sockets in the kernel's
+0700 run dir on the login node over one TCP connection from the agent to the node side,
+authenticated with a secret sent over srun's stdin ("the relay" in
+``bootstrap_slurm.py``). Seen from here a SLURM kernel is an ipc kernel on the login
+node: the local forwards reach it with ``direct-streamlocal`` channels on the one SSH
+connection, and nothing of the kernel listens on the cluster network.
 """
 
 from __future__ import annotations

@@ -239,9 +239,11 @@ async def test_no_kernel_socket_on_the_cluster_network(
     """While a SLURM kernel runs, neither the kernel (its whole process group) nor the
     node side nor the agent listens on any address but 127.0.0.1: ipykernel on ipc in the
     node's run dir ("auto", with a run root short enough for unix sockets) or on
-    127.0.0.1 ("tcp"); the login node's relay sockets are unix sockets in the kernel's
-    0700 run dir. Through the relay: execute, two clients at once (several connections
-    per channel), 20 MB of output, and a clean shutdown."""
+    127.0.0.1 ("tcp"); the node side's relay listener is closed once the agent's one
+    authenticated connection is made (before "ready"); the login node's relay sockets
+    are unix sockets in the kernel's 0700 run dir. Through the relay: execute, two
+    clients at once (several connections per channel), 20 MB of output, and a clean
+    shutdown."""
     run_root = Path(tempfile.mkdtemp(prefix="spk-", dir="/tmp"))  # short: ipc fits
     try:
         options = slurm_options(slurm, run_root, transport=transport)
@@ -304,6 +306,88 @@ async def test_no_kernel_socket_on_the_cluster_network(
         assert wait_until(lambda: leftovers(run_root) == ([], []), 10), leftovers(run_root)
     finally:
         shutil.rmtree(run_root, ignore_errors=True)
+
+
+def relay_namespace() -> dict[str, Any]:
+    """bootstrap.py and bootstrap_slurm.py compiled into one namespace, as on the node."""
+    namespace: dict[str, Any] = {"__name__": "sshpyk_node"}
+    for name in ("bootstrap.py", "bootstrap_slurm.py"):
+        source = (Path(__file__).parent.parent / "sshpyk" / name).read_text()
+        exec(compile(source, name, "exec"), namespace)
+    return namespace
+
+
+def test_relay_listener_takes_one_authenticated_connection() -> None:
+    """The node side's relay listener: a client that does not answer, one that answers
+    garbage and one with a wrong secret are each closed without a byte relayed; the
+    first that proves the secret gets the connection (TCP_NODELAY), the listener is
+    closed right after, and the login side checks the node's proof too."""
+    import socket
+    import threading
+
+    ns = relay_namespace()
+    secret = os.urandom(32)
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    port = listener.getsockname()[1]
+    result: dict[str, Any] = {}
+    ns["RELAY_AUTH_TIMEOUT"] = 0.5  # the silent client's turn ends sooner
+    accepting = threading.Thread(
+        target=lambda: result.update(
+            conn=ns["relay_accept"](listener, secret, time.monotonic() + 20)
+        )
+    )
+    accepting.start()
+    try:
+        silent = socket.create_connection(("127.0.0.1", port), timeout=5)
+        assert silent.recv(100).startswith(ns["RELAY_MAGIC"])  # the challenge
+        assert silent.recv(100) == b""  # closed after RELAY_AUTH_TIMEOUT
+        silent.close()
+        garbage = socket.create_connection(("127.0.0.1", port), timeout=5)
+        garbage.recv(100)
+        garbage.sendall(b"x" * 64)
+        assert garbage.recv(100) == b""
+        garbage.close()
+        with pytest.raises((OSError, ValueError)):
+            ns["relay_connect"]("127.0.0.1", port, os.urandom(32))
+        assert "conn" not in result
+        sock = ns["relay_connect"]("127.0.0.1", port, secret)
+        accepting.join(10)
+        conn = result["conn"]
+        assert conn is not None and listener.fileno() == -1  # closed
+        assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=5)
+        conn.sendall(b"ping")
+        assert sock.recv(4) == b"ping"
+        sock.close()
+        conn.close()
+    finally:
+        listener.close()
+        accepting.join(10)
+
+    # and the login side refuses a node side that does not know the secret
+    impostor = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    impostor.bind(("127.0.0.1", 0))
+    impostor.listen(1)
+
+    def fake_node() -> None:
+        conn, _ = impostor.accept()
+        conn.sendall(ns["RELAY_MAGIC"] + os.urandom(32))
+        conn.recv(64)
+        conn.sendall(os.urandom(32))
+        conn.close()
+
+    faking = threading.Thread(target=fake_node)
+    faking.start()
+    try:
+        with pytest.raises(ValueError):
+            ns["relay_connect"]("127.0.0.1", impostor.getsockname()[1], secret)
+    finally:
+        faking.join(10)
+        impostor.close()
 
 
 async def test_persistent_slurm_kernel_is_reattached(
@@ -503,8 +587,11 @@ class SlurmOwner:
 @pytest.mark.slow
 def test_lost_client_leaves_no_job(slurm: ThrowawaySlurm, slurm_spec: Any, run_root: Path) -> None:
     """The process holding the kernel is SIGKILLed: after the grace period the agent
-    cancels the job."""
+    cancels the job. The grace period counts from the last message the agent heard (a
+    ping, every ``heartbeat`` seconds: RemoteAgent.start), so the job may go as early as
+    ``grace - heartbeat`` after the SIGKILL, never earlier."""
     grace = 3.0
+    heartbeat = max(0.5, min(5.0, grace / 4))  # sshpyk.remote's interval for this grace
     slurm_spec("ssh_slurm_owner", grace_period=grace)
     owner = SlurmOwner("ssh_slurm_owner")
     try:
@@ -512,7 +599,8 @@ def test_lost_client_leaves_no_job(slurm: ThrowawaySlurm, slurm_spec: Any, run_r
         owner.sigkill()
         killed = time.monotonic()
         assert wait_until(lambda: slurm.jobs() == [], grace + 20), slurm.jobs()
-        assert time.monotonic() - killed >= grace - 0.5  # kept for the grace period
+        # kept for the grace period since the last ping (0.1 s: wait_until's polling)
+        assert time.monotonic() - killed >= grace - heartbeat - 0.1
         assert wait_until(lambda: leftovers(run_root) == ([], []), 10), leftovers(run_root)
     finally:
         owner.stop()
