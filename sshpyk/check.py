@@ -24,7 +24,7 @@ import os
 import shlex
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, NoReturn
 
 import asyncssh
@@ -135,44 +135,46 @@ class StageResult:
         }
 
 
+_OPTIONS = KernelOptions()
+
+
 @dataclass
 class CheckTarget:
-    """What to check: a host alias alone, or everything an SSH kernelspec needs."""
+    """What to check: a host alias alone, or everything an SSH kernelspec needs (the
+    fields named as in :class:`~sshpyk.kernel.KernelOptions`, with its defaults)."""
 
     alias: str
     ssh_config: str | None = None
-    python: str = "python3"
-    kernel_name: str = "python3"
-    pre_command: str | None = None
-    transport: str = "auto"
+    python: str = _OPTIONS.python
+    kernel_name: str = _OPTIONS.kernel_name
+    pre_command: str | None = _OPTIONS.pre_command
+    transport: str = _OPTIONS.transport
     env: dict[str, str] = field(default_factory=dict)
-    cwd: str | None = None
-    run_root: str | None = None
-    start_timeout: float = 60.0
-    launcher: str = "direct"
+    cwd: str | None = _OPTIONS.cwd
+    run_root: str | None = _OPTIONS.run_root
+    start_timeout: float = _OPTIONS.start_timeout
+    launcher: str = _OPTIONS.launcher
     slurm_args: list[str] = field(default_factory=list)
-    slurm_queue_timeout: float = 600.0
+    slurm_queue_timeout: float = _OPTIONS.slurm_queue_timeout
     #: the local kernelspec being checked, if any (used in suggested fixes)
     kernel: str | None = None
 
     @classmethod
     def from_spec(cls, spec: SSHKernelSpec) -> CheckTarget:
+        options = asdict(KernelOptions.from_config(spec))
+        own = {f.name for f in fields(cls)}
         return cls(
             alias=spec.ssh_host_alias,
             ssh_config=spec.ssh_config,
-            python=spec.remote_python,
-            kernel_name=spec.remote_kernel_name,
-            pre_command=spec.pre_command,
-            transport=spec.transport,
-            env=dict(spec.remote_env),
-            cwd=spec.remote_cwd,
-            run_root=spec.remote_run_root,
-            start_timeout=spec.start_timeout,
-            launcher=spec.launcher,
-            slurm_args=parse_slurm_args(spec.slurm_args),
-            slurm_queue_timeout=spec.slurm_queue_timeout,
             kernel=spec.name,
+            **{k: v for k, v in options.items() if k in own},
         )
+
+    def kernel_options(self) -> KernelOptions:
+        """The test kernel's options: this target's, the others at their defaults."""
+        own = asdict(self)
+        names = [f.name for f in fields(KernelOptions) if f.name in own]
+        return KernelOptions(**{name: own[name] for name in names})
 
     def change(self, option: str) -> str:
         """How the user changes ``option`` for this target, for suggested fixes."""
@@ -728,20 +730,7 @@ class _Diagnosis:
             self.record("kernel", Status.SKIP, None, "skipped (--no-kernel)")
             return
         assert self.session is not None
-        options = KernelOptions(
-            kernel_name=t.kernel_name,
-            python=t.python,
-            transport=t.transport,
-            env=dict(t.env),
-            cwd=t.cwd,
-            pre_command=t.pre_command,
-            run_root=t.run_root,
-            grace=DEFAULT_GRACE,
-            start_timeout=t.start_timeout,
-            launcher=t.launcher,
-            slurm_args=list(t.slurm_args),
-            slurm_queue_timeout=t.slurm_queue_timeout,
-        )
+        options = t.kernel_options()
         started = time.monotonic()
         limit = options.total_start_timeout + self.timeout
         try:

@@ -14,7 +14,6 @@ traceback appears only at ``-vvv``. Colour only when the stream is a terminal an
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import logging
 import os
@@ -36,6 +35,7 @@ from .check import (
     check_kernels,
     run_check,
 )
+from .config import ConfigField, config_field, config_fields
 from .errors import SSHPykError
 from .forwards import LOCAL_TRANSPORTS
 from .inventory import (
@@ -49,8 +49,6 @@ from .inventory import (
     ps_table,
 )
 from .kernelspec import (
-    INTERRUPT_MODES,
-    LAUNCHERS,
     TRANSPORTS,
     InstalledKernel,
     SSHKernelSpec,
@@ -278,118 +276,41 @@ def list_kernels(
 # -- add / edit ------------------------------------------------------------------------
 
 
+def _config_option(f: ConfigField, edit: bool) -> Callable[[Callable[..., Any]], Any]:
+    """The ``add``/``edit`` option of one KernelConfig field (edit: no defaults, and
+    an empty value clears what may be cleared)."""
+    opt = f.option
+    help = (opt.edit_help if edit and opt.edit_help else opt.help) + (
+        " An empty value clears it." if edit and opt.clearable else ""
+    )
+    kw: dict[str, Any] = {"help": help, "metavar": opt.metavar}
+    decls = [f.flag, f.name]
+    if f.type is bool:
+        decls[0] = f"{f.flag}/--no-{f.flag[2:]}"
+        kw["default"] = None if edit else f.default
+    elif f.type is dict:
+        kw["multiple"] = True
+        kw["help"] += " Adds to or overrides what is stored." if edit else ""
+    else:
+        if opt.choices:
+            kw["type"] = click.Choice(opt.choices)
+        elif f.type is float:
+            kw["type"] = float
+        elif opt.path and not edit:
+            kw["type"] = click.Path(dir_okay=False)
+        if not edit and opt.required and not f.default:
+            kw["required"] = True
+        elif not edit and not opt.from_remote and f.default not in (None, ""):
+            kw.update(default=f.default, show_default=True)
+    if f.name == "ssh_host_alias":
+        kw["shell_complete"] = _complete_aliases
+    return click.option(*decls, **kw)
+
+
 def _spec_options(edit: bool) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """The kernelspec options shared by ``add`` and ``edit`` (edit: no defaults)."""
-
-    def default(value: Any) -> dict[str, Any]:
-        return {} if edit else {"default": value, "show_default": True}
-
-    clear = " An empty value clears it." if edit else ""
-    options = [
-        click.option(
-            "--kernel-name",
-            required=not edit,
-            help="Rename the kernel." if edit else "Local kernel name, e.g. ssh_gpu_py3.",
-        ),
-        click.option(
-            "--ssh-host-alias",
-            required=not edit,
-            shell_complete=_complete_aliases,
-            help="Host alias from your ssh config.",
-        ),
-        click.option(
-            "--display-name",
-            help="Shown in Jupyter (default: the remote display name plus the alias)." + clear,
-        ),
-        click.option("--language", help="Kernel language (default from the remote kernelspec)."),
-        click.option(
-            "--ssh-config",
-            type=click.Path(dir_okay=False) if not edit else str,
-            help="ssh config file (default ~/.ssh/config)." + clear,
-        ),
-        click.option(
-            "--remote-python",
-            **default("python3"),
-            help="Remote environment prefix (/opt/conda/envs/x) or python executable.",
-        ),
-        click.option(
-            "--remote-kernel-name", **default("python3"), help="Kernelspec name on the remote."
-        ),
-        click.option(
-            "--start-timeout",
-            type=float,
-            **default(60.0),
-            help="Seconds allowed for connect + kernel start.",
-        ),
-        click.option(
-            "--transport",
-            type=click.Choice(TRANSPORTS),
-            **default("auto"),
-            help="auto: ipc for ipykernel, else tcp.",
-        ),
-        click.option(
-            "--interrupt-mode",
-            type=click.Choice(INTERRUPT_MODES),
-            default=None,
-            help="Default: the remote kernelspec's.",
-        ),
-        click.option(
-            "--remote-env",
-            multiple=True,
-            metavar="KEY=VALUE",
-            help="Environment for the remote kernel (repeatable)."
-            + (" Adds to or overrides what is stored." if edit else ""),
-        ),
-        click.option(
-            "--pre-command",
-            help="Shell code run on the remote before the kernel, e.g. 'module load cuda'." + clear,
-        ),
-        click.option(
-            "--remote-cwd", help="Remote working directory (default: remote home)." + clear
-        ),
-        click.option(
-            "--remote-run-root",
-            help="Remote dir for the kernels' private run dirs "
-            "(default $XDG_RUNTIME_DIR or the temp dir)." + clear,
-        ),
-        click.option(
-            "--grace-period",
-            type=float,
-            **default(60.0),
-            help="Seconds a kernel survives without contact (link loss, crashed client).",
-        ),
-        click.option(
-            "--persistent/--no-persistent",
-            default=None if edit else False,
-            help="Keep the kernel when the local side goes away without shutting it down"
-            " (reattach with `sshpyk attach` or by reopening the notebook).",
-        ),
-        click.option(
-            "--launcher",
-            type=click.Choice(LAUNCHERS),
-            **default("direct"),
-            help="direct: the kernel runs on the host; slurm: the host is a login node and "
-            "each kernel runs as a SLURM job (srun) on a compute node.",
-        ),
-        click.option(
-            "--slurm-args",
-            metavar="ARGS",
-            help="srun options for --launcher slurm, e.g. "
-            '"--partition=gpu --gres=gpu:1 --time=04:00:00".' + clear,
-        ),
-        click.option(
-            "--slurm-queue-timeout",
-            type=float,
-            **default(600.0),
-            help="Seconds a SLURM job may wait in the queue before it is cancelled "
-            "(on top of --start-timeout).",
-        ),
-        click.option(
-            "--slurm-walltime-warning",
-            type=float,
-            **default(300.0),
-            help="Log a warning this many seconds before the SLURM job's time limit (0: never).",
-        ),
+    """The options of ``add`` and ``edit``: one per KernelConfig field, then these."""
+    options = [_config_option(f, edit) for f in config_fields()]
+    options += [
         click.option(
             "--replace",
             is_flag=True,
@@ -470,51 +391,22 @@ def add(**opts: Any) -> None:
     --launcher slurm, that srun accepts --slurm-args) unless --no-check, and writes
     kernel.json into your Jupyter data dir.
     """
-    spec = SSHKernelSpec(
-        name=opts["kernel_name"],
-        ssh_host_alias=opts["ssh_host_alias"],
-        display_name=opts["display_name"] or "",
-        language=opts["language"] or "",
-        interrupt_mode=opts["interrupt_mode"] or "signal",
-        ssh_config=opts["ssh_config"],
-        remote_python=opts["remote_python"],
-        remote_kernel_name=opts["remote_kernel_name"],
-        start_timeout=opts["start_timeout"],
-        transport=opts["transport"],
-        remote_env=_parse_env(opts["remote_env"]),
-        pre_command=opts["pre_command"],
-        remote_cwd=opts["remote_cwd"],
-        remote_run_root=opts["remote_run_root"],
-        grace_period=opts["grace_period"],
-        persistent=opts["persistent"],
-        launcher=opts["launcher"],
-        slurm_args=opts["slurm_args"] or "",
-        slurm_queue_timeout=opts["slurm_queue_timeout"],
-        slurm_walltime_warning=opts["slurm_walltime_warning"],
-    )
+    given: dict[str, Any] = {
+        f.name: _parse_env(opts[f.name]) if f.type is dict else opts[f.name]
+        for f in config_fields()
+        if opts[f.name] not in (None, ()) and not (f.option.from_remote and opts[f.name] == "")
+    }
+    spec = SSHKernelSpec(**given)
     spec.validate()
     if not opts["no_check"]:
         remote = _inspect_spec(spec).get("kernelspec") or {}
-        spec.language = spec.language or remote.get("language") or ""
-        if not spec.display_name and remote.get("display_name"):
-            spec.display_name = f"{remote['display_name']} ({spec.ssh_host_alias})"
-        if opts["interrupt_mode"] is None:
-            spec.interrupt_mode = remote.get("interrupt_mode") or "signal"
-    spec.language = spec.language or "python"
+        if remote.get("display_name"):
+            remote["display_name"] = f"{remote['display_name']} ({spec.ssh_host_alias})"
+        for f in config_fields():
+            if f.option.from_remote and f.name not in given and remote.get(f.name):
+                setattr(spec, f.name, remote[f.name])
     path = write_spec(spec, replace=opts["replace"])
     click.echo(f"Added kernel {spec.name!r} ({spec.display_name or spec.name}) in {path}")
-
-
-#: options of `edit` that change what the remote side is asked to do
-_REMOTE_FIELDS = (
-    "ssh_host_alias",
-    "ssh_config",
-    "remote_python",
-    "remote_kernel_name",
-    "pre_command",
-    "launcher",
-    "slurm_args",
-)
 
 
 @main.command()
@@ -528,15 +420,8 @@ def edit(kernel: str, **opts: Any) -> None:
     --no-check).
     """
     old = find_kernel(kernel).spec
-    # every stored field has its option (tests/test_cli_edit.py holds add and edit to it);
-    # the name and the remote env have options of their own
-    fields = [
-        f.name
-        for f in dataclasses.fields(SSHKernelSpec)
-        if f.name not in ("name", "remote_env", "resource_dir")
-    ]
-    changes = {f: opts[f] for f in fields}
-    changes["name"] = opts["kernel_name"]
+    # every KernelConfig field has its option; the remote env is merged, not replaced
+    changes = {f.name: opts[f.name] for f in config_fields() if f.type is not dict}
     spec = edited_spec(
         old,
         changes,
@@ -546,7 +431,7 @@ def edit(kernel: str, **opts: Any) -> None:
     diff = spec_changes(old, spec)
     if not diff:
         raise click.UsageError("nothing to change: give at least one option (see --help)")
-    if not opts["no_check"] and any(name in _REMOTE_FIELDS for name, _, _ in diff):
+    if not opts["no_check"] and any(config_field(name).option.checked for name, _, _ in diff):
         _inspect_spec(spec)
     path = save_edited_spec(old, spec, replace=opts["replace"])
     click.echo(f"Updated kernel {spec.name!r} in {path}:")

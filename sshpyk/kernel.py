@@ -8,16 +8,18 @@ for the life of the object; each (re)start launches a new remote process
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
+from .config import DEFAULTS, KernelConfig, config_fields
 from .errors import KernelStartTimeoutError, RemoteError, SSHPykError
 from .forwards import CHANNELS, ForwardSet
 from .remote import KernelProcess, LaunchRequest
-from .slurm import check_relay, slurm_logger, slurm_summary
+from .slurm import check_relay, parse_slurm_args, slurm_logger, slurm_summary
 
 if TYPE_CHECKING:
     from jupyter_client.asynchronous import AsyncKernelClient
@@ -29,36 +31,49 @@ __all__ = ["KernelOptions", "RemoteKernel"]
 log = logging.getLogger("sshpyk")
 
 
+_D = DEFAULTS
+
+
 @dataclass
 class KernelOptions:
-    """How to start a kernel on the remote host (the kernelspec's sshpyk config)."""
+    """How to start a kernel on the remote host: the kernel layer's view of a
+    :class:`~sshpyk.config.KernelConfig` (:meth:`from_config`). Each field is the
+    config option whose ``Option.kernel`` names it; its help and default are there."""
 
-    kernel_name: str = "python3"
-    python: str = "python3"
-    transport: str = "auto"
+    kernel_name: str = _D.remote_kernel_name
+    python: str = _D.remote_python
+    transport: str = _D.transport
     env: dict[str, str] = field(default_factory=dict)
-    cwd: str | None = None
-    pre_command: str | None = None
-    run_root: str | None = None
-    #: seconds the remote agent keeps the kernel without hearing from us
-    grace: float = 60.0
-    start_timeout: float = 60.0
-    #: keep the kernel when the local side goes away without shutting it down
-    persistent: bool = False
-    #: "direct": next to the agent; "slurm": a SLURM job submitted from the host
-    #: (a login node) with srun, the kernel on a compute node
-    launcher: str = "direct"
-    #: srun arguments, e.g. ["--partition=gpu", "--gres=gpu:1", "--time=04:00:00"]
+    cwd: str | None = _D.remote_cwd
+    pre_command: str | None = _D.pre_command
+    run_root: str | None = _D.remote_run_root
+    grace: float = _D.grace_period
+    start_timeout: float = _D.start_timeout
+    persistent: bool = _D.persistent
+    launcher: str = _D.launcher
+    #: srun arguments, split: ["--partition=gpu", "--gres=gpu:1", "--time=04:00:00"]
     slurm_args: list[str] = field(default_factory=list)
-    #: seconds the job may wait in the queue (on top of start_timeout)
-    slurm_queue_timeout: float = 600.0
-    #: log a warning this many seconds before the job's time limit (0: never)
-    slurm_walltime_warning: float = 300.0
-    #: while the job is pending, log its state at least this often (seconds)
-    slurm_status_interval: float = 30.0
-    #: how the local ends listen: "ipc" (unix sockets in a private 0700 directory, no
-    #: other local user can connect) or "tcp" (127.0.0.1, for tools that need TCP)
-    local_transport: str = "ipc"
+    slurm_queue_timeout: float = _D.slurm_queue_timeout
+    slurm_walltime_warning: float = _D.slurm_walltime_warning
+    slurm_status_interval: float = _D.slurm_status_interval
+    local_transport: str = _D.local_transport
+
+    @classmethod
+    def from_config(cls, config: KernelConfig) -> KernelOptions:
+        values = config.kernel_values()
+        values["env"] = {str(k): str(v) for k, v in values["env"].items()}
+        values["slurm_args"] = parse_slurm_args(values["slurm_args"])
+        return cls(**values)
+
+    def launch_request(
+        self, key: str, signature_scheme: str, env: dict[str, str] | None = None
+    ) -> LaunchRequest:
+        """What the agent is sent: the key, and the options KernelConfig marks
+        ``request``; ``env`` adds to the kernel's environment."""
+        names = [f.option.kernel for f in config_fields() if f.option.request and f.option.kernel]
+        options = {name: copy.copy(getattr(self, name)) for name in names}
+        options["env"] = {**self.env, **(env or {})}
+        return LaunchRequest(key, signature_scheme, options)
 
     @property
     def total_start_timeout(self) -> float:
@@ -149,20 +164,7 @@ class RemoteKernel:
         await self.session.connection()
         timings["connect"] = time.monotonic() - t0
         opts = self.options
-        request = LaunchRequest(
-            kernel_name=opts.kernel_name,
-            key=self.key,
-            signature_scheme=self.signature_scheme,
-            transport=opts.transport,
-            env={**opts.env, **(env or {})},
-            cwd=opts.cwd,
-            persistent=opts.persistent,
-            launcher=opts.launcher,
-            slurm_args=list(opts.slurm_args),
-            slurm_queue_timeout=opts.slurm_queue_timeout,
-            slurm_walltime_warning=opts.slurm_walltime_warning,
-            slurm_status_interval=opts.slurm_status_interval,
-        )
+        request = opts.launch_request(self.key, self.signature_scheme, env)
         t1 = time.monotonic()
         agent = await self.session.agent(
             opts.python, opts.pre_command, grace=opts.grace, run_root=opts.run_root

@@ -145,6 +145,7 @@ def render_block(entry: KernelEntry, mark: Callable[[Status], str] | None = None
         ]
     lines.append(_line("Start Timeout", f"{spec.start_timeout:g}"))
     lines.append(_line("Transport", spec.transport))
+    lines.append(_line("Local Transport", spec.local_transport))
     if spec.launcher == "slurm":
         lines += _slurm_lines(spec, remote, marked)
     if spec.remote_env:
@@ -158,6 +159,8 @@ def render_block(entry: KernelEntry, mark: Callable[[Status], str] | None = None
         lines.append(_line("Remote Run Root", spec.remote_run_root))
     if remote_spec.get("argv"):
         lines.append(_line("Remote Command", remote_command_line(remote_spec, remote)))
+    if spec.extra:
+        lines.append(_line("Other Config Keys", ", ".join(sorted(spec.extra))))
     if status is not None and status.error:
         lines.append(_line("Problem", status.error))
     return "\n".join(lines)
@@ -174,6 +177,7 @@ def _slurm_lines(
         _line("SLURM Args", spec.slurm_args or "(none)"),
         _line("SLURM Queue Limit", f"{spec.slurm_queue_timeout:g}s"),
         _line("SLURM Time Warning", f"{warning:g}s before the limit" if warning else "off"),
+        _line("SLURM Status Every", f"{spec.slurm_status_interval:g}s while queued"),
     ]
     info = remote.get("slurm")
     if info:

@@ -17,80 +17,51 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
+import types
 from typing import Any, cast
 
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
-from traitlets import Bool, Dict, Enum, Float, Unicode
+from traitlets import Bool, Dict, Enum, Float, TraitType, Unicode
 
 from . import state
+from .config import ConfigField, KernelConfig, Store, config_fields
 from .errors import SSHPykError
-from .forwards import LOCAL_TRANSPORTS
 from .kernel import KernelOptions, RemoteKernel
 from .loop import SSHLoop
 from .session import SSHSession
-from .slurm import LAUNCHERS, parse_slurm_args, slurm_summary
+from .slurm import slurm_summary
+
+PROVISIONER_FIELDS = config_fields(Store.PROVISIONER)
 
 __all__ = ["SSHKernelProvisioner"]
 
 
-class SSHKernelProvisioner(KernelProvisionerBase):  # type: ignore[misc]
-    """Runs the kernel on a remote host over one shared SSH connection."""
+def _trait(f: ConfigField) -> TraitType[Any, Any]:
+    """The traitlet of one provisioner option of KernelConfig."""
+    default = f.default
+    if f.option.choices:
+        return Enum(list(f.option.choices), default_value=default, config=True, help=f.help)
+    if f.type is dict:
+        return Dict(default, config=True, help=f.help)
+    trait = {bool: Bool, float: Float, str: Unicode}[f.type]
+    return trait(default, allow_none=f.optional, config=True, help=f.help)
 
-    ssh_host_alias = Unicode(config=True, help="Host alias from the ssh config")
-    ssh_config = Unicode(
-        None, allow_none=True, config=True, help="ssh config file (default ~/.ssh/config)"
-    )
-    remote_python = Unicode(
-        "python3", config=True, help="Remote python executable or environment prefix"
-    )
-    remote_kernel_name = Unicode("python3", config=True, help="Kernelspec name on the remote")
-    start_timeout = Float(60.0, config=True, help="Seconds allowed for connect + kernel start")
-    transport = Enum(["auto", "ipc", "tcp"], default_value="auto", config=True)
-    remote_env = Dict(config=True, help="Extra environment variables for the remote kernel")
-    pre_command = Unicode(None, allow_none=True, config=True, help="Shell code run first")
-    remote_cwd = Unicode(None, allow_none=True, config=True, help="Remote working directory")
-    remote_run_root = Unicode(
-        None, allow_none=True, config=True, help="Where run dirs go (default XDG_RUNTIME_DIR/tmp)"
-    )
-    grace_period = Float(
-        60.0,
-        config=True,
-        help="Seconds a kernel survives without contact (link loss, crashed client)",
-    )
-    persistent = Bool(
-        False, config=True, help="Keep the kernel when the local side goes away without shutdown"
-    )
-    launcher = Enum(
-        list(LAUNCHERS),
-        default_value="direct",
-        config=True,
-        help="direct: run the kernel on the host; slurm: submit it from the host (a login "
-        "node) as a SLURM job with srun",
-    )
-    slurm_args = Unicode(
-        "", config=True, help="srun arguments, e.g. '--partition=gpu --gres=gpu:1'"
-    )
-    slurm_queue_timeout = Float(
-        600.0,
-        config=True,
-        help="Seconds a SLURM job may wait in the queue (on top of start_timeout)",
-    )
-    slurm_walltime_warning = Float(
-        300.0, config=True, help="Log a warning this many seconds before the job's time limit"
-    )
-    slurm_status_interval = Float(
-        30.0, config=True, help="Log a pending SLURM job's state at least this often (seconds)"
-    )
 
-    local_transport = Enum(
-        list(LOCAL_TRANSPORTS),
-        default_value="ipc",
-        config=True,
-        help="How the local ends of the forwards listen: ipc (unix sockets in a private "
-        "0700 directory: no other local user can connect) or tcp (127.0.0.1)",
-    )
+#: one trait per provisioner option (kernel.json's metadata.kernel_provisioner.config)
+_ConfigTraits = types.new_class(
+    "_ConfigTraits",
+    (KernelProvisionerBase,),
+    exec_body=lambda ns: ns.update({f.name: _trait(f) for f in PROVISIONER_FIELDS}),
+)
 
+
+class SSHKernelProvisioner(_ConfigTraits):  # type: ignore[misc,valid-type]
+    """Runs the kernel on a remote host over one shared SSH connection; its traits are
+    the provisioner options of :class:`~sshpyk.config.KernelConfig`."""
+
+    ssh_host_alias: str  # the two traits load_provisioner_info sets
+    ssh_config: str | None
     _kernel: RemoteKernel | None = None
     _session: SSHSession | None = None
     _launched = False
@@ -102,24 +73,8 @@ class SSHKernelProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         return SSHLoop.instance()
 
     def _options(self) -> KernelOptions:
-        return KernelOptions(
-            kernel_name=self.remote_kernel_name,
-            python=self.remote_python,
-            transport=self.transport,
-            env={str(k): str(v) for k, v in self.remote_env.items()},
-            cwd=self.remote_cwd,
-            pre_command=self.pre_command,
-            run_root=self.remote_run_root,
-            grace=self.grace_period,
-            start_timeout=self.start_timeout,
-            persistent=self.persistent,
-            launcher=self.launcher,
-            slurm_args=parse_slurm_args(self.slurm_args),
-            slurm_queue_timeout=self.slurm_queue_timeout,
-            slurm_walltime_warning=self.slurm_walltime_warning,
-            slurm_status_interval=self.slurm_status_interval,
-            local_transport=self.local_transport,
-        )
+        config = KernelConfig(**{f.name: getattr(self, f.name) for f in PROVISIONER_FIELDS})
+        return KernelOptions.from_config(config)
 
     async def _connect(self) -> SSHSession:
         if self._session is None:
@@ -349,8 +304,7 @@ class SSHKernelProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         return recommended
 
     def get_stable_start_time(self, recommended: float = 10.0) -> float:
-        queue = self.slurm_queue_timeout if self.launcher == "slurm" else 0.0
-        return max(recommended, self.start_timeout + queue)
+        return max(recommended, self._options().total_start_timeout)
 
     async def get_provisioner_info(self) -> dict[str, Any]:
         info: dict[str, Any] = await super().get_provisioner_info()

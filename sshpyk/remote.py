@@ -19,12 +19,13 @@ import secrets
 import shlex
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 import asyncssh
 
+from .config import DEFAULTS
 from .errors import (
     ConnectionLostError,
     KernelStartError,
@@ -160,19 +161,30 @@ def _last_lines(text: str, count: int = 3) -> str:
 
 @dataclass
 class LaunchRequest:
-    kernel_name: str
+    """A ``launch`` request: the kernel's HMAC key and its launch options, i.e. the
+    :class:`~sshpyk.config.KernelConfig` fields marked ``request``, under their kernel
+    names (kernel_name, transport, env, cwd, persistent, launcher, slurm_args, ...)."""
+
     key: str
     signature_scheme: str = "hmac-sha256"
-    transport: str = "auto"
-    env: dict[str, str] | None = None
-    cwd: str | None = None
-    persistent: bool = False
-    #: "direct" (a process next to the agent) or "slurm" (a SLURM job submitted with srun)
-    launcher: str = "direct"
-    slurm_args: list[str] | None = None
-    slurm_queue_timeout: float = 600.0
-    slurm_walltime_warning: float = 300.0
-    slurm_status_interval: float = 30.0
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def launcher(self) -> str:
+        return str(self.options.get("launcher") or DEFAULTS.launcher)
+
+    @property
+    def persistent(self) -> bool:
+        return bool(self.options.get("persistent", DEFAULTS.persistent))
+
+    def message(self, kid: str) -> dict[str, Any]:
+        return {
+            "op": "launch",
+            "kid": kid,
+            "key": self.key,
+            "signature_scheme": self.signature_scheme,
+            **self.options,
+        }
 
 
 #: called with the kernel and each ``slurm`` event (queue state, job start, walltime warning)
@@ -801,7 +813,7 @@ class RemoteAgent:
         kernel.persistent = request.persistent
         if on_slurm is not None:
             kernel.slurm_listeners.append(on_slurm)
-        self.send({"op": "launch", "kid": kid, **asdict(request)})
+        self.send(request.message(kid))
         try:
             await kernel.wait_started()
         except BaseException:

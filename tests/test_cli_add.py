@@ -127,3 +127,19 @@ def test_add_remote_run_root_and_interrupt_mode_default(sshd, tmp_path) -> None:
     spec = load_spec("k_rr")
     assert spec.remote_run_root == str(tmp_path / "runs")
     assert spec.interrupt_mode == "signal"  # read from the remote kernelspec
+
+
+def test_add_new_options_stored_and_defaults_not_written(sshd, isolated_jupyter) -> None:
+    args = [*add_args(sshd, "ssh_opts"), "--no-check"]
+    extra = ["--local-transport", "tcp", "--slurm-status-interval", "5"]
+    assert CliRunner().invoke(main, [*args, *extra]).exit_code == 0
+    spec = load_spec("ssh_opts")
+    assert (spec.local_transport, spec.slurm_status_interval) == ("tcp", 5.0)
+    result = CliRunner().invoke(main, [*add_args(sshd, "ssh_plain"), "--no-check"])
+    assert result.exit_code == 0, result.output
+    data = json.loads((isolated_jupyter / "kernels" / "ssh_plain" / "kernel.json").read_text())
+    config = data["metadata"]["kernel_provisioner"]["config"]
+    # kernel.json as before: options at their defaults that it never had are left out
+    assert "local_transport" not in config and "slurm_status_interval" not in config
+    result = CliRunner().invoke(main, [*args, "--replace", "--local-transport", "udp"])
+    assert result.exit_code == 2 and "udp" in result.output

@@ -11,6 +11,7 @@ import pytest
 from cli_helpers import assert_one_line_error, sshpyk
 
 from sshpyk.cli import add
+from sshpyk.config import config_fields
 from sshpyk.kernelspec import load_spec
 
 pytestmark = pytest.mark.timeout(60)
@@ -63,6 +64,8 @@ EDITS: list[tuple[str, list[str], str, Any]] = [
     ),
     ("--slurm-queue-timeout", ["--slurm-queue-timeout", "30"], "slurm_queue_timeout", 30.0),
     ("--slurm-walltime-warning", ["--slurm-walltime-warning", "0"], "slurm_walltime_warning", 0.0),
+    ("--slurm-status-interval", ["--slurm-status-interval", "5"], "slurm_status_interval", 5.0),
+    ("--local-transport", ["--local-transport", "tcp"], "local_transport", "tcp"),
     # clearing optional fields
     ("--pre-command", ["--pre-command", ""], "pre_command", None),
     ("--remote-cwd", ["--remote-cwd", ""], "remote_cwd", None),
@@ -104,6 +107,30 @@ def test_every_add_flag_is_editable() -> None:
         "--no-persistent",  # tested below: the flag's other half
     }
     assert add_flags <= covered, add_flags - covered
+
+
+def test_every_kernel_option_is_an_add_flag() -> None:
+    """add (and so edit, above) has a flag for every field of the one config model."""
+    add_dests = {p.name for p in add.params}
+    assert {f.name for f in config_fields()} <= add_dests
+
+
+def test_edit_keeps_keys_it_does_not_know(base) -> None:
+    """Regression: `edit --display-name` dropped slurm_status_interval (an option the
+    kernelspec model did not have) and any other key from kernel.json."""
+    path = Path(base.resource_dir) / "kernel.json"
+    data = json.loads(path.read_text())
+    config = data["metadata"]["kernel_provisioner"]["config"]
+    config.update({"slurm_status_interval": 1.5, "from_a_newer_sshpyk": [1, {"x": "y"}]})
+    path.write_text(json.dumps(data))
+    result = sshpyk("edit", "ssh_edit", "--display-name", "X")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.count("\n  ") == 1 and "  display_name: " in result.stdout
+    written = json.loads(path.read_text())
+    assert written["display_name"] == "X"
+    stored = written["metadata"]["kernel_provisioner"]["config"]
+    assert stored == config
+    assert load_spec("ssh_edit").slurm_status_interval == 1.5
 
 
 def test_edit_no_persistent_turns_it_off(base) -> None:

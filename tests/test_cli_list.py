@@ -73,6 +73,7 @@ def test_list_no_check_shows_local_and_ssh_blocks(make_kernelspec, isolated_jupy
         "Remote Python Prefix",
         "Remote Kernel Name",
         "Start Timeout",
+        "Local Transport",
         "Pre-command",
         "Remote Env",
     ):
@@ -211,3 +212,18 @@ def test_list_empty(isolated_jupyter) -> None:
     result = sshpyk("list", "--remote")
     assert result.exit_code == 0
     assert result.stdout.strip() == "No SSH kernels found."
+
+
+def test_list_json_round_trips_keys_sshpyk_does_not_know(make_kernelspec) -> None:
+    spec = make_kernelspec("ssh_extra")
+    path = Path(spec.resource_dir) / "kernel.json"
+    data = json.loads(path.read_text())
+    data["metadata"]["kernel_provisioner"]["config"]["from_a_newer_sshpyk"] = {"x": 1}
+    path.write_text(json.dumps(data))
+    result = sshpyk("list", "--json", "-n")
+    assert result.exit_code == 0, result.output
+    entry = {e["name"]: e for e in json.loads(result.stdout)["kernels"]}["ssh_extra"]
+    assert entry["spec"]["extra"] == {"from_a_newer_sshpyk": {"x": 1}}
+    assert SSHKernelSpec(**entry["spec"]).to_kernel_json() == data
+    lines = blocks(sshpyk("list", "-n").stdout)["ssh_extra"]
+    assert field(lines, "Other Config Keys") == "from_a_newer_sshpyk"

@@ -1,0 +1,488 @@
+"""KernelConfig: every option of an SSH kernel, declared once.
+
+Each field of :class:`KernelConfig` carries an :class:`Option` in its metadata: where
+kernel.json stores it (:class:`Store`), its help text, choices and validation, whether
+``add`` reads its default from the remote kernelspec, and the name the kernel layer
+(:class:`~sshpyk.kernel.KernelOptions`, the launch request) knows it by. Everything
+else is derived from these declarations:
+
+* kernel.json, written and read (:meth:`KernelConfig.to_kernel_json`,
+  :meth:`KernelConfig.from_kernel_json`); provisioner keys this version does not know
+  are kept in :attr:`KernelConfig.extra` and written back, so ``edit`` loses nothing;
+* the provisioner's traits (:mod:`sshpyk.provisioner`), the options of ``sshpyk add``
+  and ``sshpyk edit`` (:mod:`sshpyk.cli`), ``sshpyk check``'s target and the kernel's
+  launch options (:meth:`sshpyk.kernel.KernelOptions.from_config`).
+
+A new kernel option is one field here.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import os
+import re
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, TypeVar
+
+from .errors import SSHPykError
+
+__all__ = [
+    "DEFAULTS",
+    "INTERRUPT_MODES",
+    "LAUNCHERS",
+    "LOCAL_TRANSPORTS",
+    "PROVISIONER_NAME",
+    "TRANSPORTS",
+    "ConfigField",
+    "KernelConfig",
+    "Option",
+    "Store",
+    "config_field",
+    "config_fields",
+]
+
+PROVISIONER_NAME = "sshpyk-provisioner"
+TRANSPORTS = ("auto", "ipc", "tcp")
+LOCAL_TRANSPORTS = ("ipc", "tcp")
+INTERRUPT_MODES = ("signal", "message")
+LAUNCHERS = ("direct", "slurm")
+
+
+class Store(enum.Enum):
+    """Where kernel.json keeps a field."""
+
+    #: the kernel's directory name (``kernels/<name>/kernel.json``)
+    NAME = "name"
+    #: a top-level kernel.json key (display_name, language, interrupt_mode)
+    TOP = "top"
+    #: ``metadata.kernel_provisioner.config``: a provisioner option (a trait)
+    PROVISIONER = "provisioner"
+
+
+@dataclass(frozen=True)
+class Option:
+    """The metadata of one :class:`KernelConfig` field."""
+
+    #: what it is, for ``--help`` and the provisioner's trait
+    help: str
+    #: the noun used in error messages ("start timeout must be ...")
+    label: str
+    store: Store = Store.PROVISIONER
+    #: the CLI flag, if not ``--`` + the name with dashes
+    flag: str | None = None
+    #: the help of ``sshpyk edit`` when it says something else than ``help``
+    edit_help: str | None = None
+    choices: tuple[str, ...] = ()
+    #: may not be empty
+    required: bool = False
+    #: ``edit`` with an empty value puts the default back
+    clearable: bool = False
+    #: ``add`` takes the remote kernelspec's value unless one is given
+    from_remote: bool = False
+    #: ``add``/``edit`` check a changed value against the host (unless --no-check)
+    checked: bool = False
+    #: a local file that must exist
+    path: bool = False
+    metavar: str | None = None
+    #: numbers: the smallest value allowed; positive: larger than 0
+    minimum: float | None = None
+    positive: bool = False
+    #: any other rule: returns what is wrong with a value, or None
+    check: Callable[[Any], str | None] | None = None
+    #: the launcher it belongs to: with any other launcher, not stored while default
+    launcher: str | None = None
+    #: not stored while it has its default (options kernel.json did not always have)
+    omit_default: bool = False
+    #: its name in KernelOptions (the kernel layer), or None if the kernel never sees it
+    kernel: str | None = None
+    #: also sent to the remote agent in the launch request (under its ``kernel`` name)
+    request: bool = False
+
+
+def _option(default: Any, **meta: Any) -> Any:
+    """A dataclass field with its :class:`Option` (for dict fields: field(default_factory=
+    dict, metadata=_meta(...)))."""
+    return field(default=default, metadata=_meta(**meta))
+
+
+def _meta(**meta: Any) -> dict[str, Option]:
+    return {"option": Option(**meta)}
+
+
+_C = TypeVar("_C", bound="KernelConfig")
+_NAME_RE = re.compile(r"^[a-zA-Z0-9._-]+$")
+
+
+def _check_name(value: str) -> str | None:
+    if _NAME_RE.match(value):
+        return None
+    return f"invalid kernel name {value!r}: use letters, digits, '.', '_' and '-'"
+
+
+def _check_python(value: str) -> str | None:
+    if not value.lstrip().startswith("-"):
+        return None
+    # the remote shell would read it as an option of `exec`, not as a program
+    return (
+        f"remote python {value!r} starts with '-': give a path or a "
+        "command name (e.g. ./-odd-name for a relative path)"
+    )
+
+
+_CLEARS = " An empty value clears it."
+
+
+@dataclass
+class KernelConfig:
+    """Everything an SSH kernelspec says, one field per option (see the module doc)."""
+
+    name: str = _option(
+        "",
+        help="Local kernel name, e.g. ssh_gpu_py3.",
+        edit_help="Rename the kernel.",
+        label="kernel name",
+        store=Store.NAME,
+        flag="--kernel-name",
+        required=True,
+        check=_check_name,
+    )
+    ssh_host_alias: str = _option(
+        "",
+        help="Host alias from your ssh config.",
+        label="SSH host alias",
+        required=True,
+        checked=True,
+    )
+    display_name: str = _option(
+        "",
+        help="Shown in Jupyter (default: the remote display name plus the alias).",
+        label="display name",
+        store=Store.TOP,
+        clearable=True,
+        from_remote=True,
+    )
+    language: str = _option(
+        "python",
+        help="Kernel language (default from the remote kernelspec).",
+        label="language",
+        store=Store.TOP,
+        required=True,
+        from_remote=True,
+    )
+    interrupt_mode: str = _option(
+        "signal",
+        help="Default: the remote kernelspec's.",
+        label="interrupt mode",
+        store=Store.TOP,
+        choices=INTERRUPT_MODES,
+        from_remote=True,
+    )
+    ssh_config: str | None = _option(
+        None,
+        help="ssh config file (default ~/.ssh/config).",
+        label="ssh config file",
+        clearable=True,
+        checked=True,
+        path=True,
+    )
+    remote_python: str = _option(
+        "python3",
+        help="Remote environment prefix (/opt/conda/envs/x) or python executable.",
+        label="remote python",
+        required=True,
+        checked=True,
+        check=_check_python,
+        kernel="python",
+    )
+    remote_kernel_name: str = _option(
+        "python3",
+        help="Kernelspec name on the remote.",
+        label="remote kernel name",
+        required=True,
+        checked=True,
+        kernel="kernel_name",
+        request=True,
+    )
+    start_timeout: float = _option(
+        60.0,
+        help="Seconds allowed for connect + kernel start.",
+        label="start timeout",
+        positive=True,
+        kernel="start_timeout",
+    )
+    transport: str = _option(
+        "auto",
+        help="auto: ipc for ipykernel, else tcp.",
+        label="transport",
+        choices=TRANSPORTS,
+        kernel="transport",
+        request=True,
+    )
+    remote_env: dict[str, str] = field(
+        default_factory=dict,
+        metadata=_meta(
+            help="Environment for the remote kernel (repeatable).",
+            label="remote env",
+            metavar="KEY=VALUE",
+            kernel="env",
+            request=True,
+        ),
+    )
+    pre_command: str | None = _option(
+        None,
+        help="Shell code run on the remote before the kernel, e.g. 'module load cuda'.",
+        label="pre-command",
+        clearable=True,
+        checked=True,
+        kernel="pre_command",
+    )
+    remote_cwd: str | None = _option(
+        None,
+        help="Remote working directory (default: remote home).",
+        label="remote cwd",
+        clearable=True,
+        kernel="cwd",
+        request=True,
+    )
+    remote_run_root: str | None = _option(
+        None,
+        help="Remote dir for the kernels' private run dirs "
+        "(default $XDG_RUNTIME_DIR or the temp dir).",
+        label="remote run root",
+        clearable=True,
+        kernel="run_root",
+    )
+    grace_period: float = _option(
+        60.0,
+        help="Seconds a kernel survives without contact (link loss, crashed client).",
+        label="grace period",
+        positive=True,
+        kernel="grace",
+    )
+    persistent: bool = _option(
+        False,
+        help="Keep the kernel when the local side goes away without shutting it down"
+        " (reattach with `sshpyk attach` or by reopening the notebook).",
+        label="persistent",
+        kernel="persistent",
+        request=True,
+    )
+    launcher: str = _option(
+        "direct",
+        help="direct: the kernel runs on the host; slurm: the host is a login node and "
+        "each kernel runs as a SLURM job (srun) on a compute node.",
+        label="launcher",
+        choices=LAUNCHERS,
+        checked=True,
+        launcher="slurm",
+        kernel="launcher",
+        request=True,
+    )
+    slurm_args: str = _option(
+        "",
+        help="srun options for --launcher slurm, e.g. "
+        '"--partition=gpu --gres=gpu:1 --time=04:00:00".',
+        label="SLURM arguments",
+        metavar="ARGS",
+        clearable=True,
+        checked=True,
+        launcher="slurm",
+        kernel="slurm_args",
+        request=True,
+    )
+    slurm_queue_timeout: float = _option(
+        600.0,
+        help="Seconds a SLURM job may wait in the queue before it is cancelled "
+        "(on top of --start-timeout).",
+        label="SLURM queue timeout",
+        positive=True,
+        launcher="slurm",
+        kernel="slurm_queue_timeout",
+        request=True,
+    )
+    slurm_walltime_warning: float = _option(
+        300.0,
+        help="Log a warning this many seconds before the SLURM job's time limit (0: never).",
+        label="SLURM walltime warning",
+        minimum=0.0,
+        launcher="slurm",
+        kernel="slurm_walltime_warning",
+        request=True,
+    )
+    slurm_status_interval: float = _option(
+        30.0,
+        help="While a SLURM job waits in the queue, log its state at least this often (seconds).",
+        label="SLURM status interval",
+        positive=True,
+        launcher="slurm",
+        omit_default=True,
+        kernel="slurm_status_interval",
+        request=True,
+    )
+    local_transport: str = _option(
+        "ipc",
+        help="How the local ends of the forwards listen: ipc (unix sockets in a private "
+        "0700 directory: no other local user can connect) or tcp (127.0.0.1, for tools "
+        "that only speak TCP).",
+        label="local transport",
+        choices=LOCAL_TRANSPORTS,
+        omit_default=True,
+        kernel="local_transport",
+    )
+    #: provisioner config keys this version does not know (kept as found, written back)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def default_display_name(self) -> str:
+        return f"{self.remote_kernel_name} ({self.ssh_host_alias})"
+
+    def validate(self) -> None:
+        """SSHPykError for the first field that breaks its rules."""
+        for f in config_fields():
+            problem = f.problem(getattr(self, f.name))
+            if problem:
+                raise SSHPykError(problem)
+
+    def kernel_values(self) -> dict[str, Any]:
+        """The fields the kernel layer uses, under its names (KernelOptions' fields)."""
+        return {
+            f.option.kernel: f.copy(getattr(self, f.name))
+            for f in config_fields()
+            if f.option.kernel
+        }
+
+    # -- kernel.json -----------------------------------------------------------------
+    def to_kernel_json(self) -> dict[str, Any]:
+        config = {}
+        for f in config_fields(Store.PROVISIONER):
+            value = getattr(self, f.name)
+            if value is None or value == {} or value == "":
+                continue
+            if value == f.default and (
+                f.option.omit_default or (f.option.launcher not in (None, self.launcher))
+            ):
+                continue
+            config[f.name] = f.copy(value)
+        config.update((k, v) for k, v in self.extra.items() if k not in config)
+        top = {f.name: getattr(self, f.name) for f in config_fields(Store.TOP)}
+        top["display_name"] = self.display_name or self.default_display_name
+        return {
+            "argv": [
+                "sshpyk-remote-kernel",
+                self.ssh_host_alias,
+                self.remote_kernel_name,
+                "{connection_file}",
+            ],
+            **top,
+            "metadata": {
+                "kernel_provisioner": {"provisioner_name": PROVISIONER_NAME, "config": config}
+            },
+        }
+
+    @classmethod
+    def from_kernel_json(cls: type[_C], name: str, data: Mapping[str, Any], **kwargs: Any) -> _C:
+        """The config in ``data`` (a kernel.json) of kernel ``name``; missing keys take
+        their defaults, unknown provisioner keys go to :attr:`extra`. ``kwargs`` are
+        further fields of a subclass."""
+        prov = (data.get("metadata") or {}).get("kernel_provisioner") or {}
+        if prov.get("provisioner_name") != PROVISIONER_NAME:
+            raise SSHPykError(f"kernel {name!r} is not an sshpyk kernel")
+        config = dict(prov.get("config") or {})
+        values: dict[str, Any] = {"name": name}
+        for f in config_fields():
+            source: Mapping[str, Any] = {Store.TOP: data, Store.PROVISIONER: config}.get(
+                f.store, {}
+            )
+            if f.name in source:
+                values[f.name] = f.loaded(source[f.name])
+        extra = {k: v for k, v in config.items() if k not in values}
+        return cls(**values, extra=extra, **kwargs)
+
+
+@dataclass(frozen=True)
+class ConfigField:
+    """One field of :class:`KernelConfig` with its type, default and :class:`Option`."""
+
+    name: str
+    #: str, float, bool or dict
+    type: type
+    #: None is allowed (and means: not set)
+    optional: bool
+    option: Option
+
+    @property
+    def store(self) -> Store:
+        return self.option.store
+
+    @property
+    def help(self) -> str:
+        return self.option.help
+
+    @property
+    def flag(self) -> str:
+        return self.option.flag or "--" + self.name.replace("_", "-")
+
+    @property
+    def default(self) -> Any:
+        """A fresh default (a new dict for dict fields)."""
+        return getattr(KernelConfig(), self.name)
+
+    def copy(self, value: Any) -> Any:
+        return dict(value) if isinstance(value, dict) else value
+
+    def loaded(self, value: Any) -> Any:
+        """``value`` as read from kernel.json (JSON has no float 60: it writes 60)."""
+        if self.type is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        return self.copy(value)
+
+    def problem(self, value: Any) -> str | None:
+        """What is wrong with ``value`` for this field, or None."""
+        opt = self.option
+        if value is None or value == "" or value == {}:
+            return f"{opt.label} is required ({self.flag})" if opt.required else None
+        if opt.choices and value not in opt.choices:
+            return f"{opt.label} must be one of {', '.join(opt.choices)}"
+        if opt.positive and not value > 0:
+            return f"{opt.label} must be a positive number of seconds"
+        if opt.minimum is not None and not value >= opt.minimum:
+            return f"{opt.label} must be {opt.minimum:g} (off) or a number of seconds"
+        if opt.path and not os.path.isfile(value):
+            return f"{opt.label} {value} does not exist"
+        return opt.check(value) if opt.check else None
+
+
+@functools.cache
+def _all_fields() -> tuple[ConfigField, ...]:
+    hints = typing.get_type_hints(KernelConfig)
+    found = []
+    for f in fields(KernelConfig):
+        if "option" not in f.metadata:
+            continue
+        hint = hints[f.name]
+        union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+        kinds = typing.get_args(hint) if union else (hint,)
+        (base,) = [typing.get_origin(t) or t for t in kinds if t is not type(None)]
+        found.append(ConfigField(f.name, base, type(None) in kinds, f.metadata["option"]))
+    return tuple(found)
+
+
+def config_fields(store: Store | None = None) -> tuple[ConfigField, ...]:
+    """The option fields of :class:`KernelConfig` in declaration order (those kept in
+    ``store``, if given)."""
+    return tuple(f for f in _all_fields() if store is None or f.store is store)
+
+
+def config_field(name: str) -> ConfigField:
+    for f in _all_fields():
+        if f.name == name:
+            return f
+    raise KeyError(name)
+
+
+#: every option at its default
+DEFAULTS = KernelConfig()
