@@ -12,7 +12,7 @@ JupyterLab), and measures, interleaved so that machine load hits every path alik
 
 Paths: ``direct`` (a kernel on the bastion host itself), ``1 hop`` (the internal host
 through the bastion) and ``2 hops`` (through two bastions), each hop path once with
-the fix off (``sshpyk.jump.NUDGE_BASTIONS = False`` while its bastion connections
+the fix off (``sshpyk.ssh.jump.NUDGE_BASTIONS = False`` while its bastion connections
 open) and once with it on. Every path has its own bastion connections (aliases of
 its own in a generated config), so the two do not share a bastion.
 
@@ -21,7 +21,7 @@ Usage (as root)::
     python benchmarks/bastion.py                 # 200 requests per path, fix off and on
     python benchmarks/bastion.py --fix on --requests 500 --hops 1
 
-Prints a Markdown table; see the module docstring of ``sshpyk/jump.py`` for the
+Prints a Markdown table; see the module docstring of ``sshpyk/ssh/jump.py`` for the
 mechanism.
 """
 
@@ -82,8 +82,8 @@ def bench_config(topo: Topology) -> Path:
 async def start(path: Route, config: Path, run_root: str) -> None:
     from jupyter_client.manager import AsyncKernelManager
 
-    from sshpyk import jump
     from sshpyk.kernelspec import SSHKernelSpec, write_spec
+    from sshpyk.ssh import jump
 
     name = path.alias.replace("-", "_")
     write_spec(

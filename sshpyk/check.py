@@ -30,7 +30,9 @@ from typing import Any, NoReturn
 import asyncssh
 
 from .errors import (
+    AuthenticationError,
     ConnectError,
+    ConnectTimeoutError,
     ForwardingRefusedError,
     HostKeyError,
     HostNotFoundError,
@@ -42,15 +44,15 @@ from .errors import (
     RemoteKernelSpecNotFoundError,
     RemotePythonNotFoundError,
     SSHPykError,
-    translate_error,
+    translating,
 )
-from .hostkeys import DEFAULT_KNOWN_HOSTS, KeyRecorder, host_key_error
 from .kernel import KernelOptions
 from .kernelspec import SSHKernelSpec
 from .remote import RemoteAgent, python_command
 from .session import SSHSession
 from .slurm import parse_slurm_args, slurm_summary
-from .sshconfig import HostSettings, alias_in_config, config_path, resolve_host
+from .ssh.hostkeys import DEFAULT_KNOWN_HOSTS, KeyRecorder
+from .ssh.hosts import HostOptions, HostSettings, alias_in_config, config_path, resolve_host
 
 __all__ = [
     "SLURM_STAGE",
@@ -226,7 +228,7 @@ class _Diagnosis:
         self.results: list[StageResult] = []
         self.config: str | None = None
         self.settings: HostSettings | None = None
-        self.options: asyncssh.SSHClientConnectionOptions | None = None
+        self.options: HostOptions | None = None
         self.session: SSHSession | None = None
         self.agent: RemoteAgent | None = None
         self.kernelspec: dict[str, Any] = {}
@@ -308,53 +310,35 @@ class _Diagnosis:
             self.record("config", Status.OK, seconds, detail)
 
     async def stage_connect(self) -> None:
-        """TCP connect, key exchange + host key, authentication: one probe connection."""
+        """TCP connect, key exchange + host key, authentication: the connection kernels
+        use (the pool's, through the same ProxyJump hops), timed by its SSH client."""
         t, settings = self.target, self.settings
-        assert settings is not None and self.options is not None
+        assert settings is not None
         marks: dict[str, float] = {}
-        offered: list[tuple[asyncssh.SSHKey, str]] = []
         started = time.monotonic()
         try:
-            conn = await asyncio.wait_for(
-                asyncssh.connect(
+            self.session = await asyncio.wait_for(
+                SSHSession.connect(
                     t.alias,
-                    options=self.options,
-                    client_factory=lambda: _TimingClient(marks, offered),
+                    ssh_config=self.config,
+                    connect_timeout=self.timeout,
+                    client_factory=lambda offered: _TimingClient(marks, offered),
                 ),
                 self.timeout,
             )
-        except Exception as exc:
-            error: SSHPykError | None = None
-            # behind a ProxyJump asyncssh checks the hops too: the key seen is the target's
-            if isinstance(exc, asyncssh.HostKeyNotVerifiable) and (
-                offered or not settings.proxy_jump
-            ):
-                error = await host_key_error(
-                    exc,
-                    label=repr(t.alias),
-                    options=self.options,
-                    offered=offered,
-                    dest=t.alias,
-                    jump=None,
-                    ssh_config=self.config,
-                )
-            self._connect_failed(exc, started, marks, error)
-        try:
-            via = self._via()
-            tcp_at = marks.get("tcp", started)
-            key_at = marks.get("hostkey", tcp_at)
-            auth_at = marks.get("auth", key_at)
-            self.record(
-                "tcp", Status.OK, tcp_at - started, f"{settings.hostname}:{settings.port}{via}"
-            )
-            key = conn.get_server_host_key()
-            key_text = f"{key.get_algorithm()} {key.get_fingerprint()}" if key else "host key"
-            self.record("hostkey", Status.OK, key_at - tcp_at, f"{key_text} matches known_hosts")
-            user = conn.get_extra_info("username") or settings.user
-            self.record("auth", Status.OK, auth_at - key_at, f"logged in as {user}")
-        finally:
-            conn.close()
-            await conn.wait_closed()
+            conn = await self.session.connection()
+        except (SSHPykError, asyncio.TimeoutError) as exc:
+            self._connect_failed(exc, started, marks)
+        via = self._via()
+        tcp_at = marks.get("tcp", started)
+        key_at = marks.get("hostkey", tcp_at)
+        auth_at = marks.get("auth", key_at)
+        self.record("tcp", Status.OK, tcp_at - started, f"{settings.hostname}:{settings.port}{via}")
+        key = conn.get_server_host_key()
+        key_text = f"{key.get_algorithm()} {key.get_fingerprint()}" if key else "host key"
+        self.record("hostkey", Status.OK, key_at - tcp_at, f"{key_text} matches known_hosts")
+        user = conn.get_extra_info("username") or settings.user
+        self.record("auth", Status.OK, auth_at - key_at, f"logged in as {user}")
 
     def _via(self) -> str:
         settings = self.settings
@@ -369,20 +353,25 @@ class _Diagnosis:
         exc: BaseException,
         started: float,
         marks: dict[str, float],
-        error: SSHPykError | None = None,
     ) -> NoReturn:
         t, settings = self.target, self.settings
         assert settings is not None
         now = time.monotonic()
-        if error is not None:
-            pass
-        elif isinstance(exc, asyncio.TimeoutError):
-            error = ConnectError(f"no answer from {t.alias!r} within {self.timeout:g}s")
+        timed_out = isinstance(exc, (asyncio.TimeoutError, ConnectTimeoutError))
+        if timed_out:
+            error: SSHPykError = ConnectError(
+                f"no answer from {t.alias!r} within {self.timeout:g}s"
+            )
         else:
-            error = translate_error(exc, t.alias, config=self.config)
-        if isinstance(error, HostKeyError):
+            assert isinstance(exc, SSHPykError)
+            error = exc
+        if "tcp" not in marks and (
+            settings.proxy_jump or not isinstance(error, (HostKeyError, AuthenticationError))
+        ):
+            stage = "tcp"  # the target was not reached (a bastion's failure says why)
+        elif isinstance(error, HostKeyError):
             stage = "hostkey"
-        elif isinstance(exc, asyncssh.PermissionDenied):
+        elif isinstance(error, AuthenticationError):
             stage = "auth"
         elif "tcp" not in marks:
             stage = "tcp"
@@ -396,10 +385,12 @@ class _Diagnosis:
         for name in ("tcp", "hostkey", "auth"):
             if name == stage:
                 break
-            self.record(name, Status.OK, marks[name] - previous, passed[name])
-            previous = marks[name]
+            self.record(name, Status.OK, marks.get(name, previous) - previous, passed[name])
+            previous = marks.get(name, previous)
         if stage == "tcp":
-            if isinstance(error, HostRefusedError):
+            if isinstance(error, HostKeyError) and error.fix:
+                fix = error.fix
+            elif isinstance(error, HostRefusedError):
                 fix = (
                     f"nothing listens on {endpoint}: start sshd there, or fix Port for "
                     f"{t.alias} in {self.where()}"
@@ -442,7 +433,7 @@ class _Diagnosis:
                 f"{endpoint} accepted the TCP connection but the SSH handshake failed: is it "
                 f"an sshd (and not another service)? `ssh -v {t.alias}` shows the exchange"
             )
-        elif isinstance(exc, asyncio.TimeoutError):
+        elif timed_out:
             fix = f"the host did not finish authentication in time: try `ssh -v {t.alias} true`"
         else:
             keys = ", ".join(settings.identity_files) or "your default keys"
@@ -450,17 +441,16 @@ class _Diagnosis:
                 f"make `ssh {t.alias} true` work without a password: check User "
                 f"({settings.user}) and IdentityFile ({keys}), then `ssh-copy-id {t.alias}`"
             )
-        detail = error.problem if isinstance(error, HostKeyError) and error.problem else error
+        detail: object = error
+        if stage == "hostkey" and isinstance(error, HostKeyError) and error.problem:
+            detail = error.problem
         self.fail(stage, now - previous, str(detail), fix)
 
     async def stage_python(self) -> None:
         t = self.target
         started = time.monotonic()
+        assert self.session is not None
         try:
-            self.session = await asyncio.wait_for(
-                SSHSession.connect(t.alias, ssh_config=self.config, connect_timeout=self.timeout),
-                self.timeout,
-            )
             # the same agent key as the test kernel's, so that one is reused
             self.agent = await asyncio.wait_for(
                 self.session.agent(
@@ -597,14 +587,13 @@ class _Diagnosis:
     async def _tcp_forwarding_refused(self) -> str | None:
         assert self.session is not None
         conn = await self.session.connection()
-        try:
-            _, writer = await conn.open_connection("127.0.0.1", PROBE_PORT)
-        except asyncssh.ChannelOpenError as exc:
-            if exc.code == asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED:
-                return _one_line(exc.reason) or "administratively prohibited"
-            return None  # connect failed on the remote side: forwarding itself is allowed
-        except Exception as exc:
-            raise translate_error(exc, self.target.alias, config=self.config) from exc
+        with translating(self.target.alias, config=self.config):
+            try:
+                _, writer = await conn.open_connection("127.0.0.1", PROBE_PORT)
+            except asyncssh.ChannelOpenError as exc:
+                if exc.code == asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED:
+                    return _one_line(exc.reason) or "administratively prohibited"
+                return None  # connect failed on the remote side: forwarding is allowed
         writer.close()
         return None
 

@@ -63,7 +63,7 @@ from .kernelspec import (
 from .listing import collect_kernels, entry_json, render_block
 from .session import SSHSession
 from .slurm import parse_slurm_args
-from .sshconfig import config_path, host_aliases
+from .ssh.hosts import config_path, host_aliases
 
 __all__ = ["main"]
 

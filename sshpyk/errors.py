@@ -26,12 +26,18 @@
     └── KernelStartTimeoutError   the kernel did not come up within start_timeout
 
 Every message is one line that says what failed and where, and usually what to do.
+
+asyncssh and OS errors are mapped in one place: code that talks to a host runs inside
+``with translating(alias, config=...)``, which re-raises them as the errors above
+(``from`` the original). Nobody else writes ``except ...: raise translate_error(...)``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+from collections.abc import Iterator
 
 import asyncssh
 
@@ -59,6 +65,7 @@ __all__ = [
     "UnknownHostKeyError",
     "UnsafePathError",
     "translate_error",
+    "translating",
 ]
 
 
@@ -179,7 +186,7 @@ def _one_line(text: object) -> str:
 def translate_error(exc: BaseException, alias: str, *, config: str | None = None) -> SSHPykError:
     """Map an asyncssh/OS error raised while talking to ``alias`` onto the tree.
 
-    Callers ``raise translate_error(exc, alias) from exc``.
+    The mapping behind :func:`translating`; an SSHPykError is returned unchanged.
     """
     if isinstance(exc, SSHPykError):
         return exc
@@ -227,3 +234,18 @@ def translate_error(exc: BaseException, alias: str, *, config: str | None = None
         # asyncssh raises ValueError for bad option values read from the config
         return SSHConfigError(f"cannot use the ssh config for {where}: {_one_line(exc)}")
     return SSHPykError(f"{type(exc).__name__} talking to {where}: {_one_line(exc)}")
+
+
+@contextlib.contextmanager
+def translating(alias: str, *, config: str | None = None) -> Iterator[None]:
+    """Run a block that talks to ``alias``: asyncssh/OS errors leave it as SSHPykErrors.
+
+    ``config`` is the ssh config file in use (named in the messages). SSHPykErrors and
+    BaseExceptions that are not errors (cancellation, KeyboardInterrupt) pass unchanged.
+    """
+    try:
+        yield
+    except SSHPykError:
+        raise
+    except Exception as exc:
+        raise translate_error(exc, alias, config=config) from exc

@@ -24,7 +24,7 @@ from .errors import RequestTimeoutError, SSHPykError
 from .kernelspec import SSHKernelSpec
 from .remote import RemoteAgent
 from .session import SSHSession
-from .sshconfig import config_path
+from .ssh.hosts import config_path
 
 __all__ = [
     "HostKernels",

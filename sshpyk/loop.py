@@ -16,6 +16,8 @@ import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+from .ssh.pool import close_all
+
 __all__ = ["SSHLoop"]
 
 T = TypeVar("T")
@@ -42,8 +44,6 @@ class SSHLoop:
         only sends a shutdown *message*) would otherwise leave them to the remote
         grace period. Non-persistent kernels are stopped now; persistent ones stay.
         """
-        from .session import close_all
-
         if not self._thread.is_alive() or self.loop.is_closed():
             return
         future = asyncio.run_coroutine_threadsafe(close_all(), self.loop)

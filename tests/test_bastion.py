@@ -23,9 +23,10 @@ from kernel_helpers import run_cell, start_manager, stop_manager
 from netns import Topology, unavailable_reason
 
 import sshpyk
-from sshpyk import SSHSession, jump
-from sshpyk.jump import JumpTarget
+from sshpyk import SSHSession
 from sshpyk.kernelspec import SSHKernelSpec, write_spec
+from sshpyk.ssh import jump
+from sshpyk.ssh.hosts import JumpTarget
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -113,7 +114,7 @@ def write_kernelspec(topo: Topology, name: str, alias: str, run_root: Path) -> N
 def registry_aliases() -> set[str]:
     """Aliases with a live shared connection on the provisioner's SSH loop."""
     from sshpyk.loop import SSHLoop
-    from sshpyk.session import _registries
+    from sshpyk.ssh.pool import _registries
 
     registry = _registries.get(SSHLoop.instance().loop, {})
     return {alias for alias, _config in list(registry)}

@@ -1,12 +1,13 @@
-"""ProxyJump chains opened by sshpyk: each bastion is a shared SSHSession.
+"""ProxyJump chains opened by sshpyk: each bastion is a shared pool connection.
 
 asyncssh can follow ``ProxyJump`` by itself, but then every connection opens
 its own private chain of bastion connections, and the hops do not even see the
 ssh config file that sshpyk was given (asyncssh passes only its ``config=``
-argument on to the hops). Instead, :func:`open_bastion` connects the bastion
-as an ordinary :class:`~sshpyk.SSHSession` (same registry, same reference
-counting, same host key checks as any direct host) and :func:`connect_via`
-hands that connection to ``asyncssh.connect(..., tunnel=conn)``. So every host
+argument on to the hops). Instead, the pool (:mod:`sshpyk.ssh.pool`) connects the
+bastion named by :func:`bastion_alias` as an ordinary shared connection (same
+registry, same reference counting, same host key checks as any direct host), inside
+:func:`through_bastion` (loops, error messages), and :func:`connect_via` hands that
+connection to ``asyncssh.connect(..., tunnel=conn)``. So every host
 behind a bastion, and every kernel on those hosts, rides on one connection to
 that bastion, and the bastion connection closes with its last user.
 
@@ -50,22 +51,26 @@ non-interactive ``IPQoS`` class to the socket at the same moment (``IP_TOS``
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import weakref
-from dataclasses import dataclass
-from functools import partial
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator
 
 import asyncssh
 
-from .errors import HostKeyError, SSHConfigError, SSHPykError
-from .hostkeys import KeyRecorder, host_key_error
+from ..errors import HostKeyError, SSHConfigError, SSHPykError
+from .hostkeys import KeyRecorder, RecorderFactory, host_key_error
+from .hosts import HostOptions, JumpTarget, host_options
 
-if TYPE_CHECKING:
-    from .session import SSHSession
-
-__all__ = ["NUDGE_BASTIONS", "JumpTarget", "connect_via", "nudge_bastion", "open_bastion"]
+__all__ = [
+    "MAX_HOPS",
+    "NUDGE_BASTIONS",
+    "bastion_alias",
+    "connect_via",
+    "nudge_bastion",
+    "through_bastion",
+]
 
 log = logging.getLogger("sshpyk")
 
@@ -91,109 +96,33 @@ _opening: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar(
 _nudged: weakref.WeakSet[asyncssh.SSHClientConnection] = weakref.WeakSet()
 
 
-@dataclass(frozen=True)
-class JumpTarget:
-    """What an SSHSession alias names: a Host alias, a ProxyJump hop, or a chain.
+async def bastion_alias(host: HostOptions) -> str | None:
+    """The pool alias of the bastion in front of ``host``, or None if it has none.
 
-    ``gpubox`` is a Host alias; ``user@host:2222`` a hop; ``a,b,c`` is ``c``
-    reached through ``b`` reached through ``a`` (``via`` is ``"a,b"``).
+    A hop ``a,b`` ("``b`` as reached through ``a``") becomes plain ``b`` when ``b``'s
+    own ProxyJump is ``a`` anyway, so that both spellings share one connection.
     """
-
-    alias: str
-    host: str
-    username: str | None = None
-    port: int | None = None
-    via: str | None = None
-
-    @classmethod
-    def parse(cls, alias: str) -> JumpTarget:
-        via, _, hop = alias.rpartition(",")
-        if "," in alias and not all(part.strip() for part in alias.split(",")):
-            raise SSHConfigError(f"bad ProxyJump {alias!r}: an empty hop")
-        hop = hop.strip()
-        username: str | None = None
-        if "@" in hop:
-            username, hop = hop.rsplit("@", 1)
-        host, port = hop, None
-        if hop.startswith("[") and "]" in hop:  # [v6addr] or [v6addr]:port
-            host, _, rest = hop[1:].partition("]")
-            port = _port(alias, rest[1:]) if rest.startswith(":") else None
-        elif hop.count(":") == 1:  # host:port (a bare IPv6 address has several colons)
-            host, port_text = hop.split(":")
-            port = _port(alias, port_text)
-        if not host or username == "":
-            raise SSHConfigError(f"bad ProxyJump hop {alias!r}: expected [user@]host[:port]")
-        return cls(alias, host, username, port, via.strip() or None)
-
-    @property
-    def name(self) -> str:
-        """The last hop as written (``c`` of ``a,b,c``), for messages."""
-        return self.alias.rpartition(",")[2].strip()
-
-    @property
-    def options(self) -> dict[str, Any]:
-        """Keyword arguments for asyncssh's connection options."""
-        args: dict[str, Any] = {"host": self.host}
-        if self.username is not None:
-            args["username"] = self.username
-        if self.port is not None:
-            args["port"] = self.port
-        return args
-
-
-def _port(alias: str, text: str) -> int:
-    if text.isdigit() and 0 < int(text) < 65536:
-        return int(text)
-    raise SSHConfigError(f"bad ProxyJump hop {alias!r}: port {text!r} is not a TCP port")
-
-
-def _proxy_jump(options: asyncssh.SSHClientConnectionOptions) -> str | None:
-    """The ProxyJump the config sets for these options (``none`` reads as None)."""
-    tunnel = getattr(options, "tunnel", None)
-    return tunnel.strip() if isinstance(tunnel, str) and tunnel.strip() else None
-
-
-async def _hop_alias(hop: str, ssh_config: str | None) -> str:
-    """The registry alias of a hop: ``a,b`` becomes ``b`` if b's ProxyJump is ``a``."""
-    target = JumpTarget.parse(hop)
-    if target.via is None:
+    hop = host.proxy_jump
+    if hop is None:
+        return None
+    via = JumpTarget.parse(hop).via
+    if via is None:
         return hop
-    config: Any = [ssh_config] if ssh_config else ()
-    loop = asyncio.get_running_loop()
-    options = await loop.run_in_executor(
-        None, partial(asyncssh.SSHClientConnectionOptions, config=config, **target.options)
-    )
-    own = _proxy_jump(options)
-    if own is not None and own.replace(" ", "") == target.via.replace(" ", ""):
-        return hop.rpartition(",")[2].strip()
+    last = hop.rpartition(",")[2].strip()
+    own = (await host_options(last, host.ssh_config)).proxy_jump
+    if own is not None and own.replace(" ", "") == via.replace(" ", ""):
+        return last
     return hop
 
 
-async def open_bastion(
-    target: JumpTarget,
-    options: asyncssh.SSHClientConnectionOptions,
-    ssh_config: str | None,
-    current: SSHSession | None,
-) -> SSHSession | None:
-    """The session of the bastion in front of ``target``, or None if it has none.
+@contextlib.contextmanager
+def through_bastion(alias: str, hop: str, ssh_config: str | None) -> Iterator[None]:
+    """Open (or use) the connection to bastion ``hop`` on the way to ``alias``.
 
-    ``current`` is the bastion session held so far (on a reconnect): it is kept if
-    it is still the right one, else released. The returned session is a handle of
-    its own on the shared bastion connection; the caller releases it with
-    ``aclose()`` when its own connection closes.
+    Refuses a ProxyJump loop (a hop that is already being opened on the way here);
+    an error of the bastion says that ``alias`` was not reached through it.
     """
-    from .session import SessionState, SSHSession
-
-    hop = target.via if target.via is not None else _proxy_jump(options)
-    if hop is not None:
-        hop = await _hop_alias(hop, ssh_config)
-    if current is not None:
-        if hop == current.alias and current.state is SessionState.OPEN:
-            return current
-        await current.aclose()
-    if hop is None:
-        return None
-    opening = (*_opening.get(), target.alias)
+    opening = (*_opening.get(), alias)
     if hop in opening or len(opening) > MAX_HOPS:
         where = f" in ssh config {ssh_config}" if ssh_config else ""
         raise SSHConfigError(
@@ -202,9 +131,11 @@ async def open_bastion(
         )
     token = _opening.set(opening)
     try:
-        return await SSHSession.connect(hop, ssh_config=ssh_config)
+        yield
     except SSHPykError as exc:
-        wrapped = type(exc)(f"cannot reach {target.alias!r} through bastion {hop!r}: {exc}")
+        if str(exc).startswith(f"cannot reach {alias!r} through bastion"):
+            raise
+        wrapped = type(exc)(f"cannot reach {alias!r} through bastion {hop!r}: {exc}")
         wrapped.__dict__.update(exc.__dict__)  # a HostKeyError's fingerprint, file, fix
         raise wrapped from exc
     finally:
@@ -240,47 +171,45 @@ async def nudge_bastion(conn: asyncssh.SSHClientConnection, alias: str) -> None:
 
 
 async def connect_via(
-    target: JumpTarget,
-    options: asyncssh.SSHClientConnectionOptions,
-    bastion: SSHSession | None,
+    host: HostOptions,
+    tunnel: asyncssh.SSHClientConnection | None = None,
     *,
-    ssh_config: str | None = None,
-    **kwargs: Any,
+    tunnel_alias: str | None = None,
+    client_factory: RecorderFactory = KeyRecorder,
 ) -> asyncssh.SSHClientConnection:
-    """Open the SSH connection to ``target``, through ``bastion``'s connection if given.
+    """Open the SSH connection to ``host``, through ``tunnel`` (a bastion's) if given.
 
-    Host keys are checked against the known_hosts files of ``options`` at every hop
-    (each bastion checked its own when it connected); a key that is not trusted is
-    reported as unknown or changed, with its fingerprint, the host and the file
-    (:mod:`sshpyk.hostkeys`).
+    The bastion is nudged first (see "The ~40 ms stall" above). Host keys are checked
+    against the known_hosts files of the options at every hop (each bastion checked
+    its own when it connected); a key that is not trusted is reported as unknown or
+    changed, with its fingerprint, the host and the file (:mod:`sshpyk.ssh.hostkeys`).
+    ``client_factory`` makes the asyncssh client from the list it records offered keys
+    in (``sshpyk check`` passes one that also times the stages).
     """
-    tunnel: Any = ()
-    if bastion is not None:
-        tunnel = await bastion.connection()
-        # before the first byte for us crosses it: see "The ~40 ms stall" above
-        await nudge_bastion(tunnel, bastion.alias)
+    if tunnel is not None:
+        # before the first byte for us crosses it
+        await nudge_bastion(tunnel, tunnel_alias or "bastion")
     offered: list[tuple[asyncssh.SSHKey, str]] = []
     try:
         return await asyncssh.connect(
-            target.host,
-            options=options,
-            tunnel=tunnel,
-            client_factory=lambda: KeyRecorder(offered),
-            **kwargs,
+            host.target.host,
+            options=host.options,
+            tunnel=tunnel if tunnel is not None else (),
+            client_factory=lambda: client_factory(offered),
+            **host.overrides,
         )
     except asyncssh.HostKeyNotVerifiable as exc:
-        raise await _host_key_error(exc, target, options, offered, tunnel, ssh_config) from exc
+        raise await _host_key_error(exc, host, offered, tunnel) from exc
 
 
 async def _host_key_error(
     exc: asyncssh.HostKeyNotVerifiable,
-    target: JumpTarget,
-    options: asyncssh.SSHClientConnectionOptions,
+    host: HostOptions,
     offered: list[tuple[asyncssh.SSHKey, str]],
-    tunnel: Any,
-    ssh_config: str | None,
+    tunnel: asyncssh.SSHClientConnection | None,
 ) -> HostKeyError:
     """Unknown or changed, with the fingerprint, the host (or hop) and the file."""
+    target = host.target
     if target.username is None and target.port is None:
         dest, port = target.host, None  # an alias of the config: ssh reads the rest
     else:
@@ -289,11 +218,11 @@ async def _host_key_error(
     return await host_key_error(
         exc,
         label=repr(target.name),
-        options=options,
+        options=host.options,
         offered=offered,
-        tunnel=tunnel,
+        tunnel=tunnel if tunnel is not None else (),
         dest=dest,
         dest_port=port,
         jump=target.via,
-        ssh_config=ssh_config,
+        ssh_config=host.ssh_config,
     )

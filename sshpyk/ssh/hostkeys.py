@@ -16,17 +16,19 @@ from __future__ import annotations
 import asyncio
 import os
 import shlex
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import asyncssh
 
-from .errors import ChangedHostKeyError, HostKeyError, UnknownHostKeyError
+from ..errors import ChangedHostKeyError, HostKeyError, UnknownHostKeyError
 
 __all__ = [
     "DEFAULT_KNOWN_HOSTS",
     "FETCH_TIMEOUT",
     "KeyRecorder",
+    "RecorderFactory",
     "host_key_error",
     "known_hosts_files",
 ]
@@ -52,6 +54,10 @@ class KeyRecorder(asyncssh.SSHClient):
     ) -> bool:
         self.offered.append((key, addr))
         return False
+
+
+#: Makes the asyncssh client of a connection from the list it records offered keys in.
+RecorderFactory = Callable[[list[tuple[asyncssh.SSHKey, str]]], KeyRecorder]
 
 
 def known_hosts_files(options: asyncssh.SSHClientConnectionOptions) -> list[str]:
