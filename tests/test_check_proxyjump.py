@@ -58,3 +58,26 @@ async def test_kernels_take_the_same_path(sshd, jump_config) -> None:
         assert session.shared.bastion is not None
         assert session.shared.bastion.alias == "pj-bastion"
     assert result.stdout.strip() == "ok"
+
+
+def test_check_names_a_bastion_that_fails(sshd, jump_config) -> None:
+    """A bastion with a changed host key: the target is not reached (tcp), and the fix
+    is the bastion's."""
+    changed = sshd.root / "known_hosts_changed"
+    text = jump_config.read_text() + (
+        f"\nHost pj-bad\n  HostName 127.0.0.1\n  Port {sshd.port}\n  User {sshd.user}\n"
+        f"  IdentityFile {sshd.root / 'id_ed25519'}\n  UserKnownHostsFile {changed}\n"
+        f"\nHost pj-behind-bad\n  HostName 127.0.0.1\n  Port {sshd.port}\n"
+        f"  UserKnownHostsFile {sshd.known_hosts}\n  ProxyJump pj-bad\n"
+    )
+    jump_config.write_text(text)
+    result = sshpyk("check", "pj-behind-bad", "--ssh-config", str(jump_config), "--json")
+    assert result.exit_code == 1
+    found = {s["stage"]: s for s in json.loads(result.stdout)["stages"]}
+    assert found["config"]["status"] == "ok"
+    assert found["tcp"]["status"] == "fail", found["tcp"]
+    assert "through bastion 'pj-bad'" in found["tcp"]["detail"], found["tcp"]
+    assert "CHANGED" in found["tcp"]["detail"]
+    assert "man-in-the-middle" in found["tcp"]["fix"], found["tcp"]
+    assert {found[s]["status"] for s in ("hostkey", "auth", "python")} == {"skip"}
+    assert "Traceback" not in result.output

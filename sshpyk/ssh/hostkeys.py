@@ -139,6 +139,18 @@ def _ssh_command(
     return " ".join(shlex.quote(p) for p in parts)
 
 
+def _error(
+    cls: type[HostKeyError], problem: str, fix: str, key: asyncssh.SSHKey | None, file: str
+) -> HostKeyError:
+    return cls(
+        f"{problem}. {fix[0].upper()}{fix[1:]}",
+        problem=problem,
+        fix=fix,
+        fingerprint=key.get_fingerprint("sha256") if key else None,
+        known_hosts=file,
+    )
+
+
 async def host_key_error(
     exc: asyncssh.HostKeyNotVerifiable,
     *,
@@ -189,13 +201,7 @@ async def host_key_error(
             f"`ssh-keygen -R {shlex.quote(entry)}{file_arg}` (only if the host really was "
             "reinstalled), then connect once to accept the new key"
         )
-        return ChangedHostKeyError(
-            f"{problem}. {fix[0].upper()}{fix[1:]}",
-            problem=problem,
-            fix=fix,
-            fingerprint=key.get_fingerprint("sha256") if key else None,
-            known_hosts=file,
-        )
+        return _error(ChangedHostKeyError, problem, fix, key, file)
     file = files[0]
     entry = name if lookup_port is None else f"[{name}]:{port}"
     command = _ssh_command(dest or label.strip("'"), dest_port, jump, ssh_config, file)
@@ -211,10 +217,4 @@ async def host_key_error(
     if direct and not alias and not getattr(options, "proxy_command", None):
         scan = ["ssh-keyscan", *(["-p", str(port)] if port != 22 else []), host]
         fix += f" or with `{' '.join(shlex.quote(p) for p in scan)} >> {shlex.quote(file)}`"
-    return UnknownHostKeyError(
-        f"{problem}. {fix[0].upper()}{fix[1:]}",
-        problem=problem,
-        fix=fix,
-        fingerprint=key.get_fingerprint("sha256") if key else None,
-        known_hosts=file,
-    )
+    return _error(UnknownHostKeyError, problem, fix, key, file)
