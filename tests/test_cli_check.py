@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from cli_helpers import silent_host, sshpyk
 
-from sshpyk.check import STAGES
+from sshpyk.diagnostics.check import STAGES
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from cli_helpers import assert_one_line_error, sshpyk
 
-from sshpyk.cli import add
+from sshpyk.cli.kernels import add
 from sshpyk.config import config_fields
 from sshpyk.kernelspec import load_spec
 

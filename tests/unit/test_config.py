@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 
 from sshpyk import KernelOptions, SSHKernelSpec
-from sshpyk.check import CheckTarget
-from sshpyk.cli import add, edit
+from sshpyk.cli.kernels import add, edit
 from sshpyk.config import DEFAULTS, KernelConfig, Store, config_field, config_fields
+from sshpyk.diagnostics.check import CheckTarget
 from sshpyk.errors import SSHPykError
 from sshpyk.kernelspec import edited_spec, load_spec, save_edited_spec, spec_changes, write_spec
 from sshpyk.provisioner import SSHKernelProvisioner

@@ -20,11 +20,11 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from .errors import RequestTimeoutError, SSHPykError
-from .kernelspec import SSHKernelSpec
-from .remote import RemoteAgent
-from .session import SSHSession
-from .ssh.hosts import config_path
+from ..errors import RequestTimeoutError, SSHPykError
+from ..kernelspec import SSHKernelSpec
+from ..remote import RemoteAgent
+from ..session import SSHSession
+from ..ssh.hosts import config_path
 
 __all__ = [
     "HostKernels",

@@ -17,10 +17,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .check import KernelStatus, Status
-from .errors import SSHPykError
-from .kernelspec import InstalledKernel, SSHKernelSpec, installed_kernels
-from .slurm import slurm_summary
+from ..errors import SSHPykError
+from ..kernelspec import InstalledKernel, SSHKernelSpec, installed_kernels
+from ..slurm import slurm_summary
+from .live import KernelStatus
+from .report import Status
 
 __all__ = ["KernelEntry", "collect_kernels", "entry_json", "render_block"]
 

@@ -1,0 +1,223 @@
+"""``sshpyk add``, ``edit`` and ``delete``: SSH kernelspecs. The options of ``add`` and
+``edit`` are generated from :class:`~sshpyk.config.KernelConfig`'s fields."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from ..config import ConfigField, config_field, config_fields
+from ..errors import SSHPykError
+from ..kernelspec import (
+    InstalledKernel,
+    SSHKernelSpec,
+    delete_spec,
+    edited_spec,
+    find_kernel,
+    save_edited_spec,
+    spec_changes,
+    write_spec,
+)
+from ..session import SSHSession
+from ..slurm import parse_slurm_args
+from .common import complete_aliases, complete_kernels, run
+
+__all__ = ["add", "delete", "edit"]
+
+
+def _config_option(f: ConfigField, edit: bool) -> Callable[[Callable[..., Any]], Any]:
+    """The ``add``/``edit`` option of one KernelConfig field (edit: no defaults, and
+    an empty value clears what may be cleared)."""
+    opt = f.option
+    help = (opt.edit_help if edit and opt.edit_help else opt.help) + (
+        " An empty value clears it." if edit and opt.clearable else ""
+    )
+    kw: dict[str, Any] = {"help": help, "metavar": opt.metavar}
+    decls = [f.flag, f.name]
+    if f.type is bool:
+        decls[0] = f"{f.flag}/--no-{f.flag[2:]}"
+        kw["default"] = None if edit else f.default
+    elif f.type is dict:
+        kw["multiple"] = True
+        kw["help"] += " Adds to or overrides what is stored." if edit else ""
+    else:
+        if opt.choices:
+            kw["type"] = click.Choice(opt.choices)
+        elif f.type is float:
+            kw["type"] = float
+        elif opt.path and not edit:
+            kw["type"] = click.Path(dir_okay=False)
+        if not edit and opt.required and not f.default:
+            kw["required"] = True
+        elif not edit and not opt.from_remote and f.default not in (None, ""):
+            kw.update(default=f.default, show_default=True)
+    if f.name == "ssh_host_alias":
+        kw["shell_complete"] = complete_aliases
+    return click.option(*decls, **kw)
+
+
+def _spec_options(edit: bool) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The options of ``add`` and ``edit``: one per KernelConfig field, then these."""
+    options = [_config_option(f, edit) for f in config_fields()]
+    options += [
+        click.option(
+            "--replace",
+            is_flag=True,
+            help="Overwrite an existing kernel of that name"
+            + (" (when renaming)." if edit else "."),
+        ),
+        click.option(
+            "--no-check",
+            "-n",
+            is_flag=True,
+            help="Do not contact the remote host to validate.",
+        ),
+    ]
+    if edit:
+        options.append(
+            click.option(
+                "--unset-remote-env",
+                multiple=True,
+                metavar="KEY",
+                help="Remove a variable from the remote environment (repeatable).",
+            )
+        )
+
+    def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+        for option in reversed(options):
+            func = option(func)
+        return func
+
+    return decorate
+
+
+def _parse_env(values: tuple[str, ...]) -> dict[str, str]:
+    env = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--remote-env")
+        env[key] = value
+    return env
+
+
+async def _inspect(
+    alias: str,
+    ssh_config: str | None,
+    python: str,
+    kernel: str,
+    pre: str | None,
+    slurm_args: list[str] | None = None,
+) -> dict[str, Any]:
+    async with await SSHSession.connect(alias, ssh_config=ssh_config, connect_timeout=20) as s:
+        info = await asyncio.wait_for(s.inspect(python, kernel, pre), 30)
+        if slurm_args is not None:
+            # srun on the login node, and `srun --test-only` accepting the job options
+            agent = await s.agent(python, pre)
+            info["slurm"] = await asyncio.wait_for(agent.slurm_info(slurm_args), 30)
+        return info
+
+
+def _inspect_spec(spec: SSHKernelSpec) -> dict[str, Any]:
+    return run(
+        _inspect(
+            spec.ssh_host_alias,
+            spec.ssh_config,
+            spec.remote_python,
+            spec.remote_kernel_name,
+            spec.pre_command,
+            parse_slurm_args(spec.slurm_args) if spec.launcher == "slurm" else None,
+        )
+    )
+
+
+@click.command()
+@_spec_options(edit=False)
+def add(**opts: Any) -> None:
+    """Add a new SSH kernel.
+
+    Connects to the host to check the remote python and kernelspec (and, with
+    --launcher slurm, that srun accepts --slurm-args) unless --no-check, and writes
+    kernel.json into your Jupyter data dir.
+    """
+    given: dict[str, Any] = {
+        f.name: _parse_env(opts[f.name]) if f.type is dict else opts[f.name]
+        for f in config_fields()
+        if opts[f.name] not in (None, ()) and not (f.option.from_remote and opts[f.name] == "")
+    }
+    spec = SSHKernelSpec(**given)
+    spec.validate()
+    if not opts["no_check"]:
+        remote = _inspect_spec(spec).get("kernelspec") or {}
+        if remote.get("display_name"):
+            remote["display_name"] = f"{remote['display_name']} ({spec.ssh_host_alias})"
+        for f in config_fields():
+            if f.option.from_remote and f.name not in given and remote.get(f.name):
+                setattr(spec, f.name, remote[f.name])
+    path = write_spec(spec, replace=opts["replace"])
+    click.echo(f"Added kernel {spec.name!r} ({spec.display_name or spec.name}) in {path}")
+
+
+@click.command()
+@click.argument("kernel", metavar="KERNEL_NAME", shell_complete=complete_kernels(True))
+@_spec_options(edit=True)
+def edit(kernel: str, **opts: Any) -> None:
+    """Change an SSH kernel: every option of `add` sets that field.
+
+    Validates against the remote host when the host, ssh config, remote python,
+    remote kernel name, pre-command, launcher or SLURM arguments change (unless
+    --no-check).
+    """
+    old = find_kernel(kernel).spec
+    # every KernelConfig field has its option; the remote env is merged, not replaced
+    changes = {f.name: opts[f.name] for f in config_fields() if f.type is not dict}
+    spec = edited_spec(
+        old,
+        changes,
+        set_env=_parse_env(opts["remote_env"]),
+        unset_env=opts["unset_remote_env"],
+    )
+    diff = spec_changes(old, spec)
+    if not diff:
+        raise click.UsageError("nothing to change: give at least one option (see --help)")
+    if not opts["no_check"] and any(config_field(name).option.checked for name, _, _ in diff):
+        _inspect_spec(spec)
+    path = save_edited_spec(old, spec, replace=opts["replace"])
+    click.echo(f"Updated kernel {spec.name!r} in {path}:")
+    for name, before, after in diff:
+        click.echo(f"  {name}: {before!r} -> {after!r}")
+
+
+@click.command()
+@click.argument(
+    "kernels",
+    metavar="KERNEL_NAME...",
+    nargs=-1,
+    required=True,
+    shell_complete=complete_kernels(False),
+)
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--force", "-f", is_flag=True, help="Also delete kernels that are not SSH kernels.")
+def delete(kernels: tuple[str, ...], yes: bool, force: bool) -> None:
+    """Delete kernels (their whole kernel directory).
+
+    Refuses kernels that are not SSH kernels unless --force. Nothing is deleted if
+    any name is unknown or refused.
+    """
+    found: list[InstalledKernel] = []
+    for name in dict.fromkeys(kernels):
+        kernel = find_kernel(name)
+        if not kernel.is_ssh and not force:
+            raise SSHPykError(
+                f"kernel {name!r} is not an SSH kernel: use --force to delete it anyway"
+            )
+        found.append(kernel)
+    listing = ", ".join(f"{k.name} ({k.resource_dir})" for k in found)
+    if not yes:
+        click.confirm(f"Delete {listing}?", abort=True)
+    for kernel in found:
+        delete_spec(kernel)
+        click.echo(f"Deleted kernel {kernel.name!r} ({kernel.resource_dir})")

@@ -1,0 +1,148 @@
+"""``sshpyk ps`` and ``sshpyk kill``: the kernels sshpyk started on hosts."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from ..diagnostics.inventory import (
+    HostKernels,
+    kill_failed,
+    kill_kernels,
+    kill_orphans,
+    ps_hosts,
+    ps_table,
+)
+from .common import (
+    ALL_USERS_HELP,
+    complete_aliases,
+    fail_hosts,
+    host_options,
+    print_table,
+    run,
+    targets,
+)
+
+__all__ = ["kill", "ps"]
+
+
+@click.command(short_help="List the kernels sshpyk started on hosts.")
+@click.argument("aliases", metavar="[ALIAS]...", nargs=-1, shell_complete=complete_aliases)
+@host_options
+@click.option("--json", "as_json", is_flag=True, help="Full details as JSON.")
+@click.option("--all-users", is_flag=True, help=ALL_USERS_HELP)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=30.0,
+    show_default=True,
+    help="Seconds each host has to answer (a silent host is then reported as an error).",
+)
+def ps(
+    aliases: tuple[str, ...],
+    ssh_config: str | None,
+    remote_python: str | None,
+    run_root: str | None,
+    as_json: bool,
+    all_users: bool,
+    timeout: float,
+) -> None:
+    """List the kernels sshpyk started on hosts (default: every host of an SSH kernel).
+
+    LOCAL OWNER is "alive" while the local process that started the kernel is still
+    heard from, "gone" for orphans (see `sshpyk kill --orphans`). Kernels started with
+    --launcher slurm add JOB ID, NODE and JOB STATE (from squeue; PID is srun's).
+    """
+    hosts = run(
+        ps_hosts(
+            targets(aliases, ssh_config, remote_python, run_root),
+            timeout=timeout,
+            all_users=all_users,
+        )
+    )
+    if as_json:
+        click.echo(json.dumps({"hosts": [h.as_dict() for h in hosts]}, indent=2))
+    else:
+        rows = ps_table(hosts)
+        if len(rows) > 1:
+            print_table(rows)
+        for host in hosts:
+            if not host.error and not host.kernels:
+                click.echo(f"No sshpyk kernels on {host.alias}.")
+    fail_hosts(hosts)
+
+
+@click.command()
+@click.argument("alias", metavar="ALIAS", shell_complete=complete_aliases)
+@click.argument("kernel_ids", metavar="[KERNEL_ID]...", nargs=-1)
+@click.option("--orphans", is_flag=True, help="Kill every kernel whose local owner is gone.")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--all-users", is_flag=True, help=ALL_USERS_HELP)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=30.0,
+    show_default=True,
+    help="Seconds the host has to answer (for the listing, then for the kill).",
+)
+@host_options
+def kill(
+    alias: str,
+    kernel_ids: tuple[str, ...],
+    orphans: bool,
+    yes: bool,
+    all_users: bool,
+    timeout: float,
+    ssh_config: str | None,
+    remote_python: str | None,
+    run_root: str | None,
+) -> None:
+    """Stop kernels sshpyk started on ALIAS and remove their run dirs.
+
+    Give kernel ids (or unique prefixes, see `sshpyk ps`), or --orphans. Kernels that
+    could not be killed are reported on stderr, and the exit code is then 1.
+    """
+    if bool(kernel_ids) == orphans:
+        raise click.UsageError("give KERNEL_ID(s) or --orphans (not both)")
+    # one alias may be used with several ssh configs: the first (or --ssh-config) wins
+    target = targets((alias,), ssh_config, remote_python, run_root)[0]
+    if not yes:
+        (host,) = run(ps_hosts([target], timeout=timeout, all_users=all_users))
+        fail_hosts([host])
+        if orphans:
+            chosen = [k for k in host.kernels if not k.get("attached")]
+            if not chosen:
+                click.echo(f"No orphaned kernels on {alias}.")
+                return
+        else:
+            chosen = [
+                k
+                for k in host.kernels
+                if any(str(k["kernel_id"]).startswith(i) for i in kernel_ids)
+            ]
+        if chosen:
+            print_table(ps_table([HostKernels(alias, chosen)]))
+            owned = sum(bool(k.get("attached")) for k in chosen)
+            warning = f" ({owned} still in use by a live owner)" if owned else ""
+            click.confirm(f"Kill {len(chosen)} kernel(s) on {alias}{warning}?", abort=True)
+    if orphans:
+        killed = run(kill_orphans(target, all_users=all_users, timeout=timeout))
+        if not killed:
+            click.echo(f"No orphaned kernels on {alias}.")
+    else:
+        killed = run(kill_kernels(target, kernel_ids, all_users=all_users, timeout=timeout))
+    failed = 0
+    for k in killed:
+        reason = kill_failed(k)
+        if reason is not None:
+            failed += 1
+            click.echo(f"Could not kill kernel {k.get('kernel_id')} on {alias}: {reason}", err=True)
+            continue
+        job = f"; cancelled SLURM job {k['job_id']}" if k.get("job_id") else ""
+        click.echo(
+            f"Killed kernel {k.get('kernel_id')} ({k.get('kernel_name')}, pid {k.get('pid')}) "
+            f"on {alias}; removed {k.get('run_dir')}{job}"
+        )
+    if failed:
+        raise click.exceptions.Exit(1)

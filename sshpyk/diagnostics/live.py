@@ -1,0 +1,168 @@
+"""``sshpyk list``'s live checks: alias reachable, remote python usable, remote
+kernelspec present (and for SLURM kernelspecs, SLURM on the login node and the jobs
+running there): one connection per host, every host concurrently, each bounded by a
+timeout."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import RemoteJupyterClientMissingError, SSHPykError
+from ..kernelspec import SSHKernelSpec
+from ..remote import RemoteAgent
+from ..session import SSHSession
+from ..slurm import parse_slurm_args
+from ..ssh.hosts import config_path
+from .report import Status
+
+__all__ = ["KernelStatus", "check_kernels"]
+
+
+@dataclass
+class KernelStatus:
+    """The live checks of one SSH kernelspec: host alias, remote python, remote kernel."""
+
+    alias: Status = Status.SKIP
+    python: Status = Status.SKIP
+    kernel: Status = Status.SKIP
+    #: SLURM kernelspecs: srun/sinfo work and `srun --test-only` accepts the arguments
+    slurm: Status = Status.SKIP
+    #: the remote python's facts and kernelspec (from the agent), when reached; for
+    #: SLURM kernelspecs also "slurm" (version, partitions) and "slurm_jobs" (running)
+    remote: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        """Keyed like the kernelspec fields they check."""
+        return {
+            "ssh_host_alias": self.alias.value,
+            "remote_python": self.python.value,
+            "remote_kernel_name": self.kernel.value,
+            "slurm_args": self.slurm.value,
+            "remote": dict(self.remote),
+            "error": self.error,
+            "seconds": round(self.seconds, 4),
+        }
+
+    def _not_reached(self, why: str, status: Status = Status.WARN) -> None:
+        """Mark what was not decided yet (after a failure or a timeout)."""
+        if self.error is None:
+            self.error = why
+        for key in ("alias", "python", "kernel"):
+            if getattr(self, key) is Status.SKIP:
+                setattr(self, key, status)
+                status = Status.WARN  # only the first undecided check failed
+
+
+async def _check_one(session: SSHSession, spec: SSHKernelSpec, status: KernelStatus) -> None:
+    try:
+        agent = await session.agent(spec.remote_python, spec.pre_command)
+    except SSHPykError as exc:
+        status.python = Status.FAIL
+        status._not_reached(str(exc))
+        return
+    status.remote = {k: agent.info.get(k) for k in ("python", "python_version", "jupyter_client")}
+    try:
+        status.remote["kernelspec"] = await agent.inspect(spec.remote_kernel_name)
+    except RemoteJupyterClientMissingError as exc:
+        status.python = Status.FAIL
+        status._not_reached(str(exc))
+        return
+    except SSHPykError as exc:
+        status.python = Status.OK
+        status.kernel = Status.FAIL
+        status.error = str(exc)
+        return
+    status.python = status.kernel = Status.OK
+    if spec.launcher == "slurm":
+        await _check_slurm(agent, spec, status)
+
+
+async def _check_slurm(agent: RemoteAgent, spec: SSHKernelSpec, status: KernelStatus) -> None:
+    """SLURM on the login node, and the jobs running this kernelspec's kernels there."""
+    args = parse_slurm_args(spec.slurm_args)
+    try:
+        status.remote["slurm"] = await agent.slurm_info(args)
+    except SSHPykError as exc:
+        status.slurm = Status.FAIL
+        status.error = str(exc)
+        return
+    status.slurm = Status.OK
+    jobs = []
+    for k in await agent.ps(spec.remote_run_root, slurm=True):
+        mine = k.get("kernel_name") == spec.remote_kernel_name and k.get("slurm_args") == args
+        if k.get("launcher") == "slurm" and k.get("alive") and mine:
+            jobs.append(
+                {
+                    "kernel_id": k.get("kernel_id"),
+                    "job_id": k.get("job_id"),
+                    "node": k.get("node"),
+                    "state": k.get("slurm_state"),
+                    "reason": k.get("slurm_reason"),
+                }
+            )
+    status.remote["slurm_jobs"] = jobs
+
+
+async def _check_host(
+    alias: str, config: str | None, specs: list[SSHKernelSpec], statuses: dict[str, KernelStatus]
+) -> None:
+    started = time.monotonic()
+    try:
+        async with await SSHSession.connect(alias, ssh_config=config) as session:
+            for spec in specs:
+                statuses[spec.name].alias = Status.OK
+            await asyncio.gather(*(_check_one(session, s, statuses[s.name]) for s in specs))
+    except SSHPykError as exc:
+        for spec in specs:
+            if statuses[spec.name].alias is Status.SKIP:
+                statuses[spec.name]._not_reached(str(exc), Status.FAIL)
+    finally:
+        for spec in specs:
+            statuses[spec.name].seconds = time.monotonic() - started
+
+
+async def check_kernels(
+    specs: Iterable[SSHKernelSpec],
+    *,
+    timeout: float = 20.0,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> dict[str, KernelStatus]:
+    """Check SSH kernelspecs live: one connection per host, all hosts concurrently.
+
+    Each host gets ``timeout`` seconds; whatever it did not answer by then is marked
+    (!) with a timeout message. ``progress(done, total, alias)`` is called as hosts
+    finish. Returns a status per kernel name; never raises SSHPykError.
+    """
+    hosts: dict[tuple[str, str | None], list[SSHKernelSpec]] = {}
+    statuses: dict[str, KernelStatus] = {}
+    for spec in specs:
+        statuses[spec.name] = KernelStatus()
+        try:
+            config = config_path(spec.ssh_config)
+        except SSHPykError as exc:
+            statuses[spec.name].alias = Status.FAIL
+            statuses[spec.name]._not_reached(str(exc))
+            continue
+        hosts.setdefault((spec.ssh_host_alias, config), []).append(spec)
+    done = 0
+
+    async def one(alias: str, config: str | None, host_specs: list[SSHKernelSpec]) -> None:
+        nonlocal done
+        try:
+            await asyncio.wait_for(_check_host(alias, config, host_specs, statuses), timeout)
+        except asyncio.TimeoutError:
+            for spec in host_specs:
+                statuses[spec.name]._not_reached(f"no answer from {alias!r} within {timeout:g}s")
+                statuses[spec.name].seconds = timeout
+        done += 1
+        if progress is not None:
+            progress(done, len(hosts), alias)
+
+    await asyncio.gather(*(one(alias, config, s) for (alias, config), s in hosts.items()))
+    return statuses
