@@ -32,6 +32,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
+from .agent.remote.protocol import CHANNELS
 from .errors import SSHPykError, UnsafePathError
 from .localfs import make_private_dir, socket_base_dir
 
@@ -43,7 +44,6 @@ __all__ = ["CHANNELS", "LOCAL_TRANSPORTS", "ForwardSet"]
 
 log = logging.getLogger("sshpyk")
 
-CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
 #: how the local ends listen: unix sockets in a private directory, or 127.0.0.1 TCP
 LOCAL_TRANSPORTS = ("ipc", "tcp")
 

@@ -1,6 +1,6 @@
-"""Drives the remote agent (``bootstrap.py``) over an SSH exec channel.
+"""Drives the remote agent (``sshpyk/agent/remote/``) over an SSH exec channel.
 
-The agent's source is sent on the channel's stdin to ``python -c <loader>``,
+The agent's modules are sent on the channel's stdin to ``python -c <loader>``,
 followed by JSON request lines (launch requests carry the HMAC key: never argv).
 One :class:`RemoteAgent` runs per (SSH connection, remote python, pre-command)
 and supervises every kernel started through it; a :class:`KernelProcess` is the
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import itertools
 import json
 import logging
@@ -20,11 +19,12 @@ import shlex
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 import asyncssh
 
+from .agent.bundle import agent_bundle, slurm_modules
+from .agent.remote.protocol import LOADER, PROTOCOL, Kind
 from .config import DEFAULTS
 from .errors import (
     ConnectionLostError,
@@ -57,15 +57,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("sshpyk")
-
-PROTOCOL = 1
-_BOOTSTRAP = resources.files("sshpyk").joinpath("bootstrap.py").read_bytes()
-
-
-@functools.cache
-def _slurm_extension() -> str:
-    """The SLURM launcher's remote code, sent to an agent on its first SLURM request."""
-    return resources.files("sshpyk").joinpath("bootstrap_slurm.py").read_text("utf-8")
 
 
 _STDERR_LIMIT = 8000
@@ -130,27 +121,22 @@ def python_command(python: str, pre_command: str | None, code: str, *args: str) 
 
 
 def remote_command(python: str, pre_command: str | None = None) -> RemoteCommand:
-    """The shell command that starts the agent with the remote Python (its source
-    follows on stdin, after the pre-command)."""
-    # the agent keeps its source (SSHPYK_SOURCE) to feed it to srun for SLURM kernels
-    loader = (
-        f"import sys;SSHPYK_SOURCE=sys.stdin.buffer.read({len(_BOOTSTRAP)});"
-        "exec(compile(SSHPYK_SOURCE,'sshpyk-bootstrap','exec'))"
-    )
-    return python_command(python, pre_command, loader)
+    """The shell command that starts the agent with the remote Python (its modules
+    follow on stdin, after the pre-command: see ``sshpyk.agent.bundle``)."""
+    return python_command(python, pre_command, LOADER)
 
 
 _ERROR_KINDS: dict[str, type[SSHPykError]] = {
-    "jupyter_client_missing": RemoteJupyterClientMissingError,
-    "kernelspec_not_found": RemoteKernelSpecNotFoundError,
-    "kernel_exited": KernelStartError,
-    "protocol": ProtocolError,
-    "not_found": RemoteError,
+    Kind.JUPYTER_CLIENT_MISSING: RemoteJupyterClientMissingError,
+    Kind.KERNELSPEC_NOT_FOUND: RemoteKernelSpecNotFoundError,
+    Kind.KERNEL_EXITED: KernelStartError,
+    Kind.PROTOCOL: ProtocolError,
+    Kind.NOT_FOUND: RemoteError,
     # a run root, run dir or name another user could tamper with (see the security model)
-    "unsafe_path": UnsafePathError,
+    Kind.UNSAFE_PATH: UnsafePathError,
     # SLURM launcher: the job waited in the queue too long, or ended before the kernel ran
-    "slurm_queue_timeout": KernelStartTimeoutError,
-    "slurm_failed": KernelStartError,
+    Kind.SLURM_QUEUE_TIMEOUT: KernelStartTimeoutError,
+    Kind.SLURM_FAILED: KernelStartError,
 }
 
 
@@ -426,7 +412,7 @@ class RemoteAgent:
 
     # -- channels --------------------------------------------------------------------
     async def _open_channel(self, first_line: dict[str, Any]) -> dict[str, Any]:
-        """Run the bootstrap over a new exec channel; return the agent's hello."""
+        """Start the agent's loader over a new exec channel; return the agent's hello."""
         conn = await self.session.connection()
         command = remote_command(self.python, self.pre_command)
         try:
@@ -437,7 +423,7 @@ class RemoteAgent:
         self._stderr = bytearray()
         self._channel_tasks = [asyncio.ensure_future(self._drain_stderr(process))]
         hello = json.dumps({"v": PROTOCOL, **first_line}).encode() + b"\n"
-        process.stdin.write(command.stdin + _BOOTSTRAP + hello)
+        process.stdin.write(command.stdin + agent_bundle() + hello)
         try:
             event = await asyncio.wait_for(self._read_first_event(), AGENT_START_TIMEOUT)
         except asyncio.TimeoutError:
@@ -720,11 +706,11 @@ class RemoteAgent:
         return dict(event.get("kernelspec") or {})
 
     async def load_slurm(self) -> None:
-        """Send the SLURM launcher (``bootstrap_slurm.py``) to the agent, once: agents that
-        only run direct kernels never receive nor compile it."""
+        """Send the SLURM launcher's modules to the agent, once: agents that only run
+        direct kernels never receive nor compile them."""
         async with self._slurm_lock:
             if not self._slurm_loaded:
-                await self.request("load", name="slurm", source=_slurm_extension())
+                await self.request("load", name="slurm", modules=slurm_modules())
                 self._slurm_loaded = True
 
     async def ps(
@@ -867,4 +853,4 @@ class _AgentGoneError(RemoteError):
     """The agent cannot be reattached: its kernels are lost."""
 
 
-_ERROR_KINDS["agent_gone"] = _AgentGoneError
+_ERROR_KINDS[Kind.AGENT_GONE] = _AgentGoneError

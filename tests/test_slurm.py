@@ -309,11 +309,10 @@ async def test_no_kernel_socket_on_the_cluster_network(
 
 
 def relay_namespace() -> dict[str, Any]:
-    """bootstrap.py and bootstrap_slurm.py compiled into one namespace, as on the node."""
+    """A fresh copy of the relay module (self-contained), as on the node."""
     namespace: dict[str, Any] = {"__name__": "sshpyk_node"}
-    for name in ("bootstrap.py", "bootstrap_slurm.py"):
-        source = (Path(__file__).parent.parent / "sshpyk" / name).read_text()
-        exec(compile(source, name, "exec"), namespace)
+    path = Path(__file__).parent.parent / "sshpyk" / "agent" / "remote" / "relay.py"
+    exec(compile(path.read_text(), path.name, "exec"), namespace)
     return namespace
 
 

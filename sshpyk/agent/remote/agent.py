@@ -1,0 +1,503 @@
+"""The agent: one per (SSH connection, remote python, pre-command), supervising every
+kernel started through it, so starting a kernel on an open connection costs no new SSH
+session, shell or interpreter.
+
+One loop (:meth:`Agent.run`) owns the agent's state; everything else posts to its
+queue ``events``: controllers (the local sides: the SSH channel's stdio, reattached
+sockets) their requests, launchers their processes' exits and events, and workers
+their results. Slow work (killing a process group: up to TERM_WAIT per kernel; SLURM
+commands: up to 15 s; scans of run roots) runs in worker threads (:meth:`Agent.spawn`)
+whose results come back to the loop, so heartbeats and other requests are answered
+meanwhile. Workers are pruned when they finish and joined (bounded) on the way out.
+
+Several local sides may be attached at once (an owner and ``sshpyk attach``); events
+go to all of them. When no local side has been heard for ``grace`` seconds (a dropped
+link, a crashed client) the agent stops every non-persistent kernel; a kernel that
+exits on its own is reaped at once. The HMAC key only travels over stdin and into a
+0600 file in a 0700 directory. Another user must not be able to steer the agent: see
+paths.py and records.py.
+"""
+
+import os
+import queue
+import socket
+import sys
+import threading
+import time
+
+from . import direct  # noqa: F401  (registers the direct launcher)
+from .direct import tail
+from .jsonlines import Output, read_messages, stdout_writer
+from .kernelspecs import describe_kernelspec, jupyter_client_version
+from .launcher import launcher_class
+from .loader import install
+from .paths import (
+    checked_run_root,
+    default_run_roots,
+    peer_credentials,
+    private_run_dir,
+    remove_tree,
+    write_json_atomic,
+)
+from .procgroup import KILL_WAIT, TERM_WAIT, pid_alive
+from .protocol import AgentError, Event, Kind, Op
+from .records import annotate, kill_run_dir, request_owner, scan, sweep
+
+#: set once the agent cleans up on its way out: a SIGTERM then no longer interrupts it
+CLEANING = threading.Event()
+#: seconds the cleanup of several kernels at once may take (they stop in parallel)
+CLEANUP_TIMEOUT = 60.0
+#: seconds the agent's exit waits for its remaining workers, all together
+WORKERS_JOIN = TERM_WAIT + KILL_WAIT + 20.0
+
+
+class Controller:
+    """A local side talking to the agent: the SSH channel's stdio, or a reattached socket.
+    Its reader thread posts ``("msg", (controller, dict))`` and, at EOF, ``("eof", c)``."""
+
+    def __init__(self, agent, reader, writer, closer):
+        self.agent = agent
+        self.reader = reader
+        self.writer = writer
+        self.closer = closer
+        self.heard = False  # has it sent a message yet (see Agent.attach)
+
+    def start(self):
+        threading.Thread(target=self._read, name="controller", daemon=True).start()
+
+    def _read(self):
+        read_messages(self.reader, lambda msg: self.agent.events.put(("msg", (self, msg))))
+        self.agent.events.put(("eof", self))
+
+    def close(self):
+        try:
+            self.closer()
+        except OSError:
+            pass
+
+
+def stdio_controller(agent):
+    def close():
+        try:
+            os.close(1)
+        except OSError:
+            pass
+
+    return Controller(agent, sys.stdin.buffer, stdout_writer, close)
+
+
+def socket_controller(agent, conn):
+    rfile = conn.makefile("rb")
+
+    def close():
+        try:
+            conn.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        rfile.close()  # the file holds a reference: the fd stays open until both close
+        conn.close()
+
+    return Controller(agent, rfile, conn.sendall, close)
+
+
+def cleanup_all(kernels, timeout=CLEANUP_TIMEOUT):
+    """Stop ``kernels`` in parallel (each whatever the others do); bounded."""
+    threads = [
+        threading.Thread(target=_quietly, args=(k.cleanup,), name="cleanup-" + k.kid, daemon=True)
+        for k in kernels
+    ]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + timeout
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+
+
+def _quietly(function):
+    try:
+        function()
+    except Exception:
+        pass  # one kernel's failure must not keep the others running
+
+
+class Agent:
+    def __init__(self, hello):
+        self.events = queue.Queue()
+        #: kid -> launcher. The loop adds and removes; a kill worker may remove too
+        #: (dict.pop is atomic): the loop iterates over snapshots (list(...)) only
+        self.kernels = {}
+        self.workers = set()
+        self.output = Output()
+        self.run_root = hello.get("run_root")
+        self.grace = float(hello.get("grace") or 0)
+        self.controllers = set()
+        self.last_contact = time.monotonic()
+        self.agent_dir = None
+        self.socket_path = None
+        self.listener = None
+        self.detached = False  # the local side left on purpose, keeping persistent kernels
+
+    # -- control socket, for reattaching after the SSH connection was lost ---------
+    def open_socket(self):
+        # The first root where the socket path fits in sun_path (~104 bytes on macOS);
+        # `ps` scans the same roots, so the agent is found wherever it went.
+        for root in default_run_roots(self.run_root):
+            if len(os.path.join(root, "sshpyk-agent-12345678", "agent.sock")) < 104:
+                break
+        else:
+            return  # no short enough place: reattach is impossible, the rest works
+        try:
+            self.agent_dir = private_run_dir(root, "agent")
+        except AgentError:
+            return
+        path = os.path.join(self.agent_dir, "agent.sock")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener = listener  # closed by cleanup, whatever fails below
+        listener.bind(path)
+        listener.listen(4)
+        self.socket_path = path
+        record = {"pid": os.getpid(), "started": time.time(), "grace": self.grace, "socket": path}
+        # written last, atomically: a dir with agent.json has a listening socket
+        write_json_atomic(self.agent_dir, "agent.json", record)
+        self.touch()
+        threading.Thread(target=self._accept, name="accept", daemon=True).start()
+
+    def _accept(self):
+        while True:  # ends when cleanup closes the listener
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            creds = peer_credentials(conn)
+            if creds is not None and creds[1] != os.getuid():
+                conn.close()  # only this user may attach (the dir is 0700 as well)
+                continue
+            self.events.put(("attach", socket_controller(self, conn)))
+
+    def touch(self):
+        if self.agent_dir:
+            try:
+                with open(os.path.join(self.agent_dir, "contact"), "w"):
+                    pass
+            except OSError:
+                pass
+
+    # -- workers ----------------------------------------------------------------------
+    def spawn(self, work, msg=None, then=None):
+        """Run ``work()`` in a worker thread. The loop then calls ``then(result)`` (which
+        may return "exit"); an exception of ``work`` is reported as the error of the
+        request ``msg`` (without ``msg``: ignored)."""
+        box = {}
+
+        def run():
+            try:
+                box["result"] = work()
+            except AgentError as exc:
+                box["error"] = (exc.kind, exc.message)
+            except Exception as exc:
+                box["error"] = (Kind.INTERNAL, "%s: %s" % (type(exc).__name__, exc))
+            self.events.put(("done", (thread, msg, then, box)))
+
+        thread = threading.Thread(target=run, name="worker", daemon=True)
+        self.workers.add(thread)
+        thread.start()
+        return thread
+
+    def _done(self, thread, msg, then, box):
+        self.workers.discard(thread)
+        if "error" in box:
+            if msg is not None:
+                self._failed(msg, *box["error"])
+            return None
+        return then(box.get("result")) if then is not None else None
+
+    # -- the loop -------------------------------------------------------------------
+    def hello(self, writer):
+        self.output.emit(
+            Event.HELLO,
+            _only=writer,
+            pid=os.getpid(),
+            python=sys.executable,
+            python_version="%d.%d.%d" % sys.version_info[:3],
+            jupyter_client=jupyter_client_version(),
+            socket=self.socket_path,
+            kernels=len(self.kernels),
+        )
+
+    def attach(self, controller):
+        """Add a local side. Several may be attached (an owner and `sshpyk attach`).
+
+        It counts as heard from (grace, contact) at its first message only: a liveness
+        probe (`ps` connecting to the socket, see records.probe_agent) must not extend
+        the grace period of an agent whose local side is gone."""
+        self.hello(controller.writer)
+        self.output.add(controller.writer)
+        self.controllers.add(controller)
+        controller.start()
+
+    def detach(self, controller):
+        self.controllers.discard(controller)
+        self.output.remove(controller.writer)
+        controller.close()
+
+    def run(self, controller=None):
+        """Serve ``controller`` (default: this process's stdio, whose hello was read)
+        and whoever attaches later, until nobody is attached and no kernel runs, or a
+        ``shutdown`` leaves nothing to keep."""
+        if self.run_root:
+            self.run_root = checked_run_root(self.run_root, create=True)
+        self.open_socket()
+        self.spawn(self._startup_sweep)
+        controller = controller or stdio_controller(self)
+        controller.heard = True  # the hello was its first message
+        self.attach(controller)
+        self.touch()
+        while True:  # ends with the conditions above
+            kernels = list(self.kernels.values())
+            starting = [k for k in kernels if k.polls_ready and not k.ready and k.exit_code is None]
+            try:
+                kind, value = self.events.get(timeout=0.01 if starting else 1.0)
+            except queue.Empty:
+                kind, value = None, None
+            if self.dispatch(kind, value) == "exit":
+                return
+            for kernel in starting:
+                kernel.check_ready()
+            now = time.monotonic()
+            if not self.detached and self.grace and now - self.last_contact > self.grace:
+                # the local side is gone: stop what it does not want kept
+                self.stop_kernels(keep_persistent=True)
+                self.detached = True
+            if not self.controllers and all(
+                k.exit_code is not None for k in list(self.kernels.values())
+            ):
+                return  # nobody to serve and nothing alive to keep
+
+    def dispatch(self, kind, value):
+        """One event of the queue, on the loop; "exit" to end the loop."""
+        if kind == "attach":
+            self.attach(value)
+        elif kind == "eof":
+            # a local side left or its link dropped: a reattach may follow (grace)
+            self.detach(value)
+        elif kind == "msg":
+            controller, msg = value
+            if controller in self.controllers:
+                if not controller.heard:
+                    controller.heard = True
+                    self.touch()
+                self.last_contact = time.monotonic()
+                self.detached = False
+                if msg.get("op") == Op.PING:
+                    self.touch()
+                return self.handle(msg)
+        elif kind == "exit":
+            kid, code = value
+            kernel = self.kernels.get(kid)
+            if kernel is not None and kernel.exit_code is None:
+                kernel.on_exit(code)
+        elif kind == "event":
+            kid, event = value
+            kernel = self.kernels.get(kid)
+            if kernel is not None:
+                kernel.on_event(event)
+        elif kind == "fail":
+            self.fail_start(*value)
+        elif kind == "done":
+            return self._done(*value)
+        return None
+
+    def handle(self, msg):
+        op = msg.get("op")
+        kid = msg.get("kid")
+        rid = msg.get("rid")
+        emit = self.output.emit
+        try:
+            if op == Op.LAUNCH:
+                if kid in self.kernels:
+                    raise AgentError(Kind.PROTOCOL, "kernel %s already exists" % kid)
+                kernel = launcher_class(msg.get("launcher"))(self, msg)
+                self.kernels[kid] = kernel
+                kernel.launch()
+            elif op == Op.SIGNAL:
+                if kid in self.kernels:
+                    self.kernels[kid].signal(int(msg["signum"]))
+            elif op == Op.STOP:
+                # off the loop: TERM may take TERM_WAIT seconds; other kernels go on
+                kernel = self.kernels.pop(kid, None)
+                self.spawn(
+                    kernel.cleanup if kernel is not None else lambda: None,
+                    msg,
+                    lambda _: emit(Event.STOPPED, kid=kid),
+                )
+            elif op == Op.STATE:
+                states = [k.state() for k in list(self.kernels.values())]
+                emit(Event.STATE, rid=rid, kernels=states)
+            elif op == Op.CONNECTION_INFO:
+                kernel = self.kernels.get(kid)
+                if kernel is None:
+                    raise AgentError(Kind.NOT_FOUND, "no kernel %s in this agent" % kid)
+                emit(Event.CONNECTION_INFO, rid=rid, info=kernel.connection_info())
+            elif op == Op.INSPECT:
+                name = msg["kernel_name"]
+                self.spawn(
+                    lambda: describe_kernelspec(name),
+                    msg,
+                    lambda spec: emit(Event.INFO, rid=rid, kernelspec=spec),
+                )
+            elif op == Op.PS:
+                self.spawn(
+                    lambda: self.ps(msg), msg, lambda found: emit(Event.PS, rid=rid, kernels=found)
+                )
+            elif op == Op.KILL:
+                self.spawn(
+                    lambda: self.kill(msg),
+                    msg,
+                    lambda killed: emit(Event.KILLED, rid=rid, kernels=killed),
+                )
+            elif op == Op.LOAD:
+                modules = msg.get("modules")
+                if not isinstance(modules, dict):
+                    raise AgentError(Kind.PROTOCOL, "a load request needs its modules")
+                install(modules, __package__)
+                emit(Event.LOADED, rid=rid, name=msg.get("name"))
+            elif op == Op.SLURM_INFO:
+                probe = launcher_class("slurm").probe
+                args = msg.get("args")
+                self.spawn(
+                    lambda: probe(args),
+                    msg,
+                    lambda info: emit(Event.SLURM_INFO, rid=rid, **info),
+                )
+            elif op == Op.SHUTDOWN:
+                # the local side closes on purpose: keep persistent kernels only if asked
+                self.detached = True
+
+                def bye(_):
+                    # "bye" tells the local side whether to wait for this agent to exit
+                    emit(Event.BYE, rid=rid, kept=len(self.kernels))
+                    return "exit" if not self.kernels else None
+
+                self.stop_kernels(bool(msg.get("keep_persistent")), then=bye)
+            elif op != Op.PING:
+                raise AgentError(Kind.PROTOCOL, "unknown op %r" % op)
+        except AgentError as exc:
+            self._failed(msg, exc.kind, exc.message)
+        except Exception as exc:  # report, and keep serving the other kernels
+            self._failed(msg, Kind.INTERNAL, "%s: %s" % (type(exc).__name__, exc))
+        return None
+
+    # -- requests served by workers ------------------------------------------------------
+    def ps(self, msg):
+        """Every sshpyk kernel in the run roots (of this user; ``all_users``: of all),
+        after the stale sweep, with what each launcher adds (a worker)."""
+        owner = request_owner(msg)
+        found = scan(default_run_roots(msg.get("run_root") or self.run_root), owner)
+        removed = sweep(found, keep=self.own_dirs())
+        return annotate([k for k in found[0] if k["run_dir"] not in removed])
+
+    def kill(self, msg):
+        """Kill the kernels a ``kill`` request names (``kernel_id``: an id or a unique
+        prefix; ``orphans``: all without a live local side), of this user or, with
+        ``all_users`` (root only), of everybody. Each entry of the answer says whether
+        it was ``killed`` and, if not or not wholly, the ``error``. Then the stale sweep.
+        A worker: a kernel of this agent is taken out of ``kernels`` (atomically) first."""
+        owner = request_owner(msg)
+        roots = default_run_roots(msg.get("run_root") or self.run_root)
+        wanted = msg.get("kernel_id")
+        found = scan(roots, owner)
+        killed = []
+        for info in found[0]:
+            if wanted and not str(info.get("kernel_id", "")).startswith(str(wanted)):
+                continue
+            if not wanted and (info["attached"] or not msg.get("orphans")):
+                continue
+            mine = self.kernels.get(info.get("kernel_id"))
+            if (
+                mine is not None
+                and info["uid"] == os.getuid()
+                and mine.run_dir
+                and os.path.realpath(mine.run_dir) == os.path.realpath(info["run_dir"])
+            ):
+                self.kernels.pop(mine.kid, None)
+                pid = mine.proc.pid if mine.proc is not None else 0
+                mine.cleanup()
+                error = None
+                if pid > 1 and pid_alive(pid):
+                    error = "pid %d still runs" % pid
+                elif os.path.lexists(info["run_dir"]):
+                    error = "cannot remove %s" % info["run_dir"]
+            else:
+                error = kill_run_dir(info)
+            info["killed"] = error is None
+            info["error"] = error
+            killed.append(info)
+        if wanted and not killed:
+            raise AgentError(Kind.NOT_FOUND, "no sshpyk kernel %s on this host" % wanted)
+        handled = {k["run_dir"] for k in killed}
+        sweep(found, keep=self.own_dirs() | handled)
+        return killed
+
+    def own_dirs(self):
+        """This agent's dirs: its own and its kernels' run dirs (the sweep leaves them)."""
+        dirs = {k.run_dir for k in list(self.kernels.values()) if k.run_dir}
+        if self.agent_dir:
+            dirs.add(self.agent_dir)
+        return dirs
+
+    def _startup_sweep(self):
+        """The stale sweep when an agent starts (a worker: it does not delay hello;
+        debris it cannot remove stays for the next sweep)."""
+        sweep(scan(default_run_roots(self.run_root), os.getuid()), keep=self.own_dirs())
+
+    def stop_kernels(self, keep_persistent, then=None):
+        """Take the kernels (but the persistent ones if ``keep_persistent``) out of the
+        agent and stop them in a worker; ``then`` as for :meth:`spawn`."""
+        stopping = []
+        for kid, kernel in list(self.kernels.items()):
+            if not (keep_persistent and kernel.persistent):
+                self.kernels.pop(kid, None)
+                stopping.append(kernel)
+        self.spawn(lambda: cleanup_all(stopping), then=then)
+
+    def fail_start(self, kid, kind, message):
+        """A kernel cannot start (e.g. its SLURM job waited too long): clean up, then tell."""
+        kernel = self.kernels.get(kid)
+        if kernel is None or not kernel.start_failed():
+            return
+        del self.kernels[kid]
+        kernel.exit_code = -1
+        stderr_tail = tail(kernel.log_path) if kernel.log_path else ""
+        self.spawn(
+            kernel.cleanup,
+            then=lambda _: self.output.emit(
+                Event.ERROR, kid=kid, kind=kind, message=message, stderr_tail=stderr_tail
+            ),
+        )
+
+    def _failed(self, msg, kind, message):
+        kid = msg.get("kid")
+        fields = {"kid": kid, "rid": msg.get("rid"), "kind": kind, "message": message}
+        kernel = self.kernels.pop(kid, None) if msg.get("op") == Op.LAUNCH else None
+        if kernel is None:
+            self.output.emit(Event.ERROR, **fields)
+        else:  # a launch that failed half way: clean up (a worker), then tell
+            self.spawn(kernel.cleanup, then=lambda _: self.output.emit(Event.ERROR, **fields))
+
+    def cleanup(self):
+        """On every way out of run(): the agent dir goes first (nobody can attach to an
+        agent that is leaving), then every kernel, each whatever the others do, then
+        the workers still running (bounded)."""
+        CLEANING.set()  # SIGTERM no longer interrupts (see main.run)
+        try:
+            if self.listener is not None:
+                self.listener.close()
+        finally:
+            if self.agent_dir:
+                remove_tree(self.agent_dir)
+            kernels = list(self.kernels.values())
+            self.kernels.clear()
+            cleanup_all(kernels)
+            deadline = time.monotonic() + WORKERS_JOIN
+            for thread in list(self.workers):
+                thread.join(max(0.0, deadline - time.monotonic()))

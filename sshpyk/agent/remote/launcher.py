@@ -1,0 +1,211 @@
+"""The remote launcher contract: how the agent starts, watches and stops one kernel.
+
+A launcher is a subclass of :class:`Launcher`, one module per launcher (``direct.py``,
+``slurm.py``), registered with :func:`register` under its ``name`` (the launch
+request's ``launcher``). The agent only ever talks to a kernel through these methods;
+nothing else in the agent knows which launcher a kernel has. A new scheduler (PBS,
+LSF) is one new module here and one on the local side.
+
+Threads: the agent runs one loop (``agent.py``); every method below is called on it
+unless it says otherwise, and must return quickly. A launcher's own threads (a
+process's waiter, stdio readers) never touch the agent's state: they post
+``("exit", (kid, code))`` or ``("event", (kid, event))`` to ``agent.events``, which the
+loop hands to :meth:`on_exit` and :meth:`on_event`. Events go out with
+``agent.output.emit`` (thread safe).
+"""
+
+import abc
+import os
+import threading
+import time
+
+from .paths import remove_tree, write_json_atomic
+from .procgroup import stop_group
+from .protocol import AgentError, Event, Kind
+
+#: launcher name -> class; a module registers its launcher when it is installed
+LAUNCHERS = {}  # type: dict
+
+
+def register(cls):
+    """Class decorator: make ``cls`` the launcher for requests naming ``cls.name``."""
+    LAUNCHERS[cls.name] = cls
+    return cls
+
+
+def launcher_class(name, launchers=None):
+    """The launcher class registered as ``name``; AgentError ``protocol`` if none is."""
+    launchers = LAUNCHERS if launchers is None else launchers
+    cls = launchers.get(name or "direct")
+    if cls is None:
+        raise AgentError(
+            Kind.PROTOCOL,
+            "the %r launcher is not loaded in this agent (loaded: %s)"
+            % (name, ", ".join(sorted(launchers)) or "none"),
+        )
+    return cls
+
+
+class Launcher(abc.ABC):
+    """One kernel supervised by the agent.
+
+    Life: ``__init__`` (nothing runs yet) -> :meth:`launch` -> ready (the loop sets
+    ``ready`` and emits ``ready``) -> exit (:meth:`on_exit`) or :meth:`cleanup`. After
+    :meth:`cleanup` nothing of the kernel runs and its run dir is gone.
+    """
+
+    #: the launch request's ``launcher`` value
+    name = ""
+    #: True: the loop calls :meth:`check_ready` until ready (every 10 ms); False: the
+    #: launcher says when it is ready through an event (see :meth:`on_event`)
+    polls_ready = True
+    #: True: the stale sweep must kill what a dead kernel's record names (a SLURM job can
+    #: outlive its srun), not just remove its run dir
+    sweep_kills = False
+
+    def __init__(self, agent, request):
+        self.agent = agent
+        self.request = request
+        self.kid = request["kid"]
+        self.persistent = bool(request.get("persistent"))
+        self.proc = None  # the process this launcher started (its group's leader)
+        self.run_dir = None
+        self.log_path = None
+        self.transport = None
+        self.endpoints = {}
+        self.ready = False
+        self.exit_code = None
+        self.info = {}
+        self._cleanup_lock = threading.Lock()
+        self._cleaned = False
+
+    # -- the contract ----------------------------------------------------------------
+    @abc.abstractmethod
+    def launch(self):
+        """Start the kernel without waiting for it: make its run dir, start its process,
+        write its record (:meth:`describe`) and emit ``started``. Raise AgentError if it
+        cannot start; the agent then calls :meth:`cleanup` and reports the error."""
+
+    def check_ready(self):
+        """Called by the loop while ``polls_ready`` and the kernel is neither ready nor
+        exited: set ``ready`` and emit ``ready`` once its five sockets accept."""
+        return None
+
+    @abc.abstractmethod
+    def on_exit(self, code):
+        """The launcher's process exited with ``code`` (posted as ``exit``): set
+        ``exit_code``, emit ``exited`` (or ``error`` if it was not ready yet) and reap
+        what is left (not blocking the loop)."""
+
+    def on_event(self, event):
+        """An event the launcher's own threads posted (``("event", (kid, event))``)."""
+        return None
+
+    @abc.abstractmethod
+    def signal(self, signum):
+        """Deliver ``signum`` to the kernel's process group (an interrupt, a TERM)."""
+
+    @abc.abstractmethod
+    def _cleanup(self):
+        """Stop the kernel (TERM, wait, KILL its group; end its job), remove its run dir.
+        Runs once (see :meth:`cleanup`); may block for seconds."""
+
+    def cleanup(self):
+        """Stop the kernel and remove its run dir. Idempotent and thread safe (a second
+        caller waits for the first); may block for seconds: the agent calls it from a
+        worker thread, never on its loop, unless the kernel's process already exited."""
+        with self._cleanup_lock:
+            if self._cleaned:
+                return
+            self._cleaned = True
+            self._cleanup()
+
+    @property
+    def cleaned(self):
+        return self._cleaned
+
+    def state(self):
+        """What a ``state`` answer says of this kernel (a reattaching local side)."""
+        return {
+            "kid": self.kid,
+            "pid": self.proc.pid if self.proc else None,
+            "run_dir": self.run_dir,
+            "transport": self.transport,
+            "endpoints": self.endpoints,
+            "ready": self.ready,
+            "exit_code": self.exit_code,
+            "persistent": self.persistent,
+            "launcher": self.name,
+        }
+
+    @abc.abstractmethod
+    def connection_info(self):
+        """The connection file a reattaching local side uses (with the key); AgentError
+        ``not_found`` if there is none yet."""
+
+    def start_failed(self):
+        """Whether a ``fail`` the launcher posted (e.g. a queue timeout) still applies:
+        False once the kernel runs after all."""
+        return not self.ready and self.exit_code is None
+
+    # -- records of kernels found in run roots (``ps``, ``kill``, the sweep) -------------
+    @classmethod
+    def annotate(cls, records):
+        """Add what ``ps`` shows beyond the record to this launcher's ``records`` (dicts
+        read from run dirs, see records.scan), e.g. the scheduler's state. Runs in a
+        worker thread; may call slow commands (bounded)."""
+        return records
+
+    @classmethod
+    def kill_record(cls, info, verified_pid):
+        """For ``kill`` and the sweep, in a worker thread: stop the kernel a record of
+        this launcher names. ``verified_pid``: its pid, checked to be the kernel's (0 if
+        it is not running or cannot be verified: then only what the record names
+        besides a pid, e.g. a job, may be acted on). Returns a list of one-line errors."""
+        error = stop_group(verified_pid) if verified_pid > 1 else None
+        return [error] if error else []
+
+    # -- helpers for launchers -----------------------------------------------------------
+    def emit(self, event, **fields):
+        self.agent.output.emit(event, kid=self.kid, **fields)
+
+    def describe(self, argv, **extra):
+        """Write the record `sshpyk ps` shows of this kernel (never the key)."""
+        self.info = {
+            "kernel_id": self.kid,
+            "kernel_name": self.request["kernel_name"],
+            "pid": self.proc.pid,
+            "agent_pid": os.getpid(),
+            "started": time.time(),
+            "transport": self.transport,
+            "persistent": self.persistent,
+            "argv": argv,
+            "launcher": self.name,
+        }
+        self.info.update(extra)
+        self.write_info()
+
+    def write_info(self):
+        """sshpyk.json in the run dir, replaced atomically (`ps` may read it any time)."""
+        if self.run_dir:
+            try:
+                write_json_atomic(self.run_dir, "sshpyk.json", self.info)
+            except OSError:
+                pass  # the run dir is being removed
+
+    def remove_run_dir(self):
+        if self.run_dir:
+            remove_tree(self.run_dir)
+            self.run_dir = None
+
+    def report_exit(self, code, stderr_tail, error=None):
+        """Emit ``exited``, or ``error`` (``error``: (kind, message), default
+        ``kernel_exited``) if the kernel was not ready yet."""
+        if self.ready:
+            self.emit(Event.EXITED, code=code, stderr_tail=stderr_tail)
+            return
+        kind, message = error or (
+            Kind.KERNEL_EXITED,
+            "the kernel exited with code %s during start" % code,
+        )
+        self.emit(Event.ERROR, kind=kind, message=message, code=code, stderr_tail=stderr_tail)

@@ -1,0 +1,184 @@
+"""The node side of a SLURM kernel, inside its job step on the compute node.
+
+srun runs the remote python there with the same loader as the agent's; every module
+arrives on its stdin, then the ``node`` request. The node side starts the kernel in a
+private 0700 run dir on the node, on private sockets only (ipc in the run dir if the
+kernel supports it, else tcp on 127.0.0.1: never an address other hosts reach), and
+relays the login node's one authenticated relay connection to them (relay.py). srun's
+stdio carries the JSON control lines: its events go to srun's stdout, ``signal`` and
+``stop`` requests come on its stdin, whose EOF (the agent or srun is gone) ends it.
+"""
+
+import os
+import queue
+import signal
+import socket
+import sys
+import threading
+import time
+
+from .direct import endpoints_bound, pick_transport, spawn_kernel, tail, write_connection_file
+from .jsonlines import read_messages
+from .paths import private_run_dir, remove_tree
+from .procgroup import stop_group
+from .protocol import AgentError, Event, Kind, Op
+from .relay import RELAY_CONNECT_TIMEOUT, Mux, relay_accept
+
+
+def node_address():
+    """This node's address as the login node reaches it: the local end of the route to
+    the host srun runs on (connecting a UDP socket sends nothing), else the address of
+    the node's name."""
+    launch = os.environ.get("SLURM_LAUNCH_NODE_IPADDR", "")
+    if launch and ":" not in launch:
+        probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            probe.connect((launch, 9))
+            return probe.getsockname()[0]
+        except OSError:
+            pass
+        finally:
+            probe.close()
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
+
+
+def run_node(request, output):
+    """Node mode, inside the SLURM job step: start one kernel on private sockets, report
+    on stdout, obey stdin (``signal``, ``stop``; EOF means the agent or srun is gone),
+    and relay the login node's connections to the kernel (see "the relay"). Always
+    stops the kernel's process group and removes the run dir on the way out."""
+    # The kernel inherits ignored signals but not handlers: ignore SIGINT (a
+    # `scancel --signal=INT` reaches every process of the step) through a handler.
+    signal.signal(signal.SIGINT, lambda *_: None)
+    events = queue.Queue()
+    run_dir = private_run_dir(request.get("run_root"), request["kid"])
+    proc = None
+    mux = None
+    listener = None
+    try:
+        # ipc in the 0700 run dir if the kernel supports it (and the path fits), else tcp
+        # on 127.0.0.1: never an address other hosts reach
+        transport = pick_transport(
+            request.get("transport") or "auto", {"argv": request["argv"]}, run_dir
+        )
+        conn_file, endpoints = write_connection_file(run_dir, transport, request, "127.0.0.1")
+        argv = [str(a).replace("{connection_file}", conn_file) for a in request["argv"]]
+        proc, log_path = spawn_kernel(
+            argv,
+            request.get("env") or {},
+            request["kid"],
+            run_dir,
+            request.get("cwd"),
+            " on the node",
+        )
+
+        def connect(channel):
+            target = endpoints[channel]
+            if transport == "ipc":
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                address = target
+            else:
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                address = ("127.0.0.1", target)
+            try:
+                sock.settimeout(10.0)
+                sock.connect(address)
+                sock.settimeout(None)
+            except OSError:
+                sock.close()
+                raise
+            return sock
+
+        # the relay's listener: on the address the login node reaches, for one
+        # authenticated connection (see "the relay"), closed once it is made
+        secret = bytes.fromhex(str(request.get("relay_secret") or ""))
+        if len(secret) < 16:
+            raise AgentError(Kind.LAUNCH_FAILED, "the node request has no relay secret")
+        host = node_address()
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            listener.bind((host, 0))
+            listener.listen(8)
+        except OSError:
+            listener.close()
+            raise
+        output.emit(
+            Event.NODE,
+            pid=proc.pid,
+            host=host,
+            relay_port=listener.getsockname()[1],
+            transport=transport,
+            run_dir=run_dir,
+            node=os.environ.get("SLURMD_NODENAME") or socket.gethostname(),
+            job_id=os.environ.get("SLURM_JOB_ID"),
+            step_id=os.environ.get("SLURM_STEP_ID"),
+        )
+
+        def accept_relay():
+            conn = relay_accept(listener, secret, time.monotonic() + RELAY_CONNECT_TIMEOUT)
+            events.put(("relay", conn))
+
+        def serve_relay(the_mux):
+            the_mux.serve()
+            events.put(("eof", None))  # the login side is gone (or stopping us)
+
+        def read_stdin():
+            read_messages(sys.stdin.buffer, lambda msg: events.put(("msg", msg)))
+            events.put(("eof", None))  # srun's stdin ended
+
+        def wait_kernel():
+            events.put(("exit", proc.wait()))
+
+        for target in (accept_relay, read_stdin, wait_kernel):
+            threading.Thread(target=target, daemon=True).start()
+        ready = False
+        bound = set()  # sockets seen accepting, see endpoints_bound
+        while True:  # ends with the kernel, a stop request, or srun's stdin
+            try:
+                kind, value = events.get(timeout=1.0 if ready else 0.01)
+            except queue.Empty:
+                kind, value = None, None
+            if kind == "exit":
+                output.emit(Event.EXITED, code=value, stderr_tail=tail(log_path))
+                return 0
+            if kind == "eof" or (kind == "msg" and value.get("op") == Op.STOP):
+                return 0
+            if kind == "relay":
+                if value is None:
+                    output.emit(
+                        Event.ERROR,
+                        kind=Kind.LAUNCH_FAILED,
+                        message="the login node did not connect to the node side of the "
+                        "kernel (on %s) within %gs: does a firewall stand between them?"
+                        % (host, RELAY_CONNECT_TIMEOUT),
+                    )
+                    return 1
+                mux = Mux(value, connect)
+                threading.Thread(target=serve_relay, args=(mux,), daemon=True).start()
+            if kind == "msg" and value.get("op") == Op.SIGNAL:
+                try:
+                    os.killpg(proc.pid, int(value["signum"]))
+                except (ProcessLookupError, PermissionError, KeyError, ValueError):
+                    pass
+            if (
+                not ready
+                and mux is not None
+                and endpoints_bound(transport, endpoints, "127.0.0.1", bound)
+            ):
+                ready = True
+                output.emit(Event.READY)
+    finally:
+        if listener is not None:
+            try:
+                listener.shutdown(socket.SHUT_RDWR)  # wakes accept_relay, which closes it
+            except OSError:
+                pass
+        if mux is not None:
+            mux.shutdown()
+        if proc is not None:
+            stop_group(proc.pid, proc)
+        remove_tree(run_dir)
