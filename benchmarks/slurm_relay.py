@@ -122,9 +122,9 @@ def old_source(rev: str) -> str:
 
 
 async def run(args: argparse.Namespace) -> list[dict]:
-    import sshpyk.kernel
-    import sshpyk.remote
+    import sshpyk.agent.command
     from sshpyk import KernelOptions, SSHSession
+    from sshpyk.kernels.slurm import SlurmLauncher
 
     root = Path(tempfile.mkdtemp(prefix="spk-bench-", dir="/tmp"))
     sshd = ThrowawaySSHD(root / "sshd").start()
@@ -154,8 +154,8 @@ async def run(args: argparse.Namespace) -> list[dict]:
                 )
             if "stdio" in wanted:
                 source = old_source(args.stdio_relay)
-                new_loader = sshpyk.remote._slurm_extension
-                sshpyk.remote._slurm_extension = lambda: source  # type: ignore[assignment]
+                new_loader = sshpyk.agent.command.extension_source
+                sshpyk.agent.command.extension_source = lambda name: source  # type: ignore[assignment]
                 try:
                     options = KernelOptions(
                         **{**slurm, "pre_command": slurm["pre_command"] + "; :"}
@@ -163,22 +163,22 @@ async def run(args: argparse.Namespace) -> list[dict]:
                     label = f"slurm stdio relay ({args.stdio_relay})"
                     results.append(await measure(label, session, options, args.rounds, args.reps))
                 finally:
-                    sshpyk.remote._slurm_extension = new_loader  # type: ignore[assignment]
+                    sshpyk.agent.command.extension_source = new_loader  # type: ignore[assignment]
             if "before" in wanted:
                 source = old_source(args.before)
-                new_loader = sshpyk.remote._slurm_extension
-                new_wait = sshpyk.kernel.RemoteKernel._wait_slurm_ready
+                new_loader = sshpyk.agent.command.extension_source
+                new_wait = SlurmLauncher.wait_ready
 
-                async def old_wait(self: Any, process: Any) -> None:
+                async def old_wait(self: Any, kernel: Any, process: Any) -> None:
                     # the old readiness: the job runs, the node's kernel bound its sockets
                     # (the old direct-tcpip reachability check is left out)
                     t0 = time.monotonic()
                     await process.running.wait()
                     await process.wait_ready()
-                    self.timings["ready"] = time.monotonic() - t0
+                    kernel.timings["ready"] = time.monotonic() - t0
 
-                sshpyk.remote._slurm_extension = lambda: source  # type: ignore[assignment]
-                sshpyk.kernel.RemoteKernel._wait_slurm_ready = old_wait  # type: ignore[method-assign]
+                sshpyk.agent.command.extension_source = lambda name: source  # type: ignore[assignment]
+                SlurmLauncher.wait_ready = old_wait  # type: ignore[method-assign]
                 try:
                     # another pre-command: another agent, which loads the old source
                     options = KernelOptions(
@@ -187,8 +187,8 @@ async def run(args: argparse.Namespace) -> list[dict]:
                     label = f"slurm tcp (before, {args.before})"
                     results.append(await measure(label, session, options, args.rounds, args.reps))
                 finally:
-                    sshpyk.remote._slurm_extension = new_loader  # type: ignore[assignment]
-                    sshpyk.kernel.RemoteKernel._wait_slurm_ready = new_wait  # type: ignore[method-assign]
+                    sshpyk.agent.command.extension_source = new_loader  # type: ignore[assignment]
+                    SlurmLauncher.wait_ready = new_wait  # type: ignore[method-assign]
     finally:
         cluster.stop()
         sshd.stop()

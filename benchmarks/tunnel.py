@@ -70,7 +70,7 @@ class _FixedTarget:
     plain TCP port on the remote host, reachable from the start."""
 
     def __init__(self, port: int) -> None:
-        from sshpyk.forwards import CHANNELS
+        from sshpyk.kernels.forwards import CHANNELS
 
         self.transport = "tcp"
         self.host = "127.0.0.1"
@@ -88,8 +88,8 @@ async def _forward(mode: str, alias: str, config: str, target: int) -> None:
     if mode == "forwardset":
         # sshpyk's own forwarding code: the listener a kernel channel uses, on the shared
         # connection SSHSession opens (ssh config, known_hosts, keepalive as for kernels)
-        from sshpyk.forwards import ForwardSet
-        from sshpyk.session import SSHSession
+        from sshpyk.kernels.forwards import ForwardSet
+        from sshpyk.kernels.session import SSHSession
 
         session = await SSHSession.connect(alias, ssh_config=config)
         forwards = ForwardSet(session)

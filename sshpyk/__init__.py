@@ -28,10 +28,10 @@ from .errors import (
     UnknownHostKeyError,
     UnsafePathError,
 )
-from .kernel import KernelOptions, RemoteKernel
+from .kernels.kernel import KernelOptions, RemoteKernel
+from .kernels.session import SSHSession
 from .kernelspec import SSHKernelSpec
 from .provisioner import SSHKernelProvisioner
-from .session import SSHSession
 
 __all__ = [
     "AuthenticationError",

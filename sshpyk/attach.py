@@ -21,9 +21,9 @@ from typing import Any
 from jupyter_core.paths import jupyter_runtime_dir
 
 from .errors import RemoteError, RequestTimeoutError
-from .kernel import KernelOptions, RemoteKernel
+from .kernels.kernel import KernelOptions, RemoteKernel
+from .kernels.session import SSHSession
 from .localfs import check_kernel_id, write_private_json
-from .session import SSHSession
 
 __all__ = ["attach_kernel", "write_connection_file"]
 

@@ -22,6 +22,7 @@ import enum
 import functools
 import os
 import re
+import shlex
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -43,6 +44,7 @@ __all__ = [
     "Store",
     "config_field",
     "config_fields",
+    "parse_slurm_args",
 ]
 
 PROVISIONER_NAME = "sshpyk-provisioner"
@@ -486,3 +488,43 @@ def config_field(name: str) -> ConfigField:
 
 #: every option at its default
 DEFAULTS = KernelConfig()
+
+
+_STDIO = "the kernel's stdio is how sshpyk drives it"
+#: srun options sshpyk sets itself, and why a user may not
+_SRUN_MANAGED = {
+    "--input": _STDIO,
+    "-i": _STDIO,
+    "--output": _STDIO,
+    "-o": _STDIO,
+    "--error": _STDIO,
+    "-e": _STDIO,
+    "--pty": _STDIO,
+    "--unbuffered": _STDIO,
+    "-u": _STDIO,
+    "--label": _STDIO,
+    "-l": _STDIO,
+    "--multi-prog": "a kernel is one program",
+    "--ntasks": "a kernel is one task",
+    "-n": "a kernel is one task",
+    "--test-only": "sshpyk check runs srun --test-only",
+}
+
+
+def parse_slurm_args(text: str) -> list[str]:
+    """The srun arguments in ``slurm_args`` (shell quoting), or SSHPykError with the
+    reason (an option sshpyk sets itself)."""
+    try:
+        args = shlex.split(text)
+    except ValueError as exc:
+        raise SSHPykError(f"--slurm-args {text!r}: {exc}") from None
+    for arg in args:
+        if arg.startswith("--"):
+            name = arg.split("=", 1)[0]
+        elif arg.startswith("-") and len(arg) >= 2:
+            name = arg[:2]  # a short option, maybe with its value attached (-n4)
+        else:
+            continue  # the value of the option before
+        if name in _SRUN_MANAGED:
+            raise SSHPykError(f"--slurm-args: {name} is set by sshpyk ({_SRUN_MANAGED[name]})")
+    return args

@@ -20,10 +20,21 @@
     │   ├── RemoteJupyterClientMissingError
     │   ├── RemoteKernelSpecNotFoundError
     │   ├── KernelStartError      the kernel exited while starting
+    │   │   └── LaunchFailedError     the agent could not start the kernel's process
     │   ├── UnsafePathError       a shared path another user could tamper with was refused
+    │   ├── NotPermittedError     the remote user may not do that (all users: root only)
+    │   ├── AgentGoneError        the agent is gone (cannot be reattached): kernels lost
+    │   ├── AgentInternalError    the agent failed unexpectedly (a bug: its traceback)
+    │   ├── SlurmError            SLURM failed (squeue/scancel/srun errors)
+    │   │   ├── SlurmMissingError     no SLURM on the host (srun not found)
+    │   │   └── SlurmArgsError        SLURM refused the kernel's --slurm-args
     │   ├── RequestTimeoutError   the agent did not answer a request in time
-    │   └── ProtocolError         the bootstrap answered something unexpected
+    │   └── ProtocolError         the agent answered something unexpected
     └── KernelStartTimeoutError   the kernel did not come up within start_timeout
+
+Each error *kind* the remote agent reports (``sshpyk.agent.remote.protocol.Kind``) maps
+to one of these classes in one table, ``sshpyk.agent.kinds.ERROR_CLASSES``; an unknown
+kind is a plain RemoteError.
 
 Every message is one line that says what failed and where, and usually what to do.
 
@@ -42,6 +53,8 @@ from collections.abc import Iterator
 import asyncssh
 
 __all__ = [
+    "AgentGoneError",
+    "AgentInternalError",
     "AuthenticationError",
     "ChangedHostKeyError",
     "ConnectError",
@@ -53,6 +66,8 @@ __all__ = [
     "HostRefusedError",
     "KernelStartError",
     "KernelStartTimeoutError",
+    "LaunchFailedError",
+    "NotPermittedError",
     "ProtocolError",
     "RemoteError",
     "RemoteJupyterClientMissingError",
@@ -62,6 +77,9 @@ __all__ = [
     "SSHConfigError",
     "SSHPykError",
     "SessionClosedError",
+    "SlurmArgsError",
+    "SlurmError",
+    "SlurmMissingError",
     "UnknownHostKeyError",
     "UnsafePathError",
     "translate_error",
@@ -162,8 +180,36 @@ class KernelStartError(RemoteError):
     pass
 
 
+class LaunchFailedError(KernelStartError):
+    """The agent could not start the kernel's process (e.g. its argv does not run)."""
+
+
 class ProtocolError(RemoteError):
     pass
+
+
+class NotPermittedError(RemoteError):
+    """The remote user may not do this (``all_users`` needs root)."""
+
+
+class AgentGoneError(RemoteError):
+    """The agent cannot be reached or reattached any more: its kernels are lost."""
+
+
+class AgentInternalError(RemoteError):
+    """The agent failed unexpectedly (a bug); the message carries its last words."""
+
+
+class SlurmError(RemoteError):
+    """A SLURM command failed on the host."""
+
+
+class SlurmMissingError(SlurmError):
+    """The host has no SLURM (srun not found): not a login node?"""
+
+
+class SlurmArgsError(SlurmError):
+    """SLURM refused the kernel's srun arguments (``srun --test-only``)."""
 
 
 class UnsafePathError(RemoteError):

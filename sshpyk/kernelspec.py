@@ -24,9 +24,9 @@ from .config import (
     TRANSPORTS,
     KernelConfig,
     config_fields,
+    parse_slurm_args,
 )
 from .errors import SSHPykError
-from .slurm import parse_slurm_args
 
 __all__ = [
     "INTERRUPT_MODES",

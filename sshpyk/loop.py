@@ -76,7 +76,3 @@ class SSHLoop:
             return await coro
         future = asyncio.run_coroutine_threadsafe(coro, self.loop)
         return await asyncio.wrap_future(future)
-
-    def run_sync(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
-        """Run ``coro`` on the SSH loop from a thread with no running loop."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)

@@ -1,6 +1,6 @@
 """SSHKernelProvisioner: a thin adapter from jupyter_client's provisioner ABC.
 
-All SSH work happens in :class:`~sshpyk.kernel.RemoteKernel` on the process-wide
+All SSH work happens in :class:`~sshpyk.kernels.kernel.RemoteKernel` on the process-wide
 SSH loop thread (:class:`~sshpyk.loop.SSHLoop`), so forwards keep flowing even
 when the caller's loop stops between calls (the blocking ``KernelManager``).
 Configuration comes from ``kernel.json`` ``metadata.kernel_provisioner.config``.
@@ -9,7 +9,8 @@ Persistent kernels (``persistent: true``) are recorded locally (:mod:`sshpyk.sta
 and outlive the local process unless shut down explicitly. A later provisioner
 for the same kernelspec and the same notebook (``JPY_SESSION_NAME``) reattaches
 to such a kernel instead of starting a new one, so its state is kept across a
-Jupyter server restart; ``load_provisioner_info`` reattaches too.
+Jupyter server restart; ``load_provisioner_info`` reattaches too. The records are read
+and written in a worker thread: no file I/O on Jupyter's event loop.
 """
 
 from __future__ import annotations
@@ -27,10 +28,9 @@ from traitlets import Bool, Dict, Enum, Float, TraitType, Unicode
 from . import state
 from .config import ConfigField, KernelConfig, Store, config_fields
 from .errors import SSHPykError
-from .kernel import KernelOptions, RemoteKernel
+from .kernels.kernel import KernelOptions, RemoteKernel
+from .kernels.session import SSHSession
 from .loop import SSHLoop
-from .session import SSHSession
-from .slurm import slurm_summary
 
 PROVISIONER_FIELDS = config_fields(Store.PROVISIONER)
 
@@ -78,14 +78,9 @@ class SSHKernelProvisioner(_ConfigTraits):  # type: ignore[misc,valid-type]
 
     async def _connect(self) -> SSHSession:
         if self._session is None:
-            self._session = await asyncio.wait_for(
-                SSHSession.connect(
-                    self.ssh_host_alias,
-                    ssh_config=self.ssh_config,
-                    connect_timeout=self.start_timeout,
-                ),
-                self.start_timeout,
-            )
+            alias, timeout = self.ssh_host_alias, self.start_timeout
+            connect = SSHSession.connect(alias, ssh_config=self.ssh_config, connect_timeout=timeout)
+            self._session = await asyncio.wait_for(connect, timeout)
         return self._session
 
     async def _open(self) -> RemoteKernel:
@@ -125,8 +120,8 @@ class SSHKernelProvisioner(_ConfigTraits):  # type: ignore[misc,valid-type]
 
     async def _adopt_persistent(self, session_name: str) -> RemoteKernel | None:
         """A detached persistent kernel of this kernelspec and notebook, reattached."""
-        km = self.parent
-        for record in state.records():
+        km, alias = self.parent, self.ssh_host_alias
+        for record in await asyncio.to_thread(state.records):
             if (
                 record.get("kernel_name") != getattr(km, "kernel_name", None)
                 or record.get("session_name", "") != session_name
@@ -136,15 +131,11 @@ class SSHKernelProvisioner(_ConfigTraits):  # type: ignore[misc,valid-type]
             try:
                 kernel = await self._loop.run(self._reattach(record))
             except (SSHPykError, asyncio.TimeoutError, OSError) as exc:
-                self.log.info(
-                    "[%s] persistent kernel %s not reattached: %s",
-                    self.ssh_host_alias,
-                    record.get("remote_kernel_id"),
-                    exc,
-                )
-                state.forget(str(record["kernel_id"]))
+                remote_id, kernel = record.get("remote_kernel_id"), None
+                self.log.info("[%s] persistent kernel %s not reattached: %s", alias, remote_id, exc)
+            await asyncio.to_thread(state.forget, str(record["kernel_id"]))
+            if kernel is None:
                 continue
-            state.forget(str(record["kernel_id"]))
             self.log.info(
                 "[%s] reattached to persistent kernel %s (remote pid %s)",
                 self.ssh_host_alias,
@@ -154,27 +145,20 @@ class SSHKernelProvisioner(_ConfigTraits):  # type: ignore[misc,valid-type]
             return kernel
         return None
 
-    def _remember(self) -> None:
-        km, kernel = self.parent, self._kernel
+    async def _remember(self) -> None:
+        kernel = self._kernel
         if kernel is None or kernel.process is None or not self.persistent:
             return
-        state.remember(
-            {
-                "kernel_id": self.kernel_id,
-                "remote_kernel_id": kernel.kernel_id,
-                "kernel_name": getattr(km, "kernel_name", None),
-                "session_name": self._session_name,
-                "ssh_host_alias": self.ssh_host_alias,
-                "ssh_config": self.ssh_config,
-                "remote_pid": kernel.process.pid,
-                "ports": kernel.ports,
-                "transport": kernel.forwards.transport,
-                "ip": kernel.forwards.ip,
-                "key": kernel.key,
-                "signature_scheme": kernel.signature_scheme,
-                "created": time.time(),
-            }
-        )
+        record = {
+            "kernel_id": self.kernel_id,
+            "kernel_name": getattr(self.parent, "kernel_name", None),
+            "session_name": self._session_name,
+            "ssh_host_alias": self.ssh_host_alias,
+            "ssh_config": self.ssh_config,
+            "created": time.time(),
+            **kernel.record(),
+        }
+        await asyncio.to_thread(state.remember, record)
 
     _session_name = ""
 
@@ -234,34 +218,10 @@ class SSHKernelProvisioner(_ConfigTraits):  # type: ignore[misc,valid-type]
                 # the connection and the local ports here.
                 await asyncio.shield(self._loop.run(self._close()))
                 raise
-            process, timings = self._kernel.process, self._kernel.timings
-            if process is not None and process.launcher == "slurm":
-                self.log.info(
-                    "[%s] kernel %s: SLURM %s, kernel pid %s ready in %.3fs: "
-                    "queue %.3fs, sockets bound %.3fs",
-                    self.ssh_host_alias,
-                    self.kernel_id,
-                    slurm_summary(process.slurm),
-                    process.slurm.get("node_pid"),
-                    timings.get("total", 0.0),
-                    timings.get("queue", 0.0),
-                    timings.get("ready", 0.0),
-                )
-            elif process is not None:
-                self.log.info(
-                    "[%s] kernel %s: remote pid %s (%s transport) ready in %.3fs: "
-                    "agent %.3fs, spawn %.3fs, sockets bound %.3fs",
-                    self.ssh_host_alias,
-                    self.kernel_id,
-                    process.pid,
-                    process.transport,
-                    timings.get("total", 0.0),
-                    timings.get("agent", 0.0),
-                    timings.get("spawn", 0.0),
-                    timings.get("ready", 0.0),
-                )
+            line, args = self._kernel.ready_line()
+            self.log.info("[%s] kernel %s: " + line, self.ssh_host_alias, self.kernel_id, *args)
         self._launched = True
-        self._remember()
+        await self._remember()
         if km is None:
             self.connection_info = cast(KernelConnectionInfo, self._kernel.connection_info())
         return self.connection_info
@@ -294,7 +254,7 @@ class SSHKernelProvisioner(_ConfigTraits):  # type: ignore[misc,valid-type]
         if self._kernel is None:
             return
         self._launched = False
-        state.forget(self.kernel_id)
+        await asyncio.to_thread(state.forget, self.kernel_id)
         if restart:
             await self._loop.run(self._kernel.shutdown())
         else:
@@ -308,23 +268,9 @@ class SSHKernelProvisioner(_ConfigTraits):  # type: ignore[misc,valid-type]
 
     async def get_provisioner_info(self) -> dict[str, Any]:
         info: dict[str, Any] = await super().get_provisioner_info()
+        info.update(ssh_host_alias=self.ssh_host_alias, ssh_config=self.ssh_config)
         kernel = self._kernel
-        process = kernel.process if kernel is not None else None
-        info.update(
-            {
-                "ssh_host_alias": self.ssh_host_alias,
-                "ssh_config": self.ssh_config,
-                "remote_kernel_id": kernel.kernel_id if kernel else None,
-                "remote_pid": process.pid if process else None,
-                "remote_run_dir": process.run_dir if process else None,
-                "remote_transport": process.transport if process else None,
-                "ports": kernel.ports if kernel else None,
-                "transport": kernel.forwards.transport if kernel else None,
-                "ip": kernel.forwards.ip if kernel else None,
-            }
-        )
-        if process is not None and process.launcher == "slurm":
-            info["slurm"] = {k: process.slurm.get(k) for k in ("job_id", "node", "host", "state")}
+        info.update(kernel.info() if kernel else dict.fromkeys(RemoteKernel.INFO_KEYS))
         return info
 
     async def load_provisioner_info(self, provisioner_info: dict[str, Any]) -> None:

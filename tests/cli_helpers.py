@@ -100,7 +100,7 @@ _OWNER = textwrap.dedent(
     """
     import asyncio, sys
     from sshpyk import SSHSession
-    from sshpyk.kernel import KernelOptions
+    from sshpyk.kernels.kernel import KernelOptions
 
     async def main(alias, config, run_root, grace):
         async with await SSHSession.connect(alias, ssh_config=config) as session:

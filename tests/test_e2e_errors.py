@@ -176,9 +176,9 @@ async def test_aes_gcm_preferred_unless_the_config_chooses(sshd, tmp_path) -> No
 async def test_hanging_pre_command_is_a_timeout_not_a_hang(sshd, run_root, monkeypatch) -> None:
     """A login shell or pre-command that never hands over to the agent (a stale lock in
     ~/.bashrc, a `module load` waiting on a license server) is reported as such."""
-    import sshpyk.remote
+    import sshpyk.agent.client
 
-    monkeypatch.setattr(sshpyk.remote, "AGENT_START_TIMEOUT", 2.0)
+    monkeypatch.setattr(sshpyk.agent.client, "AGENT_START_TIMEOUT", 2.0)
     exc = await start_error(sshd, run_root, pre_command="sleep 30")
     assert isinstance(exc, sshpyk.RequestTimeoutError)
     assert "did not start within 2s" in str(exc) and "pre-command" in str(exc)

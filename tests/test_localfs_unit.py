@@ -11,15 +11,15 @@ from pathlib import Path
 
 import pytest
 
+from sshpyk.agent.command import python_command
 from sshpyk.errors import SSHPykError, UnsafePathError
-from sshpyk.forwards import ForwardSet
+from sshpyk.kernels.forwards import ForwardSet
 from sshpyk.localfs import (
     check_kernel_id,
     check_private_dir,
     make_private_dir,
     write_private_json,
 )
-from sshpyk.remote import python_command
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -53,7 +53,7 @@ from second_user import SecondUser, attacker_fixture  # noqa: F401  (fixture "at
 
 import sshpyk as sshpyk_pkg
 from sshpyk import SSHSession
-from sshpyk.kernel import KernelOptions
+from sshpyk.kernels.kernel import KernelOptions
 from sshpyk.kernelspec import kernels_dir
 
 pytestmark = pytest.mark.timeout(180)

@@ -13,13 +13,13 @@ from typing import Any
 import pytest
 
 from sshpyk import KernelOptions, SSHKernelSpec
+from sshpyk.agent.client import LaunchRequest
 from sshpyk.cli.kernels import add, edit
 from sshpyk.config import DEFAULTS, KernelConfig, Store, config_field, config_fields
 from sshpyk.diagnostics.check import CheckTarget
 from sshpyk.errors import SSHPykError
 from sshpyk.kernelspec import edited_spec, load_spec, save_edited_spec, spec_changes, write_spec
 from sshpyk.provisioner import SSHKernelProvisioner
-from sshpyk.remote import LaunchRequest
 
 #: a value other than the default for every field (the fixture makes the ssh config)
 NON_DEFAULT: dict[str, Any] = {

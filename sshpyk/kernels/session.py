@@ -3,7 +3,8 @@
 Every kernel started in a process on the same host shares one SSH connection
 (:mod:`sshpyk.ssh.pool`): the remote agents, the forwards per kernel and keepalives
 all ride on it as channels. The agents of a connection are kept in its ``services``
-slot and shut down (persistent kernels stay) when the connection closes.
+slot (:class:`~sshpyk.agent.registry.AgentRegistry`) and shut down (persistent kernels
+stay) when the connection closes.
 """
 
 from __future__ import annotations
@@ -11,46 +12,12 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from ..agent.client import RemoteAgent
+from ..agent.registry import AgentRegistry
+from ..ssh import session as ssh_session
 from .kernel import KernelOptions, RemoteKernel
-from .remote import RemoteAgent
-from .ssh import session as ssh_session
-from .ssh.pool import SharedConnection
 
 __all__ = ["SSHSession"]
-
-
-class _Agents:
-    """The remote agents running over one shared connection, one per settings key."""
-
-    def __init__(self) -> None:
-        self.agents: dict[Any, RemoteAgent] = {}
-        self._locks: dict[Any, asyncio.Lock] = {}
-
-    @classmethod
-    def of(cls, shared: SharedConnection) -> _Agents:
-        agents = shared.services.get(cls)
-        if not isinstance(agents, cls):
-            agents = shared.services[cls] = cls()
-            shared.on_close(agents.close)
-        return agents
-
-    async def get(self, key: Any, start: Any) -> RemoteAgent:
-        """The live agent for ``key``, else the one ``await start()`` returns."""
-        async with self._locks.setdefault(key, asyncio.Lock()):
-            agent = self.agents.get(key)
-            if agent is None or not agent.alive:
-                agent = self.agents[key] = await start()
-            return agent
-
-    async def close(self, timeout: float) -> None:
-        """Shut the agents down; persistent kernels outlive the connection (only an
-        explicit shutdown stops them). An agent's close waits at most three times its
-        timeout."""
-        agents, self.agents = list(self.agents.values()), {}
-        await asyncio.gather(
-            *(a.close(timeout / 3, keep_persistent=True) for a in agents),
-            return_exceptions=True,
-        )
 
 
 class SSHSession(ssh_session.Session):
@@ -75,7 +42,9 @@ class SSHSession(ssh_session.Session):
             await agent.start()
             return agent
 
-        return await _Agents.of(self.shared).get((python, pre_command, grace, run_root), start)
+        return await AgentRegistry.of(self.shared).get(
+            (python, pre_command, grace, run_root), start
+        )
 
     async def attach_agent(
         self,
@@ -91,7 +60,7 @@ class SSHSession(ssh_session.Session):
         async def start() -> RemoteAgent:
             return await RemoteAgent.attach(self, socket_path, python, pre_command, grace=grace)
 
-        return await _Agents.of(self.shared).get(("attached", socket_path), start)
+        return await AgentRegistry.of(self.shared).get(("attached", socket_path), start)
 
     async def inspect(
         self, python: str = "python3", kernel_name: str = "python3", pre_command: str | None = None

@@ -32,20 +32,19 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-from .agent.remote.protocol import CHANNELS
-from .errors import SSHPykError, UnsafePathError
-from .localfs import make_private_dir, socket_base_dir
+from ..agent.remote.protocol import CHANNELS
+from ..config import LOCAL_TRANSPORTS
+from ..errors import SSHPykError, UnsafePathError
+from ..localfs import make_private_dir, socket_base_dir
+from ..tasks import TaskOwner
 
 if TYPE_CHECKING:
-    from .remote import KernelProcess
-    from .session import SSHSession
+    from ..agent.process import KernelProcess
+    from ..ssh.session import Session
 
 __all__ = ["CHANNELS", "LOCAL_TRANSPORTS", "ForwardSet"]
 
 log = logging.getLogger("sshpyk")
-
-#: how the local ends listen: unix sockets in a private directory, or 127.0.0.1 TCP
-LOCAL_TRANSPORTS = ("ipc", "tcp")
 
 
 class _Pipe(asyncio.Protocol):
@@ -136,7 +135,7 @@ class ForwardSet:
     """Five local listeners that follow the session's current kernel."""
 
     def __init__(
-        self, session: SSHSession, *, connect_timeout: float = 60.0, transport: str = "ipc"
+        self, session: Session, *, connect_timeout: float = 60.0, transport: str = "ipc"
     ) -> None:
         if transport not in LOCAL_TRANSPORTS:
             raise SSHPykError(f"local transport {transport!r} is not one of ipc, tcp")
@@ -151,7 +150,8 @@ class ForwardSet:
         self.directory: Path | None = None
         self._servers: dict[str, asyncio.AbstractServer] = {}
         self._inodes: dict[str, int] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        #: one connect task per accepted connection
+        self._tasks = TaskOwner(f"[{session.alias}] forwards")
         self._pipes: set[_Pipe] = set()
         self._process: KernelProcess | None = None
         self._retargeted = asyncio.Event()
@@ -255,9 +255,7 @@ class ForwardSet:
     def _accept(self, channel: str) -> _Pipe:
         local = _Pipe(on_close=self._pipes.discard)
         self._pipes.add(local)
-        task = asyncio.ensure_future(self._connect(channel, local))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.create_task(self._connect(channel, local), name=f"forward-{channel}")
         return local
 
     async def _target(self) -> KernelProcess | None:
@@ -314,7 +312,7 @@ class ForwardSet:
         self._closed = True
         for server in self._servers.values():
             server.close()
-        for task in self._tasks:
+        for task in self._tasks.tasks:
             task.cancel()
         for pipe in list(self._pipes):
             pipe.close()
@@ -336,8 +334,7 @@ class ForwardSet:
     async def wait_closed(self) -> None:
         for server in self._servers.values():
             await server.wait_closed()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.aclose()
 
     async def aclose(self) -> None:
         self.close()

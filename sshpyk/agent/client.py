@@ -1,10 +1,12 @@
-"""Drives the remote agent (``sshpyk/agent/remote/``) over an SSH exec channel.
+"""RemoteAgent: the local client of one remote agent, over an SSH exec channel.
 
-The agent's modules are sent on the channel's stdin to ``python -c <loader>``,
-followed by JSON request lines (launch requests carry the HMAC key: never argv).
-One :class:`RemoteAgent` runs per (SSH connection, remote python, pre-command)
-and supervises every kernel started through it; a :class:`KernelProcess` is the
-local view of one of those kernels.
+The agent's code is sent on the channel's stdin (:mod:`sshpyk.agent.command`), followed
+by JSON request lines (:mod:`sshpyk.agent.remote.protocol`; launch requests carry the
+HMAC key: never argv). One agent runs per (SSH connection, remote python, pre-command,
+grace, run root) and supervises every kernel started through it; the agents of a
+connection live in its ``services`` slot (:mod:`sshpyk.agent.registry`). Every request has a
+timeout; the agent's background tasks (heartbeat, recovery, channel readers) are owned
+(:class:`~sshpyk.tasks.TaskOwner`) and closed with it.
 """
 
 from __future__ import annotations
@@ -15,134 +17,48 @@ import itertools
 import json
 import logging
 import secrets
-import shlex
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import asyncssh
 
-from .agent.bundle import agent_bundle, slurm_modules
-from .agent.remote.protocol import LOADER, PROTOCOL, Kind
-from .config import DEFAULTS
-from .errors import (
+from ..config import DEFAULTS
+from ..errors import (
+    AgentGoneError,
     ConnectionLostError,
-    KernelStartError,
-    KernelStartTimeoutError,
     ProtocolError,
     RemoteError,
-    RemoteJupyterClientMissingError,
-    RemoteKernelSpecNotFoundError,
     RemotePythonNotFoundError,
     RequestTimeoutError,
     SSHPykError,
-    UnsafePathError,
-    translate_error,
+    translating,
 )
-
-if TYPE_CHECKING:
-    from .session import SSHSession
+from ..ssh.session import Session
+from ..tasks import TaskOwner
+from .command import load_fields, remote_command
+from .kinds import last_lines, remote_error
+from .process import LOST, EventListener, KernelProcess
+from .remote.protocol import PROTOCOL, Event, Op
 
 __all__ = [
+    "AGENT_START_TIMEOUT",
+    "DEFAULT_REQUEST_TIMEOUT",
     "LOST",
     "PROTOCOL",
-    "KernelProcess",
     "LaunchRequest",
     "RemoteAgent",
-    "RemoteCommand",
-    "SlurmListener",
-    "python_command",
-    "remote_command",
 ]
 
 log = logging.getLogger("sshpyk")
 
-
 _STDERR_LIMIT = 8000
 #: lines of login-script output tolerated before the agent's hello
 _MAX_NOISE_LINES = 200
-#: exit code reported when the agent's channel closed without an ``exited`` event
-LOST = -1
 #: seconds an agent request may take before it fails (a silent remote never hangs us)
 DEFAULT_REQUEST_TIMEOUT = 30.0
 #: seconds from the exec to the agent's hello (login shell, pre-command, interpreter)
 AGENT_START_TIMEOUT = 120.0
-
-
-#: reads the pre-command from stdin (a line count, then the lines) and runs it: the
-#: shell's argv, which every user on the host can read in ``ps``, never holds its text
-_READ_PRE_COMMAND = (
-    'IFS= read -r n || exit 98; s=; i=0; while [ "$i" -lt "$n" ]; do '
-    'IFS= read -r l || exit 98; s="$s$l\n"; i=$((i+1)); done; eval "$s"; unset n s i l'
-)
-
-
-@dataclass(frozen=True)
-class RemoteCommand:
-    """A shell command for the remote host and what it reads first on stdin."""
-
-    #: what sshd's shell runs; visible to every user on the host (``ps``): no secrets
-    command: str
-    #: written to the channel's stdin before anything else (the pre-command's text)
-    stdin: bytes = b""
-
-
-def python_command(python: str, pre_command: str | None, code: str, *args: str) -> RemoteCommand:
-    """The shell command that runs ``python -c code args...`` on the remote host.
-
-    ``python`` is an executable (``python3``, ``/usr/bin/python3``, ``~/venv/bin/python``)
-    or an environment prefix such as ``/opt/conda/envs/x`` (then its ``bin/python``);
-    ``pre_command`` runs first in the same shell. It travels on stdin, not in the
-    command line, so a token it exports does not show in other users' ``ps``.
-    """
-    if not python or python.startswith("-"):
-        raise SSHPykError(
-            f"remote python {python!r} is not a path or command name "
-            "(it must not be empty or start with '-')"
-        )
-    if python.startswith("~/"):
-        quoted = '"$HOME"/' + shlex.quote(python[2:])
-    else:
-        quoted = shlex.quote(python)
-    argv = "".join(" " + shlex.quote(a) for a in args)
-    lines = []
-    stdin = b""
-    if pre_command:
-        text = pre_command.rstrip("\n").split("\n")
-        stdin = (f"{len(text)}\n" + "".join(line + "\n" for line in text)).encode("utf-8")
-        lines.append(_READ_PRE_COMMAND)
-    if "/" in python:
-        lines.append(f'p={quoted}; [ -d "$p" ] && p="$p/bin/python"')
-        lines.append(f'exec "$p" -c {shlex.quote(code)}{argv}')
-    else:
-        lines.append(f"exec {quoted} -c {shlex.quote(code)}{argv}")
-    return RemoteCommand("\n".join(lines), stdin)
-
-
-def remote_command(python: str, pre_command: str | None = None) -> RemoteCommand:
-    """The shell command that starts the agent with the remote Python (its modules
-    follow on stdin, after the pre-command: see ``sshpyk.agent.bundle``)."""
-    return python_command(python, pre_command, LOADER)
-
-
-_ERROR_KINDS: dict[str, type[SSHPykError]] = {
-    Kind.JUPYTER_CLIENT_MISSING: RemoteJupyterClientMissingError,
-    Kind.KERNELSPEC_NOT_FOUND: RemoteKernelSpecNotFoundError,
-    Kind.KERNEL_EXITED: KernelStartError,
-    Kind.PROTOCOL: ProtocolError,
-    Kind.NOT_FOUND: RemoteError,
-    # a run root, run dir or name another user could tamper with (see the security model)
-    Kind.UNSAFE_PATH: UnsafePathError,
-    # SLURM launcher: the job waited in the queue too long, or ended before the kernel ran
-    Kind.SLURM_QUEUE_TIMEOUT: KernelStartTimeoutError,
-    Kind.SLURM_FAILED: KernelStartError,
-}
-
-
-def _last_lines(text: str, count: int = 3) -> str:
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return " | ".join(lines[-count:])
 
 
 @dataclass
@@ -165,7 +81,7 @@ class LaunchRequest:
 
     def message(self, kid: str) -> dict[str, Any]:
         return {
-            "op": "launch",
+            "op": Op.LAUNCH,
             "kid": kid,
             "key": self.key,
             "signature_scheme": self.signature_scheme,
@@ -173,187 +89,8 @@ class LaunchRequest:
         }
 
 
-#: called with the kernel and each ``slurm`` event (queue state, job start, walltime warning)
-SlurmListener = Callable[["KernelProcess", dict[str, Any]], None]
-
-
-class KernelProcess:
-    """The local view of one kernel supervised by a :class:`RemoteAgent`.
-
-    State is local: :attr:`exit_code` is set from the agent's ``exited`` event
-    (or :data:`LOST` if the agent went away), so polling costs no round trip.
-    """
-
-    def __init__(self, agent: RemoteAgent, kid: str) -> None:
-        self.agent = agent
-        self.kid = kid
-        self.pid = 0
-        self.pgid = 0
-        self.run_dir = ""
-        self.transport = ""
-        self.endpoints: dict[str, Any] = {}
-        #: where the kernel's tcp sockets listen, as seen from the remote host
-        self.host = "127.0.0.1"
-        self.launcher = "direct"
-        #: the SLURM job as last reported: job_id, state, reason, node, waited, time_left
-        self.slurm: dict[str, Any] = {}
-        self.slurm_listeners: list[SlurmListener] = []
-        self.argv: list[str] = []
-        self.exit_code: int | None = None
-        self.stderr_tail = ""
-        self.persistent = False
-        self.started = asyncio.Event()
-        #: set once the kernel process runs: at once for direct kernels, when the job
-        #: starts for SLURM kernels (or the kernel ended)
-        self.running = asyncio.Event()
-        #: set once all five sockets are bound (or the kernel ended)
-        self.ready = asyncio.Event()
-        #: set while the kernel is ready AND the link to it is up; forwards wait on it
-        self.reachable = asyncio.Event()
-        self.exited = asyncio.Event()
-        self.stopped = asyncio.Event()
-        self.error: SSHPykError | None = None
-
-    @property
-    def supervisor_pid(self) -> int | None:
-        return self.agent.pid
-
-    # events from the agent
-    def _on_event(self, event: dict[str, Any]) -> None:
-        kind = event.get("event")
-        if kind == "started":
-            self.pid = int(event["pid"])
-            self.pgid = int(event["pgid"])
-            self.run_dir = str(event["run_dir"])
-            self.transport = str(event["transport"])
-            self.endpoints = dict(event["endpoints"])
-            self.argv = list(event.get("argv") or [])
-            self.launcher = str(event.get("launcher") or "direct")
-            if self.launcher == "slurm":
-                self.slurm["job_name"] = event.get("job_name")
-            else:
-                self.running.set()
-            self.started.set()
-        elif kind == "slurm":
-            self._on_slurm(event)
-        elif kind == "ready":
-            self.ready.set()
-            self.reachable.set()
-        elif kind == "exited":
-            self._set_exit(int(event.get("code", LOST)), str(event.get("stderr_tail") or ""))
-        elif kind == "error":
-            self.error = self.agent.error_from_event(event)
-            self._set_exit(int(event.get("code") or LOST), str(event.get("stderr_tail") or ""))
-            self.stopped.set()  # the agent cleaned up a failed launch itself
-        elif kind == "stopped":
-            if self.exit_code is None:
-                self._set_exit(LOST, "")
-            self.stopped.set()
-
-    def _set_exit(self, code: int, stderr_tail: str) -> None:
-        if self.exit_code is None:
-            self.exit_code = code
-            self.stderr_tail = stderr_tail
-        for event in (self.exited, self.started, self.running, self.ready, self.reachable):
-            event.set()  # wake every waiter; they look at exit_code/error
-
-    def _on_slurm(self, event: dict[str, Any]) -> None:
-        if "endpoints" in event:
-            self.endpoints = dict(event["endpoints"])
-            self.host = str(event.get("host") or self.host)
-            self.running.set()
-        self.slurm.update(
-            {k: v for k, v in event.items() if k not in ("v", "event", "kid", "endpoints")}
-        )
-        for listener in list(self.slurm_listeners):
-            try:
-                listener(self, event)
-            except Exception:  # a logging hook must not break the event stream
-                log.exception("[%s] SLURM event hook failed", self.agent.alias)
-
-    def _restore(self, state: dict[str, Any]) -> None:
-        """Adopt the agent's view after a (re)attach."""
-        self.pid = int(state.get("pid") or self.pid or 0)
-        self.pgid = self.pid
-        self.run_dir = str(state.get("run_dir") or self.run_dir)
-        self.transport = str(state.get("transport") or self.transport)
-        self.endpoints = dict(state.get("endpoints") or self.endpoints)
-        self.persistent = bool(state.get("persistent"))
-        self.host = str(state.get("host") or self.host)
-        self.launcher = str(state.get("launcher") or self.launcher)
-        if self.launcher == "slurm":
-            for key in ("job_id", "node", "host"):
-                if state.get(key):
-                    self.slurm[key] = state[key]
-            if state.get("slurm_state"):
-                self.slurm["state"] = state["slurm_state"]
-        if self.launcher != "slurm" or state.get("host"):
-            self.running.set()
-        self.started.set()
-        if state.get("exit_code") is not None:
-            self._set_exit(int(state["exit_code"]), "")
-        elif state.get("ready"):
-            self.ready.set()
-            self.reachable.set()
-
-    def _on_agent_lost(self, error: SSHPykError) -> None:
-        if self.error is None and not self.ready.is_set():
-            self.error = error
-        self._set_exit(LOST, "")
-        self.stopped.set()
-
-    # API
-    async def wait_started(self) -> None:
-        await self.started.wait()
-        if self.error is not None:
-            raise self.error
-        if self.exit_code is not None and not self.pid:
-            raise KernelStartError(f"the kernel on {self.agent.alias!r} did not start")
-
-    async def wait_ready(self) -> None:
-        """Wait until all five sockets are bound; raise if the kernel died first."""
-        await self.ready.wait()
-        if self.exit_code is not None:
-            raise self.error or KernelStartError(
-                f"the kernel on {self.agent.alias!r} exited with code {self.exit_code} during start"
-            )
-
-    def poll(self) -> int | None:
-        return self.exit_code
-
-    async def wait(self) -> int:
-        await self.exited.wait()
-        assert self.exit_code is not None
-        return self.exit_code
-
-    def send_signal(self, signum: int) -> None:
-        self.agent.send({"op": "signal", "kid": self.kid, "signum": int(signum)})
-
-    async def stop(self, timeout: float = 10.0) -> None:
-        """Kill the kernel's process group and remove its run dir; wait until done.
-
-        While the link is down this returns at once: the agent reaps the kernel
-        when the grace period ends without a reattach.
-        """
-        if self.stopped.is_set() or not self.agent.connected.is_set():
-            self.agent.forget(self.kid)
-            return
-        started = time.monotonic()
-        self.agent.send({"op": "stop", "kid": self.kid})
-        try:
-            await asyncio.wait_for(asyncio.shield(self.stopped.wait()), timeout)
-        except asyncio.TimeoutError:
-            log.warning(
-                "[%s] kernel %s: no stop confirmation in %gs", self.agent.alias, self.kid, timeout
-            )
-        finally:
-            self.agent.forget(self.kid)
-        log.debug(
-            "[%s] kernel %s stopped in %.3fs",
-            self.agent.alias,
-            self.kid,
-            time.monotonic() - started,
-        )
+def _heartbeat_interval(grace: float) -> float:
+    return max(0.5, min(5.0, grace / 4)) if grace else 5.0
 
 
 class RemoteAgent:
@@ -369,7 +106,7 @@ class RemoteAgent:
 
     def __init__(
         self,
-        session: SSHSession,
+        session: Session,
         python: str,
         pre_command: str | None,
         *,
@@ -397,14 +134,17 @@ class RemoteAgent:
         self._requests: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._rid_prefix = secrets.token_hex(4)
         self._rids = itertools.count(1)
-        self._channel_tasks: list[asyncio.Task[None]] = []
-        self._tasks: list[asyncio.Task[None]] = []
+        #: the tasks of the current channel (its stderr drain, its event reader)
+        self._channel = TaskOwner(f"[{self.alias}] agent channel")
+        self._stderr_task: asyncio.Task[None] | None = None
+        #: heartbeat and recovery
+        self._tasks = TaskOwner(f"[{self.alias}] agent")
         self._lost_error: SSHPykError | None = None
         self._closing = False
         #: we spawned it: closing tells it to stop (non-persistent) kernels
         self.owner = True
-        self._slurm_loaded = False
-        self._slurm_lock = asyncio.Lock()
+        self._loaded: set[str] = set()
+        self._load_lock = asyncio.Lock()
 
     @property
     def alive(self) -> bool:
@@ -412,18 +152,17 @@ class RemoteAgent:
 
     # -- channels --------------------------------------------------------------------
     async def _open_channel(self, first_line: dict[str, Any]) -> dict[str, Any]:
-        """Start the agent's loader over a new exec channel; return the agent's hello."""
+        """Run the agent over a new exec channel; return its hello."""
         conn = await self.session.connection()
         command = remote_command(self.python, self.pre_command)
-        try:
+        with translating(self.alias, config=self.session.ssh_config):
             process = await conn.create_process(command.command, encoding=None)
-        except Exception as exc:
-            raise translate_error(exc, self.alias) from exc
         self.process = process
         self._stderr = bytearray()
-        self._channel_tasks = [asyncio.ensure_future(self._drain_stderr(process))]
+        self._channel = TaskOwner(f"[{self.alias}] agent channel")
+        self._stderr_task = self._channel.create_task(self._drain_stderr(process))
         hello = json.dumps({"v": PROTOCOL, **first_line}).encode() + b"\n"
-        process.stdin.write(command.stdin + agent_bundle() + hello)
+        process.stdin.write(command.stdin + hello)
         try:
             event = await asyncio.wait_for(self._read_first_event(), AGENT_START_TIMEOUT)
         except asyncio.TimeoutError:
@@ -434,45 +173,44 @@ class RemoteAgent:
             ) from None
         if event is None:
             raise await self._failure()
-        if event.get("event") == "error":
+        if event.get("event") == Event.ERROR:
             raise self.error_from_event(event)
-        if event.get("event") != "hello":
+        if event.get("event") != Event.HELLO:
             raise ProtocolError(f"unexpected first event from the agent: {event!r:.200}")
         self.pid = int(event["pid"])
         self.socket_path = event.get("socket") or self.socket_path
         self.info = event
-        self._channel_tasks.append(asyncio.ensure_future(self._read_events(process)))
+        self._channel.create_task(self._read_events(process), name="agent-events")
         self.connected.set()
         return event
 
     async def _close_channel(self) -> None:
-        process, tasks = self.process, self._channel_tasks
-        self._channel_tasks = []
+        """Close the current channel and wait for its tasks (bounded)."""
+        process, channel = self.process, self._channel
         if process is not None:
             process.close()
-        for task in tasks:
-            if task is not asyncio.current_task():
-                task.cancel()
-        await asyncio.gather(
-            *(t for t in tasks if t is not asyncio.current_task()), return_exceptions=True
+        await channel.aclose()
+
+    async def _start_heartbeat(self) -> None:
+        self._tasks.create_task(
+            self._send_heartbeats(_heartbeat_interval(self.grace)), name="agent-heartbeat"
         )
 
     async def start(self) -> None:
         """Spawn the agent and wait for its hello."""
-        hello = {"op": "hello", "grace": self.grace, "run_root": self.run_root}
+        hello = {"op": Op.HELLO, "grace": self.grace, "run_root": self.run_root}
         try:
             await self._open_channel(hello)
         except BaseException:
             await asyncio.shield(self._close_channel())
             raise
-        heartbeat = max(0.5, min(5.0, self.grace / 4)) if self.grace else 5.0
-        self._tasks.append(asyncio.ensure_future(self._send_heartbeats(heartbeat)))
+        await self._start_heartbeat()
         log.debug("[%s] agent pid %s up (%s)", self.alias, self.pid, self.info.get("python"))
 
     @classmethod
     async def attach(
         cls,
-        session: SSHSession,
+        session: Session,
         socket_path: str,
         python: str,
         pre_command: str | None = None,
@@ -484,16 +222,15 @@ class RemoteAgent:
         agent.socket_path = socket_path
         agent.owner = False  # closing only hangs up: the kernels belong to their owner
         try:
-            await agent._open_channel({"op": "attach", "socket": socket_path})
+            await agent._open_channel({"op": Op.ATTACH, "socket": socket_path})
         except BaseException:
             await asyncio.shield(agent._close_channel())
             raise
-        heartbeat = max(0.5, min(5.0, grace / 4)) if grace else 5.0
-        agent._tasks.append(asyncio.ensure_future(agent._send_heartbeats(heartbeat)))
+        await agent._start_heartbeat()
         return agent
 
     async def _drain_stderr(self, process: asyncssh.SSHClientProcess[bytes]) -> None:
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(asyncssh.Error, OSError):
             while chunk := await process.stderr.read(4096):
                 self._stderr += chunk
                 del self._stderr[:-_STDERR_LIMIT]
@@ -501,18 +238,15 @@ class RemoteAgent:
     async def _read_first_event(self) -> dict[str, Any] | None:
         """The agent's first event. Login scripts may print text before the agent
         runs (a banner, ``echo`` in ~/.bashrc): such lines are skipped, boundedly."""
-        skipped = 0
-        while True:
+        for _ in range(_MAX_NOISE_LINES + 1):
             try:
                 return await self._read_event()
             except ProtocolError:
-                skipped += 1
-                if skipped > _MAX_NOISE_LINES:
-                    raise ProtocolError(
-                        f"the remote shell on {self.alias!r} printed more than "
-                        f"{_MAX_NOISE_LINES} lines before the agent started: make the login "
-                        "scripts quiet for non-interactive shells"
-                    ) from None
+                continue
+        raise ProtocolError(
+            f"the remote shell on {self.alias!r} printed more than {_MAX_NOISE_LINES} lines "
+            "before the agent started: make the login scripts quiet for non-interactive shells"
+        )
 
     async def _read_event(self) -> dict[str, Any] | None:
         assert self.process is not None
@@ -540,34 +274,30 @@ class RemoteAgent:
         assert self.process is not None
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.process.wait_closed(), 5)
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(asyncio.shield(self._channel_tasks[0]), 1)
+        if self._stderr_task is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self._stderr_task), 1)
         status = self.process.exit_status
         stderr = self._stderr.decode("utf-8", "replace")
         if status == 127 or "not found" in stderr or "No such file" in stderr:
             return RemotePythonNotFoundError(
                 f"remote python {self.python!r} not found on {self.alias!r}: "
-                f"{_last_lines(stderr, 1) or f'exit status {status}'} (set --remote-python)"
+                f"{last_lines(stderr, 1) or f'exit status {status}'} (set --remote-python)"
             )
         if status is None and not stderr:
             return ConnectionLostError(f"the SSH connection to {self.alias!r} was lost")
-        detail = _last_lines(stderr) or f"exit status {status}"
+        detail = last_lines(stderr) or f"exit status {status}"
         return RemoteError(f"the remote agent on {self.alias!r} failed: {detail}")
 
     def error_from_event(self, event: dict[str, Any]) -> SSHPykError:
-        cls = _ERROR_KINDS.get(str(event.get("kind")), RemoteError)
-        message = f"{event.get('message')} on {self.alias!r}"
-        tail = _last_lines(str(event.get("stderr_tail") or ""), 5)
-        if tail:
-            message += f"; kernel output: {tail}"
-        return cls(message)
+        """The error an ``error`` event reports (its kind's class, see agent.kinds)."""
+        return remote_error(event, self.alias)
 
     async def _read_events(self, process: asyncssh.SSHClientProcess[bytes]) -> None:
         try:
             while (event := await self._read_event()) is not None:
                 self._dispatch(event)
         except ProtocolError as exc:
-            self._lost_error = exc
             self._give_up(exc)
             return
         if self._closing or process is not self.process:
@@ -591,7 +321,7 @@ class RemoteAgent:
             len(self.kernels),
             self.grace,
         )
-        self._tasks.append(asyncio.ensure_future(self._recover()))
+        self._tasks.create_task(self._recover(), name="agent-recover")
 
     async def _recover(self) -> None:
         """Reconnect and reattach within the grace period, or declare the kernels lost."""
@@ -605,7 +335,7 @@ class RemoteAgent:
                 remaining = max(0.5, deadline - time.monotonic())
                 await self.session.reconnect(timeout=min(10.0, remaining))
                 await asyncio.wait_for(self._reattach(), min(30.0, remaining))
-            except _AgentGoneError as exc:
+            except AgentGoneError as exc:
                 error = exc
                 break
             except (SSHPykError, asyncio.TimeoutError, OSError, asyncssh.Error) as exc:
@@ -625,17 +355,17 @@ class RemoteAgent:
 
     async def _reattach(self) -> None:
         if not self.socket_path:
-            raise _AgentGoneError(f"the agent on {self.alias!r} has no control socket")
+            raise AgentGoneError(f"the agent on {self.alias!r} has no control socket")
         await self._close_channel()
-        await self._open_channel({"op": "attach", "socket": self.socket_path})
+        await self._open_channel({"op": Op.ATTACH, "socket": self.socket_path})
         self.reattached += 1
-        event = await self.request("state")
+        event = await self.request(Op.STATE)
         states = {str(k["kid"]): k for k in event.get("kernels") or []}
         for kid, kernel in list(self.kernels.items()):
             if kid in states:
-                kernel._restore(states[kid])
+                kernel.restore(states[kid])
             else:
-                kernel._on_agent_lost(
+                kernel.on_agent_lost(
                     ConnectionLostError(f"kernel {kid} is gone from {self.alias!r}")
                 )
 
@@ -644,7 +374,7 @@ class RemoteAgent:
         self.connected.clear()
         self.closed.set()
         for kernel in list(self.kernels.values()):
-            kernel._on_agent_lost(error)
+            kernel.on_agent_lost(error)
         for future in self._requests.values():
             if not future.done():
                 future.set_exception(error)
@@ -656,23 +386,24 @@ class RemoteAgent:
         if rid is not None and rid in self._requests:
             future = self._requests.pop(rid)
             if not future.done():
-                if event.get("event") == "error":
+                if event.get("event") == Event.ERROR:
                     future.set_exception(self.error_from_event(event))
                 else:
                     future.set_result(event)
             return
         kernel = self.kernels.get(str(event.get("kid")))
         if kernel is not None:
-            kernel._on_event(event)
+            kernel.on_event(event)
 
     async def _send_heartbeats(self, interval: float) -> None:
         while not self.closed.is_set():
             await asyncio.sleep(interval)
-            self.send({"op": "ping"})
+            self.send({"op": Op.PING})
 
     def send(self, message: dict[str, Any]) -> None:
         if self.process is not None and self.connected.is_set():
-            with contextlib.suppress(Exception):
+            # a channel that is closing refuses writes: the reader notices the loss
+            with contextlib.suppress(asyncssh.Error, OSError, RuntimeError):
                 self.process.stdin.write(json.dumps(message).encode() + b"\n")
 
     # -- requests ----------------------------------------------------------------------
@@ -702,16 +433,20 @@ class RemoteAgent:
 
     async def inspect(self, kernel_name: str) -> dict[str, Any]:
         """The remote kernelspec ``kernel_name`` (argv, display_name, language, ...)."""
-        event = await self.request("inspect", kernel_name=kernel_name)
+        event = await self.request(Op.INSPECT, kernel_name=kernel_name)
         return dict(event.get("kernelspec") or {})
 
+    async def load(self, name: str) -> None:
+        """Send the remote code of extension ``name`` (a launcher's) to the agent, once:
+        agents that never need it never receive nor compile it."""
+        async with self._load_lock:
+            if name not in self._loaded:
+                await self.request(Op.LOAD, **load_fields(name))
+                self._loaded.add(name)
+
     async def load_slurm(self) -> None:
-        """Send the SLURM launcher's modules to the agent, once: agents that only run
-        direct kernels never receive nor compile them."""
-        async with self._slurm_lock:
-            if not self._slurm_loaded:
-                await self.request("load", name="slurm", modules=slurm_modules())
-                self._slurm_loaded = True
+        """:meth:`load` the SLURM launcher."""
+        await self.load("slurm")
 
     async def ps(
         self,
@@ -731,7 +466,7 @@ class RemoteAgent:
         """
         if slurm:
             await self.load_slurm()
-        event = await self.request("ps", run_root=run_root, all_users=all_users, timeout=timeout)
+        event = await self.request(Op.PS, run_root=run_root, all_users=all_users, timeout=timeout)
         return list(event.get("kernels") or [])
 
     async def kill(
@@ -755,7 +490,7 @@ class RemoteAgent:
         if slurm:
             await self.load_slurm()
         event = await self.request(
-            "kill",
+            Op.KILL,
             kernel_id=kernel_id,
             orphans=orphans,
             run_root=run_root,
@@ -766,39 +501,38 @@ class RemoteAgent:
 
     async def slurm_info(self, args: list[str] | None = None) -> dict[str, Any]:
         """SLURM as the agent sees it: version, srun's path, partitions; with ``args``,
-        also whether ``srun --test-only ARGS`` accepts them (RemoteError if not)."""
+        also whether ``srun --test-only ARGS`` accepts them (SlurmArgsError if not)."""
         await self.load_slurm()
-        event = await self.request("slurm_info", args=args)
+        event = await self.request(Op.SLURM_INFO, args=args)
         return {k: v for k, v in event.items() if k not in ("v", "event", "rid")}
 
     async def connection_info(self, kid: str) -> dict[str, Any]:
         """The remote connection file of a kernel of this agent (includes the key)."""
-        event = await self.request("connection_info", kid=kid)
+        event = await self.request(Op.CONNECTION_INFO, kid=kid)
         return dict(event.get("info") or {})
 
     async def adopt(self, kid: str) -> KernelProcess:
         """Track a kernel this agent already runs (after :meth:`attach`)."""
-        event = await self.request("state")
+        event = await self.request(Op.STATE)
         for state in event.get("kernels") or []:
             if str(state.get("kid")) == kid:
                 kernel = self.kernels[kid] = KernelProcess(self, kid)
-                kernel._restore(state)
+                kernel.restore(state)
                 return kernel
         raise RemoteError(f"no kernel {kid} in the agent on {self.alias!r}")
 
     async def launch(
-        self, kid: str, request: LaunchRequest, *, on_slurm: SlurmListener | None = None
+        self, kid: str, request: LaunchRequest, *, on_event: EventListener | None = None
     ) -> KernelProcess:
-        """Start a kernel; returns once its process exists (not yet ready; a SLURM
-        kernel's job may still wait in the queue). ``on_slurm`` sees its SLURM events."""
+        """Start a kernel; returns once its process exists (not yet ready: a queued
+        kernel may still wait). The launcher's remote code must be loaded (its
+        ``prepare``). ``on_event`` sees the launcher's events (queue, start, walltime)."""
         if not self.alive or not self.connected.is_set():
             raise self._lost_error or ConnectionLostError(f"the agent on {self.alias!r} is gone")
-        if request.launcher == "slurm":
-            await self.load_slurm()
         kernel = self.kernels[kid] = KernelProcess(self, kid)
         kernel.persistent = request.persistent
-        if on_slurm is not None:
-            kernel.slurm_listeners.append(on_slurm)
+        if on_event is not None:
+            kernel.listeners.append(on_event)
         self.send(request.message(kid))
         try:
             await kernel.wait_started()
@@ -826,31 +560,22 @@ class RemoteAgent:
         agent_exits = not detach
         if process is not None and self.connected.is_set() and not detach:
             try:
-                bye = await asyncio.wait_for(
-                    self.request("shutdown", keep_persistent=keep_persistent), timeout
+                bye = await self.request(
+                    Op.SHUTDOWN, keep_persistent=keep_persistent, timeout=timeout
                 )
                 agent_exits = not bye.get("kept")
-            except (SSHPykError, asyncio.TimeoutError):
-                pass
-            with contextlib.suppress(Exception):
+            except SSHPykError:
+                pass  # gone or silent: the agent's grace period reaps its kernels
+            with contextlib.suppress(asyncssh.Error, OSError, RuntimeError):
                 process.stdin.write_eof()
             if agent_exits:
                 # the channel closes once the agent has cleaned up and exited
-                with contextlib.suppress(Exception):
+                with contextlib.suppress(asyncio.TimeoutError, asyncssh.Error, OSError):
                     await asyncio.wait_for(process.wait_closed(), timeout)
         self.connected.clear()
         await self._close_channel()
         if process is not None and agent_exits:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(asyncio.TimeoutError, asyncssh.Error, OSError):
                 await asyncio.wait_for(process.wait_closed(), timeout)
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.aclose()
         self.closed.set()
-
-
-class _AgentGoneError(RemoteError):
-    """The agent cannot be reattached: its kernels are lost."""
-
-
-_ERROR_KINDS[Kind.AGENT_GONE] = _AgentGoneError

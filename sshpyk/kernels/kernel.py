@@ -1,8 +1,10 @@
 """RemoteKernel: a remote kernel plus its local forwards, across restarts.
 
-The local ports are bound once (:class:`~sshpyk.forwards.ForwardSet`) and kept
+The local ports are bound once (:class:`~sshpyk.kernels.forwards.ForwardSet`) and kept
 for the life of the object; each (re)start launches a new remote process
-(:class:`~sshpyk.remote.KernelProcess`) and points the forwards at it.
+(:class:`~sshpyk.agent.process.KernelProcess`) and points the forwards at it. What
+differs between launchers goes through the launcher contract
+(:mod:`sshpyk.kernels.launcher`).
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
-from .config import DEFAULTS, KernelConfig, config_fields
-from .errors import KernelStartTimeoutError, RemoteError, SSHPykError
+from ..agent.client import LaunchRequest
+from ..agent.process import KernelProcess
+from ..config import DEFAULTS, KernelConfig, config_fields, parse_slurm_args
+from ..errors import KernelStartTimeoutError, RemoteError, SSHPykError
 from .forwards import CHANNELS, ForwardSet
-from .remote import KernelProcess, LaunchRequest
-from .slurm import check_relay, parse_slurm_args, slurm_logger, slurm_summary
+from .launcher import Launcher, launcher_for
 
 if TYPE_CHECKING:
     from jupyter_client.asynchronous import AsyncKernelClient
@@ -69,17 +72,29 @@ class KernelOptions:
         self, key: str, signature_scheme: str, env: dict[str, str] | None = None
     ) -> LaunchRequest:
         """What the agent is sent: the key, and the options KernelConfig marks
-        ``request``; ``env`` adds to the kernel's environment."""
-        names = [f.option.kernel for f in config_fields() if f.option.request and f.option.kernel]
+        ``request`` (those of other launchers left out); ``env`` adds to the kernel's
+        environment."""
+        own = set(self.launcher_contract.request_fields())
+        names = [
+            f.option.kernel
+            for f in config_fields()
+            if f.option.request
+            and f.option.kernel
+            and (f.option.kernel in own or f.option.kernel == "launcher" or not f.option.launcher)
+        ]
         options = {name: copy.copy(getattr(self, name)) for name in names}
         options["env"] = {**self.env, **(env or {})}
         return LaunchRequest(key, signature_scheme, options)
 
     @property
+    def launcher_contract(self) -> Launcher:
+        """The :class:`~sshpyk.kernels.launcher.Launcher` named by :attr:`launcher`."""
+        return launcher_for(self.launcher)
+
+    @property
     def total_start_timeout(self) -> float:
-        """The whole start: the queue (SLURM) plus the kernel's own start."""
-        queue = self.slurm_queue_timeout if self.launcher == "slurm" else 0.0
-        return self.start_timeout + queue
+        """The whole start (a queue wait included), as the launcher bounds it."""
+        return self.launcher_contract.start_timeout(self)
 
 
 class RemoteKernel:
@@ -146,9 +161,8 @@ class RemoteKernel:
         except asyncio.TimeoutError as exc:
             process = self.process
             await asyncio.shield(self._discard_process())
-            where = ""
-            if process is not None and process.launcher == "slurm":
-                where = f" (SLURM {slurm_summary(process.slurm)})"
+            said = launcher_for(process.launcher).describe(process) if process else ""
+            where = f" ({said})" if said else ""
             raise KernelStartTimeoutError(
                 f"kernel {self.options.kernel_name!r} on {self.session.alias!r} did not start "
                 f"within {timeout:g}s{where} (raise --start-timeout?)"
@@ -171,10 +185,10 @@ class RemoteKernel:
         )
         timings["agent"] = time.monotonic() - t1
         t1 = time.monotonic()
-        on_slurm = None
-        if opts.launcher == "slurm":
-            on_slurm = slurm_logger(self.logger, alias, self.kernel_id)
-        self.process = await agent.launch(self.kernel_id, request, on_slurm=on_slurm)
+        launcher = opts.launcher_contract
+        await launcher.prepare(agent)
+        on_event = launcher.event_listener(self.logger, alias, self.kernel_id)
+        self.process = await agent.launch(self.kernel_id, request, on_event=on_event)
         timings["spawn"] = time.monotonic() - t1
         log.debug(
             "[%s] kernel %s: remote pid %s, %s transport, run dir %s",
@@ -185,15 +199,7 @@ class RemoteKernel:
             self.process.run_dir,
         )
         self.forwards.set_target(self.process)
-        if self.process.launcher == "slurm":
-            await self._wait_slurm_ready(self.process)
-        else:
-            t2 = time.monotonic()
-            await self.process.wait_ready()
-            await self.session.check_forwarding(
-                self.process.transport, self.process.endpoints["hb"]
-            )
-            timings["ready"] = time.monotonic() - t2
+        await launcher.wait_ready(self, self.process)
         timings["total"] = time.monotonic() - t0
         log.debug(
             "[%s] kernel %s ready in %.3fs "
@@ -204,26 +210,8 @@ class RemoteKernel:
             timings["connect"],
             timings["agent"],
             timings["spawn"],
-            timings["ready"],
+            timings.get("ready", 0.0),
         )
-
-    async def _wait_slurm_ready(self, process: KernelProcess) -> None:
-        """The job's queue (bounded by the agent's queue timeout), then the kernel's own
-        start on its node, bounded by start_timeout."""
-        t1 = time.monotonic()
-        await process.running.wait()
-        self.timings["queue"] = time.monotonic() - t1
-        t2 = time.monotonic()
-        try:
-            await asyncio.wait_for(process.wait_ready(), self.options.start_timeout)
-        except asyncio.TimeoutError:
-            raise KernelStartTimeoutError(
-                f"kernel {self.options.kernel_name!r} on {self.session.alias!r}: SLURM "
-                f"{slurm_summary(process.slurm)}, but the kernel did not bind its sockets "
-                f"within {self.options.start_timeout:g}s (raise --start-timeout?)"
-            ) from None
-        await check_relay(self.session, process.endpoints["hb"])  # login node unix socket
-        self.timings["ready"] = time.monotonic() - t2
 
     @classmethod
     async def attach(
@@ -263,6 +251,52 @@ class RemoteKernel:
         kernel.forwards.set_target(process)
         return kernel
 
+    def ready_line(self) -> tuple[str, tuple[Any, ...]]:
+        """The "ready" log line of the last launch (format, args), from its launcher."""
+        assert self.process is not None
+        return launcher_for(self.process.launcher).ready_line(self.process, self.timings)
+
+    #: the keys of :meth:`info` for any kernel
+    INFO_KEYS = (
+        "remote_kernel_id",
+        "remote_pid",
+        "remote_run_dir",
+        "remote_transport",
+        "ports",
+        "transport",
+        "ip",
+    )
+
+    def info(self) -> dict[str, Any]:
+        """Where the kernel runs and how it is forwarded (the provisioner's info): the
+        :attr:`INFO_KEYS`, and what its launcher adds (SLURM: ``slurm``)."""
+        process = self.process
+        info: dict[str, Any] = {
+            "remote_kernel_id": self.kernel_id,
+            "remote_pid": process.pid if process else None,
+            "remote_run_dir": process.run_dir if process else None,
+            "remote_transport": process.transport if process else None,
+            "ports": self.ports,
+            "transport": self.forwards.transport,
+            "ip": self.forwards.ip,
+        }
+        if process is not None:
+            info.update(launcher_for(process.launcher).info(process))
+        return info
+
+    def record(self) -> dict[str, Any]:
+        """What a later process needs to reattach to this kernel and its forwards (the
+        persistent-kernel record of :mod:`sshpyk.state`, without the caller's keys)."""
+        return {
+            "remote_kernel_id": self.kernel_id,
+            "remote_pid": self.process.pid if self.process else None,
+            "ports": self.ports,
+            "transport": self.forwards.transport,
+            "ip": self.forwards.ip,
+            "key": self.key,
+            "signature_scheme": self.signature_scheme,
+        }
+
     def poll(self) -> int | None:
         """None while the kernel runs, else its exit code; no network round trip."""
         if self.process is None:
@@ -282,8 +316,7 @@ class RemoteKernel:
         process, self.process = self.process, None
         self.forwards.clear_target()
         if process is not None:
-            # a SLURM kernel's stop may wait for srun, then for the job to leave the queue
-            await process.stop(timeout=30.0 if process.launcher == "slurm" else 10.0)
+            await process.stop(timeout=launcher_for(process.launcher).stop_timeout)
 
     async def shutdown(self) -> None:
         """Stop the remote kernel (process group killed, run dir removed); keep the ports."""
