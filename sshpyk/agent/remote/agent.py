@@ -127,6 +127,9 @@ class Agent:
         #: (dict.pop is atomic): the loop iterates over snapshots (list(...)) only
         self.kernels = {}
         self.workers = set()
+        #: controllers at EOF while workers ran: detached once no worker is left (the
+        #: answers of their last requests still go out: the channel's stdout may be open)
+        self.closing = []
         self.output = Output()
         self.run_root = hello.get("run_root")
         self.grace = float(hello.get("grace") or 0)
@@ -136,6 +139,7 @@ class Agent:
         self.socket_path = None
         self.listener = None
         self.detached = False  # the local side left on purpose, keeping persistent kernels
+        self.exiting = False  # a shutdown left nothing to keep: exit once workers are done
 
     # -- control socket, for reattaching after the SSH connection was lost ---------
     def open_socket(self):
@@ -205,11 +209,16 @@ class Agent:
 
     def _done(self, thread, msg, then, box):
         self.workers.discard(thread)
-        if "error" in box:
-            if msg is not None:
-                self._failed(msg, *box["error"])
-            return None
-        return then(box.get("result")) if then is not None else None
+        try:
+            if "error" in box:
+                if msg is not None:
+                    self._failed(msg, *box["error"])
+                return None
+            return then(box.get("result")) if then is not None else None
+        finally:
+            if not self.workers:
+                while self.closing:
+                    self.detach(self.closing.pop())
 
     # -- the loop -------------------------------------------------------------------
     def hello(self, writer):
@@ -260,7 +269,9 @@ class Agent:
             except queue.Empty:
                 kind, value = None, None
             if self.dispatch(kind, value) == "exit":
-                return
+                self.exiting = True
+            if self.exiting and not self.workers:
+                return  # every request answered
             for kernel in starting:
                 kernel.check_ready()
             now = time.monotonic()
@@ -279,7 +290,10 @@ class Agent:
             self.attach(value)
         elif kind == "eof":
             # a local side left or its link dropped: a reattach may follow (grace)
-            self.detach(value)
+            if self.workers:
+                self.closing.append(value)
+            else:
+                self.detach(value)
         elif kind == "msg":
             controller, msg = value
             if controller in self.controllers:
@@ -467,11 +481,16 @@ class Agent:
             return
         del self.kernels[kid]
         kernel.exit_code = -1
-        stderr_tail = tail(kernel.log_path) if kernel.log_path else ""
+        # the message says it all: the tail is read after the cleanup (the run dir and
+        # its log are gone then, as a queue timeout's srun output adds nothing)
         self.spawn(
             kernel.cleanup,
             then=lambda _: self.output.emit(
-                Event.ERROR, kid=kid, kind=kind, message=message, stderr_tail=stderr_tail
+                Event.ERROR,
+                kid=kid,
+                kind=kind,
+                message=message,
+                stderr_tail=tail(kernel.log_path) if kernel.log_path else "",
             ),
         )
 

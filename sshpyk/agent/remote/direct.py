@@ -175,18 +175,7 @@ class DirectKernel(Launcher):
         )
         self.describe(argv)
         threading.Thread(target=self._wait, name="wait-" + self.kid, daemon=True).start()
-        self.emit(
-            Event.STARTED,
-            pid=self.proc.pid,
-            pgid=self.proc.pid,
-            run_dir=self.run_dir,
-            transport=self.transport,
-            endpoints=self.endpoints,
-            argv=argv,
-            resource_dir=spec.get("resource_dir"),
-            language=spec.get("language"),
-            launcher=self.name,
-        )
+        self.emit_started(argv, spec, self.endpoints)
 
     def _wait(self):
         code = self.proc.wait()

@@ -169,6 +169,22 @@ class Launcher(abc.ABC):
     def emit(self, event, **fields):
         self.agent.output.emit(event, kid=self.kid, **fields)
 
+    def emit_started(self, argv, spec, endpoints, **extra):
+        """Tell the local side the kernel's process exists (``started``)."""
+        self.emit(
+            Event.STARTED,
+            pid=self.proc.pid,
+            pgid=self.proc.pid,
+            run_dir=self.run_dir,
+            transport=self.transport,
+            endpoints=endpoints,
+            argv=argv,
+            resource_dir=spec.get("resource_dir"),
+            language=spec.get("language"),
+            launcher=self.name,
+            **extra,
+        )
+
     def describe(self, argv, **extra):
         """Write the record `sshpyk ps` shows of this kernel (never the key)."""
         self.info = {

@@ -9,7 +9,6 @@ Remote Python >= 3.8; nothing beyond the standard library, except the remote
 environment's ``jupyter_core``/``jupyter_client``, used to find kernelspecs.
 """
 
-import importlib
 import os
 import signal
 import socket
@@ -115,8 +114,9 @@ def main():
         return attach(first["socket"], output)
     if first.get("op") == Op.NODE:
         try:
-            # the compute node gets every module (see slurm.py)
-            node = importlib.import_module(__package__ + ".node")
+            # the compute node gets every module (see slurm.py); a login node's agent
+            # has it only once SLURM is loaded
+            from . import node
         except ImportError as exc:
             output.emit(Event.ERROR, kind=Kind.PROTOCOL, message="no node side: %s" % exc)
             return 1

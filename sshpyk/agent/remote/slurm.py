@@ -209,19 +209,7 @@ class SlurmKernel(Launcher):
         )
         for target in (self._write_stdin, self._read_stdout, self._read_stderr, self._wait):
             threading.Thread(target=target, name=target.__name__, daemon=True).start()
-        self.emit(
-            Event.STARTED,
-            pid=self.proc.pid,
-            pgid=self.proc.pid,
-            run_dir=self.run_dir,
-            transport=self.transport,
-            endpoints={},
-            argv=argv,
-            resource_dir=spec.get("resource_dir"),
-            language=spec.get("language"),
-            launcher=self.name,
-            job_name=self.job_name,
-        )
+        self.emit_started(argv, spec, {}, job_name=self.job_name)
         # after "started": the local side learns of the kernel before its queue events
         threading.Thread(target=self._monitor, name="monitor", daemon=True).start()
 
