@@ -57,11 +57,6 @@ class SSHKernelSpec(KernelConfig):
     def validate(self) -> None:
         super().validate()
         parse_slurm_args(self.slurm_args)
-        if self.launcher == "slurm" and self.transport == "ipc":
-            raise SSHPykError(
-                "the slurm launcher needs --transport tcp or auto: unix sockets do not cross "
-                "from the login node to a compute node"
-            )
 
     @classmethod
     def from_kernel_json(  # type: ignore[override]

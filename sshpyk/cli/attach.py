@@ -8,7 +8,7 @@ import click
 
 from ..attach import attach_kernel
 from ..config import LOCAL_TRANSPORTS
-from .common import complete_aliases, host_options, run, targets
+from .common import complete_aliases, host_options, run, targets, timeout_option
 
 __all__ = ["attach"]
 
@@ -30,13 +30,7 @@ __all__ = ["attach"]
     help="tcp: 127.0.0.1 ports, for tools that only speak TCP (any local user can "
     "connect); ipc: unix sockets in a private 0700 directory.",
 )
-@click.option(
-    "--timeout",
-    type=click.FloatRange(min=0, min_open=True),
-    default=30.0,
-    show_default=True,
-    help="Seconds allowed to find and attach the kernel (not for the forwarding itself).",
-)
+@timeout_option("Seconds allowed to find and attach the kernel (not for the forwarding itself).")
 @host_options
 def attach(
     alias: str,

@@ -12,7 +12,7 @@ from ..diagnostics.check import ALL_STAGES, CheckTarget, StageResult, Status, ru
 from ..errors import SSHPykError
 from ..kernelspec import InstalledKernel, find_kernel
 from ..ssh.hosts import config_path, host_aliases
-from .common import Context, complete_check_target, pass_obj, run
+from .common import Context, complete_check_target, pass_obj, run, timeout_option
 
 __all__ = ["check"]
 
@@ -71,13 +71,7 @@ def _target(target: str, opts: dict[str, Any]) -> CheckTarget:
 @click.option("--pre-command", help="Shell code run on the remote first.")
 @click.option("--transport", type=click.Choice(TRANSPORTS), help="Transport of the test kernel.")
 @click.option("--no-kernel", is_flag=True, help="Skip starting a test kernel.")
-@click.option(
-    "--timeout",
-    type=click.FloatRange(min=0, min_open=True),
-    default=30.0,
-    show_default=True,
-    help="Seconds allowed per stage.",
-)
+@timeout_option("Seconds allowed per stage.")
 @click.option("--json", "as_json", is_flag=True, help="The stages as JSON.")
 @pass_obj
 def check(obj: Context, target: str, **opts: Any) -> None:

@@ -33,6 +33,7 @@ __all__ = [
     "run",
     "setup_logging",
     "targets",
+    "timeout_option",
     "use_color",
 ]
 
@@ -189,6 +190,17 @@ def host_options(func: Callable[..., Any]) -> Callable[..., Any]:
     ):
         func = option(func)
     return func
+
+
+def timeout_option(help: str, default: float = 30.0) -> Callable[[Callable[..., Any]], Any]:
+    """``--timeout SECONDS`` (a positive number) with this command's meaning."""
+    return click.option(
+        "--timeout",
+        type=click.FloatRange(min=0, min_open=True),
+        default=default,
+        show_default=True,
+        help=help,
+    )
 
 
 def print_table(rows: list[list[str]]) -> None:

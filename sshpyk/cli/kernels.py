@@ -11,6 +11,9 @@ import click
 
 from ..config import ConfigField, config_field, config_fields
 from ..errors import SSHPykError
+from ..kernels.kernel import KernelOptions
+from ..kernels.launcher import launcher_for
+from ..kernels.session import SSHSession
 from ..kernelspec import (
     InstalledKernel,
     SSHKernelSpec,
@@ -21,8 +24,6 @@ from ..kernelspec import (
     spec_changes,
     write_spec,
 )
-from ..session import SSHSession
-from ..slurm import parse_slurm_args
 from .common import complete_aliases, complete_kernels, run
 
 __all__ = ["add", "delete", "edit"]
@@ -104,34 +105,23 @@ def _parse_env(values: tuple[str, ...]) -> dict[str, str]:
     return env
 
 
-async def _inspect(
-    alias: str,
-    ssh_config: str | None,
-    python: str,
-    kernel: str,
-    pre: str | None,
-    slurm_args: list[str] | None = None,
-) -> dict[str, Any]:
-    async with await SSHSession.connect(alias, ssh_config=ssh_config, connect_timeout=20) as s:
-        info = await asyncio.wait_for(s.inspect(python, kernel, pre), 30)
-        if slurm_args is not None:
-            # srun on the login node, and `srun --test-only` accepting the job options
-            agent = await s.agent(python, pre)
-            info["slurm"] = await asyncio.wait_for(agent.slurm_info(slurm_args), 30)
+async def _inspect(spec: SSHKernelSpec) -> dict[str, Any]:
+    """The remote python's facts and kernelspec, and the launcher's check of the host
+    (SLURM: `srun --test-only` accepting the job options), or an SSHPykError."""
+    async with await SSHSession.connect(
+        spec.ssh_host_alias, ssh_config=spec.ssh_config, connect_timeout=20
+    ) as s:
+        python, pre = spec.remote_python, spec.pre_command
+        info = await asyncio.wait_for(s.inspect(python, spec.remote_kernel_name, pre), 30)
+        launcher = launcher_for(spec.launcher)
+        agent = await s.agent(python, pre)
+        options = KernelOptions.from_config(spec)
+        info[launcher.name] = await asyncio.wait_for(launcher.check_host(agent, options), 30)
         return info
 
 
 def _inspect_spec(spec: SSHKernelSpec) -> dict[str, Any]:
-    return run(
-        _inspect(
-            spec.ssh_host_alias,
-            spec.ssh_config,
-            spec.remote_python,
-            spec.remote_kernel_name,
-            spec.pre_command,
-            parse_slurm_args(spec.slurm_args) if spec.launcher == "slurm" else None,
-        )
-    )
+    return run(_inspect(spec))
 
 
 @click.command()

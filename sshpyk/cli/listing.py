@@ -9,7 +9,7 @@ import click
 
 from ..diagnostics.listing import collect_kernels, entry_json, render_block
 from ..diagnostics.live import check_kernels
-from .common import Context, pass_obj, run
+from .common import Context, pass_obj, run, timeout_option
 
 __all__ = ["list_kernels"]
 
@@ -47,13 +47,7 @@ class _Progress:
 @click.option("--local", "-l", is_flag=True, help="Only local kernels.")
 @click.option("--no-check", "-n", is_flag=True, help="Do not contact the hosts.")
 @click.option("--json", "as_json", is_flag=True, help="Everything, checks included, as JSON.")
-@click.option(
-    "--timeout",
-    type=click.FloatRange(min=0, min_open=True),
-    default=20.0,
-    show_default=True,
-    help="Seconds each host has to answer the checks.",
-)
+@timeout_option("Seconds each host has to answer the checks.", default=20.0)
 @pass_obj
 def list_kernels(
     obj: Context, remote: bool, local: bool, no_check: bool, as_json: bool, timeout: float

@@ -22,6 +22,7 @@ from .common import (
     print_table,
     run,
     targets,
+    timeout_option,
 )
 
 __all__ = ["kill", "ps"]
@@ -32,13 +33,7 @@ __all__ = ["kill", "ps"]
 @host_options
 @click.option("--json", "as_json", is_flag=True, help="Full details as JSON.")
 @click.option("--all-users", is_flag=True, help=ALL_USERS_HELP)
-@click.option(
-    "--timeout",
-    type=click.FloatRange(min=0, min_open=True),
-    default=30.0,
-    show_default=True,
-    help="Seconds each host has to answer (a silent host is then reported as an error).",
-)
+@timeout_option("Seconds each host has to answer (a silent host is then reported as an error).")
 def ps(
     aliases: tuple[str, ...],
     ssh_config: str | None,
@@ -79,13 +74,7 @@ def ps(
 @click.option("--orphans", is_flag=True, help="Kill every kernel whose local owner is gone.")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
 @click.option("--all-users", is_flag=True, help=ALL_USERS_HELP)
-@click.option(
-    "--timeout",
-    type=click.FloatRange(min=0, min_open=True),
-    default=30.0,
-    show_default=True,
-    help="Seconds the host has to answer (for the listing, then for the kill).",
-)
+@timeout_option("Seconds the host has to answer (for the listing, then for the kill).")
 @host_options
 def kill(
     alias: str,

@@ -5,7 +5,7 @@ at the first fatal failure, with a suggested fix for it::
 
     config resolution -> TCP connect -> host key -> authentication -> remote python
     -> jupyter_client -> remote kernelspec -> TCP forwarding -> ipc (unix sockets)
-    [-> SLURM (login node), for --launcher slurm] -> test kernel started and answering
+    [-> the launcher's own stage: SLURM (login node)] -> test kernel started and answering
 
 For a SLURM kernelspec the test kernel is a real job (its id, node and state are
 reported). The stages live in :mod:`.connect`, :mod:`.remote`, :mod:`.forwarding` and
@@ -16,13 +16,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from ..kernels.launcher import launcher_for
 from .connect import stage_config, stage_connect
 from .forwarding import stage_forwarding, stage_ipc
-from .launch import stage_kernel, stage_slurm
+from .launch import stage_kernel, stage_launcher
 from .remote import stage_kernelspec, stage_python
 from .report import (
     ALL_STAGES,
-    SLURM_STAGE,
     STAGES,
     CheckTarget,
     Diagnosis,
@@ -33,7 +33,6 @@ from .report import (
 
 __all__ = [
     "ALL_STAGES",
-    "SLURM_STAGE",
     "STAGES",
     "CheckTarget",
     "StageResult",
@@ -45,9 +44,8 @@ __all__ = [
 
 def stages_for(launcher: str) -> tuple[tuple[str, str], ...]:
     """The stages ``sshpyk check`` runs for a kernelspec with this launcher."""
-    if launcher != "slurm":
-        return STAGES
-    return (*STAGES[:-1], SLURM_STAGE, STAGES[-1])
+    own = launcher_for(launcher).check_stage
+    return STAGES if own is None else (*STAGES[:-1], own, STAGES[-1])
 
 
 async def run_check(
@@ -73,8 +71,8 @@ async def run_check(
         await stage_kernelspec(d)
         await stage_forwarding(d)
         await stage_ipc(d)
-        if target.launcher == "slurm":
-            await stage_slurm(d)
+        if launcher_for(target.launcher).check_stage is not None:
+            await stage_launcher(d)
         await stage_kernel(d)
     except StageFailedError:
         done = {r.stage for r in d.results}

@@ -20,7 +20,7 @@ from ..errors import (
     HostRefusedError,
     SSHPykError,
 )
-from ..session import SSHSession
+from ..kernels.session import SSHSession
 from ..ssh.hostkeys import DEFAULT_KNOWN_HOSTS, KeyRecorder
 from ..ssh.hosts import alias_in_config, config_path, resolve_host
 from .report import Diagnosis, Status

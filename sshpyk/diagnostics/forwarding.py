@@ -10,8 +10,9 @@ import time
 
 import asyncssh
 
+from ..agent.command import python_command
 from ..errors import SSHPykError, translating
-from ..remote import python_command
+from ..kernels.launcher import launcher_for
 from .report import Diagnosis, Status, one_line
 
 __all__ = ["expected_transport", "stage_forwarding", "stage_ipc"]
@@ -26,11 +27,12 @@ _RUN_DIR_TAIL = "/sshpyk-12345678-abcdefgh/k"
 
 
 def expected_transport(d: Diagnosis) -> str:
-    """The transport a kernel start would pick (like bootstrap.pick_transport)."""
-    if d.target.launcher == "slurm":
-        return "tcp"  # unix sockets do not cross from the login node to the node
-    if d.target.transport != "auto":
-        return d.target.transport
+    """What a kernel's forwards would connect to on the host: ipc (unix sockets) or
+    tcp, as the launcher says, and for auto as the agent picks (ipc for ipykernel
+    when the run dir fits in a unix socket path)."""
+    transport = launcher_for(d.target.launcher).remote_transport(d.target.transport)
+    if transport != "auto":
+        return transport
     argv = " ".join(str(a) for a in d.kernelspec.get("argv") or [])
     if "ipykernel" in argv and d.ipc_path_ok:
         return "ipc"
@@ -123,18 +125,20 @@ async def stage_ipc(d: Diagnosis) -> None:
 
 
 def _ipc_result(d: Diagnosis, seconds: float, detail: str, fix: str | None) -> None:
+    """Unix socket forwarding does not work: fatal if the kernel's forwards need it."""
     t = d.target
-    if t.transport == "ipc" or (t.transport == "auto" and expected_transport(d) == "ipc"):
-        d.record(
-            "ipc",
-            Status.FAIL,
-            seconds,
-            detail + f": the {t.transport} transport needs it",
-            (fix + ", or " if fix else "") + "use tcp: " + t.change("--transport tcp"),
-        )
-    else:
+    if expected_transport(d) != "ipc":
         tail = "auto picks tcp" if t.transport == "auto" else f"not needed for {t.transport}"
         d.record("ipc", Status.WARN, seconds, f"{detail} ({tail})", fix)
+        return
+    if launcher_for(t.launcher).remote_transport("tcp") == "tcp":
+        need = f"the {t.transport} transport needs it"
+        fixes = [fix, "use tcp: " + t.change("--transport tcp")]
+    else:  # the launcher's forwards go to unix sockets whatever the transport
+        need, fixes = f"the {t.launcher} launcher's forwards need it", [fix]
+    d.record(
+        "ipc", Status.FAIL, seconds, f"{detail}: {need}", ", or ".join(filter(None, fixes)) or None
+    )
 
 
 async def _ipc_probe(d: Diagnosis) -> tuple[str, str | None]:

@@ -20,10 +20,10 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from ..agent.client import RemoteAgent
 from ..errors import RequestTimeoutError, SSHPykError
+from ..kernels.session import SSHSession
 from ..kernelspec import SSHKernelSpec
-from ..remote import RemoteAgent
-from ..session import SSHSession
 from ..ssh.hosts import config_path
 
 __all__ = [

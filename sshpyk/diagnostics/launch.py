@@ -1,5 +1,5 @@
-"""The last stages: the launcher's own check on the login node (SLURM), and a test
-kernel started and answering kernel_info."""
+"""The last stages: the launcher's own check of the host (SLURM: the login node), and
+a test kernel started and answering kernel_info."""
 
 from __future__ import annotations
 
@@ -10,44 +10,44 @@ from ..errors import (
     ForwardingRefusedError,
     KernelStartError,
     KernelStartTimeoutError,
+    LaunchFailedError,
+    SlurmArgsError,
+    SlurmError,
+    SlurmMissingError,
     SSHPykError,
 )
-from ..kernel import KernelOptions
-from ..slurm import slurm_summary
+from ..kernels.kernel import KernelOptions
+from ..kernels.launcher import launcher_for
 from .report import Diagnosis, Status
 
-__all__ = ["stage_kernel", "stage_slurm"]
+__all__ = ["stage_kernel", "stage_launcher"]
 
 
-async def stage_slurm(d: Diagnosis) -> None:
-    """srun and sinfo work on the login node, and ``srun --test-only`` accepts the
-    kernelspec's SLURM arguments (no job is submitted)."""
+async def stage_launcher(d: Diagnosis) -> None:
+    """The launcher's own check of the host (SLURM: srun and sinfo work on the login
+    node and ``srun --test-only`` accepts the job options; no job is submitted)."""
     t = d.target
-    assert d.agent is not None
+    launcher = launcher_for(t.launcher)
+    assert d.agent is not None and launcher.check_stage is not None
+    stage = launcher.check_stage[0]
     started = time.monotonic()
     try:
-        info = await asyncio.wait_for(d.agent.slurm_info(t.slurm_args), d.timeout)
+        info = await asyncio.wait_for(launcher.check_host(d.agent, t.kernel_options()), d.timeout)
     except (SSHPykError, asyncio.TimeoutError) as exc:
         detail = str(exc) or f"no answer within {d.timeout:g}s"
-        if "not found on the PATH" in detail:
+        if isinstance(exc, SlurmMissingError):
             fix = (
                 "install SLURM's client commands on the login node, or load them first: "
                 + t.change("--pre-command 'module load slurm'")
             )
-        elif "rejects the SLURM arguments" in detail:
+        elif isinstance(exc, SlurmArgsError):
             fix = "fix the job options: " + t.change('--slurm-args "--partition=..."')
-        else:
+        elif isinstance(exc, SlurmError):
             fix = f"see what SLURM says: `ssh {t.alias} sinfo`"
-        d.fail("slurm", time.monotonic() - started, detail, fix)
-    partitions = ", ".join(
-        f"{p['partition']} {p['avail']} ({p['nodes']} {p['state']})"
-        for p in info.get("partitions") or []
-    )
-    detail = f"{info.get('version')}, srun at {info.get('srun')}"
-    detail += f"; partitions: {partitions or 'none'}"
-    if info.get("test"):
-        detail += f"; {info['test']}"
-    d.record("slurm", Status.OK, time.monotonic() - started, detail)
+        else:
+            fix = f"run `sshpyk -vvv check {t.kernel or t.alias}` for the full log"
+        d.fail(stage, time.monotonic() - started, detail, fix)
+    d.record(stage, Status.OK, time.monotonic() - started, launcher.host_summary(info))
 
 
 async def stage_kernel(d: Diagnosis) -> None:
@@ -73,13 +73,13 @@ async def stage_kernel(d: Diagnosis) -> None:
             fix = "give it more time: " + t.change("--start-timeout 120")
         elif isinstance(exc, ForwardingRefusedError):
             fix = "see the forwarding stages above"
+        elif isinstance(exc, LaunchFailedError) and t.cwd:
+            fix = f"create {t.cwd} on the host, or " + t.change("--remote-cwd DIR")
         elif isinstance(exc, KernelStartError):
             fix = (
                 "the kernel's output is above; start it by hand on the host to see more: "
                 f"`ssh {t.alias}` then `jupyter kernel --kernel={t.kernel_name}`"
             )
-        elif "working directory" in str(exc):
-            fix = "create it on the host, or " + t.change("--remote-cwd DIR")
         else:
             fix = f"run `sshpyk -vvv check {t.kernel or t.alias}` for the full log"
         d.fail("kernel", time.monotonic() - started, detail, fix)
@@ -100,18 +100,14 @@ async def _test_kernel(d: Diagnosis, options: KernelOptions) -> str:
             client.stop_channels()
         answered = time.monotonic() - started
         assert process is not None
-        if process.launcher == "slurm":
-            return (
-                f"SLURM {slurm_summary(process.slurm)} ({process.host}), kernel pid "
-                f"{process.slurm.get('node_pid')}, started in "
-                f"{kernel.timings.get('total', 0.0):.2f}s (queue "
-                f"{kernel.timings.get('queue', 0.0):.2f}s), answered kernel_info in "
-                f"{answered:.2f}s"
-            )
-        return (
+        where = launcher_for(process.launcher).describe(process)
+        detail = f"{where} ({process.host}), " if where else ""
+        detail += (
             f"pid {process.pid}, {process.transport} transport, started in "
-            f"{kernel.timings.get('total', 0.0):.2f}s, answered kernel_info in "
-            f"{answered:.2f}s"
+            f"{kernel.timings.get('total', 0.0):.2f}s"
         )
+        if "queue" in kernel.timings:
+            detail += f" (queue {kernel.timings['queue']:.2f}s)"
+        return detail + f", answered kernel_info in {answered:.2f}s"
     finally:
         await kernel.close()

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import SSHPykError
+from ..kernels.slurm import slurm_summary
 from ..kernelspec import InstalledKernel, SSHKernelSpec, installed_kernels
-from ..slurm import slurm_summary
 from .live import KernelStatus
 from .report import Status
 

@@ -11,11 +11,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..agent.client import RemoteAgent
 from ..errors import RemoteJupyterClientMissingError, SSHPykError
+from ..kernels.kernel import KernelOptions
+from ..kernels.launcher import launcher_for
+from ..kernels.session import SSHSession
 from ..kernelspec import SSHKernelSpec
-from ..remote import RemoteAgent
-from ..session import SSHSession
-from ..slurm import parse_slurm_args
 from ..ssh.hosts import config_path
 from .report import Status
 
@@ -79,15 +80,18 @@ async def _check_one(session: SSHSession, spec: SSHKernelSpec, status: KernelSta
         status.error = str(exc)
         return
     status.python = status.kernel = Status.OK
-    if spec.launcher == "slurm":
-        await _check_slurm(agent, spec, status)
+    launcher = launcher_for(spec.launcher)
+    if launcher.check_stage is not None:
+        await _check_launcher(agent, spec, status)
 
 
-async def _check_slurm(agent: RemoteAgent, spec: SSHKernelSpec, status: KernelStatus) -> None:
-    """SLURM on the login node, and the jobs running this kernelspec's kernels there."""
-    args = parse_slurm_args(spec.slurm_args)
+async def _check_launcher(agent: RemoteAgent, spec: SSHKernelSpec, status: KernelStatus) -> None:
+    """The launcher's check of the host (SLURM on the login node), and the kernels of
+    this kernelspec it runs there (SLURM: their jobs)."""
+    launcher = launcher_for(spec.launcher)
+    options = KernelOptions.from_config(spec)
     try:
-        status.remote["slurm"] = await agent.slurm_info(args)
+        status.remote[launcher.name] = await launcher.check_host(agent, options)
     except SSHPykError as exc:
         status.slurm = Status.FAIL
         status.error = str(exc)
@@ -95,8 +99,10 @@ async def _check_slurm(agent: RemoteAgent, spec: SSHKernelSpec, status: KernelSt
     status.slurm = Status.OK
     jobs = []
     for k in await agent.ps(spec.remote_run_root, slurm=True):
-        mine = k.get("kernel_name") == spec.remote_kernel_name and k.get("slurm_args") == args
-        if k.get("launcher") == "slurm" and k.get("alive") and mine:
+        mine = k.get("kernel_name") == spec.remote_kernel_name and k.get("slurm_args") == (
+            options.slurm_args
+        )
+        if k.get("launcher") == launcher.name and k.get("alive") and mine:
             jobs.append(
                 {
                     "kernel_id": k.get("kernel_id"),
@@ -106,7 +112,7 @@ async def _check_slurm(agent: RemoteAgent, spec: SSHKernelSpec, status: KernelSt
                     "reason": k.get("slurm_reason"),
                 }
             )
-    status.remote["slurm_jobs"] = jobs
+    status.remote[f"{launcher.name}_jobs"] = jobs
 
 
 async def _check_host(

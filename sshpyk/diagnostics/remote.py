@@ -14,7 +14,7 @@ from ..errors import (
     RemotePythonNotFoundError,
     SSHPykError,
 )
-from ..kernel import KernelOptions
+from ..kernels.kernel import KernelOptions
 from .report import Diagnosis, Status
 
 __all__ = ["stage_kernelspec", "stage_python"]

@@ -9,15 +9,15 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, NoReturn
 
-from ..kernel import KernelOptions
+from ..agent.client import RemoteAgent
+from ..kernels.kernel import KernelOptions
+from ..kernels.launcher import LAUNCHERS
+from ..kernels.session import SSHSession
 from ..kernelspec import SSHKernelSpec
-from ..remote import RemoteAgent
-from ..session import SSHSession
 from ..ssh.hosts import HostOptions, HostSettings
 
 __all__ = [
     "ALL_STAGES",
-    "SLURM_STAGE",
     "STAGES",
     "CheckTarget",
     "Diagnosis",
@@ -54,10 +54,11 @@ STAGES: tuple[tuple[str, str], ...] = (
     ("ipc", "ipc (unix sockets)"),
     ("kernel", "test kernel"),
 )
-#: checked before the test kernel for SLURM kernelspecs only: srun, sinfo, the job options
-SLURM_STAGE = ("slurm", "SLURM (login node)")
-#: every stage any target may run
-ALL_STAGES = (*STAGES, SLURM_STAGE)
+#: every stage any target may run: the common ones, then each launcher's own
+ALL_STAGES: tuple[tuple[str, str], ...] = (
+    *STAGES,
+    *(launcher.check_stage for launcher in LAUNCHERS.values() if launcher.check_stage),
+)
 _TITLES = dict(ALL_STAGES)
 
 

@@ -218,7 +218,6 @@ def test_edit_clears_and_refuses_empty() -> None:
         ({"slurm_walltime_warning": -1.0}, "must be 0 (off) or a number of seconds"),
         ({"ssh_config": "/nonexistent/config"}, "/nonexistent/config does not exist"),
         ({"slurm_args": "--output=/tmp/x"}, "--output is set by sshpyk"),
-        ({"launcher": "slurm", "transport": "ipc"}, "needs --transport tcp or auto"),
     ],
 )
 def test_validation(changes: dict[str, Any], words: str) -> None:
