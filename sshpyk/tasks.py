@@ -99,5 +99,8 @@ async def wait_event(event: asyncio.Event, timeout: float) -> bool:
     try:
         await asyncio.wait((waiter,), timeout=timeout)
     finally:
-        waiter.cancel()
+        if not waiter.done():
+            waiter.cancel()
+            # the cancelled waiter leaves the event's queue when it runs: next iteration
+            await asyncio.wait((waiter,))
     return event.is_set()

@@ -1,0 +1,396 @@
+"""The launcher contract, the error-kind table, owned tasks, the KernelProcess state
+machine and the remote command's quoting: all local, no sshd."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shlex
+import subprocess
+from typing import Any
+
+import pytest
+
+from sshpyk import errors
+from sshpyk.agent.command import python_command, remote_command
+from sshpyk.agent.kinds import ERROR_CLASSES, error_class, remote_error
+from sshpyk.agent.process import LOST, KernelProcess
+from sshpyk.agent.remote.protocol import KINDS, Kind
+from sshpyk.config import LAUNCHERS as LAUNCHER_NAMES
+from sshpyk.kernels import LAUNCHERS, Launcher, launcher_for
+from sshpyk.kernels.kernel import KernelOptions, RemoteKernel
+from sshpyk.kernels.launcher import register
+from sshpyk.tasks import TaskOwner, wait_event
+
+pytestmark = pytest.mark.timeout(30)
+
+
+# -- the launcher registry and contract -------------------------------------------------
+def test_every_configured_launcher_is_registered() -> None:
+    assert set(LAUNCHERS) == set(LAUNCHER_NAMES)
+    for name, launcher in LAUNCHERS.items():
+        assert isinstance(launcher, Launcher) and launcher.name == name
+    assert launcher_for(None) is LAUNCHERS["direct"]
+    with pytest.raises(errors.SSHPykError, match="unknown launcher 'pbs'"):
+        launcher_for("pbs")
+
+
+def test_the_start_timeout_comes_from_the_launcher() -> None:
+    direct = KernelOptions(start_timeout=7.0, slurm_queue_timeout=100.0)
+    slurm = KernelOptions(start_timeout=7.0, slurm_queue_timeout=100.0, launcher="slurm")
+    assert direct.total_start_timeout == 7.0
+    assert slurm.total_start_timeout == 107.0
+
+
+def test_launch_requests_carry_only_the_launchers_own_fields() -> None:
+    assert set(LAUNCHERS["slurm"].request_fields()) == {
+        "slurm_args",
+        "slurm_queue_timeout",
+        "slurm_walltime_warning",
+        "slurm_status_interval",
+    }
+    assert LAUNCHERS["direct"].request_fields() == ()
+    direct = KernelOptions().launch_request("k", "hmac-sha256").message("kid")
+    assert direct["launcher"] == "direct" and not any(k.startswith("slurm") for k in direct)
+    slurm = KernelOptions(launcher="slurm").launch_request("k", "hmac-sha256").message("kid")
+    assert slurm["slurm_queue_timeout"] == KernelOptions().slurm_queue_timeout
+
+
+class _Agent:
+    """What a KernelProcess needs of its agent, recorded."""
+
+    alias = "host"
+    pid = 42
+
+    def __init__(self) -> None:
+        self.connected = asyncio.Event()
+        self.sent: list[dict[str, Any]] = []
+        self.forgotten: list[str] = []
+
+    def send(self, message: dict[str, Any]) -> None:
+        self.sent.append(message)
+
+    def forget(self, kid: str) -> None:
+        self.forgotten.append(kid)
+
+    def error_from_event(self, event: dict[str, Any]) -> errors.SSHPykError:
+        return remote_error(event, self.alias)
+
+
+class _Session:
+    alias = "host"
+    ssh_config = None
+
+
+class _Fake(Launcher):
+    """A test double: a launcher whose kernels are ready once the agent says so, and
+    that records every hook the kernel layer calls."""
+
+    name = "fake"
+    stop_timeout = 1.5
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def start_timeout(self, options: KernelOptions) -> float:
+        return 3 * options.start_timeout
+
+    async def wait_ready(self, kernel: RemoteKernel, process: KernelProcess) -> None:
+        self.calls.append("wait_ready")
+        await process.wait_ready()
+        kernel.timings["ready"] = 0.25
+
+    def describe(self, process: KernelProcess) -> str:
+        return f"fake {process.details.get('where')}"
+
+    def info(self, process: KernelProcess) -> dict[str, Any]:
+        return {"fake": dict(process.details)}
+
+
+@pytest.fixture
+def fake() -> Any:
+    register(_Fake)
+    try:
+        yield LAUNCHERS["fake"]
+    finally:
+        del LAUNCHERS["fake"]
+
+
+async def test_a_new_launcher_is_one_class(fake: _Fake) -> None:
+    options = KernelOptions(launcher="fake", start_timeout=2.0)
+    assert options.total_start_timeout == 6.0
+    kernel = RemoteKernel(_Session(), options, kernel_id="kid")  # type: ignore[arg-type]
+    process = KernelProcess(_Agent(), "kid")
+    process.on_event(
+        {
+            "event": "started",
+            "pid": 5,
+            "pgid": 5,
+            "run_dir": "/r",
+            "transport": "ipc",
+            "endpoints": {"hb": "/r/hb"},
+            "launcher": "fake",
+        }
+    )
+    process.details["where"] = "there"
+    process.on_event({"event": "ready"})
+    await fake.wait_ready(kernel, process)
+    kernel.process = process
+    assert kernel.info()["fake"] == {"where": "there"}
+    assert kernel.info()["remote_pid"] == 5
+    line, args = kernel.ready_line()
+    assert line % args == "remote pid 5 ready in 0.000s"
+    assert fake.describe(process) == "fake there" and fake.calls == ["wait_ready"]
+
+
+# -- error kinds ----------------------------------------------------------------------
+def test_every_error_kind_has_a_class() -> None:
+    assert set(ERROR_CLASSES) == set(KINDS)
+    for kind in KINDS:
+        assert issubclass(error_class(kind), errors.SSHPykError), kind
+    assert error_class("no_such_kind") is errors.RemoteError
+    assert error_class(None) is errors.RemoteError
+    assert error_class(Kind.AGENT_GONE) is errors.AgentGoneError
+    assert error_class(Kind.SLURM_ARGS) is errors.SlurmArgsError
+    assert issubclass(errors.SlurmMissingError, errors.SlurmError)
+    assert issubclass(errors.LaunchFailedError, errors.KernelStartError)
+    for name in ("NotPermittedError", "AgentInternalError", "AgentGoneError"):
+        assert issubclass(getattr(errors, name), errors.RemoteError), name
+
+
+def test_an_error_event_becomes_its_class_with_the_kernel_output() -> None:
+    exc = remote_error(
+        {"kind": Kind.KERNEL_EXITED, "message": "kernel died", "stderr_tail": "a\n\nb\n"}, "h"
+    )
+    assert type(exc) is errors.KernelStartError
+    assert str(exc) == "kernel died on 'h'; kernel output: a | b"
+    assert type(remote_error({"kind": "new_kind", "message": "m"}, "h")) is errors.RemoteError
+
+
+# -- TaskOwner ------------------------------------------------------------------------
+async def test_a_failed_task_is_logged_and_dropped(caplog: pytest.LogCaptureFixture) -> None:
+    owner = TaskOwner("[h] test")
+
+    async def fail() -> None:
+        raise ValueError("boom")
+
+    task = owner.create_task(fail(), name="failing")
+    with caplog.at_level(logging.ERROR, logger="sshpyk"):
+        await asyncio.wait([task])
+        await asyncio.sleep(0)
+    assert len(owner) == 0
+    assert "[h] test: task failing failed: ValueError('boom')" in caplog.text
+    await owner.aclose()
+
+
+async def test_aclose_cancels_what_is_left_and_refuses_new_tasks() -> None:
+    owner = TaskOwner("t")
+    cancelled = asyncio.Event()
+
+    async def forever() -> None:
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            cancelled.set()
+
+    task = owner.create_task(forever())
+    await asyncio.sleep(0)
+    await owner.aclose(timeout=1.0)
+    assert task.cancelled() and cancelled.is_set() and len(owner) == 0
+    coro = forever()
+    with pytest.raises(RuntimeError):
+        owner.create_task(coro)
+
+
+async def test_aclose_is_bounded(caplog: pytest.LogCaptureFixture) -> None:
+    owner = TaskOwner("t")
+    release = asyncio.Event()
+
+    async def stubborn() -> None:
+        while not release.is_set():
+            try:
+                await release.wait()
+            except asyncio.CancelledError:
+                continue  # refuses to die (until released)
+
+    task = owner.create_task(stubborn())
+    await asyncio.sleep(0)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with caplog.at_level(logging.WARNING, logger="sshpyk"):
+        await owner.aclose(timeout=0.2)
+    assert loop.time() - started < 1.0
+    assert "1 task(s) still running" in caplog.text
+    release.set()
+    await task
+
+
+async def test_wait_event_leaves_no_waiter() -> None:
+    event = asyncio.Event()
+    assert not await wait_event(event, 0.01)
+    assert not event._waiters  # type: ignore[attr-defined]
+    waiting = asyncio.ensure_future(wait_event(event, 10))
+    await asyncio.sleep(0.01)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    await asyncio.sleep(0)
+    assert not event._waiters  # type: ignore[attr-defined]
+    event.set()
+    assert await wait_event(event, 0)
+
+
+# -- KernelProcess --------------------------------------------------------------------
+STARTED = {
+    "event": "started",
+    "kid": "k",
+    "pid": 7,
+    "pgid": 7,
+    "run_dir": "/run/k",
+    "transport": "ipc",
+    "endpoints": {"hb": "/run/k/hb"},
+    "argv": ["python"],
+}
+
+
+async def test_a_direct_kernel_runs_at_once_and_is_ready_on_ready() -> None:
+    process = KernelProcess(_Agent(), "k")
+    process.on_event(STARTED)
+    assert process.started.is_set() and process.running.is_set()
+    assert not process.ready.is_set() and process.poll() is None
+    process.on_event({"event": "ready", "kid": "k"})
+    await process.wait_ready()
+    assert process.reachable.is_set()
+    process.on_event({"event": "exited", "kid": "k", "code": 3, "stderr_tail": "bye"})
+    assert await process.wait() == 3 and process.stderr_tail == "bye"
+    assert not process.stopped.is_set()
+    process.on_event({"event": "stopped", "kid": "k"})
+    assert process.stopped.is_set() and process.poll() == 3
+
+
+async def test_a_queued_kernel_runs_when_its_endpoints_come() -> None:
+    process = KernelProcess(_Agent(), "k")
+    seen: list[dict[str, Any]] = []
+    process.listeners.append(lambda p, e: seen.append(e))
+    process.on_event({**STARTED, "endpoints": {}, "launcher": "slurm", "job_name": "sshpyk-k"})
+    assert process.started.is_set() and not process.running.is_set()
+    process.on_event({"event": "slurm", "kid": "k", "job_id": "12", "state": "PENDING"})
+    assert not process.running.is_set() and process.details["state"] == "PENDING"
+    process.on_event(
+        {
+            "event": "slurm",
+            "kid": "k",
+            "job_id": "12",
+            "state": "RUNNING",
+            "node": "n1",
+            "host": "10.0.0.2",
+            "endpoints": {"hb": "/s/hb"},
+        }
+    )
+    assert process.running.is_set() and process.host == "10.0.0.2"
+    assert process.slurm == {
+        "job_name": "sshpyk-k",
+        "job_id": "12",
+        "state": "RUNNING",
+        "node": "n1",
+        "host": "10.0.0.2",
+    }
+    assert [e["state"] for e in seen] == ["PENDING", "RUNNING"]
+
+
+async def test_an_error_event_fails_the_start_with_its_class() -> None:
+    process = KernelProcess(_Agent(), "k")
+    process.on_event(
+        {"event": "error", "kid": "k", "kind": Kind.LAUNCH_FAILED, "message": "cannot start"}
+    )
+    with pytest.raises(errors.LaunchFailedError, match="cannot start on 'host'"):
+        await process.wait_started()
+    assert process.poll() == LOST and process.stopped.is_set()
+
+
+async def test_restore_after_a_reattach() -> None:
+    queued = KernelProcess(_Agent(), "k")
+    queued.restore(
+        {
+            "kid": "k",
+            "pid": 9,
+            "endpoints": {"hb": "/s"},
+            "ready": False,
+            "launcher": "slurm",
+            "host": None,
+            "job_id": "5",
+            "slurm_state": "PENDING",
+        }
+    )
+    assert queued.started.is_set() and not queued.running.is_set()
+    assert queued.details == {"job_id": "5", "state": "PENDING"}
+    direct = KernelProcess(_Agent(), "k")
+    direct.restore({"kid": "k", "pid": 9, "endpoints": {"hb": 1}, "ready": True})
+    assert direct.running.is_set() and direct.reachable.is_set() and direct.poll() is None
+    ended = KernelProcess(_Agent(), "k")
+    ended.restore({"kid": "k", "pid": 9, "exit_code": 0})
+    assert ended.poll() == 0 and ended.ready.is_set()
+
+
+async def test_agent_loss_and_a_bounded_stop() -> None:
+    agent = _Agent()
+    process = KernelProcess(agent, "k")
+    process.on_event(STARTED)
+    await process.stop(timeout=5)  # the link is down: returns at once
+    assert agent.sent == [] and agent.forgotten == ["k"]
+    agent.connected.set()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await process.stop(timeout=0.1)  # no confirmation: bounded
+    assert loop.time() - started < 1 and agent.sent == [{"op": "stop", "kid": "k"}]
+    assert not process.stopped._waiters  # type: ignore[attr-defined]
+    process.on_agent_lost(errors.ConnectionLostError("gone"))
+    assert process.poll() == LOST and process.stopped.is_set()
+    with pytest.raises(errors.ConnectionLostError):
+        await process.wait_started()
+
+
+# -- the remote command ---------------------------------------------------------------
+@pytest.mark.parametrize(
+    "python", ["python3", "/usr/bin/python3", "~/venv dir/bin/python", "/opt/env's"]
+)
+def test_python_command_quotes_for_the_shell(python: str) -> None:
+    command = python_command(python, None, "import sys; print(sys.argv[1:])", "a b", "$HOME")
+    assert command.stdin == b""
+    words = shlex.split(command.command.splitlines()[-1])
+    assert words[0] == "exec" and words[-4:] == [
+        "-c",
+        "import sys; print(sys.argv[1:])",
+        "a b",
+        "$HOME",
+    ]
+    if "/" not in python:
+        assert words[1] == python
+
+
+def test_python_command_runs_with_the_pre_command_on_stdin() -> None:
+    command = python_command(
+        "python3",
+        "export SECRET=s3cr3t\necho pre >&2",
+        "import os,sys;print(os.environ['SECRET'], sys.argv[1])",
+        "x y",
+    )
+    assert "s3cr3t" not in command.command  # never in argv (ps)
+    result = subprocess.run(
+        ["sh", "-c", command.command], input=command.stdin, capture_output=True, timeout=20
+    )
+    assert result.stdout.decode().split() == ["s3cr3t", "x", "y"]
+    assert result.stderr.decode().strip() == "pre"
+
+
+def test_python_command_refuses_option_like_pythons() -> None:
+    for python in ("", "-c"):
+        with pytest.raises(errors.SSHPykError, match="not a path or command name"):
+            python_command(python, None, "pass")
+
+
+def test_the_agent_command_sends_its_code_on_stdin() -> None:
+    command = remote_command("python3", "module load x")
+    assert command.stdin.startswith(b"1\nmodule load x\n")
+    assert "module load x" not in command.command
+    assert len(command.stdin) > 1000 and len(command.command) < 1000
