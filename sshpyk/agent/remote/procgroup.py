@@ -100,6 +100,25 @@ def stop_group(pid, proc=None, term_wait=TERM_WAIT, kill_wait=KILL_WAIT):
     return "pid %d still runs after SIGKILL" % pid
 
 
+def read_environ(pid, tries=20):
+    """The environment entries of ``pid``, or None if they cannot be read.
+
+    Right after an exec the kernel has installed the new program but not yet its
+    environment (/proc/PID/environ reads empty for a moment, although Popen has
+    returned): an empty read is retried briefly (at most ``tries`` x 5 ms), then
+    counts as unreadable."""
+    for _ in range(tries):
+        try:
+            with open("/proc/%d/environ" % pid, "rb") as f:
+                data = f.read(4 << 20)
+        except OSError:
+            return None
+        if data:
+            return data.split(b"\0")
+        time.sleep(0.005)
+    return None
+
+
 def verify_kernel_pid(pid, run_dir, owner, command_line_mark=None):
     """None if ``pid`` is verifiably the kernel (or a launcher's process, e.g. srun) of
     ``run_dir``, else why not (one line). Its process must belong to ``owner`` (the run
@@ -116,10 +135,8 @@ def verify_kernel_pid(pid, run_dir, owner, command_line_mark=None):
         return "pid %d is gone" % pid
     if uid != owner:
         return "pid %d belongs to uid %d, not to the run dir's owner %d" % (pid, uid, owner)
-    try:
-        with open("/proc/%d/environ" % pid, "rb") as f:
-            environ = f.read(4 << 20).split(b"\0")
-    except OSError:
+    environ = read_environ(pid)
+    if environ is None:
         return None  # unreadable: the owner check is what there is
     want = os.path.realpath(run_dir)
     for entry in environ:
