@@ -31,6 +31,7 @@
     │   ├── RequestTimeoutError   the agent did not answer a request in time
     │   └── ProtocolError         the agent answered something unexpected
     └── KernelStartTimeoutError   the kernel did not come up within start_timeout
+        └── SlurmQueueTimeoutError    its SLURM job waited longer than the queue timeout
 
 Each error *kind* the remote agent reports (``sshpyk.agent.remote.protocol.Kind``) maps
 to one of these classes in one table, ``sshpyk.agent.kinds.ERROR_CLASSES``; an unknown
@@ -80,6 +81,7 @@ __all__ = [
     "SlurmArgsError",
     "SlurmError",
     "SlurmMissingError",
+    "SlurmQueueTimeoutError",
     "UnknownHostKeyError",
     "UnsafePathError",
     "translate_error",
@@ -222,7 +224,12 @@ class RequestTimeoutError(RemoteError):
 
 
 class KernelStartTimeoutError(SSHPykError):
-    pass
+    """The kernel did not come up within its start timeout."""
+
+
+class SlurmQueueTimeoutError(KernelStartTimeoutError):
+    """The kernel's SLURM job did not leave the queue within the SLURM queue timeout
+    (the agent cancelled it)."""
 
 
 def _one_line(text: object) -> str:

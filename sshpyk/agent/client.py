@@ -452,7 +452,6 @@ class RemoteAgent:
         self,
         run_root: str | None = None,
         *,
-        slurm: bool = False,
         all_users: bool = False,
         timeout: float = DEFAULT_REQUEST_TIMEOUT,
     ) -> list[dict[str, Any]]:
@@ -461,11 +460,9 @@ class RemoteAgent:
         Each entry: kernel_id, kernel_name, pid, alive, started (epoch), agent_pid,
         agent_alive, attached (a local side was heard within its grace), last_contact
         (epoch or None), persistent, transport, run_dir. SLURM kernels also have
-        launcher ("slurm"), job_id, job_name, node, host and, with ``slurm`` (or once
-        the agent runs SLURM kernels), slurm_state and slurm_reason from squeue.
+        launcher ("slurm"), job_id, job_name, node, host and, once the SLURM launcher
+        is loaded (its ``prepare``), slurm_state and slurm_reason from squeue.
         """
-        if slurm:
-            await self.load_slurm()
         event = await self.request(Op.PS, run_root=run_root, all_users=all_users, timeout=timeout)
         return list(event.get("kernels") or [])
 
@@ -475,20 +472,18 @@ class RemoteAgent:
         *,
         orphans: bool = False,
         run_root: str | None = None,
-        slurm: bool = False,
         all_users: bool = False,
         timeout: float = DEFAULT_REQUEST_TIMEOUT,
     ) -> list[dict[str, Any]]:
         """Kill one kernel (by id or unique id prefix) or every orphan; remove run dirs.
-        With ``slurm`` the jobs of SLURM kernels are scancelled too.
+        Once the SLURM launcher is loaded (its ``prepare``) the jobs of SLURM kernels
+        are scancelled too.
 
         Only this remote user's kernels are touched; ``all_users`` (the remote user must
         be root) widens that to every user's. Each returned entry has ``killed`` (bool)
         and ``error`` (None, or why the kill or the removal failed)."""
         if not kernel_id and not orphans:
             raise ValueError("kill() needs a kernel_id or orphans=True")
-        if slurm:
-            await self.load_slurm()
         event = await self.request(
             Op.KILL,
             kernel_id=kernel_id,

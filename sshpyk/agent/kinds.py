@@ -13,7 +13,6 @@ from ..errors import (
     AgentGoneError,
     AgentInternalError,
     KernelStartError,
-    KernelStartTimeoutError,
     LaunchFailedError,
     NotPermittedError,
     ProtocolError,
@@ -23,6 +22,7 @@ from ..errors import (
     SlurmArgsError,
     SlurmError,
     SlurmMissingError,
+    SlurmQueueTimeoutError,
     SSHPykError,
     UnsafePathError,
 )
@@ -44,7 +44,7 @@ ERROR_CLASSES: dict[str, type[SSHPykError]] = {
     Kind.SLURM_MISSING: SlurmMissingError,
     Kind.SLURM_ERROR: SlurmError,
     Kind.SLURM_ARGS: SlurmArgsError,
-    Kind.SLURM_QUEUE_TIMEOUT: KernelStartTimeoutError,
+    Kind.SLURM_QUEUE_TIMEOUT: SlurmQueueTimeoutError,
     Kind.SLURM_FAILED: KernelStartError,
 }
 

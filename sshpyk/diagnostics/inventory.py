@@ -7,8 +7,10 @@ kernelspec for that host) and tells whether the local side that owns each one is
 heard from (``attached``). Killing a kernel kills its process group and removes its run
 directory; a kill that failed says why. Only the remote user's own kernels are
 touched unless ``all_users`` (the remote user must be root). Every exchange with a host
-is bounded by a timeout, hanging up included. SLURM kernels (launcher ``slurm``) also
-show their job id, node and job state (from squeue); killing one also scancels its job.
+is bounded by a timeout, hanging up included. Each launcher named by the host's
+kernelspecs or its kernels is prepared on the agent first (``Launcher.prepare``) and
+adds its own columns (``Launcher.ps_columns``: SLURM kernels show their job id, node and
+job state from squeue); killing a SLURM kernel also scancels its job.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any, TypeVar
 
 from ..agent.client import RemoteAgent
 from ..errors import RequestTimeoutError, SSHPykError
+from ..kernels.launcher import LAUNCHERS, Launcher, find_launcher
 from ..kernels.session import SSHSession
 from ..kernelspec import SSHKernelSpec
 from ..ssh.hosts import config_path
@@ -49,8 +52,8 @@ class HostTarget:
     pre_command: str | None = None
     #: extra run roots to scan besides the defaults (None = the defaults only)
     run_roots: list[str | None] = field(default_factory=lambda: [None])
-    #: a kernelspec of this host uses the SLURM launcher: ask squeue about jobs
-    slurm: bool = False
+    #: the launchers of this host's kernelspecs (prepared on its agent before ps/kill)
+    launchers: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -106,7 +109,7 @@ def host_targets(
                     python=python or (first.remote_python if first else "python3"),
                     pre_command=first.pre_command if first and not python else None,
                     run_roots=list(dict.fromkeys(roots)),
-                    slurm=any(s.launcher == "slurm" for s in host_specs),
+                    launchers=list(dict.fromkeys(s.launcher for s in host_specs)),
                 )
             )
     return targets
@@ -159,16 +162,39 @@ async def _on_host(
             await session.aclose(timeout=max(CLOSE_GRACE, deadline - loop.time()))
 
 
+def _launchers(names: Iterable[str | None]) -> list[Launcher]:
+    """The launchers called ``names``, once each (names this version lacks left out)."""
+    found = (find_launcher(name) for name in names)
+    return list(dict.fromkeys(launcher for launcher in found if launcher is not None))
+
+
+async def _prepare(
+    agent: RemoteAgent, names: Iterable[str | None], prepared: set[str]
+) -> list[Launcher]:
+    """Prepare the launchers called ``names`` not in ``prepared`` yet on ``agent`` (and
+    add them to it); returns those it prepared."""
+    new = [launcher for launcher in _launchers(names) if launcher.name not in prepared]
+    for launcher in new:
+        await launcher.prepare(agent)
+        prepared.add(launcher.name)
+    return new
+
+
 async def _ps(
     agent: RemoteAgent, target: HostTarget, all_users: bool = False
 ) -> list[dict[str, Any]]:
+    """Every kernel under the target's run roots, with every launcher named by its
+    kernelspecs or its kernels prepared on the agent."""
     seen: dict[str, dict[str, Any]] = {}
-    slurm = target.slurm
+    prepared: set[str] = set()
+    await _prepare(agent, target.launchers, prepared)
     for root in target.run_roots:
-        kernels = await agent.ps(run_root=root, slurm=slurm, all_users=all_users)
-        if not slurm and any(k.get("launcher") == "slurm" for k in kernels):
-            slurm = True  # SLURM kernels without a SLURM kernelspec here: ask again
-            kernels = await agent.ps(run_root=root, slurm=True, all_users=all_users)
+        kernels = await agent.ps(run_root=root, all_users=all_users)
+        new = await _prepare(agent, (k.get("launcher") for k in kernels), prepared)
+        if any(launcher.ps_columns for launcher in new):
+            # kernels of a launcher no kernelspec here names: ask again, now that the
+            # agent can fill in that launcher's columns (SLURM: squeue's job state)
+            kernels = await agent.ps(run_root=root, all_users=all_users)
         for kernel in kernels:
             seen.setdefault(str(kernel.get("run_dir")), kernel)
     return sorted(seen.values(), key=lambda k: (k.get("started") or 0, str(k.get("kernel_id"))))
@@ -231,10 +257,9 @@ async def kill_kernels(
         killed = []
         for full_id, kernel in chosen.items():
             root = os.path.dirname(str(kernel["run_dir"]))
-            slurm = kernel.get("launcher") == "slurm"
-            killed += await agent.kill(
-                full_id, run_root=root, slurm=slurm, all_users=all_users, timeout=timeout
-            )
+            for launcher in _launchers([kernel.get("launcher")]):
+                await launcher.prepare(agent)  # a SLURM kernel's kill scancels its job
+            killed += await agent.kill(full_id, run_root=root, all_users=all_users, timeout=timeout)
         return killed
 
     return await _on_host(target, timeout, work)
@@ -248,12 +273,10 @@ async def kill_orphans(
 
     async def work(agent: RemoteAgent) -> list[dict[str, Any]]:
         killed: dict[str, dict[str, Any]] = {}
-        slurm = target.slurm or any(
-            k.get("launcher") == "slurm" for k in await _ps(agent, target, all_users)
-        )
+        await _ps(agent, target, all_users)  # prepares the launchers of every kernel
         for root in target.run_roots:
             for kernel in await agent.kill(
-                orphans=True, run_root=root, slurm=slurm, all_users=all_users, timeout=timeout
+                orphans=True, run_root=root, all_users=all_users, timeout=timeout
             ):
                 killed.setdefault(str(kernel.get("run_dir")), kernel)
         return list(killed.values())
@@ -285,13 +308,17 @@ def age(epoch: float | None, now: float | None = None) -> str:
 
 
 def ps_table(hosts: Iterable[HostKernels]) -> list[list[str]]:
-    """Rows (header first) for the kernels of ``hosts``; with SLURM kernels among them,
-    three more columns: JOB ID, NODE, JOB STATE (with the reason while pending)."""
+    """Rows (header first) for the kernels of ``hosts``; each launcher among them with
+    columns of its own adds them (``Launcher.ps_columns``; SLURM: JOB ID, NODE, JOB
+    STATE with the reason while pending), "-" for the other launchers' kernels."""
     hosts = list(hosts)
     rows = [["HOST", "KERNEL ID", "NAME", "PID", "STARTED", "LAST CONTACT", "LOCAL OWNER", "STATE"]]
-    slurm = any(k.get("launcher") == "slurm" for h in hosts for k in h.kernels)
-    if slurm:
-        rows[0] += ["JOB ID", "NODE", "JOB STATE"]
+    present = _launchers(k.get("launcher") for h in hosts for k in h.kernels)
+    shown = [
+        launcher for launcher in LAUNCHERS.values() if launcher.ps_columns and launcher in present
+    ]
+    for launcher in shown:
+        rows[0] += launcher.ps_columns
     now = time.time()
     for host in hosts:
         for k in host.kernels:
@@ -311,15 +338,9 @@ def ps_table(hosts: Iterable[HostKernels]) -> list[list[str]]:
                     "running" if k.get("alive") else "dead",
                 ]
             )
-            if slurm:
-                rows[-1] += _slurm_cells(k)
+            for launcher in shown:
+                if find_launcher(k.get("launcher")) is launcher:
+                    rows[-1] += launcher.ps_cells(k)
+                else:
+                    rows[-1] += ["-"] * len(launcher.ps_columns)
     return rows
-
-
-def _slurm_cells(kernel: dict[str, Any]) -> list[str]:
-    if kernel.get("launcher") != "slurm":
-        return ["-", "-", "-"]
-    state = str(kernel.get("slurm_state") or "?")
-    if kernel.get("slurm_reason") and state != "RUNNING":
-        state += f" ({kernel['slurm_reason']})"
-    return [str(kernel.get("job_id") or "-"), str(kernel.get("node") or "-"), state]

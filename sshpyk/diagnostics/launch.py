@@ -14,6 +14,7 @@ from ..errors import (
     SlurmArgsError,
     SlurmError,
     SlurmMissingError,
+    SlurmQueueTimeoutError,
     SSHPykError,
 )
 from ..kernels.kernel import KernelOptions
@@ -66,7 +67,7 @@ async def stage_kernel(d: Diagnosis) -> None:
             detail = f"no answer within {limit:g}s"
         else:
             detail = str(exc)
-        if isinstance(exc, KernelStartTimeoutError) and "SLURM" in str(exc):
+        if isinstance(exc, SlurmQueueTimeoutError):
             fix = "let it wait longer in the queue: " + t.change("--slurm-queue-timeout 3600")
             fix += ", or pick a less busy partition (`sinfo`)"
         elif isinstance(exc, KernelStartTimeoutError):

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import SSHPykError
-from ..kernels.slurm import slurm_summary
+from ..kernels.launcher import Launcher, find_launcher
 from ..kernelspec import InstalledKernel, SSHKernelSpec, installed_kernels
 from .live import KernelStatus
 from .report import Status
@@ -72,10 +72,8 @@ def simplified_command(spec: SSHKernelSpec) -> str:
         f"ssh {spec.ssh_host_alias} {pre}{spec.remote_python} <sshpyk agent> "
         f"--kernel={spec.remote_kernel_name}"
     )
-    if spec.launcher == "slurm":
-        srun = f"srun {spec.slurm_args} " if spec.slurm_args else "srun "
-        command += f" -> {srun}{spec.remote_python} <sshpyk node>"
-    return command
+    launcher = find_launcher(spec.launcher)
+    return command + (launcher.command_tail(spec) if launcher else "")
 
 
 def remote_command_line(remote_spec: dict[str, Any], remote: dict[str, Any]) -> str:
@@ -147,8 +145,14 @@ def render_block(entry: KernelEntry, mark: Callable[[Status], str] | None = None
     lines.append(_line("Start Timeout", f"{spec.start_timeout:g}"))
     lines.append(_line("Transport", spec.transport))
     lines.append(_line("Local Transport", spec.local_transport))
-    if spec.launcher == "slurm":
-        lines += _slurm_lines(spec, remote, marked)
+    launcher: Launcher | None = find_launcher(spec.launcher)
+    if launcher is not None:
+        lines += [
+            _line(label, value)
+            for label, value in launcher.listing_lines(
+                spec, remote, lambda value: marked(value, "launcher")
+            )
+        ]
     if spec.remote_env:
         env = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(spec.remote_env.items()))
         lines.append(_line("Remote Env", env))
@@ -165,35 +169,6 @@ def render_block(entry: KernelEntry, mark: Callable[[Status], str] | None = None
     if status is not None and status.error:
         lines.append(_line("Problem", status.error))
     return "\n".join(lines)
-
-
-def _slurm_lines(
-    spec: SSHKernelSpec, remote: dict[str, Any], marked: Callable[[object, str], str]
-) -> list[str]:
-    """The launcher's settings; with live checks, SLURM on the login node and the jobs
-    running this kernelspec's kernels there (job id, node, state)."""
-    warning = spec.slurm_walltime_warning
-    lines = [
-        _line("Launcher", marked("slurm (srun on the login node)", "slurm")),
-        _line("SLURM Args", spec.slurm_args or "(none)"),
-        _line("SLURM Queue Limit", f"{spec.slurm_queue_timeout:g}s"),
-        _line("SLURM Time Warning", f"{warning:g}s before the limit" if warning else "off"),
-        _line("SLURM Status Every", f"{spec.slurm_status_interval:g}s while queued"),
-    ]
-    info = remote.get("slurm")
-    if info:
-        partitions = ", ".join(
-            f"{p.get('partition')} {p.get('avail')} ({p.get('nodes')} {p.get('state')})"
-            for p in info.get("partitions") or []
-        )
-        lines.append(_line("SLURM", f"{info.get('version')}; partitions: {partitions or 'none'}"))
-    jobs = remote.get("slurm_jobs")
-    if jobs is not None:
-        running = ", ".join(
-            f"{slurm_summary(j)} (kernel {str(j.get('kernel_id'))[:8]})" for j in jobs
-        )
-        lines.append(_line("SLURM Jobs", running or "none"))
-    return lines
 
 
 def entry_json(entry: KernelEntry) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from typing import Any
 from ..agent.client import RemoteAgent
 from ..errors import RemoteJupyterClientMissingError, SSHPykError
 from ..kernels.kernel import KernelOptions
-from ..kernels.launcher import launcher_for
+from ..kernels.launcher import LAUNCHERS, launcher_for
 from ..kernels.session import SSHSession
 from ..kernelspec import SSHKernelSpec
 from ..ssh.hosts import config_path
@@ -30,10 +30,14 @@ class KernelStatus:
     alias: Status = Status.SKIP
     python: Status = Status.SKIP
     kernel: Status = Status.SKIP
-    #: SLURM kernelspecs: srun/sinfo work and `srun --test-only` accepts the arguments
-    slurm: Status = Status.SKIP
+    #: the launcher's own check of the host (Launcher.check_host; SLURM: srun/sinfo
+    #: work and `srun --test-only` accepts the arguments), for launchers with a check
+    launcher: Status = Status.SKIP
+    #: the name of the launcher of the kernelspec (whose check ``launcher`` is)
+    launcher_name: str | None = None
     #: the remote python's facts and kernelspec (from the agent), when reached; for
-    #: SLURM kernelspecs also "slurm" (version, partitions) and "slurm_jobs" (running)
+    #: launchers with a check also its answer under the launcher's name ("slurm":
+    #: version, partitions) and its running kernels under name + "_jobs"
     remote: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     seconds: float = 0.0
@@ -44,7 +48,13 @@ class KernelStatus:
             "ssh_host_alias": self.alias.value,
             "remote_python": self.python.value,
             "remote_kernel_name": self.kernel.value,
-            "slurm_args": self.slurm.value,
+            **{
+                launcher.check_field: (
+                    self.launcher if launcher.name == self.launcher_name else Status.SKIP
+                ).value
+                for launcher in LAUNCHERS.values()
+                if launcher.check_field
+            },
             "remote": dict(self.remote),
             "error": self.error,
             "seconds": round(self.seconds, 4),
@@ -93,25 +103,18 @@ async def _check_launcher(agent: RemoteAgent, spec: SSHKernelSpec, status: Kerne
     try:
         status.remote[launcher.name] = await launcher.check_host(agent, options)
     except SSHPykError as exc:
-        status.slurm = Status.FAIL
+        status.launcher = Status.FAIL
         status.error = str(exc)
         return
-    status.slurm = Status.OK
+    status.launcher = Status.OK
+    await launcher.prepare(agent)
     jobs = []
-    for k in await agent.ps(spec.remote_run_root, slurm=True):
-        mine = k.get("kernel_name") == spec.remote_kernel_name and k.get("slurm_args") == (
-            options.slurm_args
-        )
-        if k.get("launcher") == launcher.name and k.get("alive") and mine:
-            jobs.append(
-                {
-                    "kernel_id": k.get("kernel_id"),
-                    "job_id": k.get("job_id"),
-                    "node": k.get("node"),
-                    "state": k.get("slurm_state"),
-                    "reason": k.get("slurm_reason"),
-                }
-            )
+    for k in await agent.ps(spec.remote_run_root):
+        mine = k.get("launcher") == launcher.name and k.get("alive")
+        if mine and k.get("kernel_name") == spec.remote_kernel_name:
+            job = launcher.live_kernel(k, options)
+            if job is not None:
+                jobs.append(job)
     status.remote[f"{launcher.name}_jobs"] = jobs
 
 
@@ -148,7 +151,7 @@ async def check_kernels(
     hosts: dict[tuple[str, str | None], list[SSHKernelSpec]] = {}
     statuses: dict[str, KernelStatus] = {}
     for spec in specs:
-        statuses[spec.name] = KernelStatus()
+        statuses[spec.name] = KernelStatus(launcher_name=spec.launcher)
         try:
             config = config_path(spec.ssh_config)
         except SSHPykError as exc:

@@ -13,11 +13,18 @@ launch: :meth:`Launcher.start_timeout` (the bound on the whole start),
 :meth:`Launcher.prepare`, :meth:`Launcher.event_listener`, the agent's launch, then
 :meth:`Launcher.wait_ready`; :meth:`Launcher.describe` names the kernel's state in
 errors and logs, :attr:`Launcher.stop_timeout` bounds its stop.
+
+The diagnostics ask the launcher too: ``sshpyk check`` (:attr:`Launcher.check_stage`,
+:meth:`Launcher.check_host`), ``sshpyk list`` (:meth:`Launcher.command_tail`,
+:meth:`Launcher.listing_lines`, :meth:`Launcher.live_kernel`,
+:attr:`Launcher.check_field`), ``sshpyk ps``/``kill`` (:meth:`Launcher.prepare`,
+:attr:`Launcher.ps_columns`, :meth:`Launcher.ps_cells`).
 """
 
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..config import LAUNCHERS as LAUNCHER_NAMES
@@ -27,9 +34,10 @@ from ..errors import SSHPykError
 if TYPE_CHECKING:
     from ..agent.client import RemoteAgent
     from ..agent.process import EventListener, KernelProcess
+    from ..kernelspec import SSHKernelSpec
     from .kernel import KernelOptions, RemoteKernel
 
-__all__ = ["LAUNCHERS", "Launcher", "launcher_for", "register"]
+__all__ = ["LAUNCHERS", "Launcher", "find_launcher", "launcher_for", "register"]
 
 
 class Launcher(abc.ABC):
@@ -59,8 +67,9 @@ class Launcher(abc.ABC):
         return options.start_timeout
 
     async def prepare(self, agent: RemoteAgent) -> None:  # noqa: B027 (a hook)
-        """Called before each launch on ``agent``: load what the agent needs to run this
-        launcher's kernels (its remote code). Default: nothing."""
+        """Called before each launch on ``agent``, and before ``ps``/``kill`` on a host
+        that may run this launcher's kernels: load what the agent needs to run, list
+        and kill them (its remote code). Default: nothing."""
 
     def event_listener(self, logger: Any, alias: str, kernel_id: str) -> EventListener | None:
         """What logs the launcher's events of one kernel (queue, start, walltime) on
@@ -115,6 +124,47 @@ class Launcher(abc.ABC):
         ``transport``."""
         return transport
 
+    # -- sshpyk list ------------------------------------------------------------------
+
+    #: the kernelspec field under which ``sshpyk list --json`` reports the status of
+    #: :meth:`check_host` (``checks[check_field]``, "skip" for other launchers'
+    #: kernels); None: not reported
+    check_field: ClassVar[str | None] = None
+
+    def command_tail(self, spec: SSHKernelSpec) -> str:
+        """What ``sshpyk list``'s one-line command adds after the agent for ``spec``
+        (" -> srun ..."): how the agent runs the kernel. Default: ""."""
+        return ""
+
+    def listing_lines(
+        self, spec: SSHKernelSpec, remote: dict[str, Any], marked: Callable[[object], str]
+    ) -> list[tuple[str, str]]:
+        """``sshpyk list``'s (label, value) lines on this launcher's settings of
+        ``spec``, after Local Transport. With live checks ``remote`` holds
+        :meth:`check_host`'s answer under :attr:`name` and the :meth:`live_kernel`
+        entries under ``name + "_jobs"`` (absent without them, or when not reached);
+        ``marked(value)`` prefixes ``value`` with the status of :meth:`check_host`.
+        Default: none."""
+        return []
+
+    def live_kernel(self, entry: dict[str, Any], options: KernelOptions) -> dict[str, Any] | None:
+        """``sshpyk list``'s live check, for a launcher with a :attr:`check_stage`: a
+        ``ps`` ``entry`` of a running kernel of this launcher with ``options``'s remote
+        kernel name, as recorded under ``remote[name + "_jobs"]`` (a JSON-able dict), or
+        None if it was not started with ``options``'s launcher options. Default: None."""
+        return None
+
+    # -- sshpyk ps --------------------------------------------------------------------
+
+    #: the titles of the columns ``sshpyk ps`` adds when this launcher's kernels are
+    #: listed (other kernels get "-" there)
+    ps_columns: ClassVar[tuple[str, ...]] = ()
+
+    def ps_cells(self, entry: dict[str, Any]) -> list[str]:
+        """One cell per :attr:`ps_columns` for ``entry`` (a ``ps`` answer entry of one
+        of this launcher's kernels). Default: none."""
+        return []
+
 
 #: every launcher, by name (filled by :func:`register`; sshpyk.kernels imports them)
 LAUNCHERS: dict[str, Launcher] = {}
@@ -133,3 +183,9 @@ def launcher_for(name: str | None) -> Launcher:
         return LAUNCHERS[key]
     except KeyError:
         raise SSHPykError(f"unknown launcher {key!r} (one of {', '.join(LAUNCHERS)})") from None
+
+
+def find_launcher(name: str | None) -> Launcher | None:
+    """The launcher called ``name`` (None: the default, direct), or None when there is
+    none of that name (a ``ps`` entry or a kernel.json of another sshpyk version)."""
+    return LAUNCHERS.get(name or LAUNCHER_NAMES[0])

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import asyncssh
@@ -27,6 +28,7 @@ from .launcher import Launcher, register
 if TYPE_CHECKING:
     from ..agent.client import RemoteAgent
     from ..agent.process import EventListener, KernelProcess
+    from ..kernelspec import SSHKernelSpec
     from ..ssh.session import Session
     from .kernel import KernelOptions, RemoteKernel
 
@@ -200,3 +202,62 @@ class SlurmLauncher(Launcher):
 
     def info(self, process: KernelProcess) -> dict[str, Any]:
         return {"slurm": {k: process.details.get(k) for k in ("job_id", "node", "host", "state")}}
+
+    # -- sshpyk list ------------------------------------------------------------------
+
+    check_field = "slurm_args"
+
+    def command_tail(self, spec: SSHKernelSpec) -> str:
+        srun = f"srun {spec.slurm_args} " if spec.slurm_args else "srun "
+        return f" -> {srun}{spec.remote_python} <sshpyk node>"
+
+    def listing_lines(
+        self, spec: SSHKernelSpec, remote: dict[str, Any], marked: Callable[[object], str]
+    ) -> list[tuple[str, str]]:
+        """The launcher's settings; with live checks, SLURM on the login node and the
+        jobs running this kernelspec's kernels there (job id, node, state)."""
+        warning = spec.slurm_walltime_warning
+        lines = [
+            ("Launcher", marked("slurm (srun on the login node)")),
+            ("SLURM Args", spec.slurm_args or "(none)"),
+            ("SLURM Queue Limit", f"{spec.slurm_queue_timeout:g}s"),
+            ("SLURM Time Warning", f"{warning:g}s before the limit" if warning else "off"),
+            ("SLURM Status Every", f"{spec.slurm_status_interval:g}s while queued"),
+        ]
+        info = remote.get(self.name)
+        if info:
+            partitions = ", ".join(
+                f"{p.get('partition')} {p.get('avail')} ({p.get('nodes')} {p.get('state')})"
+                for p in info.get("partitions") or []
+            )
+            lines.append(("SLURM", f"{info.get('version')}; partitions: {partitions or 'none'}"))
+        jobs = remote.get(f"{self.name}_jobs")
+        if jobs is not None:
+            running = ", ".join(
+                f"{slurm_summary(j)} (kernel {str(j.get('kernel_id'))[:8]})" for j in jobs
+            )
+            lines.append(("SLURM Jobs", running or "none"))
+        return lines
+
+    def live_kernel(self, entry: dict[str, Any], options: KernelOptions) -> dict[str, Any] | None:
+        """The job of a kernel submitted with the same SLURM arguments."""
+        if entry.get("slurm_args") != options.slurm_args:
+            return None
+        return {
+            "kernel_id": entry.get("kernel_id"),
+            "job_id": entry.get("job_id"),
+            "node": entry.get("node"),
+            "state": entry.get("slurm_state"),
+            "reason": entry.get("slurm_reason"),
+        }
+
+    # -- sshpyk ps --------------------------------------------------------------------
+
+    ps_columns = ("JOB ID", "NODE", "JOB STATE")
+
+    def ps_cells(self, entry: dict[str, Any]) -> list[str]:
+        """The job's id, node and state (with squeue's reason while it is not running)."""
+        state = str(entry.get("slurm_state") or "?")
+        if entry.get("slurm_reason") and state != "RUNNING":
+            state += f" ({entry['slurm_reason']})"
+        return [str(entry.get("job_id") or "-"), str(entry.get("node") or "-"), state]

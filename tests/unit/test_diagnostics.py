@@ -1,6 +1,7 @@
 """The diagnostics layer without SSH: the transport check's verdicts per launcher, the
 launcher's own stage, its fixes chosen by error class (never by message text), the
-runner skipping what follows a failure, and SLURM kernelspecs accepting ipc."""
+runner skipping what follows a failure, and SLURM kernelspecs accepting ipc; ``ps``
+and ``list`` through the launcher contract (prepare, ps columns, list's JSON checks)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,19 @@ import pytest
 
 from sshpyk.diagnostics.check import STAGES, CheckTarget, Status, run_check, stages_for
 from sshpyk.diagnostics.forwarding import _ipc_result, expected_transport, stage_forwarding
-from sshpyk.diagnostics.launch import stage_launcher
+from sshpyk.diagnostics.inventory import HostKernels, HostTarget, _ps, host_targets, ps_table
+from sshpyk.diagnostics.launch import stage_kernel, stage_launcher
+from sshpyk.diagnostics.live import KernelStatus
 from sshpyk.diagnostics.report import Diagnosis, StageFailedError, StageResult
-from sshpyk.errors import RemoteError, SlurmArgsError, SlurmMissingError
+from sshpyk.errors import (
+    KernelStartTimeoutError,
+    RemoteError,
+    SlurmArgsError,
+    SlurmMissingError,
+    SlurmQueueTimeoutError,
+)
+from sshpyk.kernels import LAUNCHERS, Launcher
+from sshpyk.kernels.launcher import register
 from sshpyk.kernelspec import SSHKernelSpec
 
 
@@ -125,3 +136,150 @@ def test_a_failed_stage_skips_the_rest(tmp_path: Any) -> None:
 
 def test_slurm_kernelspec_accepts_ipc() -> None:
     SSHKernelSpec(name="ok", ssh_host_alias="gpubox", launcher="slurm", transport="ipc").validate()
+
+
+# -- the kernel stage's fix: by error class ---------------------------------------------
+class _FailingSession:
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    async def start_kernel(self, options: Any) -> Any:
+        raise self.error
+
+
+@pytest.mark.parametrize(
+    ("error", "words"),
+    [
+        (SlurmQueueTimeoutError("job 7 PENDING (Resources) for 600s"), "--slurm-queue-timeout"),
+        # a SLURM kernel that left the queue but did not bind its sockets: not the queue
+        (KernelStartTimeoutError("SLURM job 7 RUNNING on n1, but ..."), "--start-timeout"),
+    ],
+)
+def test_kernel_stage_fix_follows_the_error_class(error: Exception, words: str) -> None:
+    results: list[StageResult] = []
+    d = Diagnosis(
+        CheckTarget(alias="gpubox", launcher="slurm", kernel="ssh_slurm"),
+        timeout=5,
+        test_kernel=True,
+        report=results.append,
+    )
+    d.session = _FailingSession(error)  # type: ignore[assignment]
+    with pytest.raises(StageFailedError):
+        asyncio.run(stage_kernel(d))
+    (result,) = d.results
+    assert (result.stage, result.status) == ("kernel", Status.FAIL)
+    assert result.fix is not None and words in result.fix, result.fix
+
+
+# -- ps and kill through the launcher contract ------------------------------------------
+class _Sched(Launcher):
+    """A new scheduler: its own ps columns, its remote code loaded by prepare."""
+
+    name = "sched"
+    ps_columns = ("QUEUE",)
+
+    async def prepare(self, agent: Any) -> None:
+        agent.loaded.append(self.name)
+
+    async def wait_ready(self, kernel: Any, process: Any) -> None:
+        raise NotImplementedError
+
+    def ps_cells(self, entry: dict[str, Any]) -> list[str]:
+        return [str(entry.get("queue") or "?")]
+
+
+@pytest.fixture
+def sched() -> Any:
+    register(_Sched)
+    try:
+        yield LAUNCHERS["sched"]
+    finally:
+        del LAUNCHERS["sched"]
+
+
+class _PsAgent:
+    def __init__(self, kernels: list[dict[str, Any]]) -> None:
+        self.kernels = kernels
+        self.loaded: list[str] = []
+        self.asked: list[list[str]] = []
+
+    async def ps(self, run_root: Any = None, *, all_users: bool = False) -> list[dict[str, Any]]:
+        self.asked.append(list(self.loaded))
+        ready = set(self.loaded)
+        return [
+            {**k, "queue": "batch"} if k["launcher"] in ready else dict(k) for k in self.kernels
+        ]
+
+
+def _kernel(kid: str, launcher: str, **more: Any) -> dict[str, Any]:
+    return {"kernel_id": kid, "launcher": launcher, "run_dir": f"/r/{kid}", "started": 1, **more}
+
+
+def test_ps_prepares_the_launchers_of_the_kernelspecs(sched: Any) -> None:
+    agent = _PsAgent([_kernel("a", "sched"), _kernel("b", "direct")])
+    target = HostTarget("h", launchers=["sched", "direct"])
+    kernels = asyncio.run(_ps(agent, target))  # type: ignore[arg-type]
+    assert agent.loaded == ["sched"] and agent.asked == [["sched"]]
+    assert [k.get("queue") for k in kernels] == ["batch", None]
+
+
+def test_ps_asks_again_for_kernels_of_an_unprepared_launcher(sched: Any) -> None:
+    agent = _PsAgent([_kernel("a", "sched"), _kernel("b", "direct"), _kernel("c", "newer")])
+    kernels = asyncio.run(_ps(agent, HostTarget("h", launchers=["direct"])))  # type: ignore[arg-type]
+    assert agent.asked == [[], ["sched"]]
+    assert kernels[0]["queue"] == "batch"
+
+
+def test_ps_does_not_ask_again_for_direct_kernels() -> None:
+    agent = _PsAgent([_kernel("b", "direct")])
+    asyncio.run(_ps(agent, HostTarget("h")))  # type: ignore[arg-type]
+    assert agent.asked == [[]]
+
+
+def test_ps_table_columns_come_from_the_launchers(sched: Any) -> None:
+    hosts = [
+        HostKernels(
+            "h",
+            [
+                _kernel("a", "sched", queue="batch"),
+                _kernel("b", "direct"),
+                _kernel("c", "slurm", job_id="7", node="n1", slurm_state="RUNNING"),
+                _kernel("d", "newer"),
+            ],
+        )
+    ]
+    header, *rows = ps_table(hosts)
+    assert header[8:] == ["JOB ID", "NODE", "JOB STATE", "QUEUE"]  # registry order
+    assert [row[8:] for row in rows] == [
+        ["-", "-", "-", "batch"],
+        ["-", "-", "-", "-"],
+        ["7", "n1", "RUNNING", "-"],
+        ["-", "-", "-", "-"],
+    ]
+    assert ps_table([HostKernels("h", [_kernel("b", "direct")])])[0][-1] == "STATE"
+
+
+def test_host_targets_name_the_launchers_of_the_kernelspecs() -> None:
+    specs = [
+        SSHKernelSpec(name="a", ssh_host_alias="h", launcher="slurm"),
+        SSHKernelSpec(name="b", ssh_host_alias="h"),
+        SSHKernelSpec(name="c", ssh_host_alias="h", launcher="slurm"),
+    ]
+    (target,) = host_targets([], specs)
+    assert target.launchers == ["slurm", "direct"]
+
+
+def test_list_json_reports_each_launcher_check_under_its_field() -> None:
+    slurm = KernelStatus(launcher=Status.OK, launcher_name="slurm").as_dict()
+    direct = KernelStatus(launcher_name="direct").as_dict()
+    assert list(slurm) == [
+        "ssh_host_alias",
+        "remote_python",
+        "remote_kernel_name",
+        "slurm_args",
+        "remote",
+        "error",
+        "seconds",
+    ]
+    assert (slurm["slurm_args"], direct["slurm_args"]) == ("ok", "skip")
+    assert list(direct) == list(slurm)

@@ -19,7 +19,8 @@ from sshpyk.agent.remote.protocol import KINDS, Kind
 from sshpyk.config import LAUNCHERS as LAUNCHER_NAMES
 from sshpyk.kernels import LAUNCHERS, Launcher, launcher_for
 from sshpyk.kernels.kernel import KernelOptions, RemoteKernel
-from sshpyk.kernels.launcher import register
+from sshpyk.kernels.launcher import find_launcher, register
+from sshpyk.kernelspec import SSHKernelSpec
 from sshpyk.tasks import TaskOwner, wait_event
 
 pytestmark = pytest.mark.timeout(30)
@@ -143,6 +144,37 @@ async def test_a_new_launcher_is_one_class(fake: _Fake) -> None:
     assert fake.describe(process) == "fake there" and fake.calls == ["wait_ready"]
 
 
+def test_the_diagnostics_hooks_default_to_nothing() -> None:
+    direct = LAUNCHERS["direct"]
+    spec = SSHKernelSpec(name="k", ssh_host_alias="h")
+    assert (direct.ps_columns, direct.ps_cells({"pid": 1}), direct.check_field) == ((), [], None)
+    assert direct.command_tail(spec) == ""
+    assert direct.listing_lines(spec, {}, str) == []
+    assert direct.live_kernel({"kernel_id": "k"}, KernelOptions()) is None
+    assert find_launcher(None) is direct and find_launcher("pbs") is None
+
+
+def test_the_slurm_diagnostics_hooks() -> None:
+    slurm = LAUNCHERS["slurm"]
+    spec = SSHKernelSpec(name="k", ssh_host_alias="h", launcher="slurm", slurm_args="-p gpu")
+    assert slurm.command_tail(spec) == " -> srun -p gpu python3 <sshpyk node>"
+    assert slurm.ps_columns == ("JOB ID", "NODE", "JOB STATE")
+    pending = {"job_id": "7", "slurm_state": "PENDING", "slurm_reason": "Resources"}
+    assert slurm.ps_cells(pending) == ["7", "-", "PENDING (Resources)"]
+    running = {"job_id": "7", "node": "n1", "slurm_state": "RUNNING", "slurm_reason": "None"}
+    assert slurm.ps_cells(running) == ["7", "n1", "RUNNING"]
+    options = KernelOptions.from_config(spec)
+    assert slurm.live_kernel({**running, "slurm_args": ["-p", "cpu"]}, options) is None
+    job = slurm.live_kernel({**running, "kernel_id": "abc", "slurm_args": ["-p", "gpu"]}, options)
+    assert job == {"kernel_id": "abc", "job_id": "7", "node": "n1", "state": "RUNNING",
+                   "reason": "None"}  # fmt: skip
+    remote = {"slurm_jobs": [job]}
+    lines = dict(slurm.listing_lines(spec, remote, lambda v: f"(v) {v}"))
+    assert lines["Launcher"] == "(v) slurm (srun on the login node)"
+    assert lines["SLURM Args"] == "-p gpu" and "SLURM" not in lines
+    assert lines["SLURM Jobs"] == "job 7 RUNNING on n1 (kernel abc)"
+
+
 # -- error kinds ----------------------------------------------------------------------
 def test_every_error_kind_has_a_class() -> None:
     assert set(ERROR_CLASSES) == set(KINDS)
@@ -152,6 +184,8 @@ def test_every_error_kind_has_a_class() -> None:
     assert error_class(None) is errors.RemoteError
     assert error_class(Kind.AGENT_GONE) is errors.AgentGoneError
     assert error_class(Kind.SLURM_ARGS) is errors.SlurmArgsError
+    assert error_class(Kind.SLURM_QUEUE_TIMEOUT) is errors.SlurmQueueTimeoutError
+    assert issubclass(errors.SlurmQueueTimeoutError, errors.KernelStartTimeoutError)
     assert issubclass(errors.SlurmMissingError, errors.SlurmError)
     assert issubclass(errors.LaunchFailedError, errors.KernelStartError)
     for name in ("NotPermittedError", "AgentInternalError", "AgentGoneError"):
