@@ -68,9 +68,12 @@ class SSHKernelProvisioner(_ConfigTraits):  # type: ignore[misc,valid-type]
     _adopted = False
 
     # -- helpers --------------------------------------------------------------------
+    _loop = property(lambda self: SSHLoop.instance())
+
     @property
-    def _loop(self) -> SSHLoop:
-        return SSHLoop.instance()
+    def remote_kernel(self) -> RemoteKernel | None:
+        """The kernel this provisioner drives (its process, session, local ports)."""
+        return self._kernel
 
     def _options(self) -> KernelOptions:
         config = KernelConfig(**{f.name: getattr(self, f.name) for f in PROVISIONER_FIELDS})

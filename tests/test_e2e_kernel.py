@@ -27,7 +27,7 @@ async def test_execute_runs_remotely(make_kernelspec, no_leftovers) -> None:
         )
         assert content["status"] == "ok"
         pid_line, ssh_connection = out.strip().splitlines()
-        remote_pid = km.provisioner._kernel.process.pid
+        remote_pid = km.provisioner.remote_kernel.process.pid
         assert int(pid_line) == remote_pid
         assert int(pid_line) != os.getpid()
         assert ssh_connection.startswith("127.0.0.1 ")  # set by sshd for the session
@@ -60,9 +60,9 @@ async def test_restart_clears_state_keeps_ports(make_kernelspec, transport, no_l
     try:
         await run_cell(kc, "x = 42")
         ports = km.get_connection_info()
-        first_pid = km.provisioner._kernel.process.pid
-        assert km.provisioner._kernel.process.transport == transport
-        conn_before = km.provisioner._session._shared.conn
+        first_pid = km.provisioner.remote_kernel.process.pid
+        assert km.provisioner.remote_kernel.process.transport == transport
+        conn_before = km.provisioner.remote_kernel.session.shared.conn
         await km.restart_kernel()
         await kc.wait_for_ready(timeout=60)
         content, _ = await run_cell(kc, "x")
@@ -70,8 +70,8 @@ async def test_restart_clears_state_keeps_ports(make_kernelspec, transport, no_l
         after = km.get_connection_info()
         for channel in ("shell", "iopub", "stdin", "control", "hb"):
             assert after[f"{channel}_port"] == ports[f"{channel}_port"]
-        assert km.provisioner._kernel.process.pid != first_pid
-        assert km.provisioner._session._shared.conn is conn_before  # connection reused
+        assert km.provisioner.remote_kernel.process.pid != first_pid
+        assert km.provisioner.remote_kernel.session.shared.conn is conn_before  # connection reused
         assert not remote_processes(f"{first_pid} ")  # (cheap sanity; real check below)
     finally:
         await stop_manager(km, kc)
@@ -81,7 +81,7 @@ async def test_restart_clears_state_keeps_ports(make_kernelspec, transport, no_l
 async def test_shutdown_leaves_nothing(make_kernelspec, run_root: Path) -> None:
     make_kernelspec("ssh_shutdown")
     km, kc = await start_manager("ssh_shutdown")
-    process = km.provisioner._kernel.process
+    process = km.provisioner.remote_kernel.process
     agent_pid = process.supervisor_pid
     assert agent_pid and Path(f"/proc/{agent_pid}").exists()
     run_dir = Path(process.run_dir)
@@ -129,7 +129,10 @@ async def test_two_kernels_share_one_connection(make_kernelspec, no_leftovers) -
         _, conn2 = await run_cell(kc2, code)
         # SSH_CONNECTION = client ip, client port, server ip, server port: same TCP connection
         assert conn1.split()[:2] == conn2.split()[:2]
-        assert km1.provisioner._session._shared is km2.provisioner._session._shared
+        assert (
+            km1.provisioner.remote_kernel.session.shared
+            is km2.provisioner.remote_kernel.session.shared
+        )
     finally:
         await asyncio.gather(stop_manager(km1, kc1), stop_manager(km2, kc2))
     no_leftovers()
@@ -143,7 +146,7 @@ async def test_hmac_key_never_in_ps_or_environment(make_kernelspec, no_leftovers
         assert len(key) >= 16
         ps = subprocess.run(["ps", "-eww", "-o", "args"], capture_output=True, text=True).stdout
         assert key not in ps
-        process = km.provisioner._kernel.process
+        process = km.provisioner.remote_kernel.process
         for pid in (process.pid, process.supervisor_pid):
             environ = Path(f"/proc/{pid}/environ").read_bytes()
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()

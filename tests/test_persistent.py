@@ -52,7 +52,7 @@ OWNER = textwrap.dedent(
         await kc.wait_for_ready(timeout=60)
         reply = await kc.execute_interactive("x = 41", timeout=30)
         assert reply["content"]["status"] == "ok"
-        print(km.provisioner._kernel.process.pid, flush=True)
+        print(km.provisioner.remote_kernel.process.pid, flush=True)
         await asyncio.sleep(600)
 
     asyncio.run(main())
@@ -124,11 +124,11 @@ async def test_other_notebook_gets_a_fresh_kernel(make_kernelspec, run_root) -> 
     persistent_spec(make_kernelspec, "ssh_persist2")
     km1 = AsyncKernelManager(kernel_name="ssh_persist2")
     await km1.start_kernel(env={**os.environ, "JPY_SESSION_NAME": "a.ipynb"})
-    pid1 = km1.provisioner._kernel.process.pid
+    pid1 = km1.provisioner.remote_kernel.process.pid
     km2 = AsyncKernelManager(kernel_name="ssh_persist2")
     await km2.start_kernel(env={**os.environ, "JPY_SESSION_NAME": "b.ipynb"})
     try:
-        assert km2.provisioner._kernel.process.pid != pid1
+        assert km2.provisioner.remote_kernel.process.pid != pid1
         assert len(state.records()) == 2
     finally:
         await km1.shutdown_kernel()

@@ -66,7 +66,7 @@ async def test_blackhole_30s_during_a_cell(make_kernelspec, proxied_config, prox
     proxied_kernelspec(make_kernelspec, proxied_config, "ssh_blackhole")
     km, kc = await start_manager("ssh_blackhole")
     try:
-        pid = km.provisioner._kernel.process.pid
+        pid = km.provisioner.remote_kernel.process.pid
         msg_id = kc.execute("import time; time.sleep(10); x = 1; print('done')")
         await asyncio.sleep(1)
         proxy.blackhole()
@@ -83,7 +83,7 @@ async def test_blackhole_30s_during_a_cell(make_kernelspec, proxied_config, prox
         assert time.monotonic() - healed < 15
         _, out = await run_cell(kc, "import os; print(x, os.getpid())")
         assert out.split() == ["1", str(pid)]
-        assert km.provisioner._kernel.process.pid == pid
+        assert km.provisioner.remote_kernel.process.pid == pid
     finally:
         await stop_manager(km, kc)
     assert wait_until(lambda: leftovers(run_root) == ([], []), 10), leftovers(run_root)
@@ -97,7 +97,7 @@ async def test_reset_every_connection(make_kernelspec, proxied_config, proxy, ru
     try:
         await run_cell(kc, "state = 'kept'")
         ports = km.get_connection_info()
-        pid = km.provisioner._kernel.process.pid
+        pid = km.provisioner.remote_kernel.process.pid
         accepted = proxy.accepted
         proxy.reset(down=True)
         for _ in range(6):
@@ -112,11 +112,11 @@ async def test_reset_every_connection(make_kernelspec, proxied_config, proxy, ru
         # <= 2 s after the link returns, is measured in benchmarks/drop_output.py.
         assert usable_after <= 15.0, f"usable {usable_after:.2f}s after the link returned"
         assert proxy.accepted > accepted  # it really reconnected
-        assert km.provisioner._kernel.process.pid == pid
+        assert km.provisioner.remote_kernel.process.pid == pid
         after = km.get_connection_info()
         for channel in ("shell", "iopub", "stdin", "control", "hb"):
             assert after[f"{channel}_port"] == ports[f"{channel}_port"]
-        assert km.provisioner._kernel.process.agent.reattached >= 1
+        assert km.provisioner.remote_kernel.process.agent.reattached >= 1
     finally:
         await stop_manager(km, kc)
     assert wait_until(lambda: leftovers(run_root) == ([], []), 10), leftovers(run_root)
@@ -129,7 +129,7 @@ async def test_link_down_past_grace_declares_kernel_dead(
     proxied_kernelspec(make_kernelspec, proxied_config, "ssh_grace", grace_period=3.0)
     km, kc = await start_manager("ssh_grace")
     try:
-        pid = km.provisioner._kernel.process.pid
+        pid = km.provisioner.remote_kernel.process.pid
         proxy.reset(down=True)
         assert await km.is_alive()
         assert wait_until(lambda: not Path(f"/proc/{pid}").exists(), 3 + 5)
@@ -151,7 +151,7 @@ OWNER = textwrap.dedent(
     async def main():
         km = AsyncKernelManager(kernel_name=sys.argv[1])
         await km.start_kernel()
-        print(km.provisioner._kernel.process.pid, flush=True)
+        print(km.provisioner.remote_kernel.process.pid, flush=True)
         await asyncio.sleep(600)
 
     asyncio.run(main())

@@ -536,7 +536,7 @@ OWNER = textwrap.dedent(
     async def main(name):
         km = AsyncKernelManager(kernel_name=name)
         await km.start_kernel()
-        kernel = km.provisioner._kernel
+        kernel = km.provisioner.remote_kernel
         print(kernel.kernel_id, kernel.process.slurm["job_id"], flush=True)
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
         await km.shutdown_kernel(now=True)
