@@ -875,7 +875,9 @@ def targets(report: Report) -> str:
             f"{default_ossh:.0f} MiB/s = {b / default_ossh:.2f}x",
             lower_is_better=False,
         )
-        same = next((r for r in ossh if r.requested == best.requested), None)
+        # the same negotiated cipher: with no Ciphers line the two pick different ones
+        # (OpenSSH chacha20-poly1305, sshpyk AES-GCM), so match on .cipher, not .requested
+        same = next((r for r in ossh if r.cipher == best.cipher), None)
         if same is not None:
             s_med = statistics.median(same.mib_per_s)
             check(

@@ -66,7 +66,7 @@ def serve_source(total: int) -> None:
 
 
 class _FixedTarget:
-    """What ForwardSet needs of a remote kernel (sshpyk.remote.KernelProcess): here a
+    """What ForwardSet needs of a remote kernel (sshpyk.agent.process.KernelProcess): here a
     plain TCP port on the remote host, reachable from the start."""
 
     def __init__(self, port: int) -> None:
@@ -92,7 +92,9 @@ async def _forward(mode: str, alias: str, config: str, target: int) -> None:
         from sshpyk.kernels.session import SSHSession
 
         session = await SSHSession.connect(alias, ssh_config=config)
-        forwards = ForwardSet(session)
+        # tcp listeners: the sink connects to 127.0.0.1:port, as for ssh -L (kernels'
+        # forwards default to ipc unix sockets since the local-transport change)
+        forwards = ForwardSet(session, transport="tcp")
         ports = await forwards.open()
         forwards.set_target(_FixedTarget(target))  # type: ignore[arg-type]
         conn = await session.connection()
