@@ -16,7 +16,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("api", ("sshpyk",)),
     ("cli", ("sshpyk.cli",)),
     ("diagnostics", ("sshpyk.diagnostics",)),
-    ("adapters", ("sshpyk.provisioner", "sshpyk.attach", "sshpyk.loop")),
+    ("adapters", ("sshpyk.provisioner", "sshpyk.launch", "sshpyk.attach", "sshpyk.loop")),
     ("kernels", ("sshpyk.kernels",)),
     ("agent", ("sshpyk.agent",)),
     ("remote", ("sshpyk.agent.remote",)),
