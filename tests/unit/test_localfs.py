@@ -8,6 +8,7 @@ import socket
 import stat
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -22,6 +23,9 @@ from sshpyk.localfs import (
 )
 
 pytestmark = pytest.mark.timeout(30)
+
+#: a session stand-in: listeners need no SSH until a client connects, which these never do
+NO_SSH = SimpleNamespace(alias="unit-test")
 
 
 @pytest.mark.parametrize("kid", ["1c5f7e1a-9b2d-4c3e-8f00-123456789abc", "abc", "A-1", "x" * 128])
@@ -116,7 +120,7 @@ def test_remote_python_option_like_refused(python: str) -> None:
 
 
 async def test_ipc_forwards_private_and_rebound(tmp_path: Path) -> None:
-    forwards = ForwardSet(None, transport="ipc")  # type: ignore[arg-type]  # no SSH needed
+    forwards = ForwardSet(NO_SSH, transport="ipc")  # type: ignore[arg-type]
     try:
         ports = await forwards.open()
         assert ports == {"shell": 1, "iopub": 2, "stdin": 3, "control": 4, "hb": 5}
@@ -136,7 +140,7 @@ async def test_ipc_forwards_private_and_rebound(tmp_path: Path) -> None:
             probe.close()
 
         # a second set asked for the same (live) dir gets a fresh one
-        other = ForwardSet(None, transport="ipc")  # type: ignore[arg-type]
+        other = ForwardSet(NO_SSH, transport="ipc")  # type: ignore[arg-type]
         await other.open(ip=forwards.ip)
         try:
             assert other.ip != forwards.ip
@@ -154,7 +158,7 @@ async def test_ipc_forwards_reuse_a_stale_dir(tmp_path: Path) -> None:
     for n in range(1, 6):
         with socket.socket(socket.AF_UNIX) as dead:
             dead.bind(str(stale / f"k-{n}"))
-    forwards = ForwardSet(None, transport="ipc")  # type: ignore[arg-type]
+    forwards = ForwardSet(NO_SSH, transport="ipc")  # type: ignore[arg-type]
     try:
         await forwards.open(ip=str(stale / "k"))
         assert forwards.ip == str(stale / "k")  # the notebook's connection file stays valid
@@ -167,4 +171,4 @@ async def test_ipc_forwards_reuse_a_stale_dir(tmp_path: Path) -> None:
 
 def test_unknown_local_transport_refused() -> None:
     with pytest.raises(SSHPykError, match="ipc, tcp"):
-        ForwardSet(None, transport="udp")  # type: ignore[arg-type]
+        ForwardSet(NO_SSH, transport="udp")  # type: ignore[arg-type]
