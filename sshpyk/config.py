@@ -23,6 +23,7 @@ import functools
 import os
 import re
 import shlex
+import sys
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -35,6 +36,7 @@ __all__ = [
     "DEFAULTS",
     "INTERRUPT_MODES",
     "LAUNCHERS",
+    "LAUNCH_MODULE",
     "LOCAL_TRANSPORTS",
     "PROVISIONER_NAME",
     "TRANSPORTS",
@@ -48,6 +50,8 @@ __all__ = [
 ]
 
 PROVISIONER_NAME = "sshpyk-provisioner"
+#: the module kernel.json's argv runs (``python -m sshpyk.launch``)
+LAUNCH_MODULE = "sshpyk.launch"
 TRANSPORTS = ("auto", "ipc", "tcp")
 LOCAL_TRANSPORTS = ("ipc", "tcp")
 INTERRUPT_MODES = ("signal", "message")
@@ -358,7 +362,25 @@ class KernelConfig:
         }
 
     # -- kernel.json -----------------------------------------------------------------
-    def to_kernel_json(self) -> dict[str, Any]:
+    def launcher_argv(self, resource_dir: str | None = None) -> list[str]:
+        """kernel.json's argv: the argv launcher (:mod:`sshpyk.launch`) run by this
+        Python, for clients that ignore the provisioner and spawn argv themselves (VS
+        Code, Zed, Positron). It names the kernelspec by its directory (exact, even
+        with several data dirs) and by its name (looked up if the directory moved)."""
+        where = ["--kernel-dir", os.path.abspath(resource_dir)] if resource_dir else []
+        return [
+            os.path.abspath(sys.executable),
+            "-m",
+            LAUNCH_MODULE,
+            *where,
+            "--kernel",
+            self.name,
+            "{connection_file}",
+        ]
+
+    def to_kernel_json(self, resource_dir: str | None = None) -> dict[str, Any]:
+        """kernel.json for this config (``resource_dir``: where it is written, named
+        in the argv)."""
         config = {}
         for f in config_fields(Store.PROVISIONER):
             value = getattr(self, f.name)
@@ -373,12 +395,7 @@ class KernelConfig:
         top = {f.name: getattr(self, f.name) for f in config_fields(Store.TOP)}
         top["display_name"] = self.display_name or self.default_display_name
         return {
-            "argv": [
-                "sshpyk-remote-kernel",
-                self.ssh_host_alias,
-                self.remote_kernel_name,
-                "{connection_file}",
-            ],
+            "argv": self.launcher_argv(resource_dir),
             **top,
             "metadata": {
                 "kernel_provisioner": {"provisioner_name": PROVISIONER_NAME, "config": config}

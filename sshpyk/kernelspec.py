@@ -3,8 +3,10 @@
 
 An SSH kernelspec is an ordinary ``kernel.json`` in the user's Jupyter data dir
 (``JUPYTER_DATA_DIR`` respected) whose ``metadata.kernel_provisioner`` names
-``sshpyk-provisioner`` and carries the provisioner's config. Its ``argv`` is
-never run (the provisioner launches the remote kernel); it documents the host.
+``sshpyk-provisioner`` and carries the provisioner's config. jupyter_client clients
+never run its ``argv`` (the provisioner launches the remote kernel); clients that
+ignore provisioners (VS Code, Zed, Positron) run it: ``python -m sshpyk.launch``,
+the argv launcher (:mod:`sshpyk.launch`), with this Python's absolute path.
 """
 
 from __future__ import annotations
@@ -64,6 +66,10 @@ class SSHKernelSpec(KernelConfig):
     ) -> SSHKernelSpec:
         return super().from_kernel_json(name, data, resource_dir=resource_dir)
 
+    def to_kernel_json(self, resource_dir: str | None = None) -> dict[str, Any]:
+        """kernel.json; its argv names ``resource_dir`` (default: where it is installed)."""
+        return super().to_kernel_json(resource_dir or self.resource_dir)
+
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -86,7 +92,7 @@ def write_spec(spec: SSHKernelSpec, *, replace: bool = False, directory: str | N
     os.makedirs(path, exist_ok=True)
     tmp = spec_file + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(spec.to_kernel_json(), f, indent=2)
+        json.dump(spec.to_kernel_json(resource_dir=path), f, indent=2)
         f.write("\n")
     os.replace(tmp, spec_file)  # atomic: a failed write never loses the old spec
     spec.resource_dir = path

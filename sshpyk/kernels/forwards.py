@@ -156,21 +156,36 @@ class ForwardSet:
         self._process: KernelProcess | None = None
         self._retargeted = asyncio.Event()
         self._closed = False
+        #: ipc on a prefix the caller chose (no private directory of ours)
+        self._exact = False
 
     async def open(
-        self, ports: dict[str, int] | None = None, *, ip: str | None = None
+        self, ports: dict[str, int] | None = None, *, ip: str | None = None, exact: bool = False
     ) -> dict[str, int]:
         """Bind the listeners and return the ports.
 
-        tcp: on ``ports`` if given, else port 0. ipc: in the private directory of
-        ``ip`` (a socket path prefix from an earlier set, reused if it is still ours),
-        else in a fresh one. All or nothing: if one listener cannot be bound, none
-        stays open and the set can be opened again (e.g. on fresh ports)."""
+        tcp: on ``ports`` if given, else port 0; on ``ip`` with ``exact``, else
+        127.0.0.1. ipc: in the private directory of ``ip`` (a socket path prefix from
+        an earlier set, reused if it is still ours), else in a fresh one; with
+        ``exact``, on ``{ip}-{port}`` as given (a client's connection file: the
+        directory is the client's, only our sockets are removed on close). All or
+        nothing: if one listener cannot be bound, none stays open and the set can be
+        opened again (e.g. on fresh ports)."""
         if self._servers or self._closed:
             raise SSHPykError("these forwards are already open (or closed)")
+        if self.transport == "ipc" and exact and ip and ports:
+            self.ip, self.ports, self._exact = ip, dict(ports), True
+            try:
+                await self.rebind()
+            except BaseException:
+                await self._close_servers()
+                self._remove_directory()
+                raise
+            return dict(self.ports)
         if self.transport == "ipc":
             await self._open_ipc(ip)
             return dict(self.ports)
+        host = ip if exact and ip else "127.0.0.1"
         loop = asyncio.get_running_loop()
         servers: dict[str, asyncio.AbstractServer] = {}
         bound: dict[str, int] = {}
@@ -178,8 +193,9 @@ class ForwardSet:
             for channel in CHANNELS:
                 server = await loop.create_server(
                     partial(self._accept, channel),
-                    "127.0.0.1",
+                    host,
                     (ports or {}).get(channel, 0),
+                    reuse_address=True,  # a respawn on the same ports (a client restart)
                 )
                 servers[channel] = server
                 bound[channel] = server.sockets[0].getsockname()[1]
@@ -187,10 +203,8 @@ class ForwardSet:
             for opened in servers.values():
                 opened.close()
                 await opened.wait_closed()
-            raise SSHPykError(
-                f"cannot listen on 127.0.0.1 for the kernel's channels: {exc}"
-            ) from exc
-        self._servers, self.ports = servers, bound
+            raise SSHPykError(f"cannot listen on {host} for the kernel's channels: {exc}") from exc
+        self._servers, self.ports, self.ip = servers, bound, host
         return dict(bound)
 
     async def _open_ipc(self, ip: str | None) -> None:
@@ -324,6 +338,11 @@ class ForwardSet:
         directory, self.directory = self.directory, None
         if directory is not None:
             shutil.rmtree(directory, ignore_errors=True)
+        elif self._exact:
+            for channel, inode in list(self._inodes.items()):
+                with contextlib.suppress(OSError):
+                    if os.lstat(self.path(channel)).st_ino == inode:
+                        os.unlink(self.path(channel))
 
     async def _close_servers(self) -> None:
         servers, self._servers = list(self._servers.values()), {}
