@@ -16,6 +16,7 @@ import asyncio
 import socket
 import struct
 import threading
+from pathlib import Path
 from typing import Any
 
 
@@ -171,3 +172,25 @@ class FaultProxy:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def proxied_ssh_config(
+    sshd: Any, proxy: FaultProxy, directory: Path, alias: str, extra: str = ""
+) -> Path:
+    """An ssh config in ``directory`` whose ``alias`` reaches ``sshd`` through ``proxy``,
+    with a known_hosts pinned to the sshd's host key at the proxy's port."""
+    host_key = (sshd.root / "host_ed25519.pub").read_text().split()
+    known = directory / f"known_hosts_{alias}"
+    known.write_text(f"[127.0.0.1]:{proxy.port} {host_key[0]} {host_key[1]}\n")
+    config = directory / f"ssh_config_{alias}"
+    config.write_text(
+        f"""Host {alias}
+  HostName 127.0.0.1
+  Port {proxy.port}
+  User {sshd.user}
+  IdentityFile {sshd.root / "id_ed25519"}
+  IdentitiesOnly yes
+  UserKnownHostsFile {known}
+{extra}"""
+    )
+    return config

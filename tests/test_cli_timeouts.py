@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from cli_helpers import SSHPYK
 from conftest import remote_processes, wait_until
-from faultproxy import FaultProxy
+from faultproxy import FaultProxy, proxied_ssh_config
 
 import sshpyk
 from sshpyk import SSHSession
@@ -36,20 +36,7 @@ def proxy(sshd):
 @pytest.fixture
 def silent(sshd, proxy, tmp_path: Path):
     """An alias through the proxy, and a remote python that notes when the agent starts."""
-    host_key = (sshd.root / "host_ed25519.pub").read_text().split()
-    known = tmp_path / "known_hosts_proxy"
-    known.write_text(f"[127.0.0.1]:{proxy.port} {host_key[0]} {host_key[1]}\n")
-    config = tmp_path / "ssh_config_silent"
-    config.write_text(
-        f"""Host sshpyk-silent
-  HostName 127.0.0.1
-  Port {proxy.port}
-  User {sshd.user}
-  IdentityFile {sshd.root / "id_ed25519"}
-  IdentitiesOnly yes
-  UserKnownHostsFile {known}
-"""
-    )
+    config = proxied_ssh_config(sshd, proxy, tmp_path, "sshpyk-silent")
     marker = tmp_path / "agent-started"
     python = tmp_path / "silent-python"
     python.write_text(f'#!/bin/sh\ntouch {marker}\nexec {sys.executable} "$@"\n')

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import leftovers, pid_alive, wait_until
-from faultproxy import FaultProxy
+from faultproxy import FaultProxy, proxied_ssh_config
 from kernel_helpers import run_cell, start_manager, stop_manager
 
 from sshpyk import KernelOptions, SSHSession
@@ -32,23 +32,13 @@ def proxy(sshd):
 @pytest.fixture
 def proxied_config(sshd, proxy, tmp_path) -> Path:
     """An ssh config whose alias `sshpyk-proxied` goes through the fault proxy."""
-    host_key = (sshd.root / "host_ed25519.pub").read_text().split()
-    known = tmp_path / "known_hosts_proxy"
-    known.write_text(f"[127.0.0.1]:{proxy.port} {host_key[0]} {host_key[1]}\n")
-    config = tmp_path / "ssh_config_proxied"
-    config.write_text(
-        f"""Host sshpyk-proxied
-  HostName 127.0.0.1
-  Port {proxy.port}
-  User {sshd.user}
-  IdentityFile {sshd.root / "id_ed25519"}
-  IdentitiesOnly yes
-  UserKnownHostsFile {known}
-  ServerAliveInterval 15
-  ServerAliveCountMax 3
-"""
+    return proxied_ssh_config(
+        sshd,
+        proxy,
+        tmp_path,
+        "sshpyk-proxied",
+        "  ServerAliveInterval 15\n  ServerAliveCountMax 3\n",
     )
-    return config
 
 
 def proxied_kernelspec(make_kernelspec, config: Path, name: str, **provisioner: object) -> None:
