@@ -30,8 +30,11 @@ CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
 class RawClient:
     """The client side of one kernel, as VS Code's Jupyter extension does it."""
 
-    def __init__(self, name: str, tmp_path: Path) -> None:
+    def __init__(self, name: str, tmp_path: Path, transport: str = "tcp") -> None:
         self.name = name
+        self.transport = transport
+        #: ipc: the socket path prefix the client chose (its sockets are {ip}-{port})
+        self.ip = str(tmp_path / "ipc" / "kernel") if transport == "ipc" else "127.0.0.1"
         self.key = uuid.uuid4().hex
         self.connection_file = str(tmp_path / f"kernel-{uuid.uuid4().hex[:8]}.json")
         self.stderr_path = tmp_path / f"{name}-launcher.log"
@@ -43,8 +46,14 @@ class RawClient:
         """The connection file: free ports picked by jupyter_client (the same ones on a
         restart), the client's key."""
         ports = {f"{c}_port": self.ports.get(c, 0) for c in CHANNELS}
+        if self.transport == "ipc":
+            os.makedirs(os.path.dirname(self.ip), mode=0o700, exist_ok=True)
         _, cfg = write_connection_file(
-            self.connection_file, ip="127.0.0.1", key=self.key.encode(), transport="tcp", **ports
+            self.connection_file,
+            ip=self.ip,
+            key=self.key.encode(),
+            transport=self.transport,
+            **ports,
         )
         self.ports = {c: int(cfg[f"{c}_port"]) for c in CHANNELS}
 
@@ -125,8 +134,8 @@ class RawClient:
 def raw_client(tmp_path: Path):
     clients: list[RawClient] = []
 
-    def make(name: str) -> RawClient:
-        client = RawClient(name, tmp_path)
+    def make(name: str, transport: str = "tcp") -> RawClient:
+        client = RawClient(name, tmp_path, transport)
         clients.append(client)
         return client
 
@@ -178,6 +187,22 @@ def test_execute_runs_remotely_and_shutdown_ends_the_launcher(
     log = raw.log()
     for stage in ("connected in", "listening on tcp 127.0.0.1", "closed in"):
         assert stage in log, log
+    no_leftovers()
+
+
+def test_an_ipc_connection_file_is_served_on_its_path_prefix(
+    make_kernelspec, raw_client, no_leftovers
+) -> None:
+    make_kernelspec("ssh_argv_ipc")
+    raw = raw_client("ssh_argv_ipc", transport="ipc")
+    raw.spawn()
+    sockets = [f"{raw.ip}-{raw.ports[c]}" for c in CHANNELS]
+    assert all(Path(p).is_socket() for p in sockets), sockets
+    assert raw.execute("print(6 * 7)")[1].strip() == "42"
+    raw.client.shutdown()  # type: ignore[union-attr]
+    assert raw.wait_launcher(15) == 0
+    assert not [p for p in sockets if os.path.exists(p)]  # ours removed, the dir is the client's
+    assert os.path.isdir(os.path.dirname(raw.ip))
     no_leftovers()
 
 
