@@ -173,17 +173,8 @@ class ForwardSet:
         opened again (e.g. on fresh ports)."""
         if self._servers or self._closed:
             raise SSHPykError("these forwards are already open (or closed)")
-        if self.transport == "ipc" and exact and ip and ports:
-            self.ip, self.ports, self._exact = ip, dict(ports), True
-            try:
-                await self.rebind()
-            except BaseException:
-                await self._close_servers()
-                self._remove_directory()
-                raise
-            return dict(self.ports)
         if self.transport == "ipc":
-            await self._open_ipc(ip)
+            await self._open_ipc(ip, ports if exact else None)
             return dict(self.ports)
         host = ip if exact and ip else "127.0.0.1"
         loop = asyncio.get_running_loop()
@@ -207,17 +198,22 @@ class ForwardSet:
         self._servers, self.ports, self.ip = servers, bound, host
         return dict(bound)
 
-    async def _open_ipc(self, ip: str | None) -> None:
-        directory = None
-        if ip and os.path.basename(ip) == "k":
-            with contextlib.suppress(UnsafePathError):
-                directory = make_private_dir(os.path.dirname(ip))
-            if directory is not None and any(_listening(f"{ip}-{n}") for n in (1, 2, 3, 4, 5)):
-                directory = None  # another live set listens there: like taken ports
-        if directory is None:
-            directory = make_private_dir(parent=socket_base_dir())
-        self.directory, self.ip = directory, str(directory / "k")
-        self.ports = {channel: n for n, channel in enumerate(CHANNELS, start=1)}
+    async def _open_ipc(self, ip: str | None, exact_ports: dict[str, int] | None) -> None:
+        """Listen in our private directory, or exactly on ``{ip}-{port}`` for the
+        ``exact_ports`` a client chose (its directory: not ours to remove)."""
+        if ip and exact_ports:
+            self.ip, self.ports, self._exact = ip, dict(exact_ports), True
+        else:
+            directory = None
+            if ip and os.path.basename(ip) == "k":
+                with contextlib.suppress(UnsafePathError):
+                    directory = make_private_dir(os.path.dirname(ip))
+                if directory is not None and any(_listening(f"{ip}-{n}") for n in range(1, 6)):
+                    directory = None  # another live set listens there: like taken ports
+            if directory is None:
+                directory = make_private_dir(parent=socket_base_dir())
+            self.directory, self.ip = directory, str(directory / "k")
+            self.ports = {channel: n for n, channel in enumerate(CHANNELS, start=1)}
         try:
             await self.rebind()
         except BaseException:
