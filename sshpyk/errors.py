@@ -9,6 +9,7 @@
     │   ├── HostRefusedError  nothing listens on the port
     │   ├── ConnectTimeoutError   no answer in time
     │   ├── AuthenticationError   no key was accepted
+    │   │   └── LoginPromptError      a password/code/passphrase was wrong or nobody could be asked
     │   └── HostKeyError          host key not verified against known_hosts
     │       ├── UnknownHostKeyError   no known_hosts entry for the host
     │       └── ChangedHostKeyError   an entry with another key (maybe an attack)
@@ -68,6 +69,7 @@ __all__ = [
     "KernelStartError",
     "KernelStartTimeoutError",
     "LaunchFailedError",
+    "LoginPromptError",
     "NotPermittedError",
     "ProtocolError",
     "RemoteError",
@@ -115,6 +117,11 @@ class ConnectTimeoutError(ConnectError):
 
 class AuthenticationError(ConnectError):
     pass
+
+
+class LoginPromptError(AuthenticationError):
+    """A login that needs a person failed: a wrong answer, tries used up, BatchMode,
+    or no terminal and no SSH_ASKPASS to ask on."""
 
 
 class HostKeyError(ConnectError):

@@ -18,6 +18,7 @@ from ..errors import (
     HostKeyError,
     HostNotFoundError,
     HostRefusedError,
+    LoginPromptError,
     SSHPykError,
 )
 from ..kernels.session import SSHSession
@@ -37,6 +38,7 @@ class TimingClient(KeyRecorder):
         self.marks = marks
 
     def connection_made(self, conn: asyncssh.SSHClientConnection) -> None:
+        super().connection_made(conn)
         self.marks.setdefault("tcp", time.monotonic())
 
     def begin_auth(self, username: str) -> None:
@@ -45,6 +47,16 @@ class TimingClient(KeyRecorder):
 
     def auth_completed(self) -> None:
         self.marks.setdefault("auth", time.monotonic())
+
+    def auth_methods(self) -> str:
+        """Which methods the server offered and which were used, for the auth stage."""
+        if not self.auth_offered:
+            return ""
+        text = f"server offered {', '.join(self.auth_offered)}"
+        if self.auth_tried:
+            done = "succeeded" if "auth" in self.marks else "tried"
+            text += f"; {done}: {' then '.join(self.auth_tried)}"
+        return text
 
 
 async def stage_config(d: Diagnosis) -> None:
@@ -82,6 +94,13 @@ async def stage_connect(d: Diagnosis) -> None:
     t, settings = d.target, d.settings
     assert settings is not None
     marks: dict[str, float] = {}
+    clients: list[TimingClient] = []
+
+    def make_client(offered: list[tuple[asyncssh.SSHKey, str]]) -> TimingClient:
+        client = TimingClient(marks, offered)
+        clients.append(client)  # the target's is the last (bastions connect first)
+        return client
+
     started = time.monotonic()
     try:
         d.session = await asyncio.wait_for(
@@ -89,13 +108,13 @@ async def stage_connect(d: Diagnosis) -> None:
                 t.alias,
                 ssh_config=d.config,
                 connect_timeout=d.timeout,
-                client_factory=lambda offered: TimingClient(marks, offered),
+                client_factory=make_client,
             ),
             d.timeout,
         )
         conn = await d.session.connection()
     except (SSHPykError, asyncio.TimeoutError) as exc:
-        _connect_failed(d, exc, started, marks)
+        _connect_failed(d, exc, started, marks, clients[-1].auth_methods() if clients else "")
     via = _via(d)
     tcp_at = marks.get("tcp", started)
     key_at = marks.get("hostkey", tcp_at)
@@ -105,7 +124,9 @@ async def stage_connect(d: Diagnosis) -> None:
     key_text = f"{key.get_algorithm()} {key.get_fingerprint()}" if key else "host key"
     d.record("hostkey", Status.OK, key_at - tcp_at, f"{key_text} matches known_hosts")
     user = conn.get_extra_info("username") or settings.user
-    d.record("auth", Status.OK, auth_at - key_at, f"logged in as {user}")
+    methods = clients[-1].auth_methods() if clients else ""
+    detail = f"logged in as {user}" + (f" ({methods})" if methods else "")
+    d.record("auth", Status.OK, auth_at - key_at, detail)
 
 
 def _via(d: Diagnosis) -> str:
@@ -122,6 +143,7 @@ def _connect_failed(
     exc: BaseException,
     started: float,
     marks: dict[str, float],
+    methods: str = "",
 ) -> NoReturn:
     t, settings = d.target, d.settings
     assert settings is not None
@@ -198,6 +220,12 @@ def _connect_failed(
         )
     elif timed_out:
         fix = f"the host did not finish authentication in time: try `ssh -v {t.alias} true`"
+    elif isinstance(error, LoginPromptError):
+        fix = (
+            f"run `ssh {t.alias} true` in a terminal to check what the server asks; for "
+            "JupyterLab set SSH_ASKPASS to a desktop askpass program (README: Logins that "
+            "need a person)"
+        )
     else:
         keys = ", ".join(settings.identity_files) or "your default keys"
         fix = (
@@ -207,4 +235,6 @@ def _connect_failed(
     detail: object = error
     if stage == "hostkey" and isinstance(error, HostKeyError) and error.problem:
         detail = error.problem
+    if stage == "auth" and methods:
+        detail = f"{error} ({methods})"
     d.fail(stage, now - previous, str(detail), fix)

@@ -23,6 +23,7 @@ from typing import Any
 import asyncssh
 
 from ..errors import ChangedHostKeyError, HostKeyError, UnknownHostKeyError
+from .prompt import PromptingClient
 
 __all__ = [
     "DEFAULT_KNOWN_HOSTS",
@@ -39,14 +40,17 @@ DEFAULT_KNOWN_HOSTS = os.path.join("~", ".ssh", "known_hosts")
 FETCH_TIMEOUT = 5.0
 
 
-class KeyRecorder(asyncssh.SSHClient):
+class KeyRecorder(PromptingClient):
     """Records the host key a server offered that known_hosts did not trust.
 
     asyncssh calls ``validate_host_public_key`` only for a key that no known_hosts
     entry trusts; answering False keeps asyncssh's verdict (the connection fails).
+    As a :class:`~sshpyk.ssh.prompt.PromptingClient` it also answers logins that need
+    a person, through the prompter :func:`~sshpyk.ssh.jump.connect_via` gives it.
     """
 
     def __init__(self, offered: list[tuple[asyncssh.SSHKey, str]] | None = None) -> None:
+        super().__init__()
         self.offered: list[tuple[asyncssh.SSHKey, str]] = [] if offered is None else offered
 
     def validate_host_public_key(

@@ -59,9 +59,10 @@ from collections.abc import Iterator
 
 import asyncssh
 
-from ..errors import HostKeyError, SSHConfigError, SSHPykError
+from ..errors import HostKeyError, LoginPromptError, SSHConfigError, SSHPykError
 from .hostkeys import KeyRecorder, RecorderFactory, host_key_error
 from .hosts import HostOptions, JumpTarget, host_options
+from .prompt import LoginPrompter, PromptSettings, prompt_settings
 
 __all__ = [
     "MAX_HOPS",
@@ -176,6 +177,7 @@ async def connect_via(
     *,
     tunnel_alias: str | None = None,
     client_factory: RecorderFactory = KeyRecorder,
+    reconnect: bool = False,
 ) -> asyncssh.SSHClientConnection:
     """Open the SSH connection to ``host``, through ``tunnel`` (a bastion's) if given.
 
@@ -184,22 +186,51 @@ async def connect_via(
     its own when it connected); a key that is not trusted is reported as unknown or
     changed, with its fingerprint, the host and the file (:mod:`sshpyk.ssh.hostkeys`).
     ``client_factory`` makes the asyncssh client from the list it records offered keys
-    in (``sshpyk check`` passes one that also times the stages).
+    in (``sshpyk check`` passes one that also times the stages). Logins that need a
+    person are asked for by a :class:`~sshpyk.ssh.prompt.LoginPrompter` of this
+    connection (a bastion's prompt names it as one; ``reconnect`` says it is reopened).
     """
     if tunnel is not None:
         # before the first byte for us crosses it
         await nudge_bastion(tunnel, tunnel_alias or "bastion")
     offered: list[tuple[asyncssh.SSHKey, str]] = []
+    prompter = _prompter(host, reconnect)
+
+    def make_client() -> KeyRecorder:
+        client = client_factory(offered)
+        client.prompter = prompter
+        return client
+
     try:
         return await asyncssh.connect(
             host.target.host,
             options=host.options,
             tunnel=tunnel if tunnel is not None else (),
-            client_factory=lambda: client_factory(offered),
+            client_factory=make_client,
+            passphrase=prompter.passphrase,
             **host.overrides,
         )
     except asyncssh.HostKeyNotVerifiable as exc:
         raise await _host_key_error(exc, host, offered, tunnel) from exc
+    except (asyncssh.PermissionDenied, asyncssh.KeyImportError) as exc:
+        if prompter.failure is None:
+            raise
+        raise LoginPromptError(prompter.failure) from exc
+
+
+def _prompter(host: HostOptions, reconnect: bool) -> LoginPrompter:
+    """The prompter of one connection attempt; a bastion is named as one."""
+    name = host.target.name
+    opening = _opening.get()
+    label = f"bastion {name!r} (on the way to {opening[-1]!r})" if opening else repr(name)
+    cache: list[PromptSettings] = []
+
+    def settings() -> PromptSettings:
+        if not cache:  # only when a prompt is due: ``ssh -G`` costs a process
+            cache.append(prompt_settings(host.target.host, host.ssh_config))
+        return cache[0]
+
+    return LoginPrompter(label, name, settings=settings, reconnect=reconnect)
 
 
 async def _host_key_error(

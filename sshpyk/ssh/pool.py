@@ -83,9 +83,16 @@ class SharedConnection:
             if self.conn is not None and not self.conn.is_closed():
                 return self.conn
             start = time.monotonic()
+            reconnect = self.conn is not None
+            if reconnect:
+                log.info(
+                    "[%s] SSH connection was lost: reconnecting (a login that needs a "
+                    "person asks again)",
+                    self.alias,
+                )
             try:
                 self.conn = await asyncio.wait_for(
-                    self._connect(timeout, client_factory or KeyRecorder), timeout
+                    self._connect(timeout, client_factory or KeyRecorder, reconnect), timeout
                 )
             except asyncio.TimeoutError as exc:
                 raise ConnectTimeoutError(
@@ -97,14 +104,14 @@ class SharedConnection:
             return self.conn
 
     async def _connect(
-        self, timeout: float, client_factory: RecorderFactory
+        self, timeout: float, client_factory: RecorderFactory, reconnect: bool = False
     ) -> asyncssh.SSHClientConnection:
         with translating(self.alias, config=self.ssh_config):
             host = await host_options(self.alias, self.ssh_config)
             hop = await jump.bastion_alias(host)
             tunnel = await self._bastion_connection(hop, timeout)
             return await jump.connect_via(
-                host, tunnel, tunnel_alias=hop, client_factory=client_factory
+                host, tunnel, tunnel_alias=hop, client_factory=client_factory, reconnect=reconnect
             )
 
     async def _bastion_connection(
