@@ -81,11 +81,11 @@ def pw(sshd: ThrowawaySSHD) -> Iterator[PwHost]:
                 shutil.copy(key, root / "id_user")  # the same key pair, for the user
                 shutil.copy(key.with_suffix(".pub"), root / "id_user.pub")
                 keys.write_text((d.root / "authorized_keys").read_text())
-                # the main sshd's key, encrypted: a passphrase prompt
-                # (PKCS#8: OpenSSH's own format needs bcrypt, which may not be installed)
+                # the main sshd's key, encrypted in OpenSSH's own format (what ssh-keygen
+                # writes; asyncssh decrypts it with bcrypt): a passphrase prompt
                 enc = root / "id_encrypted"
                 plain = asyncssh.read_private_key(sshd.root / "id_ed25519")
-                enc.write_bytes(plain.export_private_key("pkcs8-pem", "pass-phrase-42"))
+                enc.write_bytes(plain.export_private_key("openssh", "pass-phrase-42"))
                 shutil.copy(sshd.root / "id_ed25519.pub", root / "id_encrypted.pub")
                 enc.chmod(0o600)
                 block = (d.port, user.name, root / "id_user", d.known_hosts)
