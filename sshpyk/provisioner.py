@@ -259,7 +259,7 @@ class SSHKernelProvisioner(_ConfigTraits):  # type: ignore[misc,valid-type]
         self._launched = False
         await asyncio.to_thread(state.forget, self.kernel_id)
         if restart:
-            await self._loop.run(self._kernel.shutdown())
+            await self._loop.run(self._kernel.shutdown(restart=True))
         else:
             await self._loop.run(self._close())
 

@@ -62,8 +62,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThrowawaySlurm
 @pytest.fixture
 def slurm(cluster: ThrowawaySlurm) -> Iterator[ThrowawaySlurm]:
     """The cluster with its node up and an empty queue, before and after the test."""
-    if cluster.node_state() != "idle":
+    if cluster.node_state().startswith(("drain", "drng", "down")):
         cluster.resume()
+    # (sinfo may still say "mix" just after a job was cancelled: only a drain needs this)
     assert wait_until(lambda: cluster.jobs() == [], 15), cluster.jobs()
     yield cluster
     left = cluster.jobs()
@@ -143,8 +144,9 @@ async def test_kernel_runs_in_a_slurm_job(
 
         await km.restart_kernel()
         await kc.wait_for_ready(timeout=60)
-        (new_job,) = slurm.jobs()  # the old job is gone: restart replaced it
-        assert new_job["job_id"] != job["job_id"]
+        (new_job,) = slurm.jobs()  # a new step in the same allocation: no queueing
+        assert new_job["job_id"] == job["job_id"]
+        assert f"SLURM job {job['job_id']} restarted in the same allocation" in caplog.text
         _, out = await run_cell(kc, "import os; print(os.environ['SLURM_JOB_ID'])")
         assert out.strip() == new_job["job_id"]
     finally:
@@ -743,7 +745,8 @@ def test_ps_list_and_kill_show_the_job(
     assert header.split()[-5:] == ["JOB", "ID", "NODE", "JOB", "STATE"]
     (row,) = rows
     assert row.split()[1] == owner.kernel_id
-    assert row.split()[-3:] == [owner.job_id, slurm.node, "RUNNING"]
+    assert row.split()[-5:-2] == [owner.job_id, slurm.node, "RUNNING"]
+    assert re.search(r" RUNNING \(\d+m\d\ds left\)$", row), row  # the allocation's limit
     result = sshpyk("ps", "--json", *host)
     (kernel,) = json.loads(result.stdout)["hosts"][0]["kernels"]
     assert kernel["launcher"] == "slurm" and kernel["job_id"] == owner.job_id
@@ -764,3 +767,127 @@ def test_ps_list_and_kill_show_the_job(
     assert f"cancelled SLURM job {owner.job_id}" in result.stdout
     assert slurm.jobs() == []
     assert wait_until(lambda: leftovers(run_root)[1] == [], 10), leftovers(run_root)
+
+
+def test_ps_shows_the_time_left_of_a_running_job(
+    slurm: ThrowawaySlurm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent's squeue annotation carries the job's time left (real squeue) and the
+    JOB STATE cell of `sshpyk ps` shows it; a job without a limit shows none."""
+    from sshpyk.agent.remote.slurmctl import slurm_states
+    from sshpyk.kernels.launcher import launcher_for
+    from sshpyk.kernels.slurm import duration
+
+    monkeypatch.setenv("SLURM_CONF", str(slurm.conf))
+    srun = shutil.which("srun")
+    assert srun is not None
+    jobs = []
+    try:
+        for name, limit in (("limited", ["--time=5"]), ("unlimited", [])):
+            jobs.append(
+                subprocess.Popen(
+                    [srun, f"--job-name={name}", "--ntasks=1", *limit, "sleep", "60"],
+                    env=slurm.env(),
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
+            )
+        assert wait_until(
+            lambda: [j["state"] for j in slurm.jobs()] == ["RUNNING", "RUNNING"], 20
+        ), slurm.jobs()
+        by_id = {j["job_id"]: j for j in slurm.jobs()}
+        records = [{"launcher": "slurm", "job_id": job_id, "alive": True} for job_id in by_id]
+        annotated = {k["job_id"]: k for k in slurm_states(records)}
+        lefts = sorted(
+            (k["time_left"] for k in annotated.values()), key=lambda v: -1 if v is None else v
+        )
+        assert lefts[0] is None and 240 <= lefts[1] <= 300, annotated
+        cells = [launcher_for("slurm").ps_cells(k)[2] for k in annotated.values()]
+        assert sorted(cells) == ["RUNNING", f"RUNNING ({duration(lefts[1])} left)"], cells
+    finally:
+        for proc in jobs:
+            proc.kill()
+            proc.wait(10)
+        for job in slurm.jobs():
+            slurm.run("scancel", job["job_id"])
+        assert wait_until(lambda: slurm.jobs() == [], 20), slurm.jobs()
+
+
+# -- the allocation across restarts (salloc once, a job step per kernel start) ------------
+
+
+async def test_restart_on_a_busy_node_stays_in_the_allocation(
+    slurm: ThrowawaySlurm, slurm_spec: Any, no_leftovers: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another job waits for the node: a restart is a new step in the kernel's own
+    allocation, so it answers in seconds and the other job still waits; shutdown then
+    releases the allocation (nothing of ours left in squeue) and the other job runs."""
+    caplog.set_level(logging.INFO)
+    slurm_spec("ssh_slurm")
+    km, kc = await start_manager("ssh_slurm")
+    other = None
+    try:
+        (job,) = slurm.jobs()
+        other = subprocess.Popen(
+            [shutil.which("srun") or "srun", "--job-name=other", "--exclusive", "sleep", "300"],
+            env=slurm.env(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        assert wait_until(lambda: len(slurm.jobs()) == 2, 15), slurm.jobs()
+        waiting = [j for j in slurm.jobs() if j["job_id"] != job["job_id"]]
+        assert [j["state"] for j in waiting] == ["PENDING"], waiting
+        started = time.monotonic()
+        await km.restart_kernel()
+        await kc.wait_for_ready(timeout=20)
+        seconds = time.monotonic() - started
+        assert seconds < 20, seconds
+        _, out = await run_cell(kc, "import os; print(os.environ['SLURM_JOB_ID'])")
+        assert out.strip() == job["job_id"]
+        states = {j["job_id"]: j["state"] for j in slurm.jobs()}
+        assert states == {job["job_id"]: "RUNNING", waiting[0]["job_id"]: "PENDING"}, states
+        assert f"SLURM job {job['job_id']} restarted in the same allocation" in caplog.text
+    finally:
+        await stop_manager(km, kc)
+        ours = [j for j in slurm.jobs() if j["job_id"] == job["job_id"]]
+        if other is not None:
+            other.kill()
+            other.wait(10)
+        slurm.run("scancel", "--name=other")
+    assert ours == []  # shutdown released the allocation
+    assert wait_until(lambda: slurm.jobs() == [], 20), slurm.jobs()
+    no_leftovers()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+async def test_restart_after_the_allocation_ended_asks_for_a_new_one(
+    slurm: ThrowawaySlurm, slurm_spec: Any, no_leftovers: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The allocation's time limit ends the kernel (a restart never resets it); the
+    restart then says so in the log and gets a new allocation."""
+    caplog.set_level(logging.INFO)
+    slurm_spec("ssh_slurm", slurm_args="--time=0:05")
+    km, kc = await start_manager("ssh_slurm")
+    try:
+        (job,) = slurm.jobs()
+        deadline = time.monotonic() + 150  # slurmctld checks limits every 30 s, KillWait
+        while slurm.jobs() and time.monotonic() < deadline:
+            await asyncio.sleep(0.5)
+        assert slurm.jobs() == []
+        await km.restart_kernel()
+        await kc.wait_for_ready(timeout=60)
+        (new_job,) = slurm.jobs()
+        assert new_job["job_id"] != job["job_id"]
+        _, out = await run_cell(kc, "import os; print(os.environ['SLURM_JOB_ID'])")
+        assert out.strip() == new_job["job_id"]
+        (line,) = [r.message for r in caplog.records if "allocation has ended" in r.message]
+        assert f"SLURM job {job['job_id']}: its allocation has ended" in line
+    finally:
+        await stop_manager(km, kc)
+    assert slurm.jobs() == []
+    no_leftovers()

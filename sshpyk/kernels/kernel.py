@@ -19,8 +19,10 @@ from typing import TYPE_CHECKING, Any, cast
 
 from ..agent.client import LaunchRequest
 from ..agent.process import KernelProcess
+from ..agent.remote.protocol import Op
 from ..config import DEFAULTS, KernelConfig, config_fields, parse_slurm_args
 from ..errors import KernelStartTimeoutError, RemoteError, SSHPykError
+from ..tasks import wait_event
 from .forwards import CHANNELS, ForwardSet
 from .launcher import Launcher, launcher_for
 
@@ -312,15 +314,31 @@ class RemoteKernel:
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signum)
 
-    async def _discard_process(self) -> None:
+    async def _discard_process(self, restart: bool = False) -> None:
         process, self.process = self.process, None
         self.forwards.clear_target()
-        if process is not None:
-            await process.stop(timeout=launcher_for(process.launcher).stop_timeout)
+        if process is None:
+            return
+        timeout = launcher_for(process.launcher).stop_timeout
+        if restart and not process.stopped.is_set() and process.agent.connected.is_set():
+            # the agent keeps what the next launch of this kernel id reuses (SLURM: the
+            # allocation, so a restart does not queue again)
+            process.agent.send({"op": Op.STOP, "kid": process.kid, "keep_allocation": True})
+            try:
+                if not await wait_event(process.stopped, timeout):
+                    log.warning(
+                        "[%s] kernel %s: no stop confirmation in %gs",
+                        *(self.session.alias, process.kid, timeout),
+                    )
+            finally:
+                process.agent.forget(process.kid)
+            return
+        await process.stop(timeout=timeout)
 
-    async def shutdown(self) -> None:
-        """Stop the remote kernel (process group killed, run dir removed); keep the ports."""
-        await asyncio.shield(self._discard_process())
+    async def shutdown(self, restart: bool = False) -> None:
+        """Stop the remote kernel (process group killed, run dir removed); keep the ports.
+        ``restart``: a launch of the same kernel follows (a SLURM allocation is kept)."""
+        await asyncio.shield(self._discard_process(restart))
 
     async def detach(self) -> None:
         """Release the local ports and leave the kernel running on the host."""

@@ -84,6 +84,14 @@ def slurm_logger(logger: Any, alias: str, kernel_id: str) -> EventListener:
                 event.get("node") or "?",
                 duration(event.get("time_left")),
             )
+        elif event.get("allocation") == "reused":
+            logger.info("%s restarted in the same allocation (no queueing)", prefix)
+        elif event.get("allocation") == "ended":
+            logger.warning(
+                "%s: its allocation has ended (time limit?), the restart asks SLURM for a "
+                "new one and may queue",
+                prefix,
+            )
         elif event.get("state") == "RUNNING" and "endpoints" in event:
             logger.info(
                 "%s running on %s (%s) after %s in the queue",
@@ -260,4 +268,6 @@ class SlurmLauncher(Launcher):
         state = str(entry.get("slurm_state") or "?")
         if entry.get("slurm_reason") and state != "RUNNING":
             state += f" ({entry['slurm_reason']})"
+        elif state == "RUNNING" and entry.get("time_left") is not None:
+            state += f" ({duration(entry['time_left'])} left)"  # the job's time limit
         return [str(entry.get("job_id") or "-"), str(entry.get("node") or "-"), state]

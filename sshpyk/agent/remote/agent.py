@@ -339,6 +339,8 @@ class Agent:
             elif op == Op.STOP:
                 # off the loop: TERM may take TERM_WAIT seconds; other kernels go on
                 kernel = self.kernels.pop(kid, None)
+                if kernel is not None:  # a restart: a launch of the same kid follows
+                    kernel.keep_allocation = bool(msg.get("keep_allocation"))
                 self.spawn(
                     kernel.cleanup if kernel is not None else lambda: None,
                     msg,

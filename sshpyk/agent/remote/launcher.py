@@ -74,6 +74,9 @@ class Launcher(abc.ABC):
         self.transport = None
         self.endpoints = {}
         self.ready = False
+        #: set by a ``stop``: True for a restart (keep what the next launch of this kid
+        #: reuses: a SLURM allocation), False to release all; None: no stop request
+        self.keep_allocation = None
         self.exit_code = None
         self.info = {}
         self._cleanup_lock = threading.Lock()

@@ -179,6 +179,8 @@ def run_node(request, output):
                 pass
         if mux is not None:
             mux.shutdown()
+        # the key first: SLURM SIGKILLs the step KillWait after its TERM (a time limit)
+        remove_tree(run_dir)
         if proc is not None:
             stop_group(proc.pid, proc)
-        remove_tree(run_dir)
+        remove_tree(run_dir)  # what the kernel wrote while it stopped

@@ -426,3 +426,79 @@ class Stream:
                 sock.close()
             except OSError:
                 pass
+
+
+class RelaySockets:
+    """The login node's end of a SLURM kernel's relay (a mixin of SlurmKernel): the
+    authenticated connection to the node side, and the five unix sockets it serves
+    (``endpoints``, in channel order) once the node is ready."""
+
+    # -- the relay (threads) -------------------------------------------------------------
+    def _connect_relay(self, host, port):
+        """Connect and authenticate the node's relay connection (see "the relay"), then
+        serve it until it ends: then every relayed connection is closed and the relay
+        sockets stop accepting."""
+        try:
+            sock = relay_connect(host, port, self.relay_secret)
+        except (OSError, ValueError) as exc:
+            self.node_error = (
+                "launch_failed",
+                "cannot reach the node side of the kernel at %s:%s from the login node: %s"
+                % (host, port, exc),
+            )
+            self.agent.events.put(("event", (self.kid, {"event": "relay_failed"})))
+            return
+        with self._cleanup_lock:
+            if self.cleaned:
+                sock.close()
+                return
+            self.mux = Mux(sock)
+        self.agent.events.put(("event", (self.kid, {"event": "relay_up"})))
+        try:
+            self.mux.serve()
+        finally:
+            self.close_listeners()
+
+    # -- the relay sockets here (threads) ----------------------------------------------------
+    def listen(self):
+        """Bind the five relay sockets (when the node is ready); False if impossible."""
+        with self.listeners_lock:
+            if self.listeners or self.mux is None or self.mux.closed:
+                return bool(self.listeners)
+            try:
+                for path in self.endpoints.values():
+                    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                    self.listeners.append(listener)
+                    listener.bind(path)
+                    listener.listen(64)
+                    listener.settimeout(_RELAY_TICK)
+            except OSError as exc:
+                self.node_error = ("launch_failed", "cannot listen on %s: %s" % (path, exc))
+                for listener in self.listeners:
+                    listener.close()
+                self.listeners = []
+                return False
+            for channel, listener in zip(self.endpoints, self.listeners):
+                threading.Thread(target=self._accept, args=(listener, channel), daemon=True).start()
+        return True
+
+    def _accept(self, listener, channel):
+        mux = self.mux
+        while not mux.closed:  # ends when the relay closes (checked every tick)
+            try:
+                conn, _ = listener.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return  # closed
+            conn.settimeout(None)
+            mux.open_stream(conn, channel)
+
+    def close_listeners(self):
+        with self.listeners_lock:
+            listeners, self.listeners = self.listeners, []
+        for listener in listeners:
+            try:
+                listener.close()
+            except OSError:
+                pass

@@ -1,5 +1,6 @@
-"""The SLURM launcher, login node side: each kernel is a SLURM job started with
-``srun``; on the compute node the same modules run in node mode (node.py).
+"""The SLURM launcher, login node side: each kernel holds a SLURM allocation (salloc,
+kept across its restarts: slurmctl.Allocation) and runs as a job step in it (``srun
+--jobid``); on the compute node the same modules run in node mode (node.py).
 
 Sent on demand (a ``load`` request before the first SLURM request: ``launch`` with
 ``launcher: slurm``, ``slurm_info``, ``ps``/``kill`` of a host with SLURM kernels),
@@ -20,7 +21,6 @@ import os
 import queue
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -34,23 +34,25 @@ from .loader import encode_bundle, own_sources
 from .paths import as_int, private_run_dir, remove_tree
 from .procgroup import TERM_WAIT, stop_group, wait_exit
 from .protocol import CHANNELS, LOADER, PROTOCOL, AgentError, Event, Kind, Op
-from .relay import _RELAY_TICK, Mux, relay_connect
+from .relay import RelaySockets
 from .slurmctl import (
     _SRUN_JOB_RE,
     SLURM_POLL,
+    Allocation,
     cancel_kernel_job,
-    scancel,
+    hold,
     slurm_command,
     slurm_info,
     slurm_job_by_name,
     slurm_states,
     squeue_jobs,
+    take_held,
     terminate_kernel_job,
 )
 
 
 @register
-class SlurmKernel(Launcher):
+class SlurmKernel(RelaySockets, Launcher):
     """A kernel run as a SLURM job: ``srun`` here on the login node, the kernel on a
     compute node, where the same modules run in node mode (node.py).
 
@@ -60,10 +62,10 @@ class SlurmKernel(Launcher):
       it (no shared file system needed; the key is never stored by SLURM as an sbatch
       script or an ``--export`` value would be), then signal and stop requests; srun's
       stdout brings the node's events back. One SSH connection, no extra files.
-    - the job lives as long as srun, a child of this agent: if the agent dies, even by
-      SIGKILL, srun's stdin ends, the node side stops the kernel and the job ends; if
-      srun itself is killed, slurmstepd closes the task's stdin and the same happens.
-      A batch job would run on, holding its allocation, until its time limit.
+    - the step lives as long as srun, a child of this agent: if the agent dies, even by
+      SIGKILL, srun's stdin ends, the node side stops the kernel and the step ends, and
+      so does the allocation (salloc's command waits for a pipe from the agent). A batch
+      job would run on, holding its allocation, until its time limit.
     - the kernel starts ~0.1 s after submission when resources are free; a batch job
       waits for the scheduler's batch cycle.
 
@@ -83,6 +85,10 @@ class SlurmKernel(Launcher):
 
     def __init__(self, agent, request):
         Launcher.__init__(self, agent, request)
+        #: the SLURM allocation the kernel runs in (kept across restarts, see Allocation)
+        self.allocation = None
+        #: srun: the kernel's job step in the allocation (self.proc: salloc, or the step)
+        self.step = None
         self.job_id = None
         self.job_name = "sshpyk-" + str(self.kid)[:8]
         self.node = None
@@ -164,12 +170,8 @@ class SlurmKernel(Launcher):
         argv = kernel_argv(spec, "{connection_file}")
         env = dict(spec.get("env") or {})
         env.update(request.get("env") or {})
-        command = (
-            [srun, "--job-name=" + self.job_name]
-            + [str(a) for a in request.get("slurm_args") or []]
-            + ["--ntasks=1", sys.executable, "-c", LOADER]
-        )
-        node_request = {
+        self.argv = argv
+        self.node_request = {
             "v": PROTOCOL,
             "op": Op.NODE,
             "kid": self.kid,
@@ -183,35 +185,107 @@ class SlurmKernel(Launcher):
             "transport": request.get("transport") or "auto",
             "relay_secret": self.relay_secret.hex(),
         }
-        # SSHPYK_RUN_DIR: `sshpyk kill` and the sweep verify srun's pid by it
-        env = dict(os.environ, SSHPYK_RUN_DIR=self.run_dir, SSHPYK_KERNEL_ID=self.kid)
-        try:
-            self.proc = subprocess.Popen(
-                command,
-                env=env,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                cwd=cwd,
-                start_new_session=True,
-                close_fds=True,
-            )
-        except OSError as exc:
-            raise AgentError(Kind.LAUNCH_FAILED, "cannot start %s: %s" % (srun, exc)) from None
+        self.srun, self.cwd = srun, cwd
         self.submitted = time.monotonic()
-        # every module (the node runs them too), then the node request (with the key)
-        self.stdin_queue.put(encode_bundle(sources) + encode(node_request))
+        held = take_held(self.kid)
+        if held is not None and held.alive():
+            # a restart: a new job step in the allocation the kernel already holds
+            self.allocation, self.job_id = held, held.job_id
+            self.proc = self._start_step()
+        else:
+            self.allocation = Allocation.request(
+                request.get("slurm_args") or [],
+                self.job_name,
+                cwd,
+                dict(os.environ, SSHPYK_RUN_DIR=self.run_dir, SSHPYK_KERNEL_ID=self.kid),
+            )
+            self.proc = self.allocation.proc
         self.describe(
             argv,
             job_name=self.job_name,
             slurm_args=request.get("slurm_args") or [],
             socket_dir=self.socket_dir if self.socket_dir != self.run_dir else None,
         )
-        for target in (self._write_stdin, self._read_stdout, self._read_stderr, self._wait):
-            threading.Thread(target=target, name=target.__name__, daemon=True).start()
+        if self.step is None:
+            threading.Thread(target=self._allocate, name="allocate", daemon=True).start()
         self.emit_started(argv, spec, {}, job_name=self.job_name)
         # after "started": the local side learns of the kernel before its queue events
+        if held is not None:
+            # the log says whether the restart stayed in the allocation or asked anew
+            self.emit(
+                Event.SLURM,
+                job_id=held.job_id,
+                state="RUNNING" if self.allocation is held else "ENDED",
+                allocation="reused" if self.allocation is held else "ended",
+            )
+            if self.allocation is not held:
+                self.agent.spawn(held.release)
         threading.Thread(target=self._monitor, name="monitor", daemon=True).start()
+
+    def _allocate(self):
+        """salloc's stderr, to the log: its job id, then (granted) the kernel's step."""
+        allocation = self.allocation
+        granted = False
+        try:
+            with open(self.log_path, "ab") as log:
+                for line in iter(allocation.proc.stderr.readline, b""):
+                    log.write(line)
+                    log.flush()
+                    text = line.decode("utf-8", "replace")
+                    match = _SRUN_JOB_RE.search(text)
+                    if match and allocation.job_id is None:
+                        allocation.job_id = self.job_id = match.group(1) or match.group(2)
+                        self.write_info()
+                    if "granted job allocation" in text.lower():
+                        granted = True
+                        break
+        except (OSError, ValueError):
+            pass
+        if granted:
+            with self._cleanup_lock:
+                if not (self.cleaned or self.finished.is_set()):
+                    try:
+                        self._start_step()
+                        return
+                    except AgentError as exc:
+                        self.node_error = (exc.kind, exc.message)
+            allocation.release()
+            code = -1
+        else:  # salloc ended without an allocation (revoked, rejected)
+            code = allocation.proc.wait()
+        self.agent.events.put(("exit", (self.kid, code)))
+
+    def _start_step(self):
+        """srun --jobid: the kernel's job step, its stdio the JSON control lines."""
+        command = [
+            self.srun,
+            "--jobid=" + str(self.allocation.job_id),
+            "--job-name=" + self.job_name,
+            "--ntasks=1",
+            sys.executable,
+            "-c",
+            LOADER,
+        ]
+        # SSHPYK_RUN_DIR: `sshpyk kill` and the sweep verify srun's pid by it
+        env = dict(os.environ, SSHPYK_RUN_DIR=self.run_dir, SSHPYK_KERNEL_ID=self.kid)
+        try:
+            self.step = subprocess.Popen(
+                command,
+                env=env,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                cwd=self.cwd,
+                start_new_session=True,
+                close_fds=True,
+            )
+        except OSError as exc:
+            raise AgentError(Kind.LAUNCH_FAILED, "cannot start %s: %s" % (self.srun, exc)) from None
+        # every module (the node runs them too), then the node request (with the key)
+        self.stdin_queue.put(encode_bundle(own_sources(__package__)) + encode(self.node_request))
+        for target in (self._write_stdin, self._read_stdout, self._read_stderr, self._wait):
+            threading.Thread(target=target, name=target.__name__, daemon=True).start()
+        return self.step
 
     def write_info(self):
         """sshpyk.json on the login node, with where the job runs."""
@@ -227,7 +301,7 @@ class SlurmKernel(Launcher):
         self.agent.events.put(("event", (self.kid, event)))
 
     def _write_stdin(self):
-        stdin = self.proc.stdin
+        stdin = self.step.stdin
         while True:
             data = self.stdin_queue.get()
             if data is None:
@@ -245,97 +319,22 @@ class SlurmKernel(Launcher):
     def _read_stdout(self):
         """The node's JSON events, until srun's stdout ends."""
         try:
-            read_messages(self.proc.stdout, self._on_json)
+            read_messages(self.step.stdout, self._on_json)
         finally:
             self.stdout_done.set()
-
-    # -- the relay (threads) -------------------------------------------------------------
-    def _connect_relay(self, host, port):
-        """Connect and authenticate the node's relay connection (see "the relay"), then
-        serve it until it ends: then every relayed connection is closed and the relay
-        sockets stop accepting."""
-        try:
-            sock = relay_connect(host, port, self.relay_secret)
-        except (OSError, ValueError) as exc:
-            self.node_error = (
-                "launch_failed",
-                "cannot reach the node side of the kernel at %s:%s from the login node: %s"
-                % (host, port, exc),
-            )
-            self.agent.events.put(("event", (self.kid, {"event": "relay_failed"})))
-            return
-        with self._cleanup_lock:
-            if self.cleaned:
-                sock.close()
-                return
-            self.mux = Mux(sock)
-        self.agent.events.put(("event", (self.kid, {"event": "relay_up"})))
-        try:
-            self.mux.serve()
-        finally:
-            self.close_listeners()
-
-    # -- the relay sockets here (threads) ----------------------------------------------------
-    def listen(self):
-        """Bind the five relay sockets (when the node is ready); False if impossible."""
-        with self.listeners_lock:
-            if self.listeners or self.mux is None or self.mux.closed:
-                return bool(self.listeners)
-            try:
-                for channel in CHANNELS:
-                    path = self.endpoints[channel]
-                    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                    self.listeners.append(listener)
-                    listener.bind(path)
-                    listener.listen(64)
-                    listener.settimeout(_RELAY_TICK)
-            except OSError as exc:
-                self.node_error = ("launch_failed", "cannot listen on %s: %s" % (path, exc))
-                for listener in self.listeners:
-                    listener.close()
-                self.listeners = []
-                return False
-            for channel, listener in zip(CHANNELS, self.listeners):
-                threading.Thread(target=self._accept, args=(listener, channel), daemon=True).start()
-        return True
-
-    def _accept(self, listener, channel):
-        mux = self.mux
-        while not mux.closed:  # ends when the relay closes (checked every tick)
-            try:
-                conn, _ = listener.accept()
-            except socket.timeout:
-                continue
-            except OSError:
-                return  # closed
-            conn.settimeout(None)
-            mux.open_stream(conn, channel)
-
-    def close_listeners(self):
-        with self.listeners_lock:
-            listeners, self.listeners = self.listeners, []
-        for listener in listeners:
-            try:
-                listener.close()
-            except OSError:
-                pass
 
     def _read_stderr(self):
         try:
             with open(self.log_path, "ab") as log:
-                for line in iter(self.proc.stderr.readline, b""):
+                for line in iter(self.step.stderr.readline, b""):
                     log.write(line)
                     log.flush()
-                    match = _SRUN_JOB_RE.search(line.decode("utf-8", "replace"))
-                    if match and self.job_id is None:
-                        self.job_id = match.group(1)
-                        self.write_info()
         except (OSError, ValueError):
             pass
 
     def _wait(self):
         self.stdout_done.wait()  # the node's last events are queued before srun's exit
-        code = self.proc.wait()
+        code = self.step.wait()
         self.agent.events.put(("exit", (self.kid, code)))
 
     # -- the queue, the time limit (a thread) ------------------------------------------
@@ -496,6 +495,8 @@ class SlurmKernel(Launcher):
     def signal(self, signum):
         if self.exit_code is not None or self.proc is None:
             return
+        if self.step is None and signum not in (signal.SIGTERM, signal.SIGKILL):
+            return  # not started yet
         if self.running_since is not None:
             self.send({"op": "signal", "signum": int(signum)})
         elif signum in (signal.SIGTERM, signal.SIGKILL):
@@ -503,30 +504,43 @@ class SlurmKernel(Launcher):
             self.agent.spawn(self.cleanup)
 
     def _cleanup(self):
-        """Stop the kernel on the node, end the job (scancel), remove the run dir."""
+        """Stop the kernel on the node and its step; then hold the allocation for the
+        next launch of this kernel id (a restart: ``keep_allocation``) or release it
+        (scancel: nothing left in squeue); remove the run dir."""
         self.finished.set()
-        proc = self.proc
-        if proc is not None:
-            if proc.poll() is None and self.running_since is not None:
+        step = self.step
+        if step is not None:
+            if step.poll() is None and self.running_since is not None:
                 self.send({"op": Op.STOP})  # the node side TERMs, then KILLs the kernel
                 self.stdin_queue.put(None)
-                wait_exit(proc, TERM_WAIT + 5)
-            # srun cancels its step (or revokes a pending allocation) on TERM
-            stop_group(proc.pid, proc, term_wait=5.0, kill_wait=2.0)
+                wait_exit(step, TERM_WAIT + 5)
+            # srun cancels its step on TERM
+            stop_group(step.pid, step, term_wait=5.0, kill_wait=2.0)
             self.stdin_queue.put(None)
         if self.mux is not None:
             self.mux.shutdown()
         self.close_listeners()
-        try:
-            if self.job_id is None and proc is not None:
-                self.job_id = slurm_job_by_name(self.job_name)
-            if self.job_id is not None:
-                scancel(self.job_id)  # belt and braces: no job outlives its kernel
-        except AgentError:
-            pass
+        allocation = self.allocation
+        if allocation is not None:
+            # a restart follows a stop with keep_allocation, and often an exit (the
+            # kernel died, or the allocation ended: the next launch says so)
+            keep = self.keep_allocation or (
+                self.keep_allocation is None and self.exit_code is not None
+            )
+            if keep and allocation.job_id and step is not None:
+                hold(self.kid, allocation)
+            else:
+                allocation.release()
         if self.socket_dir and self.socket_dir != self.run_dir:
             remove_tree(self.socket_dir)
         self.remove_run_dir()
+
+    def cleanup(self):
+        Launcher.cleanup(self)
+        if self.keep_allocation is False:  # a plain stop: nothing held for this kid
+            held = take_held(self.kid)
+            if held is not None:
+                held.release()
 
     def start_failed(self):
         return Launcher.start_failed(self) and self.running_since is None

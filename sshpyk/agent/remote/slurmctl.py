@@ -6,10 +6,12 @@ import os
 import re
 import shutil
 import subprocess
+import sys
+import threading
 import time
 
 from .paths import remove_tree
-from .procgroup import TERM_WAIT, pid_alive
+from .procgroup import TERM_WAIT, pid_alive, stop_group
 from .protocol import AgentError, Kind
 
 #: seconds between squeue polls while a job is pending
@@ -32,7 +34,10 @@ SLURM_ENDED = frozenset(
         "TIMEOUT",
     )
 )
-_SRUN_JOB_RE = re.compile(r"job (\d+) (?:queued|has been allocated)", re.IGNORECASE)
+#: srun's and salloc's "job N queued", "Pending/Granted job allocation N"
+_SRUN_JOB_RE = re.compile(
+    r"job (\d+) (?:queued|has been allocated)|job allocation (\d+)", re.IGNORECASE
+)
 _SQUEUE_FORMAT = "%i|%T|%r|%N|%L"
 
 
@@ -153,6 +158,7 @@ def slurm_states(kernels):
             job = jobs.get(str(k["job_id"]))
             k["slurm_state"] = job["state"] if job else "GONE"
             k["slurm_reason"] = job["reason"] if job else ""
+            k["time_left"] = job["time_left"] if job else None  # seconds; None: no limit
             if job and job["node"]:
                 k["node"] = job["node"]
     return kernels
@@ -219,3 +225,124 @@ def cancel_kernel_job(info):
             scancel(job_id)
     except AgentError:
         pass
+
+
+#: seconds a stopped kernel's allocation waits for its restart before it is released
+HOLD_TIMEOUT = 60.0
+_held: dict = {}
+_held_lock = threading.Lock()
+
+
+#: salloc's command on the login node: hold the allocation until stdin (a pipe from the
+#: agent) ends, then until the kernel's step ended (its node side cleans up on its own
+#: stdin's end: its run dir, with the key), at most 10 s
+HOLDER = """
+import os, subprocess, sys, time
+sys.stdin.buffer.read()
+end = time.monotonic() + 10
+while time.monotonic() < end:
+    try:
+        out = subprocess.run(["squeue", "-h", "-s", "-j", os.environ["SLURM_JOB_ID"],
+            "-o", "%i"], capture_output=True, timeout=5).stdout.decode().split()
+    except Exception:
+        break
+    if not [s for s in out if s.split(".")[-1].isdigit()]:
+        break
+    time.sleep(0.2)
+"""
+
+
+class Allocation:
+    """A SLURM allocation held by the agent: ``salloc`` whose command (on the login
+    node) waits for the end of its stdin, a pipe from the agent: the allocation ends
+    when released (scancel), when its time limit ends it, or when the agent is gone
+    (even SIGKILLed: the pipe closes, salloc relinquishes). Each kernel start in it is
+    a job step (``srun --jobid``), so a restart does not queue again."""
+
+    def __init__(self, proc):
+        self.proc = proc
+        self.job_id = None
+        self.timer = None
+        self.released = False
+
+    @classmethod
+    def request(cls, slurm_args, job_name, cwd, env):
+        command = (
+            ["salloc", "--job-name=" + job_name]
+            + [str(a) for a in slurm_args]
+            + [sys.executable, "-c", HOLDER]
+        )
+        salloc = shutil.which("salloc")
+        if salloc is None:
+            slurm_command(["salloc"])  # raises the clear "not found" error
+        command[0] = salloc
+        try:
+            proc = subprocess.Popen(
+                command,
+                env=env,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                cwd=cwd,
+                start_new_session=True,
+                close_fds=True,
+            )
+        except OSError as exc:
+            raise AgentError(Kind.LAUNCH_FAILED, "cannot start %s: %s" % (salloc, exc)) from None
+        return cls(proc)
+
+    def alive(self):
+        """Still granted: salloc runs and squeue says RUNNING (a bounded squeue)."""
+        if self.released or self.proc.poll() is not None or not self.job_id:
+            return False
+        try:
+            job = squeue_jobs([self.job_id]).get(str(self.job_id))
+        except AgentError:
+            return False
+        return job is not None and job["state"] == "RUNNING"
+
+    def release(self):
+        """End the allocation (idempotent; bounded): scancel, then salloc's group."""
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.released:
+            return
+        self.released = True
+        try:
+            if self.job_id is not None:
+                scancel(self.job_id)
+        except AgentError:
+            pass
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        stop_group(self.proc.pid, self.proc, term_wait=5.0, kill_wait=2.0)
+
+
+def hold(kid, allocation):
+    """Keep ``allocation`` for the next launch of ``kid``, at most HOLD_TIMEOUT s."""
+    allocation.timer = threading.Timer(HOLD_TIMEOUT, lambda: _expire(kid, allocation))
+    allocation.timer.daemon = True
+    with _held_lock:
+        previous = _held.pop(kid, None)
+        _held[kid] = allocation
+    if previous is not None and previous is not allocation:
+        previous.release()
+    allocation.timer.start()
+
+
+def _expire(kid, allocation):
+    with _held_lock:
+        if _held.get(kid) is allocation:
+            del _held[kid]
+    allocation.release()
+
+
+def take_held(kid):
+    """The allocation held for ``kid`` (now the caller's), or None."""
+    with _held_lock:
+        allocation = _held.pop(kid, None)
+    if allocation is not None and allocation.timer is not None:
+        allocation.timer.cancel()
+    return allocation
