@@ -65,10 +65,30 @@ def assert_one_line_error(result: Result, *fragments: str, code: int = 1) -> str
     return lines[0]
 
 
-def run_in_pty(args: list[str], env: dict[str, str], timeout: float = 60.0) -> str:
-    """Run a command with stdin/stdout/stderr on a pseudo-terminal; return what it wrote."""
+def run_in_pty(
+    args: list[str],
+    env: dict[str, str],
+    timeout: float = 60.0,
+    *,
+    answers: dict[str, str] | None = None,
+    new_session: bool = False,
+) -> str:
+    """Run a command with stdin/stdout/stderr on a pseudo-terminal; return what it wrote.
+
+    ``answers``: type ``answers[prompt]`` (and Enter) when ``prompt`` shows up, each once.
+    ``new_session``: the command leads a session of its own (it can then make the pty
+    its controlling terminal)."""
+    pending = dict(answers or {})
     master, slave = pty.openpty()
-    proc = subprocess.Popen(args, stdin=slave, stdout=slave, stderr=slave, env=env, close_fds=True)
+    proc = subprocess.Popen(
+        args,
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        env=env,
+        close_fds=True,
+        start_new_session=new_session,
+    )
     os.close(slave)
     out = bytearray()
     deadline = time.monotonic() + timeout
@@ -83,6 +103,9 @@ def run_in_pty(args: list[str], env: dict[str, str], timeout: float = 60.0) -> s
                 if not data:
                     break
                 out += data
+                for prompt in list(pending):
+                    if prompt.encode() in out:
+                        os.write(master, pending.pop(prompt).encode() + b"\n")
             elif proc.poll() is not None:
                 break
         else:

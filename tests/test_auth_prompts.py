@@ -23,7 +23,7 @@ from pathlib import Path
 
 import asyncssh
 import pytest
-from cli_helpers import sshpyk
+from cli_helpers import run_in_pty, sshpyk
 from pam_sshd import LoginUser, PamSSHD, oath_pam_service, throwaway_user, totp
 from sshd import ThrowawaySSHD, find_sshd
 
@@ -385,48 +385,14 @@ asyncio.run(main())
 def _on_terminal(args: list[str], answers: dict[str, str], timeout: float = 60.0) -> str:
     """Run TTY_SCRIPT with a pty as its controlling terminal; type ``answers[prompt]``
     when ``prompt`` shows up (each once); return everything the terminal showed."""
-    import pty
-    import select
-
     env = {k: v for k, v in os.environ.items() if not k.startswith("SSH_ASKPASS")}
-    master, slave = pty.openpty()
-    proc = subprocess.Popen(
+    return run_in_pty(
         [sys.executable, "-c", TTY_SCRIPT, *args],
-        stdin=slave,
-        stdout=slave,
-        stderr=slave,
-        env=env,
-        start_new_session=True,
+        env,
+        timeout,
+        answers=answers,
+        new_session=True,
     )
-    os.close(slave)
-    out = bytearray()
-    pending = dict(answers)
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([master], [], [], 0.2)
-            if ready:
-                try:
-                    data = os.read(master, 65536)
-                except OSError:
-                    break
-                if not data:
-                    break
-                out += data
-                for prompt in list(pending):
-                    if prompt.encode() in out:
-                        os.write(master, pending.pop(prompt).encode() + b"\n")
-            elif proc.poll() is not None:
-                break
-        else:
-            raise AssertionError(f"no end within {timeout}s: {bytes(out)!r}")
-        proc.wait(10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(5)
-        os.close(master)
-    return out.decode("utf-8", "replace")
 
 
 def test_terminal_honours_echo_flags() -> None:
