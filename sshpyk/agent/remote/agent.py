@@ -39,12 +39,10 @@ from .paths import (
     remove_tree,
     write_json_atomic,
 )
-from .procgroup import KILL_WAIT, TERM_WAIT, pid_alive
+from .procgroup import CLEANING, KILL_WAIT, TERM_WAIT, pid_alive
 from .protocol import AgentError, Event, Kind, Op
 from .records import annotate, kill_run_dir, request_owner, scan, sweep
 
-#: set once the agent cleans up on its way out: a SIGTERM then no longer interrupts it
-CLEANING = threading.Event()
 #: seconds the cleanup of several kernels at once may take (they stop in parallel)
 CLEANUP_TIMEOUT = 60.0
 #: seconds the agent's exit waits for its remaining workers, all together

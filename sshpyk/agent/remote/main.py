@@ -15,9 +15,10 @@ import socket
 import sys
 import threading
 
-from .agent import CLEANING, Agent
+from .agent import Agent
 from .jsonlines import decode, stdout_output
 from .paths import as_int, peer_credentials, private_dir_problem, trusted_json
+from .procgroup import CLEANING
 from .protocol import FIRST_OPS, PROTOCOL, AgentError, Event, Kind, Op
 
 
@@ -136,6 +137,14 @@ def main():
         agent.cleanup()
 
 
+def _on_term(*_):
+    """The first SIGTERM unwinds (main()'s finally cleans up); later ones are ignored."""
+    if CLEANING.is_set():
+        return
+    CLEANING.set()
+    sys.exit(143)
+
+
 def run():
     """What the loader calls: main(), then exit the process."""
     # SIGTERM unwinds through main()'s finally, which cleans up every kernel. SIGHUP is
@@ -143,7 +152,7 @@ def run():
     # keeps the kernels for the grace period so that the local side can reattach.
     # A SIGTERM during that cleanup is ignored: unwinding out of it would leave the
     # agent dir or kernels behind.
-    signal.signal(signal.SIGTERM, lambda *_: None if CLEANING.is_set() else sys.exit(143))
+    signal.signal(signal.SIGTERM, _on_term)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         status = main()

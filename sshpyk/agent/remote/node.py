@@ -20,7 +20,7 @@ import time
 from .direct import endpoints_bound, pick_transport, spawn_kernel, tail, write_connection_file
 from .jsonlines import read_messages
 from .paths import private_run_dir, remove_tree
-from .procgroup import stop_group
+from .procgroup import CLEANING, stop_group
 from .protocol import AgentError, Event, Kind, Op
 from .relay import RELAY_CONNECT_TIMEOUT, Mux, relay_accept
 
@@ -172,6 +172,7 @@ def run_node(request, output):
                 ready = True
                 output.emit(Event.READY)
     finally:
+        CLEANING.set()  # a TERM from SLURM (scancel, time limit) no longer cuts this short
         if listener is not None:
             try:
                 listener.shutdown(socket.SHUT_RDWR)  # wakes accept_relay, which closes it

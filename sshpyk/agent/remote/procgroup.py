@@ -5,7 +5,13 @@ can be told of a process by its pid (alive, owner, whether it is a given kernel)
 import os
 import signal
 import subprocess
+import threading
 import time
+
+#: set once this process cleans up on its way out (the agent, the node side): a SIGTERM
+#: then no longer interrupts it (see main.run). SLURM signals a step more than once when
+#: it ends it (time limit, scancel): the second TERM must not cut the first one's cleanup.
+CLEANING = threading.Event()
 
 #: seconds a group leader has between SIGTERM and SIGKILL
 TERM_WAIT = 2.0
