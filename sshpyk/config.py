@@ -97,6 +97,8 @@ class Option:
     #: numbers: the smallest value allowed; positive: larger than 0
     minimum: float | None = None
     positive: bool = False
+    #: what numbers count, for error messages
+    unit: str = "seconds"
     #: any other rule: returns what is wrong with a value, or None
     check: Callable[[Any], str | None] | None = None
     #: the launcher it belongs to: with any other launcher, not stored while default
@@ -263,11 +265,34 @@ class KernelConfig:
         kernel="run_root",
     )
     grace_period: float = _option(
-        60.0,
-        help="Seconds a kernel survives without contact (link loss, crashed client).",
+        30.0,
+        help="Seconds a kernel survives once its local side is known to be gone (its"
+        " process died, or the connection was reset, while heartbeats were current).",
         label="grace period",
         positive=True,
         kernel="grace",
+    )
+    link_grace: float = _option(
+        3600.0,
+        help="Seconds a kernel survives a local side that went silent (laptop asleep,"
+        " network gone): it keeps running, its output is kept, and the local side"
+        " reconnects by itself until then.",
+        label="link grace",
+        positive=True,
+        omit_default=True,
+        kernel="link_grace",
+    )
+    outage_buffer: float = _option(
+        64.0,
+        help="MiB of kernel output the remote keeps per kernel while the link is down"
+        " (past it the oldest iopub output is dropped, with a warning); 0 forwards the"
+        " channels directly, and what a kernel sends during an outage is lost.",
+        label="outage buffer",
+        minimum=0.0,
+        unit="MiB",
+        omit_default=True,
+        kernel="outage_buffer",
+        request=True,
     )
     persistent: bool = _option(
         False,
@@ -467,9 +492,9 @@ class ConfigField:
         if opt.choices and value not in opt.choices:
             return f"{opt.label} must be one of {', '.join(opt.choices)}"
         if opt.positive and not value > 0:
-            return f"{opt.label} must be a positive number of seconds"
+            return f"{opt.label} must be a positive number of {opt.unit}"
         if opt.minimum is not None and not value >= opt.minimum:
-            return f"{opt.label} must be {opt.minimum:g} (off) or a number of seconds"
+            return f"{opt.label} must be {opt.minimum:g} (off) or a number of {opt.unit}"
         if opt.path and not os.path.isfile(value):
             return f"{opt.label} {value} does not exist"
         return opt.check(value) if opt.check else None

@@ -115,8 +115,11 @@ async def test_reset_every_connection(make_kernelspec, proxied_config, proxy, ru
 async def test_link_down_past_grace_declares_kernel_dead(
     make_kernelspec, proxied_config, proxy, run_root
 ) -> None:
-    """After the grace period without a reconnection the kernel is dead on both sides."""
-    proxied_kernelspec(make_kernelspec, proxied_config, "ssh_grace", grace_period=3.0)
+    """After the grace periods without a reconnection the kernel is dead on both sides
+    (a reset link: the short grace on the remote; the link grace on the local side)."""
+    proxied_kernelspec(
+        make_kernelspec, proxied_config, "ssh_grace", grace_period=3.0, link_grace=3.0
+    )
     km, kc = await start_manager("ssh_grace")
     try:
         pid = km.provisioner.remote_kernel.process.pid

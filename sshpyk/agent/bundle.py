@@ -23,6 +23,8 @@ CORE_MODULES = (
     "procgroup",
     "paths",
     "kernelspecs",
+    "resume",
+    "links",
     "launcher",
     "direct",
     "records",

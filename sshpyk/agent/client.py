@@ -97,11 +97,13 @@ class RemoteAgent:
     """One agent process on the remote host, speaking the JSON line protocol.
 
     When the SSH link drops (the channel ends without an exit status), the agent
-    keeps its kernels for ``grace`` seconds. Meanwhile this object waits for the
-    session to reconnect, then reattaches through the agent's control socket (a
-    small relay started over a new exec channel) and resynchronises kernel state.
-    Kernels read as alive throughout; only when the grace period ends without a
-    reattach are they declared lost.
+    keeps its kernels: ``link_grace`` seconds if this side went silent (asleep, network
+    gone), ``grace`` seconds if it is known to be gone (the channel ended while its
+    heartbeats were current). Meanwhile this object reconnects (with backoff) and
+    reattaches through the agent's control socket (a small relay started over a new
+    exec channel) and resynchronises kernel state. Kernels read as alive throughout;
+    only when ``link_grace`` ends without a reattach, or the agent says a kernel is
+    gone, are they declared lost.
     """
 
     def __init__(
@@ -111,6 +113,7 @@ class RemoteAgent:
         pre_command: str | None,
         *,
         grace: float,
+        link_grace: float | None = None,
         run_root: str | None,
     ) -> None:
         self.session = session
@@ -118,6 +121,7 @@ class RemoteAgent:
         self.python = python
         self.pre_command = pre_command
         self.grace = grace
+        self.link_grace = max(grace, link_grace if link_grace is not None else grace)
         self.run_root = run_root
         self.pid: int | None = None
         self.socket_path: str | None = None
@@ -198,7 +202,13 @@ class RemoteAgent:
 
     async def start(self) -> None:
         """Spawn the agent and wait for its hello."""
-        hello = {"op": Op.HELLO, "grace": self.grace, "run_root": self.run_root}
+        hello = {
+            "op": Op.HELLO,
+            "grace": self.grace,
+            "link_grace": self.link_grace,
+            "heartbeat": _heartbeat_interval(self.grace),
+            "run_root": self.run_root,
+        }
         try:
             await self._open_channel(hello)
         except BaseException:
@@ -215,10 +225,11 @@ class RemoteAgent:
         python: str,
         pre_command: str | None = None,
         *,
-        grace: float = 60.0,
+        grace: float = DEFAULTS.grace_period,
+        link_grace: float = DEFAULTS.link_grace,
     ) -> RemoteAgent:
         """Connect to an agent that already runs (e.g. one holding persistent kernels)."""
-        agent = cls(session, python, pre_command, grace=grace, run_root=None)
+        agent = cls(session, python, pre_command, grace=grace, link_grace=link_grace, run_root=None)
         agent.socket_path = socket_path
         agent.owner = False  # closing only hangs up: the kernels belong to their owner
         try:
@@ -315,18 +326,19 @@ class RemoteAgent:
         for future in self._requests.values():
             if not future.done():
                 future.set_exception(ConnectionLostError(f"link to {self.alias!r} lost"))
-        log.warning(
-            "[%s] link to the agent lost; %d kernel(s) kept for up to %gs while reconnecting",
+        log.info(
+            "[%s] link down: %d kernel(s) kept for up to %gs while reconnecting",
             self.alias,
             len(self.kernels),
-            self.grace,
+            self.link_grace,
         )
         self._tasks.create_task(self._recover(), name="agent-recover")
 
     async def _recover(self) -> None:
-        """Reconnect and reattach within the grace period, or declare the kernels lost."""
+        """Reconnect and reattach within the link grace, or declare the kernels lost.
+        Backoff: 0.1 s doubling to 1 s in the first minute, then up to 10 s."""
         started = time.monotonic()
-        deadline = started + (self.grace or 60.0)
+        deadline = started + (self.link_grace or 60.0)
         attempt = 0
         error: SSHPykError = ConnectionLostError(f"the SSH connection to {self.alias!r} was lost")
         while not self._closing and time.monotonic() < deadline:
@@ -340,10 +352,16 @@ class RemoteAgent:
                 break
             except (SSHPykError, asyncio.TimeoutError, OSError, asyncssh.Error) as exc:
                 error = exc if isinstance(exc, SSHPykError) else ConnectionLostError(str(exc))
-                await asyncio.sleep(min(0.5, 0.05 * 2**attempt))
+                down = time.monotonic() - started
+                delay = min(1.0 if down < 60 else 10.0, 0.1 * 2 ** (attempt - 1))
+                log.info(
+                    "[%s] reconnect attempt %d failed after %.1fs down (%s); next in %.1fs",
+                    *(self.alias, attempt, down, error, delay),
+                )
+                await asyncio.sleep(delay)
                 continue
-            log.warning(
-                "[%s] reattached to the agent after %.2fs (%d attempt(s))",
+            log.info(
+                "[%s] link restored: reattached to the agent after %.2fs down (%d attempt(s))",
                 self.alias,
                 time.monotonic() - started,
                 attempt,

@@ -37,7 +37,17 @@ EventListener = Callable[["KernelProcess", dict[str, Any]], None]
 
 #: the fields every ``state`` entry has; the others are the launcher's own (details)
 _COMMON_STATE = frozenset(
-    ("kid", "pid", "run_dir", "transport", "endpoints", "ready", "exit_code", "persistent")
+    (
+        "kid",
+        "pid",
+        "run_dir",
+        "transport",
+        "endpoints",
+        "relay",
+        "ready",
+        "exit_code",
+        "persistent",
+    )
 )
 _EVENT_FIELDS = frozenset(("v", "event", "kid", "endpoints"))
 
@@ -71,6 +81,8 @@ class KernelProcess:
         self.run_dir = ""
         self.transport = ""
         self.endpoints: dict[str, Any] = {}
+        #: the agent's end of the kernel's resumable relay (a unix socket), or None
+        self.relay: str | None = None
         #: where the kernel's tcp sockets listen, as seen from the remote host
         self.host = "127.0.0.1"
         self.launcher = "direct"
@@ -111,6 +123,7 @@ class KernelProcess:
             self.run_dir = str(event["run_dir"])
             self.transport = str(event["transport"])
             self.endpoints = dict(event["endpoints"])
+            self.relay = event.get("relay") or None
             self.argv = list(event.get("argv") or [])
             self.launcher = str(event.get("launcher") or self.launcher)
             if event.get("job_name"):
@@ -160,6 +173,7 @@ class KernelProcess:
         self.run_dir = str(state.get("run_dir") or self.run_dir)
         self.transport = str(state.get("transport") or self.transport)
         self.endpoints = dict(state.get("endpoints") or self.endpoints)
+        self.relay = state.get("relay") or self.relay
         self.persistent = bool(state.get("persistent"))
         self.host = str(state.get("host") or self.host)
         self.launcher = str(state.get("launcher") or self.launcher)

@@ -37,6 +37,7 @@ from ..config import LOCAL_TRANSPORTS
 from ..errors import SSHPykError, UnsafePathError
 from ..localfs import make_private_dir, socket_base_dir
 from ..tasks import TaskOwner
+from .link import KernelLink
 
 if TYPE_CHECKING:
     from ..agent.process import KernelProcess
@@ -61,6 +62,11 @@ class _Pipe(asyncio.Protocol):
         self.pending = bytearray()
         self.eof = False
         self.closed = False
+        #: relayed (link.py): the kernel's link and this connection's stream on it
+        self.link: KernelLink | None = None
+        self.sid = 0
+        self.writing_paused = False
+        self.unacked = 0  # bytes written while paused: acked on the link once drained
         if peer is not None:
             peer.peer = self
 
@@ -75,13 +81,17 @@ class _Pipe(asyncio.Protocol):
         pass
 
     def data_received(self, data: bytes, datatype: Any = None) -> None:
-        if self.peer is not None and self.peer.transport is not None:
+        if self.link is not None:
+            self.link.from_client(self.sid, data, self)
+        elif self.peer is not None and self.peer.transport is not None:
             self.peer.transport.write(data)
         else:
             self.pending += data
 
     def eof_received(self) -> bool:
         self.eof = True
+        if self.link is not None:
+            return False  # ZMQ never half-closes: the connection ends
         if self.peer is not None and self.peer.transport is not None:
             try:
                 self.peer.transport.write_eof()
@@ -90,10 +100,15 @@ class _Pipe(asyncio.Protocol):
         return True  # keep the other direction open until both sides are done
 
     def pause_writing(self) -> None:
+        self.writing_paused = True
         if self.peer is not None and self.peer.transport is not None:
             self.peer.transport.pause_reading()
 
     def resume_writing(self) -> None:
+        self.writing_paused = False
+        if self.link is not None and self.unacked:
+            count, self.unacked = self.unacked, 0
+            self.link.client_drained(self.sid, count)
         if self.peer is not None and self.peer.transport is not None:
             self.peer.transport.resume_reading()
 
@@ -104,12 +119,25 @@ class _Pipe(asyncio.Protocol):
         if self.closed:
             return
         self.closed = True
+        if self.link is not None:
+            self.link.client_closed(self.sid)
         if self.on_close is not None:
             self.on_close(self)
         if self.transport is not None:
             self.transport.close()
         if self.peer is not None:
             self.peer.close()
+
+    def attach_link(self, link: KernelLink, channel: str) -> None:
+        """Relay this connection over ``link`` (what arrived meanwhile goes first)."""
+        self.link = link
+        self.sid = link.add(channel, self)
+        if self.pending:
+            data = bytes(self.pending)
+            self.pending.clear()
+            link.from_client(self.sid, data, self)
+        if self.eof:
+            self.close()
 
     def attach(self, remote: _Pipe) -> None:
         """Flush what arrived before the remote end was open."""
@@ -135,7 +163,12 @@ class ForwardSet:
     """Five local listeners that follow the session's current kernel."""
 
     def __init__(
-        self, session: Session, *, connect_timeout: float = 60.0, transport: str = "ipc"
+        self,
+        session: Session,
+        *,
+        connect_timeout: float = 60.0,
+        transport: str = "ipc",
+        outage_buffer: float = 64.0,
     ) -> None:
         if transport not in LOCAL_TRANSPORTS:
             raise SSHPykError(f"local transport {transport!r} is not one of ipc, tcp")
@@ -154,6 +187,11 @@ class ForwardSet:
         self._tasks = TaskOwner(f"[{session.alias}] forwards")
         self._pipes: set[_Pipe] = set()
         self._process: KernelProcess | None = None
+        #: MiB per kernel kept across an outage; 0: direct channels (no relay)
+        self.outage_buffer = outage_buffer
+        #: the resumable relay of the current kernel process (link.py)
+        self._link: KernelLink | None = None
+        self._closing_links = TaskOwner(f"[{session.alias}] closing links")
         self._retargeted = asyncio.Event()
         self._closed = False
         #: ipc on a prefix the caller chose (no private directory of ours)
@@ -255,12 +293,33 @@ class ForwardSet:
 
     def set_target(self, process: KernelProcess) -> None:
         """Point new connections at ``process``; they wait while it is not reachable."""
+        if process is not self._process:
+            self._drop_link()
         self._process = process
         self._retargeted.set()
         self._retargeted = asyncio.Event()
 
     def clear_target(self) -> None:
         self._process = None
+        self._drop_link()
+
+    def _drop_link(self) -> None:
+        """Close the relay of the previous kernel process: its clients reconnect (ZMQ
+        does by itself) and reach the next one."""
+        link, self._link = self._link, None
+        if link is not None:
+            self._closing_links.create_task(link.aclose(), name="close-link")
+
+    def _link_for(self, process: KernelProcess) -> KernelLink | None:
+        """The resumable relay to ``process`` (started on first use), or None for the
+        direct channels (turned off, or an agent without one)."""
+        if not self.outage_buffer or not process.relay:
+            return None
+        if self._link is None or self._link.process is not process:
+            self._drop_link()
+            self._link = KernelLink(self.session, process, int(self.outage_buffer * (1 << 20)))
+            self._link.start()
+        return self._link
 
     def _accept(self, channel: str) -> _Pipe:
         local = _Pipe(on_close=self._pipes.discard)
@@ -297,6 +356,10 @@ class ForwardSet:
             if process is None or local.closed:
                 local.close()
                 return
+            link = self._link_for(process)
+            if link is not None:
+                local.attach_link(link, channel)
+                return
             conn = await self.session.connection()
             target = process.endpoints[channel]
             remote = _Pipe(local)
@@ -327,6 +390,7 @@ class ForwardSet:
         for pipe in list(self._pipes):
             pipe.close()
         self._pipes.clear()
+        self._drop_link()
         self._remove_directory()
 
     def _remove_directory(self) -> None:
@@ -350,6 +414,7 @@ class ForwardSet:
         for server in self._servers.values():
             await server.wait_closed()
         await self._tasks.aclose()
+        await self._closing_links.aclose()
 
     async def aclose(self) -> None:
         self.close()

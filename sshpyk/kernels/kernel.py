@@ -53,6 +53,8 @@ class KernelOptions:
     pre_command: str | None = _D.pre_command
     run_root: str | None = _D.remote_run_root
     grace: float = _D.grace_period
+    link_grace: float = _D.link_grace
+    outage_buffer: float = _D.outage_buffer
     start_timeout: float = _D.start_timeout
     persistent: bool = _D.persistent
     launcher: str = _D.launcher
@@ -109,8 +111,9 @@ class RemoteKernel:
         # a forwarded connection may wait for a start, or for a reconnect after link loss
         self.forwards = ForwardSet(
             session,
-            connect_timeout=max(options.total_start_timeout, options.grace) + 5,
+            connect_timeout=max(options.total_start_timeout, options.link_grace) + 5,
             transport=options.local_transport,
+            outage_buffer=options.outage_buffer,
         )
         self.process: KernelProcess | None = None
         #: where SLURM queue and walltime events are logged (the provisioner's self.log)
@@ -183,7 +186,11 @@ class RemoteKernel:
         request = opts.launch_request(self.key, self.signature_scheme, env)
         t1 = time.monotonic()
         agent = await self.session.agent(
-            opts.python, opts.pre_command, grace=opts.grace, run_root=opts.run_root
+            opts.python,
+            opts.pre_command,
+            grace=opts.grace,
+            link_grace=opts.link_grace,
+            run_root=opts.run_root,
         )
         timings["agent"] = time.monotonic() - t1
         t1 = time.monotonic()
@@ -238,7 +245,11 @@ class RemoteKernel:
         if not socket_path:
             raise RemoteError(f"the agent of kernel {kernel_id} on {session.alias!r} is gone")
         agent = await session.attach_agent(
-            socket_path, options.python, options.pre_command, grace=options.grace
+            socket_path,
+            options.python,
+            options.pre_command,
+            grace=options.grace,
+            link_grace=options.link_grace,
         )
         process = await agent.adopt(kernel_id)
         remote_info = await agent.connection_info(kernel_id)

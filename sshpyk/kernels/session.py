@@ -14,6 +14,7 @@ from typing import Any
 
 from ..agent.client import RemoteAgent
 from ..agent.registry import AgentRegistry
+from ..config import DEFAULTS
 from ..ssh import session as ssh_session
 from .kernel import KernelOptions, RemoteKernel
 
@@ -31,19 +32,24 @@ class SSHSession(ssh_session.Session):
         python: str = "python3",
         pre_command: str | None = None,
         *,
-        grace: float = 60.0,
+        grace: float = DEFAULTS.grace_period,
+        link_grace: float = DEFAULTS.link_grace,
         run_root: str | None = None,
     ) -> RemoteAgent:
-        """The remote agent for ``python`` (started on first use, then shared)."""
+        """The remote agent for ``python`` (started on first use, then shared). It keeps
+        kernels ``grace`` seconds once this side is known gone, ``link_grace`` seconds
+        while this side is silent (see :class:`~sshpyk.agent.client.RemoteAgent`)."""
         await self.connection()
 
         async def start() -> RemoteAgent:
-            agent = RemoteAgent(self, python, pre_command, grace=grace, run_root=run_root)
+            agent = RemoteAgent(
+                self, python, pre_command, grace=grace, link_grace=link_grace, run_root=run_root
+            )
             await agent.start()
             return agent
 
         return await AgentRegistry.of(self.shared).get(
-            (python, pre_command, grace, run_root), start
+            (python, pre_command, grace, link_grace, run_root), start
         )
 
     async def attach_agent(
@@ -52,13 +58,16 @@ class SSHSession(ssh_session.Session):
         python: str = "python3",
         pre_command: str | None = None,
         *,
-        grace: float = 60.0,
+        grace: float = DEFAULTS.grace_period,
+        link_grace: float = DEFAULTS.link_grace,
     ) -> RemoteAgent:
         """Join an agent that already runs on the host (see :meth:`RemoteKernel.attach`)."""
         await self.connection()
 
         async def start() -> RemoteAgent:
-            return await RemoteAgent.attach(self, socket_path, python, pre_command, grace=grace)
+            return await RemoteAgent.attach(
+                self, socket_path, python, pre_command, grace=grace, link_grace=link_grace
+            )
 
         return await AgentRegistry.of(self.shared).get(("attached", socket_path), start)
 

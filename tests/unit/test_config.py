@@ -38,6 +38,8 @@ NON_DEFAULT: dict[str, Any] = {
     "remote_cwd": "/srv",
     "remote_run_root": "/scratch/me",
     "grace_period": 600.0,
+    "link_grace": 7200.0,
+    "outage_buffer": 16.0,
     "persistent": True,
     "launcher": "slurm",
     "slurm_args": "--partition=gpu --time=04:00:00",
@@ -295,7 +297,9 @@ def test_add_defaults_are_the_model_defaults() -> None:
         "remote_kernel_name": "python3",
         "start_timeout": 60.0,
         "transport": "auto",
-        "grace_period": 60.0,
+        "grace_period": 30.0,
+        "link_grace": 3600.0,
+        "outage_buffer": 64.0,
         "launcher": "direct",
         "slurm_queue_timeout": 600.0,
         "slurm_walltime_warning": 300.0,
@@ -339,6 +343,7 @@ def test_launch_request_is_what_the_agent_reads(every: SSHKernelSpec) -> None:
         "slurm_queue_timeout": 30.0,
         "slurm_walltime_warning": 0.0,
         "slurm_status_interval": 5.0,
+        "outage_buffer": 16.0,
     }
     assert options.env == {"A": "1", "B": "x y"}  # the extra env is not kept
     assert LaunchRequest("k").launcher == DEFAULTS.launcher

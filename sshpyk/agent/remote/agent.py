@@ -130,7 +130,15 @@ class Agent:
         self.closing = []
         self.output = Output()
         self.run_root = hello.get("run_root")
+        #: seconds kernels are kept once the local side is known to be gone (its channel
+        #: ended while heartbeats were current: its process died, or the link was reset)
         self.grace = float(hello.get("grace") or 0)
+        #: seconds kernels are kept for a local side that went silent (asleep, network
+        #: gone: no EOF, or an EOF long after the last heartbeat)
+        self.link_grace = max(self.grace, float(hello.get("link_grace") or self.grace))
+        #: the local side's heartbeat interval: "current" means within two of them
+        self.heartbeat = float(hello.get("heartbeat") or 5.0)
+        self.known_gone = False
         self.controllers = set()
         self.last_contact = time.monotonic()
         self.agent_dir = None
@@ -273,7 +281,8 @@ class Agent:
             for kernel in starting:
                 kernel.check_ready()
             now = time.monotonic()
-            if not self.detached and self.grace and now - self.last_contact > self.grace:
+            limit = self.grace if self.known_gone else self.link_grace
+            if not self.detached and self.grace and now - self.last_contact > limit:
                 # the local side is gone: stop what it does not want kept
                 self.stop_kernels(keep_persistent=True)
                 self.detached = True
@@ -287,7 +296,12 @@ class Agent:
         if kind == "attach":
             self.attach(value)
         elif kind == "eof":
-            # a local side left or its link dropped: a reattach may follow (grace)
+            # a local side left or its link dropped: a reattach may follow (grace). An
+            # EOF while its heartbeats were current: it is gone (short grace); long
+            # after them: the link died silently first (the long link grace)
+            if value in self.controllers and len(self.controllers) == 1 and value.heard:
+                current = time.monotonic() - self.last_contact <= 2 * self.heartbeat + 2
+                self.known_gone = current
             if self.workers:
                 self.closing.append(value)
             else:
@@ -300,6 +314,7 @@ class Agent:
                     self.touch()
                 self.last_contact = time.monotonic()
                 self.detached = False
+                self.known_gone = False
                 if msg.get("op") == Op.PING:
                     self.touch()
                 return self.handle(msg)

@@ -16,9 +16,11 @@ loop hands to :meth:`on_exit` and :meth:`on_event`. Events go out with
 
 import abc
 import os
+import socket
 import threading
 import time
 
+from .links import LinkServer
 from .paths import remove_tree, write_json_atomic
 from .procgroup import stop_group
 from .protocol import AgentError, Event, Kind
@@ -73,6 +75,9 @@ class Launcher(abc.ABC):
         self.log_path = None
         self.transport = None
         self.endpoints = {}
+        #: the resumable relay (links.py) and its socket, once started (start_links)
+        self.links = None
+        self.relay = None
         self.ready = False
         #: set by a ``stop``: True for a restart (keep what the next launch of this kid
         #: reuses: a SLURM allocation), False to release all; None: no stop request
@@ -121,7 +126,11 @@ class Launcher(abc.ABC):
             if self._cleaned:
                 return
             self._cleaned = True
-            self._cleanup()
+            try:
+                self._cleanup()
+            finally:
+                if self.links is not None:
+                    self.links.close()
 
     @property
     def cleaned(self):
@@ -135,6 +144,7 @@ class Launcher(abc.ABC):
             "run_dir": self.run_dir,
             "transport": self.transport,
             "endpoints": self.endpoints,
+            "relay": self.relay,
             "ready": self.ready,
             "exit_code": self.exit_code,
             "persistent": self.persistent,
@@ -172,8 +182,46 @@ class Launcher(abc.ABC):
     def emit(self, event, **fields):
         self.agent.output.emit(event, kid=self.kid, **fields)
 
+    def start_links(self):
+        """Listen for the kernel's resumable relay (links.py) on ``r`` in its run
+        dir, unless the request turns it off (``outage_buffer`` 0) or the path does
+        not fit in sun_path: then the local side forwards to the sockets directly."""
+        mib = self.request.get("outage_buffer", 64)
+        path = os.path.join(self.run_dir or "", "r")  # as short as the kernel's k-N
+        if not mib or not self.run_dir or len(path.encode()) > 104:
+            return
+        try:
+            self.links = LinkServer(
+                path, self.connect_channel, int(float(mib) * (1 << 20)), self.agent.link_grace
+            )
+        except OSError:
+            return
+        self.relay = path
+
+    def connect_channel(self, channel):
+        """A connection to the kernel's ``channel`` as the local side would make it:
+        its unix socket, or its port on 127.0.0.1 (raises OSError, KeyError)."""
+        target = self.endpoints[channel]
+        if isinstance(target, str):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            address = target
+        else:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            address = ("127.0.0.1", int(target))
+        try:
+            sock.settimeout(10.0)
+            sock.connect(address)
+            sock.settimeout(None)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
     def emit_started(self, argv, spec, endpoints, **extra):
-        """Tell the local side the kernel's process exists (``started``)."""
+        """Tell the local side the kernel's process exists (``started``); its
+        resumable relay listens from then on."""
+        self.start_links()
         self.emit(
             Event.STARTED,
             pid=self.proc.pid,
@@ -185,6 +233,7 @@ class Launcher(abc.ABC):
             resource_dir=spec.get("resource_dir"),
             language=spec.get("language"),
             launcher=self.name,
+            relay=self.relay,
             **extra,
         )
 

@@ -1,0 +1,447 @@
+"""The resumable relay's protocol, without I/O: a kernel's channels between the local side
+and the agent, kept whole across a dropped SSH link.
+
+Both ends use it: the agent's threads (links.py) and the local side's asyncio
+(sshpyk/kernels/link.py). Self-contained, stdlib only.
+
+Why: without it each ZMQ connection is an SSH channel to the kernel's socket, and a dropped
+link closes them; a ZMQ PUB drops what it sends to a peer that is gone, and a reply sent
+while the link is down is lost. With it, the agent holds the kernel-side connections and
+the local side the client-side ones; neither ZMQ peer sees a disconnect. Between them, one
+link (an SSH ``direct-streamlocal`` channel to the kernel's ``r`` socket in its 0700 run
+dir) carries frames, both ways::
+
+    type (1 byte) | stream id (4 bytes, big endian) | length (4) | payload
+
+    HELLO    local -> agent, first: JSON {"session": token, "streams": {sid: received}}
+    WELCOME  agent -> local, the answer: JSON {"streams": {...}, "max_sid": n, ...}
+    OPEN     local -> agent: a client connected to channel <payload> (shell, iopub...)
+    DATA     bytes of a stream, in order
+    ACK      the receiver wrote <payload: 8 bytes, a total> bytes of the stream out
+    CLOSE    the sender's socket ended: no DATA follows on the stream
+    DROPPED  agent -> local: JSON {"bytes": n, "messages": m} of iopub dropped (overflow)
+
+Every byte of a stream is kept by its sender until the peer ACKs it. A reconnect starts a
+new link with HELLO/WELCOME, in which each side says how many bytes of each stream it has
+received; each side then sends again what the other has not, and goes on: every byte
+arrives in order, exactly once. A side removes a stream once both CLOSEs are known and its
+bytes are acked; a stream the peer no longer lists (and, for the agent, had opened) was
+removed by the peer, which happens only once it had everything.
+
+Flow control: at most WINDOW bytes of a stream are in flight (sent, not acked); ACKs go
+out as the receiver writes to its socket. What a socket gives beyond that waits in the
+stream's queue. Queues are bounded per session (``budget`` bytes): past it, the oldest
+whole iopub messages that were never sent are dropped (the kernel's output during a long
+outage; told with DROPPED), and if that is not enough the readers of the sockets wait
+(ZMQ's own buffers then fill): shell, control, stdin and hb bytes are never dropped.
+Whole messages are found by ZMTP 3 framing (:class:`ZmtpUnits`), so this works for any
+ZMQ kernel, not only ipykernel.
+"""
+
+import collections
+import json
+import struct
+
+F_HELLO, F_WELCOME, F_OPEN, F_DATA, F_ACK, F_CLOSE, F_DROPPED = range(1, 8)
+HEAD = struct.Struct(">BII")
+COUNT = struct.Struct(">Q")
+#: largest frame accepted at all; anything bigger is corruption
+MAX_FRAME = 1 << 22
+#: largest DATA payload
+CHUNK = 1 << 17
+#: bytes of one stream in flight (sent, not acked)
+WINDOW = 1 << 21
+#: ACK once this much was written (or with any frame going out anyway)
+ACK_EVERY = WINDOW // 4
+#: a ZMQ message longer than this is passed on as it comes (no longer droppable)
+MAX_HELD = 1 << 20
+#: the default outage buffer (the kernel config's ``outage_buffer``, MiB)
+DEFAULT_BUDGET = 64 << 20
+DROP_CHANNEL = "iopub"
+
+
+def frame(kind, sid=0, payload=b""):
+    return HEAD.pack(kind, sid, len(payload)) + payload
+
+
+def json_frame(kind, value):
+    return frame(kind, 0, json.dumps(value).encode())
+
+
+class FrameReader:
+    """Splits what a link delivers into frames; ValueError on a broken stream."""
+
+    def __init__(self):
+        self.buf = bytearray()
+
+    def feed(self, data):
+        self.buf += data
+        frames = []
+        buf = self.buf
+        pos = 0
+        while len(buf) - pos >= HEAD.size:  # ends when the buffer holds no whole frame
+            kind, sid, length = HEAD.unpack_from(buf, pos)
+            if length > MAX_FRAME or not F_HELLO <= kind <= F_DROPPED:
+                raise ValueError("not a relay frame (type %d, length %d)" % (kind, length))
+            end = pos + HEAD.size + length
+            if end > len(buf):
+                break
+            frames.append((kind, sid, bytes(buf[pos + HEAD.size : end])))
+            pos = end
+        del buf[:pos]
+        return frames
+
+
+class ZmtpUnits:
+    """Splits what a ZMQ peer sends (ZMTP 3) into units: (bytes, droppable). The
+    greeting and commands are never droppable; a whole message is. Anything that is not
+    ZMTP 3, and a message longer than MAX_HELD, passes on as it comes (not droppable)."""
+
+    def __init__(self):
+        self.held = bytearray()  # the current unit, not yet given out
+        self.head = bytearray()  # the current frame's header, while incomplete
+        self.body = 0  # bytes of the current frame's body still to come
+        self.command = False  # the current frame is a command
+        self.more = False  # the current frame is not the message's last
+        self.greeted = False
+        self.greeting = 0  # bytes of the greeting seen
+        self.sniff = b""  # its first 11 bytes: the signature and the major version
+        self.plain = False  # not ZMTP 3: no framing
+        self.tainted = False  # the current message was passed on in part
+
+    def feed(self, data):
+        if self.plain:
+            return [(bytes(data), False)] if data else []
+        out = []
+        view = memoryview(data)
+        i = 0
+        n = len(view)
+        while i < n:  # ends once every byte of data is consumed
+            if not self.greeted:
+                # the greeting passes on as it comes: each peer sends its first bytes,
+                # then waits for the other's (ZMTP 3 version negotiation)
+                take = min(64 - self.greeting, n - i)
+                piece = bytes(view[i : i + take])
+                self.sniff += piece[: max(0, 11 - len(self.sniff))]
+                self.greeting += take
+                i += take
+                out.append((piece, False))
+                if len(self.sniff) >= 11 and (self.sniff[0] != 0xFF or self.sniff[10] < 3):
+                    self.plain = True
+                    if i < n:
+                        out.append((bytes(view[i:]), False))
+                    return out
+                self.greeted = self.greeting == 64
+                continue
+            if self.body:
+                take = min(self.body, n - i)
+                self.held += view[i : i + take]
+                i += take
+                self.body -= take
+                if self.body:
+                    self._overlong(out)
+                else:
+                    self._frame_done(out)
+                continue
+            # a frame header: flags, then a size of 1 byte (short) or 8 (long)
+            self.head.append(view[i])
+            i += 1
+            flags = self.head[0]
+            size_len = 8 if flags & 0x02 else 1
+            if len(self.head) < 1 + size_len:
+                continue
+            size = int.from_bytes(bytes(self.head[1:]), "big")
+            self.held += self.head
+            self.head.clear()
+            self.command = bool(flags & 0x04)
+            self.more = bool(flags & 0x01) and not self.command
+            self.body = size
+            if not size:
+                self._frame_done(out)
+        return out
+
+    def _frame_done(self, out):
+        if self.command:  # commands come between messages (ZMTP 3)
+            out.append((bytes(self.held), False))
+            self.held.clear()
+        elif not self.more:
+            out.append((bytes(self.held), not self.tainted))
+            self.held.clear()
+            self.tainted = False
+        else:
+            self._overlong(out)
+
+    def _overlong(self, out):
+        if len(self.held) > MAX_HELD:
+            out.append((bytes(self.held), False))
+            self.held.clear()
+            self.tainted = True
+
+
+class Stream:
+    """One relayed connection, as one side sees it."""
+
+    def __init__(self, sid, channel, units=None):
+        self.sid = sid
+        self.channel = channel
+        # outbound: our socket -> the peer
+        self.base = 0  # bytes of ours the peer confirmed
+        self.unacked = bytearray()  # sent on a link, not yet acked: [base, base + len)
+        self.queue = collections.deque()  # [bytes, droppable], never sent
+        self.queued = 0
+        self.units = units  # ZmtpUnits of what our socket sends (iopub, at the agent)
+        self.close_queued = False  # our socket ended: CLOSE once the queue is sent
+        self.close_sent = False
+        self.open_sent = False  # the local side: OPEN sent on the current link
+        # inbound: the peer -> our socket
+        self.received = 0  # bytes taken from links
+        self.written = 0  # of those, written to our socket
+        self.acked_out = 0  # the total we last ACKed
+        self.close_received = False
+        self.removed = False
+
+    def done(self):
+        return (
+            self.close_sent
+            and self.close_received
+            and not self.unacked
+            and not self.queue
+            and self.written == self.received
+        )
+
+
+class Endpoint:
+    """One side of one session: its streams and the frames they need sent. Not thread
+    safe: the agent holds a lock around it, the local side uses it from its loop.
+
+    Calls return actions, tuples for the I/O around it to carry out:
+    ``("open", sid, channel)`` (the agent: connect to the kernel), ``("data", sid, b)``
+    (write to the socket), ``("close", sid)`` (close the socket once written),
+    ``("dropped", info)`` (the local side: log it)."""
+
+    def __init__(self, budget=DEFAULT_BUDGET, agent_side=False):
+        self.budget = max(int(budget), 1 << 20)
+        self.agent_side = agent_side
+        self.streams = {}
+        self.max_sid = 0  # the agent: the highest sid opened; the local side: allocated
+        self.queued = 0  # bytes in every stream's queue
+        self.up = False  # a link is attached and past HELLO/WELCOME
+        self.dropped_bytes = 0
+        self.dropped_messages = 0
+        self.unreported = [0, 0]  # dropped since the last DROPPED frame
+        self.acks_due = set()
+
+    # -- from our sockets --------------------------------------------------------------------
+    def new_stream(self, channel):
+        """The local side: a client connected to ``channel``; returns its sid."""
+        self.max_sid += 1
+        sid = self.max_sid
+        self.streams[sid] = Stream(sid, channel)
+        return sid
+
+    def push(self, sid, data):
+        """Bytes our socket of ``sid`` gave."""
+        stream = self.streams.get(sid)
+        if stream is None or stream.close_queued or not data:
+            return
+        units = stream.units.feed(data) if stream.units is not None else [(bytes(data), False)]
+        for chunk, droppable in units:
+            stream.queue.append([chunk, droppable])
+            stream.queued += len(chunk)
+            self.queued += len(chunk)
+        if self.queued > self.budget:
+            self._shed()
+
+    def push_close(self, sid):
+        """Our socket of ``sid`` ended (EOF, error, or closed after the peer's CLOSE)."""
+        stream = self.streams.get(sid)
+        if stream is not None:
+            if stream.units is not None and stream.units.held:
+                held = bytes(stream.units.held)
+                stream.units.held.clear()
+                stream.queue.append([held, False])
+                stream.queued += len(held)
+                self.queued += len(held)
+            stream.close_queued = True
+
+    def full(self):
+        """Readers of our sockets should wait (the queues are over budget)."""
+        return self.queued > self.budget
+
+    def _shed(self):
+        """Drop the oldest whole iopub messages never sent until within budget."""
+        for stream in self.streams.values():
+            if stream.channel != DROP_CHANNEL or self.queued <= self.budget:
+                continue
+            kept = collections.deque()
+            queue = stream.queue
+            while queue and self.queued > self.budget:  # ends with the queue or the budget
+                chunk, droppable = queue.popleft()
+                if droppable:
+                    stream.queued -= len(chunk)
+                    self.queued -= len(chunk)
+                    self.dropped_bytes += len(chunk)
+                    self.dropped_messages += 1
+                    self.unreported[0] += len(chunk)
+                    self.unreported[1] += 1
+                else:
+                    kept.append([chunk, droppable])
+            kept.extend(queue)
+            stream.queue = kept
+
+    def written(self, sid, count):
+        """``count`` bytes of ``sid`` from the peer were written to our socket. ACKs
+        ride along with the next frames out; True if one should go now (a window's
+        quarter is due, or the stream is closing)."""
+        stream = self.streams.get(sid)
+        if stream is None:
+            return False
+        stream.written += count
+        self.acks_due.add(sid)
+        return stream.written - stream.acked_out >= ACK_EVERY or stream.close_received
+
+    # -- to the link -------------------------------------------------------------------------
+    def outgoing(self):
+        """The frames to send now (bytes, possibly empty); moves what they carry from the
+        queues to the unacked buffers. Round robin, one chunk per stream per pass."""
+        if not self.up:
+            return b""
+        out = []
+        if self.unreported[0]:
+            dropped, messages = self.unreported
+            out.append(json_frame(F_DROPPED, {"bytes": dropped, "messages": messages}))
+            self.unreported = [0, 0]
+        busy = True
+        while busy:  # ends when no stream can send more (window, empty queue)
+            busy = False
+            for stream in list(self.streams.values()):
+                if not self.agent_side and not stream.open_sent:
+                    stream.open_sent = True
+                    out.append(frame(F_OPEN, stream.sid, stream.channel.encode("ascii")))
+                if stream.queue and len(stream.unacked) < WINDOW:
+                    out.append(self._take(stream))
+                    busy = True
+                elif stream.close_queued and not stream.queue and not stream.close_sent:
+                    stream.close_sent = True
+                    out.append(frame(F_CLOSE, stream.sid))
+        for sid in self.acks_due:
+            stream = self.streams.get(sid)
+            if stream is not None and stream.written > stream.acked_out:
+                stream.acked_out = stream.written
+                out.append(frame(F_ACK, sid, COUNT.pack(stream.written)))
+        self.acks_due.clear()
+        self._reap()
+        return b"".join(out)
+
+    def _take(self, stream):
+        room = min(CHUNK, WINDOW - len(stream.unacked))
+        entry = stream.queue[0]
+        chunk = entry[0]
+        if len(chunk) > room:
+            piece, entry[0], entry[1] = chunk[:room], chunk[room:], False
+        else:
+            piece = chunk
+            stream.queue.popleft()
+        stream.queued -= len(piece)
+        self.queued -= len(piece)
+        stream.unacked += piece
+        return frame(F_DATA, stream.sid, piece)
+
+    def _reap(self):
+        for sid in [sid for sid, s in self.streams.items() if s.done()]:
+            self.streams.pop(sid).removed = True
+
+    # -- from the link -----------------------------------------------------------------------
+    def on_frame(self, kind, sid, payload):
+        """One frame of the current link; returns actions. ValueError: a broken peer."""
+        stream = self.streams.get(sid)
+        if kind == F_OPEN and self.agent_side:
+            if sid <= self.max_sid:
+                return []  # a repeat after a reconnect: we have it (or had it: removed)
+            self.max_sid = sid
+            channel = payload.decode("ascii", "replace")
+            units = ZmtpUnits() if channel == DROP_CHANNEL else None
+            self.streams[sid] = Stream(sid, channel, units)
+            return [("open", sid, channel)]
+        if kind == F_DROPPED:
+            return [("dropped", json.loads(payload))]
+        if stream is None:
+            return []  # a stream removed on this side: late frames are dropped
+        if kind == F_DATA:
+            if stream.close_received:
+                raise ValueError("data after close on stream %d" % sid)
+            stream.received += len(payload)
+            return [("data", sid, payload)]
+        if kind == F_ACK:
+            total = COUNT.unpack(payload)[0]
+            confirm = total - stream.base
+            if confirm < 0 or confirm > len(stream.unacked):
+                raise ValueError("ack of bytes never sent on stream %d" % sid)
+            del stream.unacked[:confirm]
+            stream.base = total
+            return []
+        if kind == F_CLOSE:
+            stream.close_received = True
+            return [("close", sid)]
+        raise ValueError("unexpected frame type %d" % kind)
+
+    # -- links -------------------------------------------------------------------------------
+    def state(self):
+        return {str(sid): s.received for sid, s in self.streams.items()}
+
+    def hello(self, token):
+        return json_frame(F_HELLO, {"session": token, "streams": self.state()})
+
+    def welcome(self):
+        return json_frame(
+            F_WELCOME, {"streams": self.state(), "max_sid": self.max_sid, "pending": self.queued}
+        )
+
+    def link_lost(self):
+        self.up = False
+        for stream in self.streams.values():
+            stream.open_sent = False
+
+    def resume(self, peer_streams, peer_max_sid=None):
+        """A new link is up: the peer holds ``peer_streams`` (sid -> bytes received). Send
+        again what it lacks, forget what it removed. Returns actions (``close`` for the
+        streams the peer removed) and counts: (actions, bytes to resend)."""
+        actions = []
+        resend = 0
+        peer = {int(k): int(v) for k, v in peer_streams.items()}
+        for sid, stream in list(self.streams.items()):
+            if sid in peer:
+                got = peer[sid]
+                confirm = got - stream.base
+                if confirm < 0 or confirm > len(stream.unacked):
+                    raise ValueError("the peer claims bytes never sent on stream %d" % sid)
+                rest = bytes(stream.unacked[confirm:])
+                stream.unacked.clear()
+                stream.base = got
+                if rest:
+                    stream.queue.appendleft([rest, False])
+                    stream.queued += len(rest)
+                    self.queued += len(rest)
+                    resend += len(rest)
+                stream.close_sent = False  # the CLOSE may have been lost: again
+                stream.open_sent = True
+            elif self.agent_side or (peer_max_sid is not None and sid <= peer_max_sid):
+                # the peer removed it, having had everything: so do we
+                self.streams.pop(sid).removed = True
+                actions.append(("close", sid))
+            else:
+                # the agent never heard of it: OPEN again, everything from the start
+                rest = bytes(stream.unacked)
+                stream.unacked.clear()
+                if rest:
+                    stream.queue.appendleft([rest, False])
+                    stream.queued += len(rest)
+                    self.queued += len(rest)
+                    resend += len(rest)
+                stream.open_sent = False
+                stream.close_sent = False
+        for stream in self.streams.values():
+            if stream.received > stream.acked_out:
+                self.acks_due.add(stream.sid)
+        self.up = True
+        return actions, resend

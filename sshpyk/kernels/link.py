@@ -1,0 +1,306 @@
+"""The local end of a kernel's resumable relay (the protocol: agent/remote/resume.py).
+
+A :class:`KernelLink` carries every client connection of one remote kernel process
+(the forwards' accepted sockets, each a stream) over one SSH ``direct-streamlocal``
+channel to the kernel's ``r`` socket, where the agent holds the kernel-side
+connections. When the SSH link drops, the client sockets stay open and what they send
+waits in the link's queues; once the agent is reattached (the process is ``reachable``
+again) a new channel resumes every stream where it stopped, both ways.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import time
+from typing import TYPE_CHECKING, Any, Protocol, cast
+
+import asyncssh
+
+from ..agent.remote.resume import F_WELCOME, Endpoint, FrameReader
+from ..errors import SSHPykError
+from ..tasks import TaskOwner
+
+if TYPE_CHECKING:
+    from ..agent.process import KernelProcess
+    from ..ssh.session import Session
+
+__all__ = ["KernelLink"]
+
+log = logging.getLogger("sshpyk")
+
+#: seconds a new link has for the agent's WELCOME
+WELCOME_TIMEOUT = 10.0
+#: seconds between DROPPED warnings in the log (the counts add up meanwhile)
+_DROP_LOG_EVERY = 5.0
+
+
+class Client(Protocol):
+    """What a link needs of a client connection (forwards._Pipe)."""
+
+    transport: Any
+    writing_paused: bool
+
+    def close(self) -> None: ...
+
+
+class _Channel:
+    """The SSH channel's session object: hands what arrives to the link."""
+
+    def __init__(self, link: KernelLink) -> None:
+        self.link = link
+        self.chan: Any = None
+        self.closed = asyncio.Event()
+        self.paused = False
+
+    def connection_made(self, chan: Any) -> None:
+        self.chan = chan
+
+    def session_started(self) -> None:
+        pass
+
+    def data_received(self, data: bytes, datatype: Any = None) -> None:
+        self.link._on_link_data(self, data)
+
+    def eof_received(self) -> bool:
+        return False
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        self.link.flush()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.closed.set()
+        self.link._on_link_lost(self)
+
+
+class KernelLink:
+    """Every client connection to one kernel process, over resumable links."""
+
+    def __init__(self, session: Session, process: KernelProcess, budget: int) -> None:
+        self.session = session
+        self.process = process
+        self.core = Endpoint(budget)
+        self.token = secrets.token_hex(16)
+        self.clients: dict[int, Client] = {}
+        self._channel: _Channel | None = None
+        self._reader = FrameReader()
+        self._welcomed = False
+        self._welcomed_event = asyncio.Event()
+        self._paused_clients: set[int] = set()
+        self._tasks = TaskOwner(f"[{session.alias}] kernel link")
+        self._closed = False
+        self._down_since: float | None = None
+        self._sent_during_outage = 0
+        self._dropped = [0, 0]
+        self._drop_logged = 0.0
+        self.resumes = 0
+
+    @property
+    def label(self) -> str:
+        return f"[{self.session.alias}] kernel {self.process.kid}"
+
+    def start(self) -> None:
+        self._tasks.create_task(self._run(), name="kernel-link")
+
+    # -- clients ---------------------------------------------------------------------
+    def add(self, channel: str, client: Client) -> int:
+        sid = self.core.new_stream(channel)
+        self.clients[sid] = client
+        return sid
+
+    def from_client(self, sid: int, data: bytes, client: Client) -> None:
+        self.core.push(sid, data)
+        if self.core.full():
+            with contextlib.suppress(Exception):
+                client.transport.pause_reading()
+            self._paused_clients.add(sid)
+        self.flush()
+
+    def client_closed(self, sid: int) -> None:
+        self.clients.pop(sid, None)
+        self._paused_clients.discard(sid)
+        self.core.push_close(sid)
+        self.flush()
+
+    def client_drained(self, sid: int, count: int) -> None:
+        """``count`` bytes written to a client whose transport was paused went out."""
+        self.core.written(sid, count)
+        self.flush()
+
+    # -- the link --------------------------------------------------------------------
+    def flush(self) -> None:
+        channel = self._channel
+        if channel is None or channel.paused or not self._welcomed or channel.chan is None:
+            return
+        data = self.core.outgoing()
+        if data:
+            if self._down_since is not None:
+                self._sent_during_outage += len(data)
+            channel.chan.write(data)
+        if self._paused_clients and not self.core.full():
+            for sid in list(self._paused_clients):
+                client = self.clients.get(sid)
+                if client is not None:
+                    with contextlib.suppress(Exception):
+                        client.transport.resume_reading()
+            self._paused_clients.clear()
+
+    def _on_link_data(self, channel: _Channel, data: bytes) -> None:
+        if channel is not self._channel:
+            return
+        try:
+            frames = self._reader.feed(data)
+            for kind, sid, payload in frames:
+                if not self._welcomed:
+                    if kind != F_WELCOME:
+                        raise ValueError("the agent did not answer HELLO with WELCOME")
+                    self._welcome(payload)
+                    continue
+                for action in self.core.on_frame(kind, sid, payload):
+                    self._act(action)
+        except ValueError as exc:
+            log.warning("%s: relay link broken (%s); reconnecting it", self.label, exc)
+            if channel.chan is not None:
+                channel.chan.close()
+            return
+        self.flush()
+
+    def _welcome(self, payload: bytes) -> None:
+        welcome = json.loads(payload)
+        actions, _ = self.core.resume(welcome.get("streams") or {}, welcome.get("max_sid"))
+        self._welcomed = True
+        self._welcomed_event.set()
+        self.resumes += 1
+        for action in actions:
+            self._act(action)
+        if self._down_since is not None:
+            down = time.monotonic() - self._down_since
+            log.info(
+                "%s: link restored after %.2fs: %d byte(s) replayed to the kernel, "
+                "%d byte(s) from it",
+                self.label,
+                down,
+                self.core.queued,
+                int(welcome.get("pending") or 0),
+            )
+            self._down_since = None
+
+    def _act(self, action: tuple[Any, ...]) -> None:
+        kind = action[0]
+        if kind == "data":
+            sid, payload = action[1], action[2]
+            client = self.clients.get(sid)
+            if client is None or client.transport is None or client.transport.is_closing():
+                self.core.written(sid, len(payload))
+                return
+            client.transport.write(payload)
+            if client.writing_paused:
+                cast(Any, client).unacked += len(payload)  # acked once drained
+            else:
+                self.core.written(sid, len(payload))
+        elif kind == "close":
+            sid = action[1]
+            client = self.clients.pop(sid, None)
+            if client is not None:
+                client.close()  # asyncio writes what is buffered first
+            self.core.push_close(sid)
+        elif kind == "dropped":
+            info = action[1]
+            self._dropped[0] += int(info.get("bytes") or 0)
+            self._dropped[1] += int(info.get("messages") or 0)
+            now = time.monotonic()
+            if now - self._drop_logged >= _DROP_LOG_EVERY:
+                self._drop_logged = now
+                log.warning(
+                    "%s: the outage buffer overflowed: dropped the %d oldest iopub "
+                    "message(s), %.1f MiB of output (raise outage_buffer to keep more)",
+                    self.label,
+                    self._dropped[1],
+                    self._dropped[0] / (1 << 20),
+                )
+                self._dropped = [0, 0]
+
+    def _on_link_lost(self, channel: _Channel) -> None:
+        if channel is not self._channel:
+            return
+        self._channel = None
+        self._welcomed = False
+        self.core.link_lost()
+        if not self._closed and self._down_since is None:
+            self._down_since = time.monotonic()
+            log.info("%s: relay link down; the channels wait for a reconnect", self.label)
+
+    async def _connect(self) -> _Channel:
+        conn = await self.session.connection()
+        channel = _Channel(self)
+        self._reader = FrameReader()
+        self._welcomed = False
+        self._welcomed_event = asyncio.Event()
+        relay = self.process.relay
+        if not relay:
+            raise ConnectionError("the kernel has no relay socket")
+        await conn.create_unix_connection(cast(Any, lambda: channel), relay)
+        self._channel = channel
+        channel.chan.write(self.core.hello(self.token))
+        return channel
+
+    async def _run(self) -> None:
+        process = self.process
+        attempt = 0
+        while not self._closed:  # ends when the kernel ends or the link is closed
+            await _first(process.reachable.wait(), process.exited.wait())
+            if process.exit_code is not None or self._closed:
+                break
+            try:
+                channel = await asyncio.wait_for(self._connect(), WELCOME_TIMEOUT)
+                await asyncio.wait_for(self._until_welcomed(channel), WELCOME_TIMEOUT)
+            except (OSError, asyncio.TimeoutError, asyncssh.Error, SSHPykError, ValueError) as exc:
+                attempt += 1
+                delay = min(1.0, 0.05 * 2**attempt)
+                log.debug("%s: relay link not opened (%r); again in %.2fs", self.label, exc, delay)
+                if self._channel is not None and self._channel.chan is not None:
+                    self._channel.chan.close()
+                await asyncio.sleep(delay)
+                continue
+            attempt = 0
+            await channel.closed.wait()
+        self._close_clients()
+
+    async def _until_welcomed(self, channel: _Channel) -> None:
+        await _first(self._welcomed_event.wait(), channel.closed.wait())
+        if not self._welcomed or channel.closed.is_set():
+            raise ConnectionError("the relay link closed before WELCOME")
+
+    def _close_clients(self) -> None:
+        clients, self.clients = list(self.clients.values()), {}
+        for client in clients:
+            client.close()
+
+    def close(self) -> None:
+        self._closed = True
+        channel, self._channel = self._channel, None
+        if channel is not None and channel.chan is not None:
+            channel.chan.close()
+        self._close_clients()
+        for task in self._tasks.tasks:
+            task.cancel()
+
+    async def aclose(self) -> None:
+        self.close()
+        await asyncio.shield(self._tasks.aclose())
+
+
+async def _first(*aws: Any) -> None:
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
