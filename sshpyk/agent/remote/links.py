@@ -21,7 +21,7 @@ import threading
 import time
 
 from .paths import peer_credentials
-from .resume import CHUNK, F_HELLO, Endpoint, FrameReader
+from .resume import CHUNK, F_ACK, F_HELLO, WINDOW, Endpoint, FrameReader
 
 #: seconds a new link has to send its HELLO
 HELLO_TIMEOUT = 10.0
@@ -146,6 +146,11 @@ class Session:
         self.closed = False
         self.socks = {}  # sid -> the kernel-side socket
         self.inboxes = {}  # sid -> deque of bytes from the local side (None: its CLOSE)
+        self.busy = set()  # sids whose writer is writing an item it took
+        self.waiting = 0  # threads waiting for the queues to drain (readers, flush)
+        #: held while taking frames and sending them: whoever has something to send
+        #: sends it (no hand-off to the link writer on the way of a reply)
+        self.send_lock = threading.Lock()
 
     # -- links -------------------------------------------------------------------------
     def serve(self, conn, reader, frames, hello):
@@ -197,26 +202,49 @@ class Session:
         with self.cond:
             for kind, sid, payload in frames:
                 actions.extend(self.core.on_frame(kind, sid, payload))
-            self.cond.notify_all()  # ACKs may have opened windows
+                if kind == F_ACK:
+                    self.cond.notify_all()  # a window may have opened
         return actions
 
     def _write_link(self, conn, generation):
+        """Send what is due when nobody else does (ACKs, window reopened, resends)."""
         while True:  # ends when the link is replaced or lost, or the session closes
             with self.cond:
-                data = b""
                 while not self.closed and self.generation == generation and self.link is conn:
-                    data = self.core.outgoing()
-                    if data:
+                    if self.core.up and self._due():
                         break
                     self.cond.wait(_TICK)
-                if not data:
+                else:
                     return
-                self.cond.notify_all()  # room in the queues: readers may go on
-            try:
-                conn.sendall(data)
-            except OSError:
-                _shutdown(conn)  # the reader notices and marks the link lost
+            if not self._send_now(conn):
                 return
+
+    def _due(self):
+        core = self.core
+        return bool(core.unreported[0] or core.acks_due) or any(
+            (s.queue and len(s.unacked) < WINDOW) or (s.close_queued and not s.close_sent)
+            for s in core.streams.values()
+        )
+
+    def _send_now(self, conn=None):
+        """Take the frames due and send them on the link; False if the link failed."""
+        conn = conn or self.link
+        if conn is None:
+            return False
+        with self.send_lock:
+            with self.cond:
+                if self.link is not conn:
+                    return False
+                data = self.core.outgoing()
+                if data and self.waiting:
+                    self.cond.notify_all()  # readers waiting for room, flush()
+            if data:
+                try:
+                    conn.sendall(data)
+                except OSError:
+                    _shutdown(conn)  # the reader notices and marks the link lost
+                    return False
+        return True
 
     # -- streams -----------------------------------------------------------------------
     def _act(self, actions):
@@ -234,14 +262,39 @@ class Session:
     def _inbox(self, sid, item):
         with self.cond:
             inbox = self.inboxes.get(sid)
-            if inbox is None:
+            sock = self.socks.get(sid)
+            direct = (
+                item is not None
+                and inbox is not None
+                and not inbox
+                and sock is not None
+                and sid not in self.busy
+            )
+            if direct:
+                self.busy.add(sid)  # the writer is idle: this thread writes (no hand-off)
+            elif inbox is None:
                 if item is not None:  # no socket (failed, or gone): written, as it were
                     self.core.written(sid, len(item))
-                sock = self.socks.get(sid)
             else:
                 inbox.append(item)
                 sock = None
-            self.cond.notify_all()
+                self.cond.notify_all()
+        if direct:
+            try:
+                sent = sock.send(item, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                sent = len(item)  # the socket is gone: the reader ends the stream
+            with self.cond:
+                self.busy.discard(sid)
+                if sent < len(item) and sid in self.inboxes:
+                    self.inboxes[sid].appendleft(item[sent:])
+                    self.cond.notify_all()
+                now = self.core.written(sid, sent)
+            if now:
+                self._send_now()
+            return
         if item is None and sock is not None:
             _shutdown(sock)
 
@@ -270,7 +323,11 @@ class Session:
             while True:  # ends with the kernel's socket (EOF, error, shutdown)
                 with self.cond:
                     while self.core.full() and not self.closed:
-                        self.cond.wait(_TICK)
+                        self.waiting += 1
+                        try:
+                            self.cond.wait(_TICK)
+                        finally:
+                            self.waiting -= 1
                     if self.closed:
                         return
                 try:
@@ -282,7 +339,7 @@ class Session:
                         self.core.push(sid, data)
                     else:
                         self.core.push_close(sid)
-                    self.cond.notify_all()
+                self._send_now()
                 if not data:
                     return
         finally:
@@ -298,6 +355,7 @@ class Session:
                     if self.closed:
                         return
                     item = inbox.popleft()
+                    self.busy.add(sid)
                 if item is None:
                     _shutdown(sock)
                     return
@@ -309,14 +367,16 @@ class Session:
                 else:
                     item_failed = False
                 with self.cond:
+                    self.busy.discard(sid)
                     if item_failed:
                         # the kernel's socket is gone: what is left counts as written
                         rest = [x for x in inbox if x is not None]
                         inbox.clear()
                         for x in rest:
                             self.core.written(sid, len(x))
-                    self.core.written(sid, len(item))
-                    self.cond.notify_all()
+                    now = self.core.written(sid, len(item))
+                if now:
+                    self._send_now()
                 if item_failed:
                     return
         finally:
@@ -344,7 +404,11 @@ class Session:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
-                self.cond.wait(left)
+                self.waiting += 1
+                try:
+                    self.cond.wait(left)
+                finally:
+                    self.waiting -= 1
 
     def close(self):
         with self.cond:
