@@ -336,7 +336,7 @@ class RemoteAgent:
 
     async def _recover(self) -> None:
         """Reconnect and reattach within the link grace, or declare the kernels lost.
-        Backoff: 0.1 s doubling to 1 s in the first minute, then up to 10 s."""
+        Backoff: 0.05 s doubling to 0.25 s for 30 s, 1 s until a minute, then 10 s."""
         started = time.monotonic()
         deadline = started + (self.link_grace or 60.0)
         attempt = 0
@@ -353,7 +353,8 @@ class RemoteAgent:
             except (SSHPykError, asyncio.TimeoutError, OSError, asyncssh.Error) as exc:
                 error = exc if isinstance(exc, SSHPykError) else ConnectionLostError(str(exc))
                 down = time.monotonic() - started
-                delay = min(1.0 if down < 60 else 10.0, 0.1 * 2 ** (attempt - 1))
+                cap = 0.25 if down < 30 else 1.0 if down < 60 else 10.0
+                delay = min(cap, 0.05 * 2 ** (attempt - 1))
                 log.info(
                     "[%s] reconnect attempt %d failed after %.1fs down (%s); next in %.1fs",
                     *(self.alias, attempt, down, error, delay),

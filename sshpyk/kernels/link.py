@@ -252,18 +252,23 @@ class KernelLink:
         return channel
 
     async def _run(self) -> None:
+        """Keep a link up while the kernel runs. A new link is tried as soon as the SSH
+        connection is back (in parallel with the agent's reattach: the relay socket
+        does not need it), with backoff from 0.05 s to 0.25 s."""
         process = self.process
         attempt = 0
         while not self._closed:  # ends when the kernel ends or the link is closed
-            await _first(process.reachable.wait(), process.exited.wait())
-            if process.exit_code is not None or self._closed:
+            if process.exit_code is not None:
                 break
+            if not (process.reachable.is_set() or self.session.connected):
+                await _first(process.reachable.wait(), process.exited.wait(), asyncio.sleep(0.05))
+                continue
             try:
                 channel = await asyncio.wait_for(self._connect(), WELCOME_TIMEOUT)
                 await asyncio.wait_for(self._until_welcomed(channel), WELCOME_TIMEOUT)
             except (OSError, asyncio.TimeoutError, asyncssh.Error, SSHPykError, ValueError) as exc:
                 attempt += 1
-                delay = min(1.0, 0.05 * 2**attempt)
+                delay = min(0.25, 0.05 * 2 ** (attempt - 1))
                 log.debug("%s: relay link not opened (%r); again in %.2fs", self.label, exc, delay)
                 if self._channel is not None and self._channel.chan is not None:
                     self._channel.chan.close()

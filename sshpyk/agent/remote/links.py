@@ -155,29 +155,32 @@ class Session:
     # -- links -------------------------------------------------------------------------
     def serve(self, conn, reader, frames, hello):
         """Serve a new link (its HELLO read) until it ends; replaces the current one."""
-        with self.cond:
-            if self.closed:
-                conn.close()
-                return
-            old = self.link
-            self.core.link_lost()
+        # WELCOME goes out before any other frame of this link: under send_lock
+        with self.send_lock:
+            with self.cond:
+                if self.closed:
+                    conn.close()
+                    return
+                old = self.link
+                self.core.link_lost()
+                try:
+                    actions, _ = self.core.resume(hello.get("streams") or {})
+                except ValueError:
+                    conn.close()
+                    return
+                welcome = self.core.welcome()
+                self.generation += 1
+                generation = self.generation
+                self.link, self.lost_at = conn, None
+                self.cond.notify_all()
             try:
-                actions, _ = self.core.resume(hello.get("streams") or {})
-            except ValueError:
-                conn.close()
-                return
-            welcome = self.core.welcome()
-            self.generation += 1
-            generation = self.generation
-            self.link, self.lost_at = conn, None
-            self.cond.notify_all()
+                conn.sendall(welcome)
+            except OSError:
+                pass
         if old is not None:
             _shutdown(old)
         self._act(actions)
-        try:
-            conn.sendall(welcome)
-        except OSError:
-            pass
+        self._send_now(conn)  # what the peer lacks, at once
         threading.Thread(target=self._write_link, args=(conn, generation), daemon=True).start()
         try:
             self._act(self._frames(frames))
@@ -199,11 +202,15 @@ class Session:
 
     def _frames(self, frames):
         actions = []
+        opened = False
         with self.cond:
             for kind, sid, payload in frames:
+                stream = self.core.streams.get(sid) if kind == F_ACK else None
+                full = stream is not None and len(stream.unacked) >= WINDOW
                 actions.extend(self.core.on_frame(kind, sid, payload))
-                if kind == F_ACK:
-                    self.cond.notify_all()  # a window may have opened
+                opened = opened or (full and len(stream.unacked) < WINDOW)
+        if opened:
+            self._send_now()  # an ACK reopened a full window: this thread sends
         return actions
 
     def _write_link(self, conn, generation):
@@ -221,7 +228,7 @@ class Session:
 
     def _due(self):
         core = self.core
-        return bool(core.unreported[0] or core.acks_due) or any(
+        return bool(core.unreported[0] or core.acks_urgent) or any(
             (s.queue and len(s.unacked) < WINDOW) or (s.close_queued and not s.close_sent)
             for s in core.streams.values()
         )

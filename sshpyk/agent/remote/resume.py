@@ -230,6 +230,7 @@ class Endpoint:
         self.dropped_messages = 0
         self.unreported = [0, 0]  # dropped since the last DROPPED frame
         self.acks_due = set()
+        self.acks_urgent = False  # an ACK must go out even with nothing to carry it
 
     # -- from our sockets --------------------------------------------------------------------
     def new_stream(self, channel):
@@ -298,7 +299,9 @@ class Endpoint:
             return False
         stream.written += count
         self.acks_due.add(sid)
-        return stream.written - stream.acked_out >= ACK_EVERY or stream.close_received
+        urgent = stream.written - stream.acked_out >= ACK_EVERY or stream.close_received
+        self.acks_urgent = self.acks_urgent or urgent
+        return urgent
 
     # -- to the link -------------------------------------------------------------------------
     def outgoing(self):
@@ -324,12 +327,14 @@ class Endpoint:
                 elif stream.close_queued and not stream.queue and not stream.close_sent:
                     stream.close_sent = True
                     out.append(frame(F_CLOSE, stream.sid))
-        for sid in self.acks_due:
-            stream = self.streams.get(sid)
-            if stream is not None and stream.written > stream.acked_out:
-                stream.acked_out = stream.written
-                out.append(frame(F_ACK, sid, COUNT.pack(stream.written)))
-        self.acks_due.clear()
+        if out or self.acks_urgent:  # else ACKs wait for a frame to ride along with
+            for sid in self.acks_due:
+                stream = self.streams.get(sid)
+                if stream is not None and stream.written > stream.acked_out:
+                    stream.acked_out = stream.written
+                    out.append(frame(F_ACK, sid, COUNT.pack(stream.written)))
+            self.acks_due.clear()
+            self.acks_urgent = False
         self._reap()
         return b"".join(out)
 
@@ -443,5 +448,6 @@ class Endpoint:
         for stream in self.streams.values():
             if stream.received > stream.acked_out:
                 self.acks_due.add(stream.sid)
+                self.acks_urgent = True
         self.up = True
         return actions, resend
