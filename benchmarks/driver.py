@@ -11,6 +11,8 @@ Modes:
   latency     kernel_info round trips and printed-output throughput
   idle        CPU used by the client process tree while kernels sit idle (restarter polling)
   concurrent  many kernels started at once: total time, SSH connections, RSS per kernel
+  reconnect   a kernel whose link run.py resets: seconds from the heal to the first
+              kernel_info reply on the control channel (handshake through ``--sync``)
 """
 
 from __future__ import annotations
@@ -429,7 +431,88 @@ async def concurrent(args: argparse.Namespace, out: dict[str, Any]) -> None:
         await asyncio.gather(*(k.close_quietly() for k in kernels))
 
 
-MODES = {"lifecycle": lifecycle, "latency": latency, "idle": idle, "concurrent": concurrent}
+def _wait_file(path: Path, timeout: float) -> str:
+    """The text of ``path`` once run.py has written it (polled every 5 ms, bounded)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            return path.read_text()
+        time.sleep(0.005)
+    raise TimeoutError(f"run.py did not write {path.name} within {timeout:g}s")
+
+
+async def _first_control_reply(kc: Any, resend: float, limit: float) -> float | None:
+    """Send kernel_info_request on the control channel every ``resend`` s until a reply to
+    any of them arrives (a request sent into a dead link may be answered late, or never);
+    the time.monotonic() of that reply, None after ``limit`` s."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limit
+    sent: set[str] = set()
+    while loop.time() < deadline:
+        request = kc.session.msg("kernel_info_request")
+        sent.add(request["header"]["msg_id"])
+        kc.control_channel.send(request)
+        until = min(deadline, loop.time() + resend)
+        while (remaining := until - loop.time()) > 0:
+            try:
+                msg = await kc.control_channel.get_msg(timeout=remaining)
+            except queue.Empty:
+                break
+            if msg["parent_header"].get("msg_id") in sent:
+                return time.monotonic()
+    return None
+
+
+async def reconnect(args: argparse.Namespace, out: dict[str, Any]) -> None:
+    """One kernel, managed as Jupyter Server manages it (``AsyncIOLoopKernelManager`` and
+    its restarter polling ``is_alive()``: sshpyk 1.25 reopens its forwards from there).
+    Handshake with run.py through files in ``--sync``: we write ``ready``; run.py resets
+    the link and holds it down (``down``), then heals it and writes ``healed`` with its
+    time.monotonic() (one clock for both processes on Linux). From ``down`` on we send
+    kernel_info on the control channel every ``--resend`` s; the result is the first
+    reply's time minus the heal's."""
+    sync = Path(args.sync)
+    kernel = Kernel(args.kernel, restarter=True)
+    restarts: list[str] = []
+    try:
+        await kernel.start(args.timeout)
+        kc = kernel.kc
+        await kc.wait_for_ready(timeout=args.timeout)
+        for _ in range(5):  # the control channel is connected and answers
+            if await _first_control_reply(kc, 1.0, 10.0) is None:
+                raise TimeoutError("no kernel_info reply on the control channel before the reset")
+        kernel.km.add_restart_callback(lambda: restarts.append("restart"), "restart")
+        kernel.km.add_restart_callback(lambda: restarts.append("dead"), "dead")
+        kernel.km.start_restarter()
+        out["restarter_poll_interval_s"] = kernel.km._restarter.time_to_dead
+        (sync / "ready").write_text("")
+        await asyncio.to_thread(_wait_file, sync / "down", 30)
+        replied = await _first_control_reply(kc, args.resend, args.reconnect_limit)
+        healed = float(await asyncio.to_thread(_wait_file, sync / "healed", 30))
+        out["outage_s"] = healed - float((sync / "down").read_text())
+        out["restarted_by_restarter"] = restarts
+        if replied is None:
+            out["reconnect_failed"] = (
+                f"no kernel_info reply within {args.reconnect_limit - out['outage_s']:.0f}s of the "
+                "heal" + (f" (restarter: {', '.join(restarts)})" if restarts else "")
+            )
+        else:
+            out["reconnect_s"] = replied - healed
+        kernel.km.stop_restarter()
+        if replied is not None:
+            out["shutdown_s"] = await kernel.shutdown(args.timeout)
+    finally:
+        kernel.km.stop_restarter()
+        await kernel.close_quietly()
+
+
+MODES = {
+    "lifecycle": lifecycle,
+    "latency": latency,
+    "idle": idle,
+    "concurrent": concurrent,
+    "reconnect": reconnect,
+}
 
 
 def main() -> int:
@@ -448,6 +531,11 @@ def main() -> int:
     parser.add_argument("--settle", type=float, default=5.0)
     parser.add_argument("--sshd-port", type=int, default=0)
     parser.add_argument("--all-root", type=int, default=0, help="pid of run.py")
+    parser.add_argument("--sync", default="", help="reconnect: the handshake dir with run.py")
+    parser.add_argument("--resend", type=float, default=0.25, help="reconnect: resend period")
+    parser.add_argument(
+        "--reconnect-limit", type=float, default=40.0, help="reconnect: give up after S s"
+    )
     parser.add_argument("--log-level", default="WARNING", help="of the kernel managers' log")
     parser.add_argument(
         "--stacks-after", type=float, default=0, help="dump all stacks to stderr after S s"

@@ -7,6 +7,7 @@ and reports ``ready`` once its five sockets are bound; the kernel is then reache
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -29,8 +30,18 @@ class DirectLauncher(Launcher):
         """The kernel's sockets bound, then (once per connection) sshd's forwarding
         of the transport checked against one of them."""
         started = time.monotonic()
-        await process.wait_ready()
-        await kernel.session.check_forwarding(process.transport, process.endpoints["hb"])
+        if process.relay:
+            # the channels go through the relay socket, which listens from the start:
+            # its forwarding is checked while the kernel starts (no round trip after)
+            check = asyncio.ensure_future(kernel.session.check_forwarding("ipc", process.relay))
+            try:
+                await process.wait_ready()
+                await check
+            finally:
+                check.cancel()
+        else:
+            await process.wait_ready()
+            await kernel.session.check_forwarding(process.transport, process.endpoints["hb"])
         kernel.timings["ready"] = time.monotonic() - started
 
     def ready_line(

@@ -296,6 +296,7 @@ class ForwardSet:
         if process is not self._process:
             self._drop_link()
         self._process = process
+        self._link_for(process)  # opened while the kernel starts: no round trips later
         self._retargeted.set()
         self._retargeted = asyncio.Event()
 
