@@ -14,7 +14,9 @@ table, the tunnel table, the targets) and writes it to ``--markdown`` if given.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
+import dataclasses
 import datetime
 import json
 import os
@@ -22,6 +24,7 @@ import platform
 import re
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -39,13 +42,18 @@ sys.path.insert(0, str(HERE))
 
 import procstat  # noqa: E402
 import tunnel  # noqa: E402
+from faultproxy import FaultProxy, _Link, proxied_ssh_config  # noqa: E402
 from sshd import ThrowawaySSHD, find_sshd  # noqa: E402
 
 VENV_125 = HERE / ".venv-sshpyk125"
 OLD_VERSION = "1.25"
 CANDIDATES = ("local", "sshpyk", "sshpyk125")
 TITLES = {"local": "local ipykernel", "sshpyk": "sshpyk (this tree)", "sshpyk125": "sshpyk 1.25"}
-SECTIONS = ("lifecycle", "latency", "tunnel", "idle", "concurrent")
+SECTIONS = ("lifecycle", "latency", "reconnect", "tunnel", "idle", "concurrent")
+#: run at every RTT; the others only on loopback (RTT 0) and only when asked for
+RTT_SECTIONS = ("lifecycle", "latency", "reconnect")
+DEFAULT_SECTIONS = RTT_SECTIONS
+DEFAULT_RTTS = (0, 20, 100)
 
 
 def log(message: str) -> None:
@@ -54,6 +62,132 @@ def log(message: str) -> None:
 
 class BenchError(Exception):
     """A set-up step failed; the message says which."""
+
+
+# -- a link with latency ---------------------------------------------------------------
+
+
+#: how late this machine wakes a sleeping event loop (measured: 0.3-0.4 ms)
+WAKE_LATENCY = 0.0004
+
+
+async def _sleep_until(loop: asyncio.AbstractEventLoop, due: float) -> None:
+    """Sleep until about ``due``. asyncio's epoll timeouts are whole milliseconds rounded
+    up, plus the wake-up latency, so a plain sleep ends 0.4-1.4 ms late: sleep the whole
+    number of milliseconds nearest to the time left, which ends within +-0.5 ms of ``due``
+    (a chunk due exactly ``delay`` after it was read: +0.4 ms)."""
+    ms = round((due - loop.time() - WAKE_LATENCY) * 1000)
+    if ms > 0:
+        await asyncio.sleep(ms / 1000 - 0.00005)  # 50 us less, so that the ceiling is ms
+
+
+class _DelayLink(_Link):
+    """A FaultProxy link that delays every chunk by ``proxy.delay`` in each direction
+    *without* serialising the chunks: each is sent ``delay`` after it was read, while the
+    next ones are already being read (as a real link with latency, unlike the stock
+    ``_pump``, which sleeps between reading a chunk and reading the next, so that a burst of
+    k chunks took k x delay and throughput was capped at 64 KiB per delay). TCP_NODELAY on
+    both sockets, so that the proxy adds no Nagle wait of its own."""
+
+    proxy: DelayProxy
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await self.proxy._flowing.wait()
+            if self.proxy._down:
+                self.abort()
+                return
+            up = socket.socket()
+            up.setblocking(False)
+            await loop.sock_connect(up, ("127.0.0.1", self.proxy.target_port))
+            self.upstream = up
+            self.proxy.upstream_connects += 1
+            for sock in (self.client, up):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.tasks = [
+                asyncio.ensure_future(self._pump(self.client, up)),
+                asyncio.ensure_future(self._pump(up, self.client)),
+            ]
+            await asyncio.wait(self.tasks, return_when=asyncio.FIRST_COMPLETED)
+        except OSError:
+            pass
+        finally:
+            self.close()
+
+    async def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        proxy = self.proxy
+        pending: asyncio.Queue[tuple[float, float, bytes]] = asyncio.Queue()
+        room = asyncio.Event()
+        room.set()
+        queued = 0
+
+        async def deliver() -> None:
+            nonlocal queued
+            while True:
+                read_at, due, data = await pending.get()
+                await _sleep_until(loop, due)
+                if not data:
+                    return
+                await proxy._flowing.wait()
+                proxy.record(loop.time() - read_at)
+                await loop.sock_sendall(dst, data)
+                queued -= len(data)
+                if queued <= proxy.MAX_QUEUED:
+                    room.set()
+
+        writer = asyncio.ensure_future(deliver())
+        try:
+            while True:
+                await proxy._flowing.wait()
+                await room.wait()
+                data = await loop.sock_recv(src, 65536)
+                now = loop.time()
+                pending.put_nowait((now, now + proxy.delay, data))
+                if not data:  # EOF: deliver what is in flight, then end the link
+                    await writer
+                    return
+                queued += len(data)
+                if queued > proxy.MAX_QUEUED:
+                    room.clear()
+        finally:
+            writer.cancel()
+
+
+class DelayProxy(FaultProxy):
+    """tests/faultproxy.py's FaultProxy (reset, heal, blackhole, ``accepted``) whose
+    ``delay`` is a latency, not a per-chunk pause (see :class:`_DelayLink`). Records the
+    delay each chunk actually got, and how many connections it opened to the target."""
+
+    MAX_QUEUED = 16 * 2**20  # bytes in flight per direction before reading pauses
+
+    def __init__(self, target_port: int, delay: float) -> None:
+        super().__init__(target_port)
+        self.delay = delay
+        self.upstream_connects = 0
+        self.delays: list[float] = []
+
+    def record(self, seconds: float) -> None:
+        if len(self.delays) < 200_000:
+            self.delays.append(seconds)
+
+    async def _accept(self) -> None:
+        assert self._server is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                client, _ = await loop.sock_accept(self._server)
+            except OSError:
+                return
+            self.accepted += 1
+            client.setblocking(False)
+            link = _DelayLink(self, client)
+            if self._down:
+                link.abort()
+                continue
+            self._links.add(link)
+            link.task = asyncio.ensure_future(link.run())
 
 
 # -- settings ---------------------------------------------------------------------------
@@ -81,10 +215,31 @@ class Settings:
     concurrent: int = 32
     timeout: float = 120.0  # per kernel operation
     driver_timeout: float = 600.0  # per driver process
+    reconnect_reps: int = 3  # reconnect driver processes per SSH candidate
+    reconnect_down: float = 1.0  # seconds the link stays down (reset, then refused)
+    reconnect_limit: float = 40.0  # after the reset: no reply by then is "did not reconnect"
+    #: the RTT (ms) these settings are for; :meth:`at` makes the per-RTT ones
+    rtt: int = 0
+    quick_run: bool = False
+    fixed_reps: bool = False  # --reps given: the same at every RTT
+
+    def at(self, rtt: int) -> Settings:
+        """These settings for one RTT: fewer repetitions on slow links, so that the whole
+        default run (0, 20 and 100 ms) stays within about 15 minutes on 2 cores."""
+        s = dataclasses.replace(self, rtt=rtt)
+        if rtt > 0:
+            if not s.fixed_reps:
+                s.reps = min(s.reps, 2 if s.quick_run else 3)
+            s.rounds = min(s.rounds, 50 if rtt >= 50 else 100)
+            s.print_reps = min(s.print_reps, 2)
+            s.reconnect_reps = min(s.reconnect_reps, 2)
+        return s
 
     @classmethod
     def quick(cls) -> Settings:
         return cls(
+            quick_run=True,
+            reconnect_reps=1,
             reps=2,
             cycles=1,
             rounds=100,
@@ -166,12 +321,18 @@ class DriverRun:
     out: Path
     logfile: Path
     started: float
+    #: the delay proxy this run goes through, if any, and its counters and the sshd's
+    #: connection count (from its log) at the start
+    proxy: DelayProxy | None = None
+    counters: tuple[int, int, int] = (0, 0, 0)
 
 
 class Bench:
     """The throwaway sshd, the kernelspecs, and running drivers against them."""
 
-    def __init__(self, root: Path, settings: Settings, candidates: list[str]) -> None:
+    def __init__(
+        self, root: Path, settings: Settings, candidates: list[str], proxied: list[int]
+    ) -> None:
         self.root = root
         self.settings = settings
         self.names = candidates
@@ -182,6 +343,18 @@ class Bench:
         self.ssh_config_125_gcm = root / "ssh_config-125-gcm"
         self.run_root = root / "remote-run"
         self.me = os.getpid()
+        #: RTTs (ms) that get a delay proxy between the SSH candidates and the sshd
+        self.proxied = proxied
+        self.proxies: dict[int, DelayProxy] = {}
+        #: per RTT: the ssh configs through its proxy (sshpyk's, 1.25's)
+        self.proxied_configs: dict[int, tuple[Path, Path]] = {}
+        #: the RTT being measured; its kernelspec variant is "rtt<ms>" (RTT 0 without a
+        #: proxy: "default"; the reconnect section always needs one, see :meth:`variant`)
+        self.rtt = 0
+
+    def variant(self, rtt: int | None = None, reconnect: bool = False) -> str:
+        rtt = self.rtt if rtt is None else rtt
+        return "default" if rtt == 0 and not reconnect else f"rtt{rtt}"
 
     # set-up
     def start(self) -> None:
@@ -197,20 +370,38 @@ class Bench:
         self.ssh_config_125.write_text(self.config_125("cm"))
         self.ssh_config_gcm.write_text(f"Ciphers {GCM}\n\n" + self.sshd.ssh_config.read_text())
         self.ssh_config_125_gcm.write_text(f"Ciphers {GCM}\n\n" + self.config_125("cm-gcm"))
+        for rtt in self.proxied:
+            # delay per direction: FaultProxy's delay is added to every chunk each way
+            proxy = self.proxies[rtt] = DelayProxy(self.sshd.port, rtt / 2 / 1000).start()
+            where = self.root / f"rtt{rtt}"
+            where.mkdir(mode=0o700)
+            (where / "cm").mkdir(mode=0o700)
+            ours = proxied_ssh_config(self.sshd, proxy, where, self.sshd.alias)
+            theirs = where / "ssh_config-125"
+            theirs.write_text(
+                self.config_125(
+                    f"rtt{rtt}/cm", port=proxy.port, known_hosts=where / f"known_hosts_{self.sshd.alias}"
+                )
+            )
+            self.proxied_configs[rtt] = (ours, theirs)
+            log(f"RTT {rtt} ms: delay proxy on 127.0.0.1:{proxy.port} -> sshd")
         for name in self.names:
             self.candidates[name] = getattr(self, f"_setup_{name}")()
 
-    def config_125(self, control_dir: str) -> str:
+    def config_125(
+        self, control_dir: str, port: int | None = None, known_hosts: Path | None = None
+    ) -> str:
         """The alias as sshpyk 1.25 wants it: ControlMaster auto, ControlPersist, ControlPath
-        (it refuses to start without them), BatchMode yes; otherwise as tests/sshd.py makes it."""
+        (it refuses to start without them), BatchMode yes; otherwise as tests/sshd.py makes it.
+        With ``port`` (a delay proxy's) and its ``known_hosts``: through that proxy."""
         sshd = self.sshd
         return f"""Host {sshd.alias}
   HostName 127.0.0.1
   User {sshd.user}
-  Port {sshd.port}
+  Port {port or sshd.port}
   IdentitiesOnly yes
   IdentityFile {sshd.root / "id_ed25519"}
-  UserKnownHostsFile {sshd.known_hosts}
+  UserKnownHostsFile {known_hosts or sshd.known_hosts}
   BatchMode yes
   ControlMaster auto
   ControlPath {self.root / control_dir / "%C"}
@@ -239,7 +430,9 @@ class Bench:
     def _setup_sshpyk(self) -> Candidate:
         env = self._env("sshpyk")
         kernels = {}
-        for variant, config in (("default", self.sshd.ssh_config), ("gcm", self.ssh_config_gcm)):
+        variants = [("default", self.sshd.ssh_config), ("gcm", self.ssh_config_gcm)]
+        variants += [(f"rtt{r}", ours) for r, (ours, _) in self.proxied_configs.items()]
+        for variant, config in variants:
             name = kernels[variant] = f"bench_sshpyk_{variant}"
             add = [sys.executable, "-m", "sshpyk.cli", "add", "--kernel-name", name]
             add += ["--ssh-host-alias", self.sshd.alias, "--ssh-config", str(config)]
@@ -256,7 +449,9 @@ class Bench:
         python = ensure_venv_125()
         env = self._env("sshpyk125")
         kernels = {}
-        for variant, config in (("default", self.ssh_config_125), ("gcm", self.ssh_config_125_gcm)):
+        variants = [("default", self.ssh_config_125), ("gcm", self.ssh_config_125_gcm)]
+        variants += [(f"rtt{r}", theirs) for r, (_, theirs) in self.proxied_configs.items()]
+        for variant, config in variants:
             name = kernels[variant] = f"bench_sshpyk125_{variant}"
             add = [str(python.parent / "sshpyk"), "add", "--kernel-name", name]
             add += ["--display-name", f"bench 1.25 {variant}", "--language", "python"]
@@ -274,7 +469,9 @@ class Bench:
     # running drivers
     def close_master(self) -> None:
         """Stop sshpyk 1.25's ControlMasters, if any: the next start is cold again."""
-        for config in (self.ssh_config_125, self.ssh_config_125_gcm):
+        configs = [self.ssh_config_125, self.ssh_config_125_gcm]
+        configs += [theirs for _, theirs in self.proxied_configs.values()]
+        for config in configs:
             subprocess.run(
                 ["ssh", "-F", str(config), "-O", "exit", self.sshd.alias],
                 capture_output=True,
@@ -324,7 +521,21 @@ class Bench:
                 cmd, env=cand.env, stdout=log_f, stderr=log_f, start_new_session=True
             )
         label = (label or mode) + ("" if variant == "default" else f" ({variant})")
-        return DriverRun(name, label, proc, out, logfile, time.monotonic())
+        run = DriverRun(name, label, proc, out, logfile, time.monotonic())
+        if variant.startswith("rtt") and name != "local":
+            run.proxy = self.proxies[int(variant[3:])]
+            run.counters = self.connection_counters(run.proxy)
+        return run
+
+    def connection_counters(self, proxy: DelayProxy) -> tuple[int, int, int]:
+        """(connections the proxy accepted, connections it opened to sshd, connections
+        sshd logged): run.py runs one proxied driver at a time, so the differences over a
+        run show whether every SSH connection of it went through the proxy."""
+        try:
+            sshd_log = self.sshd.log_file.read_text(errors="replace")
+        except OSError:
+            sshd_log = ""
+        return proxy.accepted, proxy.upstream_connects, sshd_log.count("Connection from ")
 
     def finish_driver(self, run: DriverRun) -> dict[str, Any]:
         remaining = self.settings.driver_timeout - (time.monotonic() - run.started)
@@ -341,6 +552,20 @@ class Bench:
             result = json.loads(run.out.read_text())
         else:
             result["error"] = f"driver gave no result (timeout {self.settings.driver_timeout:g}s?)"
+        if run.proxy is not None:
+            # sshd writes its log line from the forked session: give it a moment
+            time.sleep(0.2)
+            now = self.connection_counters(run.proxy)
+            accepted, through, logged = (b - a for a, b in zip(run.counters, now, strict=True))
+            result["proxy_accepted"] = accepted
+            result["proxy_connections"] = through
+            result["direct_connections"] = max(0, logged - through)
+            if through == 0 or logged > through:
+                result.setdefault(
+                    "error",
+                    f"not all SSH connections went through the delay proxy: it opened "
+                    f"{through} to sshd, sshd logged {logged}",
+                )
         if "error" in result:
             result["error"] += f" (log: {run.logfile})"
         done = "error: " + result["error"] if "error" in result else "ok"

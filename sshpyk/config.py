@@ -294,6 +294,19 @@ class KernelConfig:
         kernel="outage_buffer",
         request=True,
     )
+    prestart: int = _option(
+        0,
+        help="Warm spare kernels the remote agent keeps started for this kernelspec: a"
+        " start (or restart) from Jupyter takes one over at once, then a replacement"
+        " starts. Direct kernels only; clients that choose the key (the argv launcher)"
+        " always start a fresh kernel.",
+        label="prestart",
+        minimum=0.0,
+        unit="kernels",
+        omit_default=True,
+        kernel="prestart",
+        request=True,
+    )
     persistent: bool = _option(
         False,
         help="Keep the kernel when the local side goes away without shutting it down"
@@ -452,7 +465,7 @@ class ConfigField:
     """One field of :class:`KernelConfig` with its type, default and :class:`Option`."""
 
     name: str
-    #: str, float, bool or dict
+    #: str, float, int, bool or dict
     type: type
     #: None is allowed (and means: not set)
     optional: bool
@@ -482,6 +495,8 @@ class ConfigField:
         """``value`` as read from kernel.json (JSON has no float 60: it writes 60)."""
         if self.type is float and isinstance(value, int) and not isinstance(value, bool):
             return float(value)
+        if self.type is int and isinstance(value, float) and value.is_integer():
+            return int(value)
         return self.copy(value)
 
     def problem(self, value: Any) -> str | None:

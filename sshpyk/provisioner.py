@@ -5,12 +5,11 @@ SSH loop thread (:class:`~sshpyk.loop.SSHLoop`), so forwards keep flowing even
 when the caller's loop stops between calls (the blocking ``KernelManager``).
 Configuration comes from ``kernel.json`` ``metadata.kernel_provisioner.config``.
 
-Persistent kernels (``persistent: true``) are recorded locally (:mod:`sshpyk.state`)
-and outlive the local process unless shut down explicitly. A later provisioner
-for the same kernelspec and the same notebook (``JPY_SESSION_NAME``) reattaches
-to such a kernel instead of starting a new one, so its state is kept across a
-Jupyter server restart; ``load_provisioner_info`` reattaches too. The records are read
-and written in a worker thread: no file I/O on Jupyter's event loop.
+Persistent kernels (``persistent: true``) are recorded locally (:mod:`sshpyk.state`) and
+outlive the local process unless shut down explicitly. A later provisioner for the same
+kernelspec and notebook (``JPY_SESSION_NAME``) reattaches instead of starting a kernel,
+so state survives a Jupyter server restart; so does ``load_provisioner_info``. Records
+are read and written in a worker thread: no file I/O on Jupyter's event loop.
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ from typing import Any, cast
 
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
-from traitlets import Bool, Dict, Enum, Float, TraitType, Unicode
+from traitlets import Bool, Dict, Enum, Float, Integer, TraitType, Unicode
 
 from . import state
 from .config import ConfigField, KernelConfig, Store, config_fields
@@ -44,7 +43,7 @@ def _trait(f: ConfigField) -> TraitType[Any, Any]:
         return Enum(list(f.option.choices), default_value=default, config=True, help=f.help)
     if f.type is dict:
         return Dict(default, config=True, help=f.help)
-    trait = {bool: Bool, float: Float, str: Unicode}[f.type]
+    trait = {bool: Bool, float: Float, int: Integer, str: Unicode}[f.type]
     return trait(default, allow_none=f.optional, config=True, help=f.help)
 
 
@@ -215,19 +214,24 @@ class SSHKernelProvisioner(_ConfigTraits):  # type: ignore[misc,valid-type]
             scheme = km.session.signature_scheme if km is not None else "hmac-sha256"
             env = {"JPY_SESSION_NAME": self._session_name} if self._session_name else {}
             try:
-                await self._loop.run(self._kernel.launch(key, scheme, env))
+                await self._loop.run(self._kernel.launch(key, scheme, env, spare_ok=True))
             except BaseException:
-                # Jupyter does not always call cleanup() after a failed start: release
-                # the connection and the local ports here.
+                # Jupyter may not call cleanup() after a failed start: release all here
                 await asyncio.shield(self._loop.run(self._close()))
                 raise
             line, args = self._kernel.ready_line()
             self.log.info("[%s] kernel %s: " + line, self.ssh_host_alias, self.kernel_id, *args)
         self._launched = True
         await self._remember()
-        if km is None:
-            self.connection_info = cast(KernelConnectionInfo, self._kernel.connection_info())
+        self.connection_info = self._own_info()  # a warm spare's key differs from km's
         return self.connection_info
+
+    def _own_info(self) -> KernelConnectionInfo:
+        """The kernel's connection info, its key as jupyter_client keeps it (bytes)."""
+        assert self._kernel is not None
+        info = self._kernel.connection_info()
+        info["key"] = str(info["key"]).encode()
+        return cast(KernelConnectionInfo, info)
 
     async def poll(self) -> int | None:
         if self._kernel is None:
@@ -250,10 +254,8 @@ class SSHKernelProvisioner(_ConfigTraits):  # type: ignore[misc,valid-type]
         await self.send_signal(signal.SIGTERM)
 
     async def cleanup(self, restart: bool = False) -> None:
-        """On restart keep the connection and the local ports; else release both.
-
-        Either way the kernel was shut down on purpose: its persistence record goes.
-        """
+        """On restart keep the connection and the local ports; else release both. Either
+        way the kernel was shut down on purpose: its persistence record goes."""
         if self._kernel is None:
             return
         self._launched = False
@@ -295,6 +297,4 @@ class SSHKernelProvisioner(_ConfigTraits):  # type: ignore[misc,valid-type]
             record["key"] = record["key"].decode()
         self._kernel = await self._loop.run(self._reattach(record))
         self._launched = True
-        info = self._kernel.connection_info()
-        info["key"] = str(info["key"]).encode()  # as jupyter_client keeps it
-        self.connection_info = cast(KernelConnectionInfo, info)
+        self.connection_info = self._own_info()

@@ -54,6 +54,9 @@ EDITS: list[tuple[str, list[str], str, Any]] = [
     ("--remote-cwd", ["--remote-cwd", "/srv"], "remote_cwd", "/srv"),
     ("--remote-run-root", ["--remote-run-root", "/scratch/me"], "remote_run_root", "/scratch/me"),
     ("--grace-period", ["--grace-period", "600"], "grace_period", 600.0),
+    ("--link-grace", ["--link-grace", "7200"], "link_grace", 7200.0),
+    ("--outage-buffer", ["--outage-buffer", "8"], "outage_buffer", 8.0),
+    ("--prestart", ["--prestart", "2"], "prestart", 2),
     ("--persistent", ["--persistent"], "persistent", True),
     ("--launcher", ["--launcher", "slurm"], "launcher", "slurm"),
     (

@@ -28,6 +28,7 @@ CORE_MODULES = (
     "launcher",
     "direct",
     "records",
+    "spares",
     "agent",
     "main",
 )

@@ -83,6 +83,8 @@ class KernelProcess:
         self.endpoints: dict[str, Any] = {}
         #: the agent's end of the kernel's resumable relay (a unix socket), or None
         self.relay: str | None = None
+        #: the key of a warm spare that serves this launch (its own), else ""
+        self.key = ""
         #: where the kernel's tcp sockets listen, as seen from the remote host
         self.host = "127.0.0.1"
         self.launcher = "direct"
@@ -124,6 +126,7 @@ class KernelProcess:
             self.transport = str(event["transport"])
             self.endpoints = dict(event["endpoints"])
             self.relay = event.get("relay") or None
+            self.key = str(event.get("key") or "")
             self.argv = list(event.get("argv") or [])
             self.launcher = str(event.get("launcher") or self.launcher)
             if event.get("job_name"):

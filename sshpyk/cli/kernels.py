@@ -47,8 +47,8 @@ def _config_option(f: ConfigField, edit: bool) -> Callable[[Callable[..., Any]],
     else:
         if opt.choices:
             kw["type"] = click.Choice(opt.choices)
-        elif f.type is float:
-            kw["type"] = float
+        elif f.type in (float, int):
+            kw["type"] = f.type
         elif opt.path and not edit:
             kw["type"] = click.Path(dir_okay=False)
         if not edit and opt.required and not f.default:

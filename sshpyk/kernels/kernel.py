@@ -57,6 +57,7 @@ class KernelOptions:
     outage_buffer: float = _D.outage_buffer
     start_timeout: float = _D.start_timeout
     persistent: bool = _D.persistent
+    prestart: int = _D.prestart
     launcher: str = _D.launcher
     #: srun arguments, split: ["--partition=gpu", "--gres=gpu:1", "--time=04:00:00"]
     slurm_args: list[str] = field(default_factory=list)
@@ -73,11 +74,17 @@ class KernelOptions:
         return cls(**values)
 
     def launch_request(
-        self, key: str, signature_scheme: str, env: dict[str, str] | None = None
+        self,
+        key: str,
+        signature_scheme: str,
+        env: dict[str, str] | None = None,
+        *,
+        spare_ok: bool = False,
     ) -> LaunchRequest:
         """What the agent is sent: the key, and the options KernelConfig marks
         ``request`` (those of other launchers left out); ``env`` adds to the kernel's
-        environment."""
+        environment. ``spare_ok``: a warm spare (started with a key of its own) may
+        serve it (see ``prestart``)."""
         own = set(self.launcher_contract.request_fields())
         names = [
             f.option.kernel
@@ -88,6 +95,8 @@ class KernelOptions:
         ]
         options = {name: copy.copy(getattr(self, name)) for name in names}
         options["env"] = {**self.env, **(env or {})}
+        if spare_ok:
+            options["spare_ok"] = True
         return LaunchRequest(key, signature_scheme, options)
 
     @property
@@ -149,12 +158,19 @@ class RemoteKernel:
     async def start(self, key: str | None = None, signature_scheme: str = "hmac-sha256") -> None:
         """Bind the forwards (once) and launch the kernel, bounded by start_timeout."""
         await self.open_forwards()
-        await self.launch(key or str(uuid.uuid4()), signature_scheme)
+        await self.launch(key or str(uuid.uuid4()), signature_scheme, spare_ok=key is None)
 
     async def launch(
-        self, key: str, signature_scheme: str = "hmac-sha256", env: dict[str, str] | None = None
+        self,
+        key: str,
+        signature_scheme: str = "hmac-sha256",
+        env: dict[str, str] | None = None,
+        *,
+        spare_ok: bool = False,
     ) -> None:
-        """Launch a new remote kernel behind the existing forwards."""
+        """Launch a new remote kernel behind the existing forwards. ``spare_ok``: the
+        caller takes the key from :meth:`connection_info` afterwards, so a warm spare
+        (``prestart``), which has a key of its own, may serve."""
         if self.process is not None and self.process.poll() is None:
             raise SSHPykError(f"kernel {self.kernel_id} is already running")
         await self._discard_process()
@@ -162,7 +178,7 @@ class RemoteKernel:
         self.key, self.signature_scheme = key, signature_scheme
         timeout = self.options.total_start_timeout
         try:
-            await asyncio.wait_for(self._launch(env), timeout)
+            await asyncio.wait_for(self._launch(env, spare_ok), timeout)
         except asyncio.TimeoutError as exc:
             process = self.process
             await asyncio.shield(self._discard_process())
@@ -176,14 +192,14 @@ class RemoteKernel:
             await asyncio.shield(self._discard_process())
             raise
 
-    async def _launch(self, env: dict[str, str] | None) -> None:
+    async def _launch(self, env: dict[str, str] | None, spare_ok: bool = False) -> None:
         alias, timings = self.session.alias, self.timings
         timings.clear()
         t0 = time.monotonic()
         await self.session.connection()
         timings["connect"] = time.monotonic() - t0
         opts = self.options
-        request = opts.launch_request(self.key, self.signature_scheme, env)
+        request = opts.launch_request(self.key, self.signature_scheme, env, spare_ok=spare_ok)
         t1 = time.monotonic()
         agent = await self.session.agent(
             opts.python,
@@ -198,6 +214,8 @@ class RemoteKernel:
         await launcher.prepare(agent)
         on_event = launcher.event_listener(self.logger, alias, self.kernel_id)
         self.process = await agent.launch(self.kernel_id, request, on_event=on_event)
+        if self.process.key:  # a warm spare: its own key (jupyter_client takes it)
+            self.key = self.process.key
         timings["spawn"] = time.monotonic() - t1
         log.debug(
             "[%s] kernel %s: remote pid %s, %s transport, run dir %s",

@@ -40,6 +40,7 @@ NON_DEFAULT: dict[str, Any] = {
     "grace_period": 600.0,
     "link_grace": 7200.0,
     "outage_buffer": 16.0,
+    "prestart": 2,
     "persistent": True,
     "launcher": "slurm",
     "slurm_args": "--partition=gpu --time=04:00:00",
@@ -300,6 +301,7 @@ def test_add_defaults_are_the_model_defaults() -> None:
         "grace_period": 30.0,
         "link_grace": 3600.0,
         "outage_buffer": 64.0,
+        "prestart": 0,
         "launcher": "direct",
         "slurm_queue_timeout": 600.0,
         "slurm_walltime_warning": 300.0,
@@ -344,6 +346,7 @@ def test_launch_request_is_what_the_agent_reads(every: SSHKernelSpec) -> None:
         "slurm_walltime_warning": 0.0,
         "slurm_status_interval": 5.0,
         "outage_buffer": 16.0,
+        "prestart": 2,
     }
     assert options.env == {"A": "1", "B": "x y"}  # the extra env is not kept
     assert LaunchRequest("k").launcher == DEFAULTS.launcher

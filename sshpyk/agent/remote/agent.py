@@ -42,6 +42,7 @@ from .paths import (
 from .procgroup import CLEANING, KILL_WAIT, TERM_WAIT, pid_alive
 from .protocol import AgentError, Event, Kind, Op
 from .records import annotate, kill_run_dir, request_owner, scan, sweep
+from .spares import Spares
 
 #: seconds the cleanup of several kernels at once may take (they stop in parallel)
 CLEANUP_TIMEOUT = 60.0
@@ -139,6 +140,7 @@ class Agent:
         #: the local side's heartbeat interval: "current" means within two of them
         self.heartbeat = float(hello.get("heartbeat") or 5.0)
         self.known_gone = False
+        self.spares = Spares(self)
         self.controllers = set()
         self.last_contact = time.monotonic()
         self.agent_dir = None
@@ -343,9 +345,14 @@ class Agent:
             if op == Op.LAUNCH:
                 if kid in self.kernels:
                     raise AgentError(Kind.PROTOCOL, "kernel %s already exists" % kid)
-                kernel = launcher_class(msg.get("launcher"))(self, msg)
-                self.kernels[kid] = kernel
-                kernel.launch()
+                kernel = self.spares.take(kid, msg)
+                if kernel is not None:
+                    self.kernels[kid] = kernel  # a warm spare: started and bound already
+                else:
+                    kernel = launcher_class(msg.get("launcher"))(self, msg)
+                    self.kernels[kid] = kernel
+                    kernel.launch()
+                self.spares.fill(msg)
             elif op == Op.SIGNAL:
                 if kid in self.kernels:
                     self.kernels[kid].signal(int(msg["signum"]))

@@ -78,6 +78,7 @@ class Launcher(abc.ABC):
         #: the resumable relay (links.py) and its socket, once started (start_links)
         self.links = None
         self.relay = None
+        self.started_fields = {}  # what ``started`` said (adopt says it again)
         self.ready = False
         #: set by a ``stop``: True for a restart (keep what the next launch of this kid
         #: reuses: a SLURM allocation), False to release all; None: no stop request
@@ -218,12 +219,24 @@ class Launcher(abc.ABC):
             raise
         return sock
 
+    def adopt(self, kid, request):
+        """A warm spare (spares.py) becomes kernel ``kid`` of ``request``: the same
+        process and key, a new id; tell the local side (``started`` with the key, then
+        ``ready`` if it is)."""
+        self.kid = kid
+        self.persistent = bool(request.get("persistent"))
+        self.request = dict(self.request, kid=kid, persistent=self.persistent, spare=False)
+        self.info.update(kernel_id=kid, persistent=self.persistent, spare=False)
+        self.write_info()
+        self.emit(Event.STARTED, key=self.request["key"], **self.started_fields)
+        if self.ready:
+            self.emit(Event.READY)
+
     def emit_started(self, argv, spec, endpoints, **extra):
         """Tell the local side the kernel's process exists (``started``); its
         resumable relay listens from then on."""
         self.start_links()
-        self.emit(
-            Event.STARTED,
+        self.started_fields = dict(
             pid=self.proc.pid,
             pgid=self.proc.pid,
             run_dir=self.run_dir,
@@ -236,6 +249,7 @@ class Launcher(abc.ABC):
             relay=self.relay,
             **extra,
         )
+        self.emit(Event.STARTED, **self.started_fields)
 
     def describe(self, argv, **extra):
         """Write the record `sshpyk ps` shows of this kernel (never the key)."""
@@ -249,6 +263,7 @@ class Launcher(abc.ABC):
             "persistent": self.persistent,
             "argv": argv,
             "launcher": self.name,
+            "spare": bool(self.request.get("spare")),
         }
         self.info.update(extra)
         self.write_info()
