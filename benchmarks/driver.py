@@ -536,7 +536,9 @@ def main() -> int:
     parser.add_argument(
         "--reconnect-limit", type=float, default=40.0, help="reconnect: give up after S s"
     )
-    parser.add_argument("--log-level", default="WARNING", help="of the kernel managers' log")
+    parser.add_argument(
+        "--log-level", default="WARNING", help="of the kernel managers' and sshpyk's log"
+    )
     parser.add_argument(
         "--stacks-after", type=float, default=0, help="dump all stacks to stderr after S s"
     )
@@ -545,6 +547,7 @@ def main() -> int:
         faulthandler.dump_traceback_later(args.stacks_after, exit=False)
     logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("traitlets").setLevel(args.log_level)
+    logging.getLogger("sshpyk").setLevel(args.log_level)  # this tree's own logger
 
     # Orphans (an ssh ControlMaster that daemonizes) stay in our tree and are counted.
     out: dict[str, Any] = {"mode": args.mode, "kind": args.kind, "python": sys.version.split()[0]}

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime
+import functools
 import json
 import os
 import platform
@@ -30,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -220,6 +221,7 @@ class Settings:
     reconnect_limit: float = 40.0  # after the reset: no reply by then is "did not reconnect"
     #: the RTT (ms) these settings are for; :meth:`at` makes the per-RTT ones
     rtt: int = 0
+    driver_log_level: str = "WARNING"  # the drivers' jupyter_client and sshpyk loggers
     quick_run: bool = False
     fixed_reps: bool = False  # --reps given: the same at every RTT
 
@@ -351,6 +353,8 @@ class Bench:
         #: the RTT being measured; its kernelspec variant is "rtt<ms>" (RTT 0 without a
         #: proxy: "default"; the reconnect section always needs one, see :meth:`variant`)
         self.rtt = 0
+        #: the local kernel has been measured (it has no network: once for all RTTs)
+        self.local_done = False
 
     def variant(self, rtt: int | None = None, reconnect: bool = False) -> str:
         rtt = self.rtt if rtt is None else rtt
@@ -380,7 +384,9 @@ class Bench:
             theirs = where / "ssh_config-125"
             theirs.write_text(
                 self.config_125(
-                    f"rtt{rtt}/cm", port=proxy.port, known_hosts=where / f"known_hosts_{self.sshd.alias}"
+                    f"rtt{rtt}/cm",
+                    port=proxy.port,
+                    known_hosts=where / f"known_hosts_{self.sshd.alias}",
                 )
             )
             self.proxied_configs[rtt] = (ours, theirs)
@@ -486,18 +492,25 @@ class Bench:
         label: str = "",
         variant: str = "default",
         retry: bool = True,
+        during: Callable[[DriverRun], None] | None = None,
     ) -> dict[str, Any]:
         """Run one driver process to its end; leftovers are collected afterwards.
+        ``during`` is called once the driver has started (e.g. to break its link).
 
         A failed run is counted (and reported) and, with ``retry``, run once more."""
         handle = self.start_driver(name, mode, *extra, label=label, variant=variant)
+        if during is not None:
+            during(handle)
         result = self.finish_driver(handle)
         self.collect_leftovers(self.candidates[name])
         if "error" in result:
-            self.candidates[name].failures.append(f"{mode}: {result['error']}")
+            where = f" at RTT {self.rtt} ms" if self.rtt else ""
+            self.candidates[name].failures.append(f"{mode}{where}: {result['error']}")
             if retry:
                 log(f"  retrying {mode} of {TITLES[name]} once")
-                return self.driver(name, mode, *extra, label=label, variant=variant, retry=False)
+                return self.driver(
+                    name, mode, *extra, label=label, variant=variant, retry=False, during=during
+                )
         return result
 
     def start_driver(
@@ -510,7 +523,7 @@ class Bench:
         cmd += ["--kernel", cand.kernels[variant], "--out", str(out)]
         cmd += ["--timeout", str(self.settings.timeout)]
         cmd += ["--sshd-port", str(self.sshd.port if name != "local" else 0)]
-        cmd += ["--all-root", str(self.me)]
+        cmd += ["--all-root", str(self.me), "--log-level", self.settings.driver_log_level]
         cmd += ["--stacks-after", str(max(10.0, self.settings.driver_timeout - 20)), *extra]
         if name == "sshpyk125":
             self.close_master()
@@ -612,6 +625,9 @@ class Bench:
         if "sshpyk125" in self.candidates:
             with contextlib.suppress(Exception):
                 self.close_master()
+        for proxy in self.proxies.values():
+            with contextlib.suppress(Exception):
+                proxy.stop()
         self.sshd.stop()
         for cand in self.candidates.values():
             self.collect_leftovers(cand, wait=2.0)
@@ -633,13 +649,20 @@ class Stat:
         return statistics.median(self.values)
 
 
-def cell(stat: Stat | None, fmt: str, error: str = "") -> str:
+def cell(stat: Stat | None, fmt: str, error: str = "", rtt: float = 0, na: str = "") -> str:
+    """median (min-max); with ``rtt`` (in the row's unit) also "= N.N RTT" of the median."""
     if stat is None or not stat.ok:
+        if na:
+            return f"n/a: {na}"
         return f"error ({error[:60]})" if error else "n/a"
-    if len(stat.values) == 1:
-        return format(stat.median, fmt)
-    lo, hi = min(stat.values), max(stat.values)
-    return f"{format(stat.median, fmt)} ({format(lo, fmt)}-{format(hi, fmt)})"
+    text = format(stat.median, fmt)
+    if len(stat.values) > 1:
+        lo, hi = min(stat.values), max(stat.values)
+        text += f" ({format(lo, fmt)}-{format(hi, fmt)})"
+    if rtt:
+        multiple = stat.median / rtt
+        text += f" = {multiple:.2f} RTT" if multiple < 10 else f" = {multiple:.1f} RTT"
+    return text
 
 
 def ratio(a: Stat | None, b: Stat | None) -> str:
@@ -667,13 +690,21 @@ ROWS = [
     ("shutdown_s", "Shutdown (another kernel keeps the connection)", "s", ".2f"),
     ("last_shutdown_s", "Shutdown of the last kernel", "s", ".2f"),
     ("kernel_info_ms", "kernel_info round trip", "ms", ".2f"),
+    ("kernel_info_p90_ms", "… p90 of the round trips", "ms", ".2f"),
     ("kernel_info_ms_gcm", f"… with `Ciphers {GCM}` (local: same as above)", "ms", ".2f"),
     ("kernel_info_cpu_ms", "… client CPU per round trip (driver + its ssh)", "ms", ".2f"),
     ("kernel_info_cpu_ms_gcm", "… client CPU per round trip, aes128-gcm", "ms", ".2f"),
+    ("printed_s", "Printed output, {print_mb:g} MB: execute → idle, all received", "s", ".2f"),
     ("printed_mb_s", "Printed output, {print_mb:g} MB", "MB/s", ".1f"),
     ("printed_mb_s_gcm", f"… with `Ciphers {GCM}` (local: same as above)", "MB/s", ".1f"),
     ("printed_cpu_s", "… client CPU per {print_mb:g} MB (driver + its ssh)", "CPU s", ".2f"),
     ("printed_cpu_s_gcm", "… client CPU per {print_mb:g} MB, aes128-gcm", "CPU s", ".2f"),
+    (
+        "reconnect_s",
+        "Reconnect after a reset ({down:g} s down) → first kernel_info reply (control)",
+        "s",
+        ".2f",
+    ),
     ("tunnel_mib_s", "Raw tunnel, {tunnel_mib:g} MiB through one forward", "MiB/s", ".0f"),
     (
         "idle_client_cpu_s",
@@ -694,10 +725,24 @@ ROWS = [
     ("ssh_connections", "… TCP connections to sshd, peak / at end", "", ".0f"),
     ("rss_per_kernel_mib", "… driver RSS growth per kernel", "MiB", ".2f"),
     ("concurrent_shutdown_s", "… shutdown of all of them", "s", ".1f"),
+    ("proxy_connections", "SSH connections through the delay proxy / direct to sshd", "", ".0f"),
     ("leftovers", "Processes / run dirs left behind (whole run)", "", ".0f"),
     ("failed_runs", "Driver runs that failed, each retried once (whole run)", "", ".0f"),
 ]
+#: rows whose cells also say how many RTTs the median is (on a link with latency)
+IN_RTTS = {
+    "cold_start_s",
+    "warm_start_s",
+    "restart_s",
+    "shutdown_s",
+    "last_shutdown_s",
+    "kernel_info_ms",
+    "kernel_info_p90_ms",
+    "printed_s",
+    "reconnect_s",
+}
 NO_RATIO = {
+    "proxy_connections",
     "ssh_connections",
     "leftovers",
     "concurrent_vs_single",
@@ -707,11 +752,21 @@ NO_RATIO = {
 
 
 class Report:
+    """The samples of one RTT (``settings.rtt``, ms)."""
+
     def __init__(self, names: list[str], settings: Settings) -> None:
         self.names = names
         self.settings = settings
+        self.rtt = settings.rtt
         self.samples: dict[str, dict[str, list[float]]] = {n: {} for n in names}
         self.errors: dict[str, dict[str, str]] = {n: {} for n in names}
+        #: measures a candidate cannot give, with the reason ("n/a: ..." in the table)
+        self.na: dict[str, dict[str, str]] = {n: {} for n in names}
+        #: the local kernel's numbers were measured in another RTT's run (no network)
+        self.local_copied = False
+        #: twice the median delay the proxy gave each chunk (None: no proxy)
+        self.link_rtt_ms: float | None = None
+        self.link_note = ""
         self.facts: dict[str, dict[str, Any]] = {n: {} for n in names}
         self.tunnel: list[tunnel.TunnelResult] = []
 
@@ -724,6 +779,17 @@ class Report:
     def error(self, name: str, keys: list[str], message: str) -> None:
         for key in keys:
             self.errors[name].setdefault(key, message)
+
+    def not_available(self, name: str, key: str, reason: str) -> None:
+        self.na[name].setdefault(key, reason)
+
+    def has_row(self, key: str) -> bool:
+        if key == "ssh_connections":
+            key = "ssh_connections_peak"
+        return any(
+            self.samples[n].get(key) or self.errors[n].get(key) or self.na[n].get(key)
+            for n in self.names
+        )
 
     def stat(self, name: str, key: str) -> Stat | None:
         vals = self.samples.get(name, {}).get(key)
@@ -745,8 +811,11 @@ class Report:
         return "/".join(str(c) for c in counts) or "0"
 
     def table(self) -> str:
-        rows = [self.row(*spec) for spec in ROWS]
-        head = ["Measure", "n"] + [TITLES[n] for n in self.names]
+        rows = [self.row(*spec) for spec in ROWS if self.has_row(spec[0])]
+        titles = dict(TITLES)
+        if self.rtt and self.local_copied:
+            titles["local"] += " (no network: measured once)"
+        head = ["Measure", "n"] + [titles[n] for n in self.names]
         pairs = [
             (a, b, title)
             for a, b, title in (
@@ -766,17 +835,34 @@ class Report:
                 idle_kernels=st.idle_kernels,
                 idle_seconds=st.idle_seconds,
                 concurrent=st.concurrent,
+                down=st.reconnect_down,
             )
             label = f"{label} ({r.unit})" if r.unit else label
             if r.key == "ssh_connections":
                 cells = [self.connections_cell(n) for n in self.names]
+            elif r.key == "proxy_connections":
+                cells = [self.proxy_cell(n) for n in self.names]
             else:
-                cells = [cell(r.stats[n], r.fmt, r.errors[n]) for n in self.names]
+                cells = []
+                for n in self.names:
+                    # the RTT in the row's unit; none for the local kernel (no network)
+                    rtt = 0.0
+                    if self.rtt and r.key in IN_RTTS and n != "local":
+                        rtt = self.rtt if r.unit == "ms" else self.rtt / 1000
+                    na = self.na[n].get(r.key, "")
+                    cells.append(cell(r.stats[n], r.fmt, r.errors[n], rtt=rtt, na=na))
             ratios = [ratio(r.stats[a], r.stats[b]) for a, b, _ in pairs]
             if r.key in NO_RATIO:
                 ratios = ["-"] * len(pairs)
             lines.append("| " + " | ".join([label, self.n(r.key), *cells, *ratios]) + " |")
         return "\n".join(lines)
+
+    def proxy_cell(self, name: str) -> str:
+        through = self.stat(name, "proxy_connections")
+        direct = self.stat(name, "direct_connections")
+        if name == "local" or through is None:
+            return "n/a"
+        return f"{sum(through.values):.0f} / {sum(direct.values) if direct else 0:.0f}"
 
     def connections_cell(self, name: str) -> str:
         peak, now = self.stat(name, "ssh_connections_peak"), self.stat(name, "ssh_connections_now")
@@ -815,13 +901,26 @@ class Report:
 # -- sections -------------------------------------------------------------------------
 
 
+def count_proxy(report: Report, name: str, res: dict[str, Any]) -> None:
+    """The run's SSH connections through the delay proxy and (should be 0) past it."""
+    if "proxy_connections" in res:
+        report.add(name, "proxy_connections", res["proxy_connections"])
+        report.add(name, "direct_connections", res["direct_connections"])
+
+
 def run_lifecycle(bench: Bench, report: Report) -> None:
     s = bench.settings
+    names = [n for n in bench.names if n != "local" or not bench.local_done]
     for rep in range(s.reps):  # interleaved, so that load drift hits every candidate alike
-        for name in bench.names:
+        for name in names:
             res = bench.driver(
-                name, "lifecycle", "--cycles", str(s.cycles), label=f"lifecycle {rep + 1}/{s.reps}"
+                name,
+                "lifecycle",
+                *("--cycles", str(s.cycles)),
+                label=f"lifecycle {rep + 1}/{s.reps}",
+                variant=bench.variant(),
             )
+            count_proxy(report, name, res)
             if "error" in res:
                 report.error(
                     name,
@@ -848,10 +947,12 @@ def run_latency(bench: Bench, report: Report) -> None:
     ``Ciphers aes128-gcm@openssh.com`` (keys ending in ``_gcm``; the local kernel's
     numbers are repeated there so that the ratios read the same)."""
     s = bench.settings
-    runs = [(name, "default") for name in bench.names]
-    runs += [(name, "gcm") for name in bench.names if name != "local"]
+    names = [n for n in bench.names if n != "local" or not bench.local_done]
+    runs = [(name, bench.variant()) for name in names]
+    if bench.rtt == 0:  # the cipher matters on loopback; with latency, the RTT dominates
+        runs += [(name, "gcm") for name in names if name != "local"]
     for name, variant in runs:
-        suffix = "" if variant == "default" else "_gcm"
+        suffix = "_gcm" if variant == "gcm" else ""
         res = bench.driver(
             name,
             "latency",
@@ -859,16 +960,95 @@ def run_latency(bench: Bench, report: Report) -> None:
             *("--print-reps", str(s.print_reps)),
             variant=variant,
         )
+        count_proxy(report, name, res)
         keys = [k + suffix for k in ("kernel_info_ms", "printed_mb_s")]
+        if not suffix:
+            keys += ["kernel_info_p90_ms", "printed_s"]
         if "error" in res:
             report.error(name, keys, res["error"])
         printed = [res["printed_bytes"] / t / 1e6 for t in res.get("printed_s") or []]
-        for key_suffix in [suffix] + (["_gcm"] if name == "local" else []):
+        if not suffix:
+            report.add(name, "printed_s", res.get("printed_s"))
+            if res.get("kernel_info_ms"):
+                report.add(name, "kernel_info_p90_ms", percentile(res["kernel_info_ms"], 0.9))
+        for key_suffix in [suffix] + (["_gcm"] if name == "local" and bench.rtt == 0 else []):
             report.add(name, "kernel_info_ms" + key_suffix, res.get("kernel_info_ms"))
             report.add(name, "printed_mb_s" + key_suffix, printed or None)
             cpu = res.get("kernel_info_client_cpu_ms")
             report.add(name, "kernel_info_cpu_ms" + key_suffix, cpu)
             report.add(name, "printed_cpu_s" + key_suffix, res.get("printed_client_cpu_s"))
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The ``q`` quantile (nearest rank) of ``values``."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
+
+
+def run_reconnect(bench: Bench, report: Report) -> None:
+    """Per SSH candidate: a kernel (with jupyter_client's restarter, as Jupyter Server
+    runs it); the delay proxy resets every connection and refuses new ones for
+    ``reconnect_down`` s, then heals; seconds from the heal to the first kernel_info
+    reply on the control channel. The driver sends a request every 0.25 s from the reset
+    on and counts a reply to any of them."""
+    s = bench.settings
+    proxy = bench.proxies.get(bench.rtt)
+    names = [n for n in bench.names if n != "local"]
+    if "local" in bench.names:
+        report.not_available("local", "reconnect_s", "no network")
+    if proxy is None or not names:
+        return
+
+    def break_link(run: DriverRun, sync: Path) -> None:
+        """Wait (bounded) for the driver's ``ready``, reset, hold down, heal."""
+        for stale in sync.iterdir():  # of a failed attempt: the retry starts afresh (the
+            stale.unlink()  # driver writes ``ready`` only after a kernel start, seconds on)
+        deadline = run.started + s.driver_timeout
+        while not (sync / "ready").exists():
+            if run.proc.poll() is not None or time.monotonic() > deadline:
+                return  # the driver failed before; finish_driver reports it
+            time.sleep(0.02)
+        proxy.reset(down=True)
+        _write_atomic(sync / "down", repr(time.monotonic()))
+        time.sleep(s.reconnect_down)
+        proxy.heal()
+        _write_atomic(sync / "healed", repr(time.monotonic()))
+
+    for rep in range(s.reconnect_reps):
+        for name in names:
+            sync = bench.root / f"sync-{name}-{bench.rtt}-{rep}"
+            sync.mkdir()
+            res = bench.driver(
+                name,
+                "reconnect",
+                *("--sync", str(sync), "--reconnect-limit", str(s.reconnect_limit)),
+                label=f"reconnect {rep + 1}/{s.reconnect_reps}",
+                variant=bench.variant(reconnect=True),
+                during=functools.partial(break_link, sync=sync),
+            )
+            count_proxy(report, name, res)
+            if "error" in res:
+                report.error(name, ["reconnect_s"], res["error"])
+            restarted = res.get("restarted_by_restarter") or []
+            if res.get("reconnect_s") is not None and not restarted:
+                report.add(name, "reconnect_s", res["reconnect_s"])
+            elif res.get("reconnect_s") is not None:
+                report.not_available(
+                    name, "reconnect_s", f"a new kernel: the restarter did {', '.join(restarted)}"
+                )
+            elif res.get("reconnect_failed"):
+                report.not_available(name, "reconnect_s", res["reconnect_failed"])
+            report.facts[name].setdefault(f"reconnect_rtt{bench.rtt}", []).append(
+                {k: res.get(k) for k in ("reconnect_s", "reconnect_failed", "outage_s")}
+                | {"restarted": restarted}
+            )
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """The driver polls for ``path``: it must never see it half written."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.rename(path)
 
 
 def run_tunnel(bench: Bench, report: Report) -> None:
@@ -1047,7 +1227,8 @@ def targets(report: Report) -> str:
         med("local", "cold_start_s"),
         med("sshpyk125", "cold_start_s"),
     )
-    if cold is not None and cold_l:
+    rtt = report.rtt
+    if cold is not None and cold_l and rtt == 0:
         check(
             "cold start ≤ 1.25x local",
             cold / cold_l,
@@ -1061,6 +1242,32 @@ def targets(report: Report) -> str:
             0.5,
             f"{cold:.2f}s vs {cold_o:.2f}s = {cold / cold_o:.2f}x",
         )
+    if cold is not None and cold_l:
+        limit = cold_l + 6 * rtt / 1000
+        over = (
+            f"; sshpyk - local = {(cold - cold_l) / (rtt / 1000):.1f} RTT"
+            if rtt
+            else f"; sshpyk - local = {cold - cold_l:.2f}s"
+        )
+        check(
+            "cold start ≤ local start + 6 RTT",
+            cold,
+            limit,
+            f"{cold:.2f}s vs {cold_l:.2f}s + 6 x {rtt} ms = {limit:.2f}s{over}",
+        )
+    ki, ki_l = med("sshpyk", "kernel_info_ms"), med("local", "kernel_info_ms")
+    if ki is not None:
+        floor = f"; the local kernel alone: {ki_l:.2f} ms" if ki_l is not None else ""
+        if report.link_rtt_ms is not None:
+            floor += f"; the proxy's own RTT as delivered: {report.link_rtt_ms:.2f} ms"
+        check(
+            "kernel_info ≤ RTT + 1 ms",
+            ki,
+            rtt + 1.0,
+            f"{ki:.2f} ms vs {rtt} + 1 ms (+{ki - rtt:.2f} ms over the RTT{floor})",
+        )
+    if rtt:
+        return "| Target | Measured | Status |\n|---|---|---|\n" + "\n".join(rows)
     warm, warm_l = med("sshpyk", "warm_start_s"), med("local", "warm_start_s")
     if warm is not None and warm_l:
         check(
@@ -1156,58 +1363,144 @@ def workdir(keep: bool) -> Iterator[Path]:
             shutil.rmtree(root, ignore_errors=True)
 
 
+def parse_rtts(text: str) -> list[int]:
+    rtts = []
+    for part in text.split(","):
+        if part.strip():
+            value = int(part)
+            if value < 0:
+                raise ValueError(f"negative RTT {value}")
+            if value not in rtts:
+                rtts.append(value)
+    if not rtts:
+        raise ValueError("no RTT")
+    return rtts
+
+
+def git_revision() -> str:
+    """``git rev-parse --short HEAD``, + " (working tree)" when the tree is dirty."""
+    head = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    )
+    if head.returncode != 0:
+        return "?"
+    dirty = subprocess.run(
+        ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True,
+        text=True,
+    )
+    changed = [line[3:] for line in dirty.stdout.splitlines() if line.strip()]
+    rev = head.stdout.strip()
+    if changed:
+        more = " …" if len(changed) > 8 else ""
+        rev += f" + working tree (changed: {', '.join(changed[:8])}{more})"
+    return rev
+
+
+def link_summary(proxy: DelayProxy, rtt: int) -> tuple[float | None, str]:
+    """What the delay proxy delivered: the per-chunk delay it actually gave."""
+    if not proxy.delays:
+        return None, f"the delay proxy ({rtt / 2:g} ms each way) carried no data"
+    delays = sorted(d * 1000 for d in proxy.delays)
+    median = statistics.median(delays)
+    text = (
+        f"Link: a delay proxy between the SSH clients and sshd adds {rtt / 2:g} ms to every "
+        f"chunk in each direction (RTT {rtt} ms); the delay each of {len(delays)} chunks "
+        f"actually got: median {median:.2f} ms, p90 {percentile(delays, 0.9):.2f} ms, "
+        f"max {delays[-1]:.2f} ms (asyncio wakes at whole milliseconds plus ~0.4 ms here)."
+    )
+    return 2 * median, text
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller, faster run for development")
     parser.add_argument(
-        "--sections", default=",".join(SECTIONS), help=f"comma list of {', '.join(SECTIONS)}"
+        "--sections",
+        default=",".join(DEFAULT_SECTIONS),
+        help=f"comma list of {', '.join(SECTIONS)}, or all (tunnel, idle and concurrent "
+        f"run on loopback only; default {','.join(DEFAULT_SECTIONS)})",
     )
     parser.add_argument(
         "--candidates", default=",".join(CANDIDATES), help=f"comma list of {', '.join(CANDIDATES)}"
     )
-    parser.add_argument("--reps", type=int, help="lifecycle processes per candidate")
+    parser.add_argument(
+        "--rtts",
+        default=",".join(str(r) for r in DEFAULT_RTTS),
+        help="comma list of round-trip times in ms; 0 = loopback, >0 = through a delay proxy "
+        f"(default {','.join(str(r) for r in DEFAULT_RTTS)})",
+    )
+    parser.add_argument("--reps", type=int, help="lifecycle processes per candidate (every RTT)")
     parser.add_argument("--idle-seconds", type=float)
     parser.add_argument("--concurrent", type=int, help="kernels started at once")
     parser.add_argument("--markdown", type=Path, help="also write the report to this file")
     parser.add_argument("--json", type=Path, help="write every sample to this file")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, configs)")
+    parser.add_argument(
+        "--driver-log-level",
+        default="WARNING",
+        help="log level of the drivers' kernel managers and sshpyk (logs kept with --keep)",
+    )
     args = parser.parse_args()
 
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    if sections == ["all"]:
+        sections = list(SECTIONS)
     names = [c.strip() for c in args.candidates.split(",") if c.strip()]
     bad = [s for s in sections if s not in SECTIONS] + [c for c in names if c not in CANDIDATES]
     if bad:
         parser.error(f"unknown section or candidate: {', '.join(bad)}")
+    try:
+        rtts = parse_rtts(args.rtts)
+    except ValueError as exc:
+        parser.error(f"--rtts: {exc}")
     if sys.platform != "linux":
         parser.error("the benchmarks read /proc: Linux only")
     settings = Settings.quick() if args.quick else Settings()
     if args.reps is not None:
         settings.reps = max(1, args.reps)
+        settings.fixed_reps = True
     if args.idle_seconds is not None:
         settings.idle_seconds = max(1.0, args.idle_seconds)
     if args.concurrent is not None:
         settings.concurrent = max(1, args.concurrent)
+    settings.driver_log_level = args.driver_log_level.upper()
     names = [n for n in CANDIDATES if n in names]
+    ssh_names = [n for n in names if n != "local"]
+    # a delay proxy per RTT > 0; on loopback only for the reconnect section (it resets it)
+    proxied = [r for r in rtts if r > 0 and ssh_names]
+    if 0 in rtts and "reconnect" in sections and ssh_names:
+        proxied.insert(0, 0)
 
     procstat.become_subreaper()
     started = time.monotonic()
     load_start = os.getloadavg()
+    date_utc = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    revision = git_revision()
     command = "python benchmarks/run.py" + "".join(f" {a}" for a in sys.argv[1:])
-    report = Report(names, settings)
+    reports: dict[int, Report] = {}
     with workdir(args.keep) as root:
-        bench = Bench(root, settings, names)
+        bench = Bench(root, settings.at(0), names, proxied)
         try:
             bench.start()
             log("warm-up: one untimed start per candidate (bytecode caches, page cache)")
             for name in names:
                 bench.driver(name, "lifecycle", "--cycles", "0", label="warm-up")
-            for section in SECTIONS:
-                if section not in sections:
-                    continue
-                if section == "tunnel" and "sshpyk" not in names:
-                    continue
-                log(f"section {section}")
-                globals()[f"run_{section}"](bench, report)
+            for rtt in rtts:
+                bench.rtt = rtt
+                bench.settings = settings.at(rtt)
+                report = reports[rtt] = Report(names, bench.settings)
+                log(f"RTT {rtt} ms" + (" (loopback)" if rtt == 0 else " (delay proxy)"))
+                for section in SECTIONS:
+                    if section not in sections or (rtt and section not in RTT_SECTIONS):
+                        continue
+                    if section == "tunnel" and "sshpyk" not in names:
+                        continue
+                    log(f"section {section} (RTT {rtt} ms)")
+                    globals()[f"run_{section}"](bench, report)
+                bench.local_done = bench.local_done or "local" in names
+                if rtt and rtt in bench.proxies:
+                    report.link_rtt_ms, report.link_note = link_summary(bench.proxies[rtt], rtt)
         except BenchError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
@@ -1216,11 +1509,21 @@ def main() -> int:
             return 130
         finally:
             bench.stop()
+        if not reports:
+            return 1
+        first = next(iter(reports.values()))
+        for report in reports.values():  # the local kernel has no network: measured once
+            if report is first or "local" not in names:
+                continue
+            report.samples["local"] = dict(first.samples["local"])
+            report.errors["local"] = dict(first.errors["local"])
+            report.na["local"] = dict(first.na["local"])
+            report.local_copied = True
         for name, cand in bench.candidates.items():
-            report.add(name, "leftovers", float(len(cand.leftovers)))
-            report.add(name, "failed_runs", float(len(cand.failures)))
-            report.facts[name]["leftovers"] = cand.leftovers
-            report.facts[name]["failures"] = cand.failures
+            first.add(name, "leftovers", float(len(cand.leftovers)))
+            first.add(name, "failed_runs", float(len(cand.failures)))
+            first.facts[name]["leftovers"] = cand.leftovers
+            first.facts[name]["failures"] = cand.failures
             for item in cand.leftovers:
                 log(f"left behind by {TITLES[name]}: {item}")
             for item in cand.failures:
@@ -1230,16 +1533,39 @@ def main() -> int:
     parts = [
         "## Environment\n",
         environment(python_125, load_start),
+        f"- date (UTC, start): {date_utc}; sshpyk: `{revision}`",
         f"- command: `{command}` ({elapsed / 60:.1f} min)",
-        "\n## Results\n",
-        "Medians over repeated runs, (min-max) in brackets; ratios are of medians. "
-        "Start times are from `start_kernel()` to the first `execute_reply`, with the "
-        "provisioner's modules already imported (their one-time import is the first row).\n",
-        report.table(),
     ]
-    if report.tunnel:
-        parts += ["\n### Raw tunnel throughput by cipher\n", report.tunnel_table()]
-    parts += ["\n## Targets\n", targets(report)]
+    for rtt, report in reports.items():
+        s = report.settings
+        title = "loopback" if rtt == 0 else f"{rtt} ms RTT"
+        parts += [f"\n## Results: {title}\n"]
+        intro = (
+            "Medians over repeated runs, (min-max) in brackets; ratios are of medians. "
+            "Start times are from `start_kernel()` to the first `execute_reply`, with the "
+            "provisioner's modules already imported."
+        )
+        if rtt:
+            intro += (
+                ' "= N RTT": the median divided by the RTT. '
+                f"Repetitions at this RTT: {s.reps} lifecycle processes, {s.rounds} kernel_info "
+                f"round trips, {s.print_reps} printed cells, {s.reconnect_reps} reconnects "
+                "per SSH candidate."
+            )
+            if report.local_copied:
+                intro += " The local kernel's column is the loopback run's (it has no network)."
+        elif 0 in bench.proxies:
+            intro += (
+                " The reconnect row goes through the delay proxy with no delay (it resets "
+                "the link); everything else straight to sshd."
+            )
+        parts += [intro + "\n"]
+        if report.link_note:
+            parts += [report.link_note + "\n"]
+        parts += [report.table()]
+        if report.tunnel:
+            parts += ["\n### Raw tunnel throughput by cipher\n", report.tunnel_table()]
+        parts += [f"\n### Targets: {title}\n", targets(report)]
     text = "\n".join(parts) + "\n"
     print(text)
     if args.markdown:
@@ -1248,10 +1574,15 @@ def main() -> int:
         args.json.write_text(
             json.dumps(
                 {
-                    "samples": report.samples,
-                    "errors": report.errors,
-                    "facts": report.facts,
-                    "tunnel": [r.__dict__ for r in report.tunnel],
+                    str(rtt): {
+                        "samples": r.samples,
+                        "errors": r.errors,
+                        "not_available": r.na,
+                        "facts": r.facts,
+                        "tunnel": [t.__dict__ for t in r.tunnel],
+                        "link": r.link_note,
+                    }
+                    for rtt, r in reports.items()
                 },
                 indent=1,
             )

@@ -131,6 +131,7 @@ class RemoteKernel:
         self.signature_scheme = "hmac-sha256"
         #: durations of the last launch's stages, for logs and benchmarks
         self.timings: dict[str, float] = {}
+        self.launches = 0
 
     # -- ports and connection info --------------------------------------------------
     @property
@@ -170,11 +171,14 @@ class RemoteKernel:
     ) -> None:
         """Launch a new remote kernel behind the existing forwards. ``spare_ok``: the
         caller takes the key from :meth:`connection_info` afterwards, so a warm spare
-        (``prestart``), which has a key of its own, may serve."""
+        (``prestart``), which has a key of its own, may serve. Only the first launch:
+        a restart keeps the key, since jupyter_client's clients hold a copy of it."""
         if self.process is not None and self.process.poll() is None:
             raise SSHPykError(f"kernel {self.kernel_id} is already running")
         await self._discard_process()
         await self.forwards.rebind()  # jupyter_client removed the ipc files on restart
+        spare_ok = spare_ok and not self.launches
+        self.launches += 1
         self.key, self.signature_scheme = key, signature_scheme
         timeout = self.options.total_start_timeout
         try:
