@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import queue
+import re
 import statistics
 import sys
 import threading
@@ -56,6 +57,39 @@ def _imports(kind: str) -> dict[str, float]:
     importlib.import_module(PROVISIONER_MODULES[kind])
     t2 = time.perf_counter()
     return {"import_jupyter_client_s": t1 - t0, "import_provisioner_s": t2 - t1}
+
+
+class _Steps(logging.Handler):
+    """Captures the INFO lines in which this sshpyk says where a start's time went."""
+
+    PATTERNS = {
+        "pre_launch": re.compile(r"SSH connection and local forwards ready in ([\d.]+)s"),
+        "ready": re.compile(
+            r"ready in ([\d.]+)s: agent ([\d.]+)s, spawn ([\d.]+)s, sockets bound ([\d.]+)s"
+        ),
+    }
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.found: dict[str, float] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed record is not ours to report
+            return
+        if m := self.PATTERNS["pre_launch"].search(message):
+            self.found["ssh_and_forwards_s"] = float(m.group(1))
+        elif m := self.PATTERNS["ready"].search(message):
+            for i, key in enumerate(("launch_s", "agent_s", "spawn_s", "sockets_bound_s"), 1):
+                self.found[key] = float(m.group(i))
+
+    def take(self) -> dict[str, float]:
+        found, self.found = self.found, {}
+        return {f"sshpyk_{k}": v for k, v in found.items()}
+
+
+STEPS = _Steps()
 
 
 # -- talking to a kernel ----------------------------------------------------------------
@@ -112,10 +146,18 @@ async def execute(kc: Any, code: str, timeout: float) -> dict[str, Any]:
     return dict(reply)
 
 
-async def first_reply(kc: Any, timeout: float, km: Any = None) -> None:
-    """Ready (kernel_info answered), then the first cell's execute_reply."""
+async def first_reply(
+    kc: Any, timeout: float, km: Any = None, phases: dict[str, float] | None = None
+) -> None:
+    """Ready (kernel_info answered), then the first cell's execute_reply. ``phases``
+    gets the seconds each of the two took."""
+    t0 = time.perf_counter()
     await wait_ready(kc, timeout, km)
+    t1 = time.perf_counter()
     await execute(kc, "pass", timeout)
+    if phases is not None:
+        phases["kernel_info_s"] = t1 - t0
+        phases["execute_s"] = time.perf_counter() - t1
 
 
 class Kernel:
@@ -128,14 +170,19 @@ class Kernel:
         cls = AsyncIOLoopKernelManager if restarter else AsyncKernelManager
         self.km = cls(kernel_name=name)
         self.kc: Any = None
+        #: where the last start's time went: start_kernel(), the first kernel_info reply
+        #: (resent every 0.5 s), the first execute reply
+        self.phases: dict[str, float] = {}
 
     async def start(self, timeout: float, with_client: bool = True) -> float:
         """Start; return the seconds until the first execute reply."""
+        STEPS.take()
         t0 = time.perf_counter()
         await asyncio.wait_for(self.km.start_kernel(), timeout)
+        self.phases = {"start_kernel_s": time.perf_counter() - t0, **STEPS.take()}
         self.kc = self.km.client()
         self.kc.start_channels(hb=False)
-        await first_reply(self.kc, timeout, self.km)
+        await first_reply(self.kc, timeout, self.km, self.phases)
         seconds = time.perf_counter() - t0
         if not with_client:
             self.kc.stop_channels()
@@ -183,12 +230,14 @@ async def lifecycle(args: argparse.Namespace, out: dict[str, Any]) -> None:
     kernels = [holder]
     try:
         out["cold_start_s"] = await holder.start(args.timeout)
-        for key in ("warm_start_s", "restart_s", "shutdown_s"):
+        out["cold_phases"] = holder.phases
+        for key in ("warm_start_s", "restart_s", "shutdown_s", "warm_phases"):
             out[key] = []
         for _ in range(args.cycles):
             kernel = Kernel(args.kernel)
             kernels.append(kernel)
             out["warm_start_s"].append(await kernel.start(args.timeout))
+            out["warm_phases"].append(kernel.phases)
             out["restart_s"].append(await kernel.restart(args.timeout))
             out["shutdown_s"].append(await kernel.shutdown(args.timeout))
             kernels.remove(kernel)
@@ -546,8 +595,14 @@ def main() -> int:
     if args.stacks_after > 0:  # run.py kills a stuck driver later: the log then says where
         faulthandler.dump_traceback_later(args.stacks_after, exit=False)
     logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    logging.getLogger("traitlets").setLevel(args.log_level)
-    logging.getLogger("sshpyk").setLevel(args.log_level)  # this tree's own logger
+    level = logging.getLevelName(args.log_level.upper())
+    level = level if isinstance(level, int) else logging.WARNING
+    for handler in logging.getLogger().handlers:  # stderr: as asked
+        handler.setLevel(level)
+    for name in ("traitlets", "sshpyk"):  # sshpyk's own logger, and its provisioner's
+        logger = logging.getLogger(name)
+        logger.setLevel(min(level, logging.INFO))  # INFO at least, for STEPS
+        logger.addHandler(STEPS)
 
     # Orphans (an ssh ControlMaster that daemonizes) stay in our tree and are counted.
     out: dict[str, Any] = {"mode": args.mode, "kind": args.kind, "python": sys.version.split()[0]}

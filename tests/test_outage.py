@@ -698,7 +698,8 @@ async def test_argv_launcher_output_during_reset(
         restored = await eventually(lambda: "link restored" in raw.log().lower(), 5)
         assert restored, f"no 'link restored' in the launcher's log:\n{raw.log()[-3000:]}"
         kc.shutdown()
-        assert await asyncio.to_thread(raw.wait_launcher, 20) == 0
+        code = await asyncio.to_thread(raw.wait_launcher, 20)
+        assert code == 0, raw.log()[-3000:]
     finally:
         proxy.heal()
         kc.stop_channels()

@@ -106,7 +106,9 @@ async def test_reset_every_connection(make_kernelspec, proxied_config, proxy, ru
         after = km.get_connection_info()
         for channel in ("shell", "iopub", "stdin", "control", "hb"):
             assert after[f"{channel}_port"] == ports[f"{channel}_port"]
-        assert km.provisioner.remote_kernel.process.agent.reattached >= 1
+        # the channels resume on their own link, the agent's reattach may follow
+        agent = km.provisioner.remote_kernel.process.agent
+        assert wait_until(lambda: agent.reattached >= 1, 15)
     finally:
         await stop_manager(km, kc)
     assert wait_until(lambda: leftovers(run_root) == ([], []), 10), leftovers(run_root)

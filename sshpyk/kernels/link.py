@@ -93,6 +93,8 @@ class KernelLink:
         self._reader = FrameReader()
         self._welcomed = False
         self._welcomed_event = asyncio.Event()
+        self._eager = False  # the first link sends before WELCOME (see _connect)
+        self._opened = 0  # links opened so far
         self._paused_clients: set[int] = set()
         self._tasks = TaskOwner(f"[{session.alias}] kernel link")
         self._closed = False
@@ -158,7 +160,7 @@ class KernelLink:
         try:
             frames = self._reader.feed(data)
             for kind, sid, payload in frames:
-                if not self._welcomed:
+                if not self._welcomed or self._eager:
                     if kind != F_WELCOME:
                         raise ValueError("the agent did not answer HELLO with WELCOME")
                     self._welcome(payload)
@@ -174,7 +176,13 @@ class KernelLink:
 
     def _welcome(self, payload: bytes) -> None:
         welcome = json.loads(payload)
-        actions, _ = self.core.resume(welcome.get("streams") or {}, welcome.get("max_sid"))
+        if self._eager:
+            # the first link sent right after its HELLO: the agent had nothing of this
+            # session, and what went out since is in order behind the HELLO
+            actions: list[Any] = []
+            self._eager = False
+        else:
+            actions, _ = self.core.resume(welcome.get("streams") or {}, welcome.get("max_sid"))
         self._welcomed = True
         self._welcomed_event.set()
         self.resumes += 1
@@ -232,6 +240,7 @@ class KernelLink:
             return
         self._channel = None
         self._welcomed = False
+        self._eager = False  # the next link resumes, whatever the first one sent
         self.core.link_lost()
         if not self._closed and self._down_since is None:
             self._down_since = time.monotonic()
@@ -249,6 +258,14 @@ class KernelLink:
         await conn.create_unix_connection(cast(Any, lambda: channel), relay)
         self._channel = channel
         channel.chan.write(self.core.hello(self.token))
+        self._opened += 1
+        if self._opened == 1:
+            # the first link: nothing to resume, so no need to wait for WELCOME before
+            # sending (saves a round trip on every start)
+            self._eager = True
+            self._welcomed = True
+            self.core.up = True
+            self.flush()
         return channel
 
     async def _run(self) -> None:

@@ -46,6 +46,8 @@ from .spares import Spares
 
 #: seconds the cleanup of several kernels at once may take (they stop in parallel)
 CLEANUP_TIMEOUT = 60.0
+#: seconds after a launch before its spares are topped up (see spares.py)
+SPARE_REFILL_DELAY = 2.0
 #: seconds the agent's exit waits for its remaining workers, all together
 WORKERS_JOIN = TERM_WAIT + KILL_WAIT + 20.0
 
@@ -288,8 +290,13 @@ class Agent:
                 # the local side is gone: stop what it does not want kept
                 self.stop_kernels(keep_persistent=True)
                 self.detached = True
-            if not self.controllers and all(
-                k.exit_code is not None for k in list(self.kernels.values())
+            kernels = list(self.kernels.values())
+            if (
+                not self.controllers
+                and all(k.exit_code is not None for k in kernels)
+                # a kernel that ended while its local side reconnects (its data path
+                # resumes first): wait for the reattach to hear how, up to the grace
+                and (not kernels or self.detached or now - self.last_contact > self.grace)
             ):
                 return  # nobody to serve and nothing alive to keep
 
@@ -332,6 +339,9 @@ class Agent:
                 kernel.on_event(event)
         elif kind == "fail":
             self.fail_start(*value)
+        elif kind == "fill":
+            if not self.detached and not self.exiting:
+                self.spares.fill(value)
         elif kind == "done":
             return self._done(*value)
         return None
@@ -352,7 +362,10 @@ class Agent:
                     kernel = launcher_class(msg.get("launcher"))(self, msg)
                     self.kernels[kid] = kernel
                     kernel.launch()
-                self.spares.fill(msg)
+                # a replacement spare later: not competing with this kernel's first steps
+                timer = threading.Timer(SPARE_REFILL_DELAY, self.events.put, (("fill", msg),))
+                timer.daemon = True
+                timer.start()
             elif op == Op.SIGNAL:
                 if kid in self.kernels:
                     self.kernels[kid].signal(int(msg["signum"]))
