@@ -891,3 +891,39 @@ async def test_restart_after_the_allocation_ended_asks_for_a_new_one(
         await stop_manager(km, kc)
     assert slurm.jobs() == []
     no_leftovers()
+
+
+# -- the outage guarantees through the login node (issue 13) ------------------------------
+
+
+async def test_output_during_an_outage_arrives_through_the_login_node(
+    slurm: ThrowawaySlurm, slurm_spec: Any, sshd: Any, tmp_path: Path, no_leftovers: Any
+) -> None:
+    """The 24-line reset scenario for a kernel in a SLURM job: the resumable relay runs
+    in the login node's agent, so the output of the outage arrives after the heal."""
+    from faultproxy import FaultProxy, proxied_ssh_config
+    from test_outage import assert_all_lines, cell_through_outage, lines_cell
+
+    with FaultProxy(sshd.port) as proxy:
+        config = proxied_ssh_config(sshd, proxy, tmp_path, "sshpyk-proxied")
+        slurm_spec("ssh_slurm_outage", ssh_host_alias="sshpyk-proxied", ssh_config=str(config))
+        km, kc = await start_manager("ssh_slurm_outage")
+        try:
+            (job,) = slurm.jobs()
+            cell = await cell_through_outage(
+                kc,
+                proxy,
+                lines_cell(24),
+                lambda: proxy.reset(down=True),
+                fault_after=1.0,
+                down_for=8.0,
+                after_heal=20.0,
+            )
+            assert_all_lines(cell, 24)
+            _, out = await run_cell(kc, "import os; print(y, os.environ['SLURM_JOB_ID'])")
+            assert out.split() == ["42", job["job_id"]]
+        finally:
+            proxy.heal()
+            await stop_manager(km, kc)
+    assert slurm.jobs() == []
+    no_leftovers()
