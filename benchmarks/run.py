@@ -1,14 +1,17 @@
 """Side-by-side benchmarks: a local ipykernel, this sshpyk, and sshpyk 1.25 from PyPI.
 
-    python benchmarks/run.py            # the full run (about 10 minutes on 2 cores)
-    python benchmarks/run.py --quick    # a smaller run for development (about 3 minutes)
+    python benchmarks/run.py            # RTT 0, 20 and 100 ms (about 8 minutes on 2 cores)
+    python benchmarks/run.py --quick    # a smaller run for development (about 4 minutes)
+    python benchmarks/run.py --rtts 0 --sections all   # loopback, every section
 
 One throwaway OpenSSH sshd on 127.0.0.1 (tests/sshd.py) serves both SSH candidates;
 the "remote" Python is this machine's, so all three run the same ipykernel. Each
 candidate is driven by ``driver.py`` in its own interpreter: this Python for the local
 kernel and for sshpyk (the working tree), ``benchmarks/.venv-sshpyk125`` (made here on
-first use) for sshpyk 1.25. The script prints one Markdown report (environment, the
-table, the tunnel table, the targets) and writes it to ``--markdown`` if given.
+first use) for sshpyk 1.25. For each ``--rtts`` value r > 0 both SSH candidates reach
+the sshd through a delay proxy (:class:`DelayProxy`, r/2 ms each way); the local kernel
+has no network and is measured once. The script prints one Markdown report
+(environment, then per RTT the table and its targets) and writes it to ``--markdown``.
 """
 
 from __future__ import annotations

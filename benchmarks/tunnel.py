@@ -75,6 +75,7 @@ class _FixedTarget:
         self.transport = "tcp"
         self.host = "127.0.0.1"
         self.endpoints = {channel: port for channel in CHANNELS}
+        self.relay = None  # no resumable relay: the raw tunnel is measured
         self.exit_code = None
         self.reachable = asyncio.Event()
         self.reachable.set()

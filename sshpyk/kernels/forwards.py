@@ -47,6 +47,10 @@ __all__ = ["CHANNELS", "LOCAL_TRANSPORTS", "ForwardSet"]
 
 log = logging.getLogger("sshpyk")
 
+#: bytes an SSH channel of a kernel's may have in flight (asyncssh's default is 2 MiB:
+#: at 100 ms RTT that caps a print-heavy cell at ~20 MB/s; benchmarks/RESULTS.md)
+CHANNEL_WINDOW = 8 << 20
+
 
 class _Pipe(asyncio.Protocol):
     """One end of a forwarded connection: an asyncio protocol and an SSH session.
@@ -366,9 +370,9 @@ class ForwardSet:
             remote = _Pipe(local)
             factory = cast(Any, lambda: remote)  # _Pipe speaks asyncssh's session interface
             if process.transport == "ipc":
-                await conn.create_unix_connection(factory, target)
+                await conn.create_unix_connection(factory, target, window=CHANNEL_WINDOW)
             else:
-                await conn.create_connection(factory, process.host, target)
+                await conn.create_connection(factory, process.host, target, window=CHANNEL_WINDOW)
             if local.closed:
                 remote.close()
                 return

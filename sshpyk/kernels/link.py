@@ -32,6 +32,8 @@ __all__ = ["KernelLink"]
 
 log = logging.getLogger("sshpyk")
 
+#: bytes the relay's SSH channel may have in flight (see forwards.CHANNEL_WINDOW)
+CHANNEL_WINDOW = 8 << 20
 #: seconds a new link has for the agent's WELCOME
 WELCOME_TIMEOUT = 10.0
 #: seconds between DROPPED warnings in the log (the counts add up meanwhile)
@@ -255,7 +257,7 @@ class KernelLink:
         relay = self.process.relay
         if not relay:
             raise ConnectionError("the kernel has no relay socket")
-        await conn.create_unix_connection(cast(Any, lambda: channel), relay)
+        await conn.create_unix_connection(cast(Any, lambda: channel), relay, window=CHANNEL_WINDOW)
         self._channel = channel
         channel.chan.write(self.core.hello(self.token))
         self._opened += 1
