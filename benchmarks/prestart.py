@@ -1,7 +1,7 @@
 """Warm spare kernels (``prestart``, issue 16): start to first reply on an open connection.
 
-Through the userspace delay proxy (tests/faultproxy.py: the delay is added to every
-chunk in both directions, so RTT = 2 x delay) in front of a throwaway loopback sshd, at
+Through run.py's DelayProxy (a latency of RTT/2 each way, chunks not queued behind each
+other, one RTT before each new connection) in front of a throwaway loopback sshd, at
 each ``--rtts`` (ms): one SSHSession, one kernel already running (the connection and
 the agent are up), then ``--reps`` starts each of
 
@@ -30,7 +30,10 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
-from faultproxy import FaultProxy, proxied_ssh_config  # noqa: E402
+sys.path.insert(0, str(HERE))
+
+from faultproxy import proxied_ssh_config  # noqa: E402
+from run import DelayProxy  # noqa: E402
 from sshd import ThrowawaySSHD  # noqa: E402
 
 
@@ -73,8 +76,7 @@ async def one_rtt(rtt_ms: float, reps: int, root: Path, sshd: ThrowawaySSHD) -> 
     run_root = root / f"run-{rtt_ms:g}"
     run_root.mkdir(mode=0o700)
     results: dict[str, list[float]] = {"fresh": [], "spare": []}
-    with FaultProxy(sshd.port) as proxy:
-        proxy.delay = rtt_ms / 2000.0
+    with DelayProxy(sshd.port, rtt_ms / 2000.0) as proxy:
         directory = root / f"cfg-{rtt_ms:g}"
         directory.mkdir()
         config = proxied_ssh_config(sshd, proxy, directory, "delayed")
