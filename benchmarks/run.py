@@ -174,6 +174,7 @@ class DelayProxy(FaultProxy):
     delay each chunk actually got, and how many connections it opened to the target."""
 
     MAX_QUEUED = 16 * 2**20  # bytes in flight per direction before reading pauses
+    link_class = _DelayLink
 
     def __init__(self, target_port: int, delay: float) -> None:
         super().__init__(target_port)
@@ -184,23 +185,6 @@ class DelayProxy(FaultProxy):
     def record(self, seconds: float) -> None:
         if len(self.delays) < 200_000:
             self.delays.append(seconds)
-
-    async def _accept(self) -> None:
-        assert self._server is not None
-        loop = asyncio.get_running_loop()
-        while True:
-            try:
-                client, _ = await loop.sock_accept(self._server)
-            except OSError:
-                return
-            self.accepted += 1
-            client.setblocking(False)
-            link = _DelayLink(self, client)
-            if self._down:
-                link.abort()
-                continue
-            self._links.add(link)
-            link.task = asyncio.ensure_future(link.run())
 
 
 # -- settings ---------------------------------------------------------------------------

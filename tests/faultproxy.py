@@ -17,7 +17,9 @@ import socket
 import struct
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+_P = TypeVar("_P", bound="FaultProxy")
 
 
 class _Link:
@@ -81,6 +83,9 @@ class _Link:
 
 
 class FaultProxy:
+    #: what carries one accepted connection (a subclass may delay it: benchmarks/run.py)
+    link_class: type[_Link] = _Link
+
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
         self.port = 0
@@ -93,7 +98,7 @@ class FaultProxy:
         self._server: socket.socket | None = None
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
 
-    def start(self) -> FaultProxy:
+    def start(self: _P) -> _P:
         server = socket.socket()
         server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         server.bind(("127.0.0.1", 0))
@@ -115,7 +120,7 @@ class FaultProxy:
                 return
             self.accepted += 1
             client.setblocking(False)
-            link = _Link(self, client)
+            link = self.link_class(self, client)
             if self._down:
                 link.abort()
                 continue
@@ -167,7 +172,7 @@ class FaultProxy:
         self._thread.join(5)
         self._loop.close()
 
-    def __enter__(self) -> FaultProxy:
+    def __enter__(self: _P) -> _P:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
