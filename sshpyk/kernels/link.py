@@ -101,7 +101,6 @@ class KernelLink:
         self._tasks = TaskOwner(f"[{session.alias}] kernel link")
         self._closed = False
         self._down_since: float | None = None
-        self._sent_during_outage = 0
         self._dropped = [0, 0]
         self._drop_logged = 0.0
         self.resumes = 0
@@ -145,8 +144,6 @@ class KernelLink:
             return
         data = self.core.outgoing()
         if data:
-            if self._down_since is not None:
-                self._sent_during_outage += len(data)
             channel.chan.write(data)
         if self._paused_clients and not self.core.full():
             for sid in list(self._paused_clients):
@@ -184,7 +181,7 @@ class KernelLink:
             actions: list[Any] = []
             self._eager = False
         else:
-            actions, _ = self.core.resume(welcome.get("streams") or {}, welcome.get("max_sid"))
+            actions = self.core.resume(welcome.get("streams") or {}, welcome.get("max_sid"))
         self._welcomed = True
         self._welcomed_event.set()
         self.resumes += 1

@@ -34,12 +34,12 @@ class Pair:
         reader = FrameReader()
         ((kind, _, payload),) = reader.feed(self.local.hello("tok"))
         assert kind == F_HELLO
-        actions, _ = self.agent.resume(json.loads(payload)["streams"])
+        actions = self.agent.resume(json.loads(payload)["streams"])
         self.run(actions, self.to_kernel, self.agent)
         ((kind, _, payload),) = reader.feed(self.agent.welcome())
         assert kind == F_WELCOME
         welcome = json.loads(payload)
-        actions, _ = self.local.resume(welcome["streams"], welcome["max_sid"])
+        actions = self.local.resume(welcome["streams"], welcome["max_sid"])
         self.run(actions, self.to_client, self.local)
 
     def drop(self) -> None:

@@ -362,10 +362,11 @@ class Agent:
                     kernel = launcher_class(msg.get("launcher"))(self, msg)
                     self.kernels[kid] = kernel
                     kernel.launch()
-                # a replacement spare later: not competing with this kernel's first steps
-                timer = threading.Timer(SPARE_REFILL_DELAY, self.events.put, (("fill", msg),))
-                timer.daemon = True
-                timer.start()
+                if msg.get("prestart"):
+                    # spares later: not competing with this kernel's first steps
+                    timer = threading.Timer(SPARE_REFILL_DELAY, self.events.put, (("fill", msg),))
+                    timer.daemon = True
+                    timer.start()
             elif op == Op.SIGNAL:
                 if kid in self.kernels:
                     self.kernels[kid].signal(int(msg["signum"]))

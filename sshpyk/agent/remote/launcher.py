@@ -48,6 +48,26 @@ def launcher_class(name, launchers=None):
     return cls
 
 
+def connect_endpoint(target):
+    """A connection to a kernel socket as written in its connection file: a unix socket
+    path (ipc), or a port on 127.0.0.1 (tcp, with TCP_NODELAY); raises OSError."""
+    if isinstance(target, str):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        address = target
+    else:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        address = ("127.0.0.1", int(target))
+    try:
+        sock.settimeout(10.0)
+        sock.connect(address)
+        sock.settimeout(None)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 class Launcher(abc.ABC):
     """One kernel supervised by the agent.
 
@@ -200,24 +220,8 @@ class Launcher(abc.ABC):
         self.relay = path
 
     def connect_channel(self, channel):
-        """A connection to the kernel's ``channel`` as the local side would make it:
-        its unix socket, or its port on 127.0.0.1 (raises OSError, KeyError)."""
-        target = self.endpoints[channel]
-        if isinstance(target, str):
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            address = target
-        else:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            address = ("127.0.0.1", int(target))
-        try:
-            sock.settimeout(10.0)
-            sock.connect(address)
-            sock.settimeout(None)
-        except OSError:
-            sock.close()
-            raise
-        return sock
+        """A connection to the kernel's ``channel`` (see :func:`connect_endpoint`)."""
+        return connect_endpoint(self.endpoints[channel])
 
     def adopt(self, kid, request):
         """A warm spare (spares.py) becomes kernel ``kid`` of ``request``: the same

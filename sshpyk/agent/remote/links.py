@@ -164,7 +164,7 @@ class Session:
                 old = self.link
                 self.core.link_lost()
                 try:
-                    actions, _ = self.core.resume(hello.get("streams") or {})
+                    actions = self.core.resume(hello.get("streams") or {})
                 except ValueError:
                     conn.close()
                     return

@@ -19,6 +19,7 @@ import time
 
 from .direct import endpoints_bound, pick_transport, spawn_kernel, tail, write_connection_file
 from .jsonlines import read_messages
+from .launcher import connect_endpoint
 from .paths import private_run_dir, remove_tree
 from .procgroup import CLEANING, stop_group
 from .protocol import AgentError, Event, Kind, Op
@@ -76,22 +77,7 @@ def run_node(request, output):
         )
 
         def connect(channel):
-            target = endpoints[channel]
-            if transport == "ipc":
-                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                address = target
-            else:
-                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                address = ("127.0.0.1", target)
-            try:
-                sock.settimeout(10.0)
-                sock.connect(address)
-                sock.settimeout(None)
-            except OSError:
-                sock.close()
-                raise
-            return sock
+            return connect_endpoint(endpoints[channel])
 
         # the relay's listener: on the address the login node reaches, for one
         # authenticated connection (see "the relay"), closed once it is made

@@ -227,8 +227,6 @@ class Endpoint:
         self.max_sid = 0  # the agent: the highest sid opened; the local side: allocated
         self.queued = 0  # bytes in every stream's queue
         self.up = False  # a link is attached and past HELLO/WELCOME
-        self.dropped_bytes = 0
-        self.dropped_messages = 0
         self.unreported = [0, 0]  # dropped since the last DROPPED frame
         self.acks_due = set()
         self.acks_urgent = False  # an ACK must go out even with nothing to carry it
@@ -282,8 +280,6 @@ class Endpoint:
                 if droppable:
                     stream.queued -= len(chunk)
                     self.queued -= len(chunk)
-                    self.dropped_bytes += len(chunk)
-                    self.dropped_messages += 1
                     self.unreported[0] += len(chunk)
                     self.unreported[1] += 1
                 else:
@@ -411,44 +407,36 @@ class Endpoint:
     def resume(self, peer_streams, peer_max_sid=None):
         """A new link is up: the peer holds ``peer_streams`` (sid -> bytes received). Send
         again what it lacks, forget what it removed. Returns actions (``close`` for the
-        streams the peer removed) and counts: (actions, bytes to resend)."""
+        streams the peer removed)."""
         actions = []
-        resend = 0
         peer = {int(k): int(v) for k, v in peer_streams.items()}
         for sid, stream in list(self.streams.items()):
-            if sid in peer:
-                got = peer[sid]
-                confirm = got - stream.base
-                if confirm < 0 or confirm > len(stream.unacked):
-                    raise ValueError("the peer claims bytes never sent on stream %d" % sid)
-                rest = bytes(stream.unacked[confirm:])
-                stream.unacked.clear()
-                stream.base = got
-                if rest:
-                    stream.queue.appendleft([rest, False])
-                    stream.queued += len(rest)
-                    self.queued += len(rest)
-                    resend += len(rest)
-                stream.close_sent = False  # the CLOSE may have been lost: again
-                stream.open_sent = True
-            elif self.agent_side or (peer_max_sid is not None and sid <= peer_max_sid):
+            known = sid in peer
+            if not known and (
+                self.agent_side or (peer_max_sid is not None and sid <= peer_max_sid)
+            ):
                 # the peer removed it, having had everything: so do we
                 self.streams.pop(sid).removed = True
                 actions.append(("close", sid))
-            else:
-                # the agent never heard of it: OPEN again, everything from the start
-                rest = bytes(stream.unacked)
-                stream.unacked.clear()
-                if rest:
-                    stream.queue.appendleft([rest, False])
-                    stream.queued += len(rest)
-                    self.queued += len(rest)
-                    resend += len(rest)
-                stream.open_sent = False
-                stream.close_sent = False
+                continue
+            # what the peer lacks goes again (all of it to an agent that never heard of
+            # the stream: it gets an OPEN first), and so may the CLOSE
+            got = peer[sid] if known else stream.base
+            confirm = got - stream.base
+            if confirm < 0 or confirm > len(stream.unacked):
+                raise ValueError("the peer claims bytes never sent on stream %d" % sid)
+            rest = bytes(stream.unacked[confirm:])
+            stream.unacked.clear()
+            stream.base = got
+            if rest:
+                stream.queue.appendleft([rest, False])
+                stream.queued += len(rest)
+                self.queued += len(rest)
+            stream.close_sent = False
+            stream.open_sent = known
         for stream in self.streams.values():
             if stream.received > stream.acked_out:
                 self.acks_due.add(stream.sid)
                 self.acks_urgent = True
         self.up = True
-        return actions, resend
+        return actions
