@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -13,11 +14,12 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from faultproxy import FaultProxy, proxied_ssh_config
 from sshd import ThrowawaySSHD, find_sshd
 
 import sshpyk
 from sshpyk import SSHSession
-from sshpyk.kernelspec import SSHKernelSpec, write_spec
+from sshpyk.kernelspec import SSHKernelSpec, kernels_dir, write_spec
 
 
 def _need_sshd() -> None:
@@ -152,3 +154,36 @@ def no_leftovers(run_root: Path) -> Iterator[Callable[[], None]]:
 
 
 os.environ.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")
+
+
+# -- the userspace fault proxy in front of the sshd (tests/faultproxy.py) ----------------
+@pytest.fixture
+def proxy(sshd: ThrowawaySSHD) -> Iterator[FaultProxy]:
+    with FaultProxy(sshd.port) as p:
+        yield p
+
+
+@pytest.fixture
+def proxied_config(sshd: ThrowawaySSHD, proxy: FaultProxy, tmp_path: Path) -> Path:
+    """An ssh config whose alias `sshpyk-proxied` goes through the fault proxy (keepalive
+    15 s x 3: a 30 s blackhole does not end the connection by itself)."""
+    return proxied_ssh_config(
+        sshd,
+        proxy,
+        tmp_path,
+        "sshpyk-proxied",
+        "  ServerAliveInterval 15\n  ServerAliveCountMax 3\n",
+    )
+
+
+def proxied_kernelspec(
+    make_kernelspec: Callable[..., SSHKernelSpec], config: Path, name: str, **provisioner: object
+) -> None:
+    """A kernelspec through the proxy; ``provisioner`` keys (link_grace, outage_buffer,
+    grace_period) go straight into kernel.json's metadata.kernel_provisioner.config."""
+    make_kernelspec(name, ssh_host_alias="sshpyk-proxied", ssh_config=str(config))
+    if provisioner:
+        path = Path(kernels_dir()) / name / "kernel.json"
+        data = json.loads(path.read_text())
+        data["metadata"]["kernel_provisioner"]["config"].update(provisioner)
+        path.write_text(json.dumps(data))

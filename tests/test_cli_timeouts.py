@@ -28,12 +28,6 @@ T = 3.0
 
 
 @pytest.fixture
-def proxy(sshd):
-    with FaultProxy(sshd.port) as p:
-        yield p
-
-
-@pytest.fixture
 def silent(sshd, proxy, tmp_path: Path):
     """An alias through the proxy, and a remote python that notes when the agent starts."""
     config = proxied_ssh_config(sshd, proxy, tmp_path, "sshpyk-silent")

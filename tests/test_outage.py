@@ -14,7 +14,6 @@ signals that it finished by creating a file.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import queue
@@ -29,13 +28,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import leftovers, pid_alive
-from faultproxy import FaultProxy, proxied_ssh_config
+from conftest import leftovers, pid_alive, proxied_kernelspec
+from faultproxy import FaultProxy
 from jupyter_client.asynchronous import AsyncKernelClient
 from kernel_helpers import run_cell, start_manager, stop_manager
 from test_argv_launcher import RawClient
 
-from sshpyk.kernelspec import kernels_dir
 from sshpyk.provisioner import SSHKernelProvisioner
 
 pytestmark = pytest.mark.timeout(400)
@@ -47,38 +45,6 @@ MAX_MESSAGES = 100_000
 
 
 # -- fixtures and helpers ------------------------------------------------------------------
-@pytest.fixture
-def proxy(sshd: Any) -> Iterator[FaultProxy]:
-    with FaultProxy(sshd.port) as p:
-        yield p
-
-
-@pytest.fixture
-def proxied_config(sshd: Any, proxy: FaultProxy, tmp_path: Path) -> Path:
-    """An ssh config whose alias `sshpyk-proxied` goes through the fault proxy (keepalive
-    15 s x 3: a 30 s blackhole does not end the connection by itself)."""
-    return proxied_ssh_config(
-        sshd,
-        proxy,
-        tmp_path,
-        "sshpyk-proxied",
-        "  ServerAliveInterval 15\n  ServerAliveCountMax 3\n",
-    )
-
-
-def proxied_kernelspec(
-    make_kernelspec: Callable[..., Any], config: Path, name: str, **provisioner: object
-) -> None:
-    """A kernelspec through the proxy; ``provisioner`` keys (link_grace, outage_buffer,
-    grace_period) go straight into kernel.json's metadata.kernel_provisioner.config."""
-    make_kernelspec(name, ssh_host_alias="sshpyk-proxied", ssh_config=str(config))
-    if provisioner:
-        path = Path(kernels_dir()) / name / "kernel.json"
-        data = json.loads(path.read_text())
-        data["metadata"]["kernel_provisioner"]["config"].update(provisioner)
-        path.write_text(json.dumps(data))
-
-
 @pytest.fixture
 def raw_client(tmp_path: Path) -> Iterator[Callable[[str], RawClient]]:
     """Clients that spawn kernel.json's argv (the argv launcher), closed at the end."""

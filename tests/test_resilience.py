@@ -13,41 +13,13 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import leftovers, pid_alive, wait_until
-from faultproxy import FaultProxy, proxied_ssh_config
+from conftest import leftovers, pid_alive, proxied_kernelspec, wait_until
 from kernel_helpers import run_cell, start_manager, stop_manager
 
 from sshpyk import KernelOptions, SSHSession
 from sshpyk.kernelspec import kernels_dir
 
 pytestmark = pytest.mark.timeout(300)
-
-
-@pytest.fixture
-def proxy(sshd):
-    with FaultProxy(sshd.port) as p:
-        yield p
-
-
-@pytest.fixture
-def proxied_config(sshd, proxy, tmp_path) -> Path:
-    """An ssh config whose alias `sshpyk-proxied` goes through the fault proxy."""
-    return proxied_ssh_config(
-        sshd,
-        proxy,
-        tmp_path,
-        "sshpyk-proxied",
-        "  ServerAliveInterval 15\n  ServerAliveCountMax 3\n",
-    )
-
-
-def proxied_kernelspec(make_kernelspec, config: Path, name: str, **provisioner: object) -> None:
-    make_kernelspec(name, ssh_host_alias="sshpyk-proxied", ssh_config=str(config))
-    if provisioner:  # options not (yet) exposed by SSHKernelSpec go straight into kernel.json
-        path = Path(kernels_dir()) / name / "kernel.json"
-        data = json.loads(path.read_text())
-        data["metadata"]["kernel_provisioner"]["config"].update(provisioner)
-        path.write_text(json.dumps(data))
 
 
 @pytest.mark.slow
