@@ -214,24 +214,15 @@ class Session:
         return actions
 
     def _write_link(self, conn, generation):
-        """Send what is due when nobody else does (ACKs, window reopened, resends)."""
+        """The fallback sender, each tick or wake-up: whatever the threads that send
+        themselves (readers, ACKs reopening a window, a resume) left due."""
         while True:  # ends when the link is replaced or lost, or the session closes
             with self.cond:
-                while not self.closed and self.generation == generation and self.link is conn:
-                    if self.core.up and self._due():
-                        break
-                    self.cond.wait(_TICK)
-                else:
+                if self.closed or self.generation != generation or self.link is not conn:
                     return
+                self.cond.wait(_TICK)
             if not self._send_now(conn):
                 return
-
-    def _due(self):
-        core = self.core
-        return bool(core.unreported[0] or core.acks_urgent) or any(
-            (s.queue and len(s.unacked) < WINDOW) or (s.close_queued and not s.close_sent)
-            for s in core.streams.values()
-        )
 
     def _send_now(self, conn=None):
         """Take the frames due and send them on the link; False if the link failed."""
