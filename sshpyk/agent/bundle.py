@@ -24,11 +24,13 @@ CORE_MODULES = (
     "paths",
     "kernelspecs",
     "resume",
+    "relayio",
     "links",
     "launcher",
     "direct",
     "records",
     "spares",
+    "workers",
     "agent",
     "main",
 )

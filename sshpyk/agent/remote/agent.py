@@ -4,11 +4,15 @@ session, shell or interpreter.
 
 One loop (:meth:`Agent.run`) owns the agent's state; everything else posts to its
 queue ``events``: controllers (the local sides: the SSH channel's stdio, reattached
-sockets) their requests, launchers their processes' exits and events, and workers
-their results. Slow work (killing a process group: up to TERM_WAIT per kernel; SLURM
-commands: up to 15 s; scans of run roots) runs in worker threads (:meth:`Agent.spawn`)
-whose results come back to the loop, so heartbeats and other requests are answered
-meanwhile. Workers are pruned when they finish and joined (bounded) on the way out.
+sockets) their requests, launchers their events, workers their results, and SIGCHLD
+a reap (the loop polls its kernels' processes: no waiter thread per kernel). Slow
+work (killing a process group: up to TERM_WAIT per kernel; SLURM commands: up to
+15 s; scans of run roots) runs in a small bounded pool of worker threads
+(:meth:`Agent.spawn`) whose results come back to the loop, so heartbeats and other
+requests are answered meanwhile. The kernels' relayed connections are on the
+process's one event loop (relayio.py). So an agent's threads do not grow with its
+kernels: this loop, the event loop, one reader per local side, the control socket's
+acceptor and at most MAX_WORKERS workers (idle ones end).
 
 Several local sides may be attached at once (an owner and ``sshpyk attach``); events
 go to all of them. When no local side has been heard for ``grace`` seconds (a dropped
@@ -20,6 +24,7 @@ paths.py and records.py.
 
 import os
 import queue
+import signal
 import socket
 import sys
 import threading
@@ -43,9 +48,8 @@ from .procgroup import CLEANING, KILL_WAIT, TERM_WAIT, pid_alive
 from .protocol import AgentError, Event, Kind, Op
 from .records import annotate, kill_run_dir, request_owner, scan, sweep
 from .spares import Spares
+from .workers import Workers, cleanup_all
 
-#: seconds the cleanup of several kernels at once may take (they stop in parallel)
-CLEANUP_TIMEOUT = 60.0
 #: seconds after a launch before its spares are topped up (see spares.py)
 SPARE_REFILL_DELAY = 2.0
 #: seconds the agent's exit waits for its remaining workers, all together
@@ -101,33 +105,18 @@ def socket_controller(agent, conn):
     return Controller(agent, rfile, conn.sendall, close)
 
 
-def cleanup_all(kernels, timeout=CLEANUP_TIMEOUT):
-    """Stop ``kernels`` in parallel (each whatever the others do); bounded."""
-    threads = [
-        threading.Thread(target=_quietly, args=(k.cleanup,), name="cleanup-" + k.kid, daemon=True)
-        for k in kernels
-    ]
-    for thread in threads:
-        thread.start()
-    deadline = time.monotonic() + timeout
-    for thread in threads:
-        thread.join(max(0.0, deadline - time.monotonic()))
-
-
-def _quietly(function):
-    try:
-        function()
-    except Exception:
-        pass  # one kernel's failure must not keep the others running
-
-
 class Agent:
     def __init__(self, hello):
-        self.events = queue.Queue()
+        #: a SimpleQueue: put() is safe in a signal handler (SIGCHLD's reap)
+        self.events = queue.SimpleQueue()
         #: kid -> launcher. The loop adds and removes; a kill worker may remove too
         #: (dict.pop is atomic): the loop iterates over snapshots (list(...)) only
         self.kernels = {}
+        #: requests being served by workers (each a token until its "done")
         self.workers = set()
+        self.pool = Workers()
+        #: (due, kind, value): events the loop posts to itself later
+        self.timers = []
         #: controllers at EOF while workers ran: detached once no worker is left (the
         #: answers of their last requests still go out: the channel's stdout may be open)
         self.closing = []
@@ -198,10 +187,11 @@ class Agent:
 
     # -- workers ----------------------------------------------------------------------
     def spawn(self, work, msg=None, then=None):
-        """Run ``work()`` in a worker thread. The loop then calls ``then(result)`` (which
-        may return "exit"); an exception of ``work`` is reported as the error of the
-        request ``msg`` (without ``msg``: ignored)."""
+        """Run ``work()`` in a worker (the bounded pool). The loop then calls
+        ``then(result)`` (which may return "exit"); an exception of ``work`` is
+        reported as the error of the request ``msg`` (without ``msg``: ignored)."""
         box = {}
+        token = object()
 
         def run():
             try:
@@ -210,15 +200,26 @@ class Agent:
                 box["error"] = (exc.kind, exc.message)
             except Exception as exc:
                 box["error"] = (Kind.INTERNAL, "%s: %s" % (type(exc).__name__, exc))
-            self.events.put(("done", (thread, msg, then, box)))
+            self.events.put(("done", (token, msg, then, box)))
 
-        thread = threading.Thread(target=run, name="worker", daemon=True)
-        self.workers.add(thread)
-        thread.start()
-        return thread
+        self.workers.add(token)
+        self.pool.submit(run)
+        return token
 
-    def _done(self, thread, msg, then, box):
-        self.workers.discard(thread)
+    def later(self, delay, kind, value):
+        """Post ``(kind, value)`` to the loop in ``delay`` seconds."""
+        self.timers.append((time.monotonic() + delay, kind, value))
+
+    def reap(self):
+        """Hand the loop's kernels whose process ended to their launcher."""
+        for kernel in list(self.kernels.values()):
+            if kernel.exit_code is None and self.kernels.get(kernel.kid) is kernel:
+                code = kernel.poll_exit()
+                if code is not None:
+                    kernel.on_exit(code)
+
+    def _done(self, token, msg, then, box):
+        self.workers.discard(token)
         try:
             if "error" in box:
                 if msg is not None:
@@ -265,6 +266,9 @@ class Agent:
         ``shutdown`` leaves nothing to keep."""
         if self.run_root:
             self.run_root = checked_run_root(self.run_root, create=True)
+        if threading.current_thread() is threading.main_thread():
+            # a child ended: reap at once (each tick reaps too, e.g. without the handler)
+            signal.signal(signal.SIGCHLD, lambda *_: self.events.put(("reap", None)))
         self.open_socket()
         self.spawn(self._startup_sweep)
         controller = controller or stdio_controller(self)
@@ -274,14 +278,22 @@ class Agent:
         while True:  # ends with the conditions above
             kernels = list(self.kernels.values())
             starting = [k for k in kernels if k.polls_ready and not k.ready and k.exit_code is None]
+            timeout = 0.01 if starting else 1.0
+            if self.timers:
+                timeout = max(0.0, min(timeout, min(t[0] for t in self.timers) - time.monotonic()))
             try:
-                kind, value = self.events.get(timeout=0.01 if starting else 1.0)
+                kind, value = self.events.get(timeout=timeout)
             except queue.Empty:
                 kind, value = None, None
             if self.dispatch(kind, value) == "exit":
                 self.exiting = True
             if self.exiting and not self.workers:
                 return  # every request answered
+            now = time.monotonic()
+            for timer in [t for t in self.timers if t[0] <= now]:
+                self.timers.remove(timer)
+                self.dispatch(timer[1], timer[2])
+            self.reap()
             for kernel in starting:
                 kernel.check_ready()
             now = time.monotonic()
@@ -364,9 +376,7 @@ class Agent:
                     kernel.launch()
                 if msg.get("prestart"):
                     # spares later: not competing with this kernel's first steps
-                    timer = threading.Timer(SPARE_REFILL_DELAY, self.events.put, (("fill", msg),))
-                    timer.daemon = True
-                    timer.start()
+                    self.later(SPARE_REFILL_DELAY, "fill", msg)
             elif op == Op.SIGNAL:
                 if kid in self.kernels:
                     self.kernels[kid].signal(int(msg["signum"]))
@@ -553,6 +563,4 @@ class Agent:
             kernels = list(self.kernels.values())
             self.kernels.clear()
             cleanup_all(kernels)
-            deadline = time.monotonic() + WORKERS_JOIN
-            for thread in list(self.workers):
-                thread.join(max(0.0, deadline - time.monotonic()))
+            self.pool.wait_idle(WORKERS_JOIN)

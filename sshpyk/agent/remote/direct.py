@@ -7,7 +7,6 @@ import json
 import os
 import socket
 import subprocess
-import threading
 
 from .kernelspecs import find_kernelspec, kernel_argv
 from .launcher import Launcher, register
@@ -148,6 +147,7 @@ class DirectKernel(Launcher):
     """A kernel started by the agent itself (``launcher: direct``)."""
 
     name = "direct"
+    holds_spares = True
 
     def __init__(self, agent, request):
         Launcher.__init__(self, agent, request)
@@ -174,12 +174,12 @@ class DirectKernel(Launcher):
             argv, env, self.kid, self.run_dir, request.get("cwd")
         )
         self.describe(argv)
-        threading.Thread(target=self._wait, name="wait-" + self.kid, daemon=True).start()
         self.emit_started(argv, spec, self.endpoints)
 
-    def _wait(self):
-        code = self.proc.wait()
-        self.agent.events.put(("exit", (self.kid, code)))
+    def poll_exit(self):
+        """The kernel's exit code once it ended (the agent's loop reaps: no waiter
+        thread per kernel)."""
+        return self.proc.poll() if self.proc is not None else None
 
     def check_ready(self):
         if (

@@ -7,16 +7,16 @@ nothing else in the agent knows which launcher a kernel has. A new scheduler (PB
 LSF) is one new module here and one on the local side.
 
 Threads: the agent runs one loop (``agent.py``); every method below is called on it
-unless it says otherwise, and must return quickly. A launcher's own threads (a
-process's waiter, stdio readers) never touch the agent's state: they post
-``("exit", (kid, code))`` or ``("event", (kid, event))`` to ``agent.events``, which the
-loop hands to :meth:`on_exit` and :meth:`on_event`. Events go out with
-``agent.output.emit`` (thread safe).
+unless it says otherwise, and must return quickly. A kernel's relayed connections run
+on the process's event loop (relayio.py), not in threads of their own. A launcher
+that needs threads (a scheduler's stdio readers) keeps them off the agent's state:
+they post ``("exit", (kid, code))`` or ``("event", (kid, event))`` to
+``agent.events``, which the loop hands to :meth:`on_exit` and :meth:`on_event`.
+Events go out with ``agent.output.emit`` (thread safe).
 """
 
 import abc
 import os
-import socket
 import threading
 import time
 
@@ -48,26 +48,6 @@ def launcher_class(name, launchers=None):
     return cls
 
 
-def connect_endpoint(target):
-    """A connection to a kernel socket as written in its connection file: a unix socket
-    path (ipc), or a port on 127.0.0.1 (tcp, with TCP_NODELAY); raises OSError."""
-    if isinstance(target, str):
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        address = target
-    else:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        address = ("127.0.0.1", int(target))
-    try:
-        sock.settimeout(10.0)
-        sock.connect(address)
-        sock.settimeout(None)
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
 class Launcher(abc.ABC):
     """One kernel supervised by the agent.
 
@@ -84,6 +64,10 @@ class Launcher(abc.ABC):
     #: True: the stale sweep must kill what a dead kernel's record names (a SLURM job can
     #: outlive its srun), not just remove its run dir
     sweep_kills = False
+    #: True: the agent may keep warm spares of this launcher's kernels (spares.py): a
+    #: spare must cost nothing beyond its process (a scheduler's would hold an
+    #: allocation nobody asked for)
+    holds_spares = False
 
     def __init__(self, agent, request):
         self.agent = agent
@@ -128,6 +112,12 @@ class Launcher(abc.ABC):
 
     def on_event(self, event):
         """An event the launcher's own threads posted (``("event", (kid, event))``)."""
+        return None
+
+    def poll_exit(self):
+        """Called by the loop (each tick, and when a child exits): the exit code of
+        the launcher's process if it ended, else None. Launchers that post ``exit``
+        themselves keep the default."""
         return None
 
     @abc.abstractmethod
@@ -213,15 +203,11 @@ class Launcher(abc.ABC):
             return
         try:
             self.links = LinkServer(
-                path, self.connect_channel, int(float(mib) * (1 << 20)), self.agent.link_grace
+                path, self.endpoints.__getitem__, int(float(mib) * (1 << 20)), self.agent.link_grace
             )
-        except OSError:
-            return
+        except Exception:
+            return  # the local side then forwards to the sockets directly
         self.relay = path
-
-    def connect_channel(self, channel):
-        """A connection to the kernel's ``channel`` (see :func:`connect_endpoint`)."""
-        return connect_endpoint(self.endpoints[channel])
 
     def adopt(self, kid, request):
         """A warm spare (spares.py) becomes kernel ``kid`` of ``request``: the same

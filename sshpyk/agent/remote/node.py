@@ -4,26 +4,31 @@ srun runs the remote python there with the same loader as the agent's; every mod
 arrives on its stdin, then the ``node`` request. The node side starts the kernel in a
 private 0700 run dir on the node, on private sockets only (ipc in the run dir if the
 kernel supports it, else tcp on 127.0.0.1: never an address other hosts reach), and
-relays the login node's one authenticated relay connection to them (relay.py). srun's
-stdio carries the JSON control lines: its events go to srun's stdout, ``signal`` and
-``stop`` requests come on its stdin, whose EOF (the agent or srun is gone) ends it.
+serves the login node's one authenticated node connection (relay.py) on the process's
+event loop (relayio.py). srun's stdio carries the JSON control lines: its events go
+to srun's stdout, ``signal`` and ``stop`` requests come on its stdin, whose EOF (the
+agent or srun is gone) ends it. Threads: this loop, the event loop, stdin's reader
+and the kernel's waiter.
 """
 
+import asyncio
 import os
 import queue
 import signal
 import socket
 import sys
 import threading
-import time
 
 from .direct import endpoints_bound, pick_transport, spawn_kernel, tail, write_connection_file
 from .jsonlines import read_messages
-from .launcher import connect_endpoint
 from .paths import private_run_dir, remove_tree
 from .procgroup import CLEANING, stop_group
 from .protocol import AgentError, Event, Kind, Op
-from .relay import RELAY_CONNECT_TIMEOUT, Mux, relay_accept
+from .relay import RELAY_CONNECT_TIMEOUT, serve_node
+from .relayio import io_loop
+
+#: seconds the way out waits for the event loop to close the node connection
+_CLOSE_WAIT = 2.0
 
 
 def node_address():
@@ -59,6 +64,8 @@ def run_node(request, output):
     proc = None
     mux = None
     listener = None
+    serving = None
+    io = io_loop()
     try:
         # ipc in the 0700 run dir if the kernel supports it (and the path fits), else tcp
         # on 127.0.0.1: never an address other hosts reach
@@ -75,9 +82,6 @@ def run_node(request, output):
             request.get("cwd"),
             " on the node",
         )
-
-        def connect(channel):
-            return connect_endpoint(endpoints[channel])
 
         # the relay's listener: on the address the login node reaches, for one
         # authenticated connection (see "the relay"), closed once it is made
@@ -104,13 +108,16 @@ def run_node(request, output):
             step_id=os.environ.get("SLURM_STEP_ID"),
         )
 
-        def accept_relay():
-            conn = relay_accept(listener, secret, time.monotonic() + RELAY_CONNECT_TIMEOUT)
-            events.put(("relay", conn))
-
-        def serve_relay(the_mux):
-            the_mux.serve()
-            events.put(("eof", None))  # the login side is gone (or stopping us)
+        serving = asyncio.run_coroutine_threadsafe(
+            serve_node(
+                listener,
+                secret,
+                endpoints.__getitem__,
+                lambda relay: events.put(("relay", relay)),
+                lambda: events.put(("eof", None)),  # the login side is gone (or stops us)
+            ),
+            io.loop,
+        )
 
         def read_stdin():
             read_messages(sys.stdin.buffer, lambda msg: events.put(("msg", msg)))
@@ -119,7 +126,7 @@ def run_node(request, output):
         def wait_kernel():
             events.put(("exit", proc.wait()))
 
-        for target in (accept_relay, read_stdin, wait_kernel):
+        for target in (read_stdin, wait_kernel):
             threading.Thread(target=target, daemon=True).start()
         ready = False
         bound = set()  # sockets seen accepting, see endpoints_bound
@@ -143,8 +150,7 @@ def run_node(request, output):
                         % (host, RELAY_CONNECT_TIMEOUT),
                     )
                     return 1
-                mux = Mux(value, connect)
-                threading.Thread(target=serve_relay, args=(mux,), daemon=True).start()
+                mux = value
             if kind == "msg" and value.get("op") == Op.SIGNAL:
                 try:
                     os.killpg(proc.pid, int(value["signum"]))
@@ -159,13 +165,19 @@ def run_node(request, output):
                 output.emit(Event.READY)
     finally:
         CLEANING.set()  # a TERM from SLURM (scancel, time limit) no longer cuts this short
-        if listener is not None:
-            try:
-                listener.shutdown(socket.SHUT_RDWR)  # wakes accept_relay, which closes it
-            except OSError:
-                pass
-        if mux is not None:
-            mux.shutdown()
+        if serving is not None:
+            serving.cancel()  # an accept still waiting: it closes the listener
+        elif listener is not None:
+            listener.close()
+
+        async def close():
+            if mux is not None:
+                mux.close()
+
+        try:
+            io.run(close(), _CLOSE_WAIT)
+        except Exception:
+            pass  # bounded: what is left ends with the process
         # the key first: SLURM SIGKILLs the step KillWait after its TERM (a time limit)
         remove_tree(run_dir)
         if proc is not None:

@@ -101,14 +101,15 @@ class SlurmKernel(RelaySockets, Launcher):
         self.finished = threading.Event()
         self.stdout_done = threading.Event()
         self.stdin_queue = queue.Queue()
-        #: the authenticated connection to the node side, once up (see "the relay")
+        #: the node connection (a relayio.Relay), once up (relay.py)
         self.mux = None
+        self.relay_future = None
+        self.io = None
         self.relay_secret = os.urandom(32)
         self.node_ready = False  # the node side says the kernel's sockets are bound
         #: where the five relay sockets are (the run dir, or a shorter one if it is long)
         self.socket_dir = None
-        self.listeners = []
-        self.listeners_lock = threading.Lock()
+        self.listeners = []  # the relay sockets' servers, on the event loop
 
     def state(self):
         state = Launcher.state(self)
@@ -435,11 +436,7 @@ class SlurmKernel(RelaySockets, Launcher):
             )
             port = event.get("relay_port")
             if port and not self.cleaned:
-                threading.Thread(
-                    target=self._connect_relay,
-                    args=(event.get("host"), port),
-                    daemon=True,
-                ).start()
+                self.start_relay(event.get("host"), port)
         elif kind in ("ready", "relay_up"):
             # the node probed the kernel's sockets and the relay is up (both, in either
             # order): bind ours, then tell the local side
@@ -517,9 +514,7 @@ class SlurmKernel(RelaySockets, Launcher):
             # srun cancels its step on TERM
             stop_group(step.pid, step, term_wait=5.0, kill_wait=2.0)
             self.stdin_queue.put(None)
-        if self.mux is not None:
-            self.mux.shutdown()
-        self.close_listeners()
+        self.close_relay()
         allocation = self.allocation
         if allocation is not None:
             # a restart follows a stop with keep_allocation, and often an exit (the

@@ -10,7 +10,8 @@ starts. A client that dictates the key (the argv launcher) never gets a spare.
 
 Spares are kernels of the agent like any other (``ps`` shows them, marked ``spare``):
 reaped with the rest when the local side is gone past its grace, or at shutdown. Only
-direct kernels have spares (a SLURM spare would hold an allocation nobody asked for).
+launchers that say they can hold spares (``Launcher.holds_spares``) get them: a
+scheduler's spare would hold an allocation nobody asked for.
 """
 
 import json
@@ -24,6 +25,13 @@ from .protocol import AgentError
 _SAME = ("launcher", "kernel_name", "transport", "cwd", "signature_scheme", "outage_buffer")
 #: per-launch environment a spare cannot have had (it is started before the launch)
 _PER_LAUNCH_ENV = ("JPY_SESSION_NAME",)
+
+
+def _holds_spares(request):
+    try:
+        return launcher_class(request.get("launcher")).holds_spares
+    except AgentError:
+        return False
 
 
 def signature(request):
@@ -43,7 +51,7 @@ class Spares:
 
     def take(self, kid, request):
         """A spare for ``request``, now kernel ``kid`` (None if there is none)."""
-        if not request.get("spare_ok") or (request.get("launcher") or "direct") != "direct":
+        if not request.get("spare_ok") or not _holds_spares(request):
             return None
         pool = self._alive(self.pools.get(signature(request), []))
         if not pool:
@@ -61,7 +69,7 @@ class Spares:
             count = int(request.get("prestart") or 0)
         except (TypeError, ValueError):
             count = 0
-        if count <= 0 or (request.get("launcher") or "direct") != "direct":
+        if count <= 0 or not _holds_spares(request):
             return
         sig = signature(request)
         pool = self._alive(self.pools.setdefault(sig, []))
@@ -71,7 +79,7 @@ class Spares:
             spare_request = dict(request, kid=kid, key=os.urandom(32).hex(), env=env)
             spare_request.update(persistent=False, spare=True)
             spare_request.pop("rid", None)
-            kernel = launcher_class("direct")(self.agent, spare_request)
+            kernel = launcher_class(request.get("launcher"))(self.agent, spare_request)
             self.agent.kernels[kid] = kernel
             try:
                 kernel.launch()
