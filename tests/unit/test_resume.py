@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from sshpyk.agent.remote.resume import (
+    F_DATA,
     F_HELLO,
     F_WELCOME,
     Endpoint,
@@ -32,15 +33,15 @@ class Pair:
 
     def connect(self) -> None:
         reader = FrameReader()
-        ((kind, _, payload),) = reader.feed(self.local.hello("tok"))
+        ((kind, _, payload),) = reader.feed(self.local.start_link("tok"))
         assert kind == F_HELLO
+        assert self.local.awaiting_welcome
         actions = self.agent.resume(json.loads(payload)["streams"])
         self.run(actions, self.to_kernel, self.agent)
-        ((kind, _, payload),) = reader.feed(self.agent.welcome())
+        ((kind, sid, payload),) = reader.feed(self.agent.welcome())
         assert kind == F_WELCOME
-        welcome = json.loads(payload)
-        actions = self.local.resume(welcome["streams"], welcome["max_sid"])
-        self.run(actions, self.to_client, self.local)
+        self.run(self.local.on_frame(kind, sid, payload), self.to_client, self.local)
+        assert self.local.up and not self.local.awaiting_welcome
 
     def drop(self) -> None:
         self.local.link_lost()
@@ -79,6 +80,76 @@ class Pair:
             if not moved:
                 return
         raise AssertionError("the relay never went quiet")
+
+
+def frames(data: bytes) -> list[tuple[int, int, bytes]]:
+    return FrameReader().feed(data)
+
+
+def test_the_first_link_sends_before_welcome_and_the_agent_takes_it() -> None:
+    local, agent = Endpoint(), Endpoint(agent_side=True)
+    hello = local.start_link("tok")
+    assert local.up and local.awaiting_welcome  # nothing to resume: no round trip
+    sid = local.new_stream("shell")
+    local.push(sid, b"request")
+    (kind, _, payload), *rest = frames(hello + local.outgoing())  # as the wire has them
+    assert kind == F_HELLO
+    assert agent.resume(json.loads(payload)["streams"]) == []
+    welcome = agent.welcome()  # goes out strictly first
+    actions = [a for k, s, p in rest for a in agent.on_frame(k, s, p)]
+    assert actions == [("open", sid, "shell"), ("data", sid, b"request")]
+    ((kind, wsid, payload),) = frames(welcome)
+    assert local.on_frame(kind, wsid, payload) == []
+    assert local.up and not local.awaiting_welcome
+    agent.written(sid, len(b"request"))
+    agent.push(sid, b"reply")
+    actions = [a for k, s, p in frames(agent.outgoing()) for a in local.on_frame(k, s, p)]
+    assert actions == [("data", sid, b"reply")]
+
+
+def test_a_later_link_waits_for_welcome_and_resumes() -> None:
+    pair = Pair()
+    sid = pair.local.new_stream("shell")
+    pair.local.push(sid, b"request")
+    pair.pump()
+    pair.agent.push(sid, b"reply")
+    pair.pump()
+    pair.drop()
+    pair.local.push(sid, b"more")  # during the outage: queued on both sides
+    pair.agent.push(sid, b"queued")
+    ((kind, _, payload),) = frames(pair.local.start_link("tok"))
+    assert kind == F_HELLO
+    assert pair.local.awaiting_welcome and not pair.local.up
+    assert pair.local.outgoing() == b""  # nothing before the WELCOME
+    pair.agent.resume(json.loads(payload)["streams"])
+    ((kind, wsid, payload),) = frames(pair.agent.welcome())
+    assert pair.local.on_frame(kind, wsid, payload) == []
+    assert pair.local.up and not pair.local.awaiting_welcome
+    assert pair.local.peer_pending == len(b"queued")
+    pair.pump()
+    assert pair.to_kernel[sid] == b"requestmore"
+    assert pair.to_client[sid] == b"replyqueued"
+
+
+def test_a_welcome_nobody_asked_for_is_a_broken_peer() -> None:
+    pair = Pair()
+    ((kind, sid, payload),) = frames(pair.agent.welcome())
+    with pytest.raises(ValueError):
+        pair.local.on_frame(kind, sid, payload)
+    with pytest.raises(ValueError):
+        pair.agent.on_frame(kind, sid, payload)
+
+
+@pytest.mark.parametrize("first_link", [True, False])
+def test_a_frame_before_the_welcome_is_a_broken_peer(first_link: bool) -> None:
+    local = Endpoint()
+    sid = local.new_stream("shell")
+    if not first_link:
+        local.start_link("tok")
+        local.link_lost()
+    local.start_link("tok")
+    with pytest.raises(ValueError):
+        local.on_frame(F_DATA, sid, b"x")
 
 
 def test_bytes_flow_both_ways_in_order() -> None:

@@ -24,9 +24,12 @@ dir) carries frames, both ways::
 Every byte of a stream is kept by its sender until the peer ACKs it. A reconnect starts a
 new link with HELLO/WELCOME, in which each side says how many bytes of each stream it has
 received; each side then sends again what the other has not, and goes on: every byte
-arrives in order, exactly once. A side removes a stream once both CLOSEs are known and its
-bytes are acked; a stream the peer no longer lists (and, for the agent, had opened) was
-removed by the peer, which happens only once it had everything.
+arrives in order, exactly once. The local side's first link has nothing to resume: its
+frames follow the HELLO at once (one round trip less on every start), and the agent,
+which answers HELLO with WELCOME strictly first, reads them as on any link. A side
+removes a stream once both CLOSEs are known and its bytes are acked; a stream the peer no
+longer lists (and, for the agent, had opened) was removed by the peer, which happens only
+once it had everything.
 
 Flow control: at most WINDOW bytes of a stream are in flight (sent, not acked); ACKs go
 out as the receiver writes to its socket. What a socket gives beyond that waits in the
@@ -215,6 +218,11 @@ class Endpoint:
     """One side of one session: its streams and the frames they need sent. Not thread
     safe: the agent holds a lock around it, the local side uses it from its loop.
 
+    A link begins on the opening (local) side with :meth:`start_link` (its HELLO);
+    the WELCOME that answers it is one more frame for :meth:`on_frame`, which resumes
+    the streams. The agent answers a HELLO with :meth:`resume` and :meth:`welcome`.
+    Either side calls :meth:`link_lost` when a link ends.
+
     Calls return actions, tuples for the I/O around it to carry out:
     ``("open", sid, channel)`` (the agent: connect to the kernel), ``("data", sid, b)``
     (write to the socket), ``("close", sid)`` (close the socket once written),
@@ -226,7 +234,11 @@ class Endpoint:
         self.streams = {}
         self.max_sid = 0  # the agent: the highest sid opened; the local side: allocated
         self.queued = 0  # bytes in every stream's queue
-        self.up = False  # a link is attached and past HELLO/WELCOME
+        self.up = False  # frames may go out on the current link
+        self.links = 0  # the opening side: links started (start_link)
+        self._welcome_due = False  # the opening side: this link's WELCOME has not come
+        #: the bytes the agent had queued for us, from the last WELCOME ("pending")
+        self.peer_pending = 0
         self.unreported = [0, 0]  # dropped since the last DROPPED frame
         self.acks_due = set()
         self.acks_urgent = False  # an ACK must go out even with nothing to carry it
@@ -356,6 +368,12 @@ class Endpoint:
     # -- from the link -----------------------------------------------------------------------
     def on_frame(self, kind, sid, payload):
         """One frame of the current link; returns actions. ValueError: a broken peer."""
+        if self._welcome_due:
+            if kind != F_WELCOME:
+                raise ValueError("the peer did not answer HELLO with WELCOME")
+            return self._welcomed(payload)
+        if kind == F_WELCOME:
+            raise ValueError("a WELCOME that no HELLO asked for")
         stream = self.streams.get(sid)
         if kind == F_OPEN and self.agent_side:
             if sid <= self.max_sid:
@@ -391,16 +409,45 @@ class Endpoint:
     def state(self):
         return {str(sid): s.received for sid, s in self.streams.items()}
 
+    def start_link(self, token):
+        """The opening side (the local one) starts a new link: returns its HELLO, to send
+        first. The first link has nothing to resume, so frames may follow the HELLO at
+        once (``up``); a later one is up once its WELCOME has come (:meth:`on_frame`)."""
+        self.link_lost()
+        self.links += 1
+        self._welcome_due = True
+        self.up = self.links == 1
+        return json_frame(F_HELLO, {"session": token, "streams": self.state()})
+
     def hello(self, token):
         return json_frame(F_HELLO, {"session": token, "streams": self.state()})
 
+    @property
+    def awaiting_welcome(self):
+        """The current link's WELCOME has not come yet (after :meth:`start_link`)."""
+        return self._welcome_due
+
+    def _welcomed(self, payload):
+        welcome = json.loads(payload)
+        if not isinstance(welcome, dict):
+            raise ValueError("a WELCOME that is not a JSON object")
+        self._welcome_due = False
+        self.peer_pending = int(welcome.get("pending") or 0)
+        if self.links == 1:
+            # the first link sent right after its HELLO: the agent had nothing of this
+            # session, and what went out since is in order behind the HELLO
+            return []
+        return self.resume(welcome.get("streams") or {}, welcome.get("max_sid"))
+
     def welcome(self):
+        """The agent's answer to a HELLO (after :meth:`resume`), to send first."""
         return json_frame(
             F_WELCOME, {"streams": self.state(), "max_sid": self.max_sid, "pending": self.queued}
         )
 
     def link_lost(self):
         self.up = False
+        self._welcome_due = False
         for stream in self.streams.values():
             stream.open_sent = False
 
