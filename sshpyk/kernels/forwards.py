@@ -6,17 +6,25 @@ the set, so a restarted kernel keeps its local endpoints. By default (``transpor
 of ours: no other local user can connect to them (ZMQ's iopub is not authenticated,
 so anyone who can connect could read the kernel's code and output). jupyter_client
 speaks ``transport: ipc``. With ``transport "tcp"`` they listen on 127.0.0.1 (port 0
-the first time, then the same ports), for tools that only speak TCP. Each accepted
-connection waits until the current remote kernel is
-ready, then opens a channel on the session's SSH connection: ``direct-streamlocal``
-to the kernel's unix socket (ipc transport) or ``direct-tcpip`` to its port (tcp
-transport) on the kernel's host: loopback for a kernel next to the agent, the
-compute node's address for a SLURM kernel (sshd on the login node connects there),
-and pipes bytes both ways with flow control.
+the first time, then the same ports), for tools that only speak TCP.
 
-Because the target is looked up per connection, restarting the kernel only
-changes the target, and a dropped SSH link only delays new connections until
-the kernel is reachable again: listeners and ports stay.
+Each accepted connection waits (buffering what the client sends) until the current
+remote kernel is reachable, then becomes one of two kinds:
+
+* by default, a stream of the kernel's resumable relay (:class:`_RelayClient` on a
+  :class:`~sshpyk.kernels.link.KernelLink`, link.py): one SSH channel to the agent
+  carries every connection of the kernel, and a dropped SSH link loses nothing: the
+  client's socket stays open while the link reconnects;
+* the fallback, when ``outage_buffer`` is 0 or the agent has no relay: a direct pipe
+  (:class:`_DirectEnd` pair) to its own SSH channel, ``direct-streamlocal`` to the
+  kernel's unix socket (ipc transport) or ``direct-tcpip`` to its port (tcp transport)
+  on the kernel's host (loopback for a kernel next to the agent, the compute node's
+  address for a SLURM kernel: sshd on the login node connects there). A dropped SSH
+  link closes these; ZMQ reconnects.
+
+Either way bytes flow both ways with flow control. Because the target is looked up per
+connection, restarting the kernel only changes the target, and a dropped SSH link only
+delays new connections until the kernel is reachable again: listeners and ports stay.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import logging
 import os
 import shutil
 import socket
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -37,7 +46,7 @@ from ..config import LOCAL_TRANSPORTS
 from ..errors import SSHPykError, UnsafePathError
 from ..localfs import make_private_dir, socket_base_dir
 from ..tasks import TaskOwner
-from .link import KernelLink
+from .link import CHANNEL_WINDOW, KernelLink
 
 if TYPE_CHECKING:
     from ..agent.process import KernelProcess
@@ -47,72 +56,166 @@ __all__ = ["CHANNELS", "LOCAL_TRANSPORTS", "ForwardSet"]
 
 log = logging.getLogger("sshpyk")
 
-#: bytes an SSH channel of a kernel's may have in flight (asyncssh's default is 2 MiB:
-#: at 100 ms RTT that caps a print-heavy cell at ~20 MB/s; benchmarks/RESULTS.md)
-CHANNEL_WINDOW = 8 << 20
 
+class _Accepted(asyncio.Protocol):
+    """A client's connection, accepted before we know what it becomes: keeps what the
+    client sends (and its EOF) until :meth:`bind` hands the socket to a
+    :class:`_RelayClient` or a direct pipe's :class:`_DirectEnd`."""
 
-class _Pipe(asyncio.Protocol):
-    """One end of a forwarded connection: an asyncio protocol and an SSH session.
-
-    Data from this end is written to the peer end; back-pressure on one side
-    pauses reading on the other.
-    """
-
-    def __init__(self, peer: _Pipe | None = None, on_close: Any = None) -> None:
+    def __init__(self, on_close: Callable[[Any], None]) -> None:
         self.transport: Any = None
         self.on_close = on_close
-        self.peer = peer
         self.pending = bytearray()
         self.eof = False
         self.closed = False
-        #: relayed (link.py): the kernel's link and this connection's stream on it
-        self.link: KernelLink | None = None
-        self.sid = 0
-        self.writing_paused = False
-        self.unacked = 0  # bytes written while paused: acked on the link once drained
-        if peer is not None:
-            peer.peer = self
 
-    # asyncio.Protocol / SSHTCPSession / SSHUNIXSession interface
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
+    def data_received(self, data: bytes) -> None:
+        self.pending += data
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        return True  # the kind we become decides: a direct pipe passes the half-close on
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.on_close(self)
+            if self.transport is not None:
+                self.transport.close()
+
+    def bind(self, handler: _RelayClient | _DirectEnd) -> None:
+        """The socket's protocol is ``handler`` from now on; what came meanwhile goes
+        to it first."""
+        transport = self.transport
+        transport.set_protocol(handler)
+        handler.connection_made(transport)
+        if self.pending:
+            data = bytes(self.pending)
+            self.pending.clear()
+            handler.data_received(data)
+        if self.eof and not handler.eof_received():
+            handler.close()
+
+
+class _RelayClient(asyncio.Protocol):
+    """A client's socket relayed as one stream of the kernel's link (link.py's
+    ``Client``): what the client sends is pushed on the link, what the link delivers is
+    written to the socket and ACKed once written out (bytes written while the socket's
+    buffer is over its high-water mark are ACKed once it drained)."""
+
+    def __init__(self, link: KernelLink, channel: str, on_close: Callable[[Any], None]) -> None:
+        self.link = link
+        self.channel = channel
+        self.on_close = on_close
+        self.transport: Any = None
+        self.sid = 0
+        self.writing_paused = False
+        self.unacked = 0  # bytes written while paused: ACKed on the link once drained
+        self.closed = False
+
+    # asyncio.Protocol
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        self.sid = self.link.add(self.channel, self)
+
+    def data_received(self, data: bytes) -> None:
+        self.link.from_client(self.sid, data, self)
+
+    def eof_received(self) -> bool:
+        return False  # ZMQ never half-closes: the connection ends
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        if self.unacked:
+            count, self.unacked = self.unacked, 0
+            self.link.client_drained(self.sid, count)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.close()
+
+    # link.Client
+    def deliver(self, data: bytes) -> int:
+        transport = self.transport
+        if self.closed or transport is None or transport.is_closing():
+            return len(data)  # nobody to write to: as good as written
+        transport.write(data)
+        if self.writing_paused:
+            self.unacked += len(data)
+            return 0
+        return len(data)
+
+    def pause_reading(self) -> None:
+        with contextlib.suppress(Exception):
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        with contextlib.suppress(Exception):
+            self.transport.resume_reading()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.link.client_closed(self.sid)
+        self.on_close(self)
+        if self.transport is not None:
+            self.transport.close()  # asyncio writes what is buffered first
+
+
+class _DirectEnd(asyncio.Protocol):
+    """One end of a direct pipe (the client's socket, or the SSH channel to the
+    kernel's socket: asyncio's protocol and asyncssh's session interface). What arrives
+    is written to the other end; an EOF half-closes it (the other direction stays open
+    until both are done); back-pressure on one end pauses reading on the other."""
+
+    def __init__(self, on_close: Callable[[Any], None] | None = None) -> None:
+        self.transport: Any = None
+        self.on_close = on_close
+        self.peer: _DirectEnd | None = None
+        self.closed = False
+
+    @classmethod
+    def pair(cls, on_close: Callable[[Any], None]) -> tuple[_DirectEnd, _DirectEnd]:
+        """The client's end (``on_close`` when the pipe closes) and the channel's."""
+        local, remote = cls(on_close), cls()
+        local.peer, remote.peer = remote, local
+        return local, remote
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
     def session_started(self) -> None:
         pass
 
     def data_received(self, data: bytes, datatype: Any = None) -> None:
-        if self.link is not None:
-            self.link.from_client(self.sid, data, self)
-        elif self.peer is not None and self.peer.transport is not None:
+        # the channel opens, then the client's socket is bound, before asyncssh reads
+        # the channel: both ends have their transport whenever data arrives
+        if self.peer is not None and self.peer.transport is not None:
             self.peer.transport.write(data)
-        else:
-            self.pending += data
 
     def eof_received(self) -> bool:
-        self.eof = True
-        if self.link is not None:
-            return False  # ZMQ never half-closes: the connection ends
         if self.peer is not None and self.peer.transport is not None:
-            try:
+            with contextlib.suppress(OSError):
                 self.peer.transport.write_eof()
-            except OSError:
-                pass
         return True  # keep the other direction open until both sides are done
 
     def pause_writing(self) -> None:
-        self.writing_paused = True
         if self.peer is not None and self.peer.transport is not None:
             self.peer.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        self.writing_paused = False
-        if self.link is not None and self.unacked:
-            count, self.unacked = self.unacked, 0
-            self.link.client_drained(self.sid, count)
         if self.peer is not None and self.peer.transport is not None:
             self.peer.transport.resume_reading()
 
@@ -123,8 +226,6 @@ class _Pipe(asyncio.Protocol):
         if self.closed:
             return
         self.closed = True
-        if self.link is not None:
-            self.link.client_closed(self.sid)
         if self.on_close is not None:
             self.on_close(self)
         if self.transport is not None:
@@ -132,24 +233,9 @@ class _Pipe(asyncio.Protocol):
         if self.peer is not None:
             self.peer.close()
 
-    def attach_link(self, link: KernelLink, channel: str) -> None:
-        """Relay this connection over ``link`` (what arrived meanwhile goes first)."""
-        self.link = link
-        self.sid = link.add(channel, self)
-        if self.pending:
-            data = bytes(self.pending)
-            self.pending.clear()
-            link.from_client(self.sid, data, self)
-        if self.eof:
-            self.close()
 
-    def attach(self, remote: _Pipe) -> None:
-        """Flush what arrived before the remote end was open."""
-        if self.pending:
-            remote.transport.write(bytes(self.pending))
-            self.pending.clear()
-        if self.eof:
-            remote.transport.write_eof()
+#: what a ForwardSet holds of each client connection, to close it with the set
+_Connection = _Accepted | _RelayClient | _DirectEnd
 
 
 def _listening(path: str) -> bool:
@@ -189,7 +275,7 @@ class ForwardSet:
         self._inodes: dict[str, int] = {}
         #: one connect task per accepted connection
         self._tasks = TaskOwner(f"[{session.alias}] forwards")
-        self._pipes: set[_Pipe] = set()
+        self._connections: set[_Connection] = set()
         self._process: KernelProcess | None = None
         #: MiB per kernel kept across an outage; 0: direct channels (no relay)
         self.outage_buffer = outage_buffer
@@ -326,11 +412,11 @@ class ForwardSet:
             self._link.start()
         return self._link
 
-    def _accept(self, channel: str) -> _Pipe:
-        local = _Pipe(on_close=self._pipes.discard)
-        self._pipes.add(local)
-        self._tasks.create_task(self._connect(channel, local), name=f"forward-{channel}")
-        return local
+    def _accept(self, channel: str) -> _Accepted:
+        accepted = _Accepted(on_close=self._connections.discard)
+        self._connections.add(accepted)
+        self._tasks.create_task(self._connect(channel, accepted), name=f"forward-{channel}")
+        return accepted
 
     async def _target(self) -> KernelProcess | None:
         """The current kernel once reachable; None if it ended. Bounded by connect_timeout."""
@@ -355,34 +441,41 @@ class ForwardSet:
             if loop.time() >= deadline:
                 raise asyncio.TimeoutError
 
-    async def _connect(self, channel: str, local: _Pipe) -> None:
+    async def _connect(self, channel: str, accepted: _Accepted) -> None:
+        """Bind ``accepted`` to the current kernel once reachable: a relay stream, or a
+        direct pipe to its own SSH channel."""
         try:
             process = await self._target()
-            if process is None or local.closed:
-                local.close()
+            if process is None or accepted.closed:
+                accepted.close()
                 return
             link = self._link_for(process)
             if link is not None:
-                local.attach_link(link, channel)
+                self._bind(accepted, _RelayClient(link, channel, self._connections.discard))
                 return
             conn = await self.session.connection()
             target = process.endpoints[channel]
-            remote = _Pipe(local)
-            factory = cast(Any, lambda: remote)  # _Pipe speaks asyncssh's session interface
+            local, remote = _DirectEnd.pair(self._connections.discard)
+            factory = cast(Any, lambda: remote)  # _DirectEnd speaks asyncssh's session API
             if process.transport == "ipc":
                 await conn.create_unix_connection(factory, target, window=CHANNEL_WINDOW)
             else:
                 await conn.create_connection(factory, process.host, target, window=CHANNEL_WINDOW)
-            if local.closed:
+            if accepted.closed:
                 remote.close()
                 return
-            local.attach(remote)
+            self._bind(accepted, local)
         except asyncio.CancelledError:
-            local.close()
+            accepted.close()
             raise
         except Exception as exc:
             log.debug("[%s] %s forward not connected: %r", self.session.alias, channel, exc)
-            local.close()
+            accepted.close()
+
+    def _bind(self, accepted: _Accepted, handler: _RelayClient | _DirectEnd) -> None:
+        self._connections.discard(accepted)
+        self._connections.add(handler)
+        accepted.bind(handler)
 
     def close(self) -> None:
         if self._closed:
@@ -392,9 +485,9 @@ class ForwardSet:
             server.close()
         for task in self._tasks.tasks:
             task.cancel()
-        for pipe in list(self._pipes):
-            pipe.close()
-        self._pipes.clear()
+        for connection in list(self._connections):
+            connection.close()
+        self._connections.clear()
         self._drop_link()
         self._remove_directory()
 

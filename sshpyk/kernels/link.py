@@ -11,8 +11,6 @@ again) a new channel resumes every stream where it stopped, both ways.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import logging
 import secrets
 import time
@@ -20,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import asyncssh
 
-from ..agent.remote.resume import F_WELCOME, Endpoint, FrameReader
+from ..agent.remote.resume import Endpoint, FrameReader
 from ..errors import SSHPykError
 from ..tasks import TaskOwner
 
@@ -32,7 +30,9 @@ __all__ = ["KernelLink"]
 
 log = logging.getLogger("sshpyk")
 
-#: bytes the relay's SSH channel may have in flight (see forwards.CHANNEL_WINDOW)
+#: bytes an SSH channel of a kernel's (the relay's link, a direct forward) may have in
+#: flight (asyncssh's default is 2 MiB: at 100 ms RTT that caps a print-heavy cell at
+#: ~20 MB/s; benchmarks/RESULTS.md)
 CHANNEL_WINDOW = 8 << 20
 #: seconds a new link has for the agent's WELCOME
 WELCOME_TIMEOUT = 10.0
@@ -41,12 +41,21 @@ _DROP_LOG_EVERY = 5.0
 
 
 class Client(Protocol):
-    """What a link needs of a client connection (forwards._Pipe)."""
+    """What a link needs of a client connection (forwards._RelayClient)."""
 
-    transport: Any
-    writing_paused: bool
+    def deliver(self, data: bytes) -> int:
+        """Write ``data`` of the stream to the client's socket; returns how many bytes
+        the link may ACK now (the rest: :meth:`KernelLink.client_drained` once the
+        socket's paused buffer drained)."""
+        ...
 
-    def close(self) -> None: ...
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
+
+    def close(self) -> None:
+        """Close the socket once written; tells the link (:meth:`KernelLink.client_closed`)."""
+        ...
 
 
 class _Channel:
@@ -93,10 +102,7 @@ class KernelLink:
         self.clients: dict[int, Client] = {}
         self._channel: _Channel | None = None
         self._reader = FrameReader()
-        self._welcomed = False
-        self._welcomed_event = asyncio.Event()
-        self._eager = False  # the first link sends before WELCOME (see _connect)
-        self._opened = 0  # links opened so far
+        self._welcomed = asyncio.Event()  # the current link's WELCOME came
         self._paused_clients: set[int] = set()
         self._tasks = TaskOwner(f"[{session.alias}] kernel link")
         self._closed = False
@@ -121,8 +127,7 @@ class KernelLink:
     def from_client(self, sid: int, data: bytes, client: Client) -> None:
         self.core.push(sid, data)
         if self.core.full():
-            with contextlib.suppress(Exception):
-                client.transport.pause_reading()
+            client.pause_reading()
             self._paused_clients.add(sid)
         self.flush()
 
@@ -140,7 +145,7 @@ class KernelLink:
     # -- the link --------------------------------------------------------------------
     def flush(self) -> None:
         channel = self._channel
-        if channel is None or channel.paused or not self._welcomed or channel.chan is None:
+        if channel is None or channel.paused or not self.core.up or channel.chan is None:
             return
         data = self.core.outgoing()
         if data:
@@ -149,23 +154,19 @@ class KernelLink:
             for sid in list(self._paused_clients):
                 client = self.clients.get(sid)
                 if client is not None:
-                    with contextlib.suppress(Exception):
-                        client.transport.resume_reading()
+                    client.resume_reading()
             self._paused_clients.clear()
 
     def _on_link_data(self, channel: _Channel, data: bytes) -> None:
         if channel is not self._channel:
             return
         try:
-            frames = self._reader.feed(data)
-            for kind, sid, payload in frames:
-                if not self._welcomed or self._eager:
-                    if kind != F_WELCOME:
-                        raise ValueError("the agent did not answer HELLO with WELCOME")
-                    self._welcome(payload)
-                    continue
+            for kind, sid, payload in self._reader.feed(data):
+                welcoming = self.core.awaiting_welcome
                 for action in self.core.on_frame(kind, sid, payload):
                     self._act(action)
+                if welcoming:
+                    self._on_welcome()
         except ValueError as exc:
             log.warning("%s: relay link broken (%s); reconnecting it", self.label, exc)
             if channel.chan is not None:
@@ -173,20 +174,10 @@ class KernelLink:
             return
         self.flush()
 
-    def _welcome(self, payload: bytes) -> None:
-        welcome = json.loads(payload)
-        if self._eager:
-            # the first link sent right after its HELLO: the agent had nothing of this
-            # session, and what went out since is in order behind the HELLO
-            actions: list[Any] = []
-            self._eager = False
-        else:
-            actions = self.core.resume(welcome.get("streams") or {}, welcome.get("max_sid"))
-        self._welcomed = True
-        self._welcomed_event.set()
+    def _on_welcome(self) -> None:
+        """The core took the link's WELCOME (and resumed the streams of a later link)."""
+        self._welcomed.set()
         self.resumes += 1
-        for action in actions:
-            self._act(action)
         if self._down_since is not None:
             down = time.monotonic() - self._down_since
             log.info(
@@ -195,7 +186,7 @@ class KernelLink:
                 self.label,
                 down,
                 self.core.queued,
-                int(welcome.get("pending") or 0),
+                self.core.peer_pending,
             )
             self._down_since = None
 
@@ -204,14 +195,9 @@ class KernelLink:
         if kind == "data":
             sid, payload = action[1], action[2]
             client = self.clients.get(sid)
-            if client is None or client.transport is None or client.transport.is_closing():
-                self.core.written(sid, len(payload))
-                return
-            client.transport.write(payload)
-            if client.writing_paused:
-                cast(Any, client).unacked += len(payload)  # acked once drained
-            else:
-                self.core.written(sid, len(payload))
+            written = len(payload) if client is None else client.deliver(payload)
+            if written:
+                self.core.written(sid, written)
         elif kind == "close":
             sid = action[1]
             client = self.clients.pop(sid, None)
@@ -238,8 +224,6 @@ class KernelLink:
         if channel is not self._channel:
             return
         self._channel = None
-        self._welcomed = False
-        self._eager = False  # the next link resumes, whatever the first one sent
         self.core.link_lost()
         if not self._closed and self._down_since is None:
             self._down_since = time.monotonic()
@@ -249,22 +233,14 @@ class KernelLink:
         conn = await self.session.connection()
         channel = _Channel(self)
         self._reader = FrameReader()
-        self._welcomed = False
-        self._welcomed_event = asyncio.Event()
+        self._welcomed = asyncio.Event()
         relay = self.process.relay
         if not relay:
             raise ConnectionError("the kernel has no relay socket")
         await conn.create_unix_connection(cast(Any, lambda: channel), relay, window=CHANNEL_WINDOW)
         self._channel = channel
-        channel.chan.write(self.core.hello(self.token))
-        self._opened += 1
-        if self._opened == 1:
-            # the first link: nothing to resume, so no need to wait for WELCOME before
-            # sending (saves a round trip on every start)
-            self._eager = True
-            self._welcomed = True
-            self.core.up = True
-            self.flush()
+        channel.chan.write(self.core.start_link(self.token))
+        self.flush()  # the first link: what the clients sent follows the HELLO at once
         return channel
 
     async def _run(self) -> None:
@@ -295,8 +271,8 @@ class KernelLink:
         self._close_clients()
 
     async def _until_welcomed(self, channel: _Channel) -> None:
-        await _first(self._welcomed_event.wait(), channel.closed.wait())
-        if not self._welcomed or channel.closed.is_set():
+        await _first(self._welcomed.wait(), channel.closed.wait())
+        if not self._welcomed.is_set() or channel.closed.is_set():
             raise ConnectionError("the relay link closed before WELCOME")
 
     def _close_clients(self) -> None:

@@ -419,9 +419,6 @@ class Endpoint:
         self.up = self.links == 1
         return json_frame(F_HELLO, {"session": token, "streams": self.state()})
 
-    def hello(self, token):
-        return json_frame(F_HELLO, {"session": token, "streams": self.state()})
-
     @property
     def awaiting_welcome(self):
         """The current link's WELCOME has not come yet (after :meth:`start_link`)."""
