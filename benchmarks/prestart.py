@@ -1,9 +1,9 @@
 """Warm spare kernels (``prestart``, issue 16): start to first reply on an open connection.
 
-Through run.py's DelayProxy (a latency of RTT/2 each way, chunks not queued behind each
-other, one RTT before each new connection) in front of a throwaway loopback sshd, at
-each ``--rtts`` (ms): one SSHSession, one kernel already running (the connection and
-the agent are up), then ``--reps`` starts each of
+Through run.py's DelayProxy (``lib/proxy.py``: a latency of RTT/2 each way, chunks not
+queued behind each other, one RTT before each new connection) in front of a throwaway
+loopback sshd, at each ``--rtts`` (ms): one SSHSession, one kernel already running (the
+connection and the agent are up), then ``--reps`` starts each of
 
 * fresh: the key is chosen here (as the argv launcher's clients do), so the agent
   starts a new kernel;
@@ -33,7 +33,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE))
 
 from faultproxy import proxied_ssh_config  # noqa: E402
-from run import DelayProxy  # noqa: E402
+from lib.proxy import DelayProxy  # noqa: E402
 from sshd import ThrowawaySSHD  # noqa: E402
 
 
