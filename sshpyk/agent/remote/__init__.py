@@ -2,7 +2,8 @@
 installed on the remote host as the package ``sshpyk_agent`` (see loader.py and
 ``sshpyk.agent.bundle``); imported locally only for ``protocol`` and the unit tests.
 
-Modules, in dependency order: loader, protocol, jsonlines, procgroup, paths,
-kernelspecs, launcher (the launcher contract), direct, records, agent, main; on demand
-for SLURM: slurmctl, relay, slurm, node.
+Modules, in dependency order: sshpyk.agent.bundle.CORE_MODULES (loader, protocol,
+jsonlines, procgroup, paths, kernelspecs, resume, relayio, links, launcher (the
+launcher contract), direct, records, spares, workers, agent, main); on demand for
+SLURM: slurmctl, relay, slurm, node.
 """
