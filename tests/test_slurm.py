@@ -310,15 +310,9 @@ async def test_no_kernel_socket_on_the_cluster_network(
         shutil.rmtree(run_root, ignore_errors=True)
 
 
-def relay_namespace() -> dict[str, Any]:
-    """A fresh copy of the relay module (self-contained), as on the node."""
-    namespace: dict[str, Any] = {"__name__": "sshpyk_node"}
-    path = Path(__file__).parent.parent / "sshpyk" / "agent" / "remote" / "relay.py"
-    exec(compile(path.read_text(), path.name, "exec"), namespace)
-    return namespace
-
-
-def test_relay_listener_takes_one_authenticated_connection() -> None:
+async def test_relay_listener_takes_one_authenticated_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """The node side's relay listener: a client that does not answer, one that answers
     garbage and one with a wrong secret are each closed without a byte relayed; the
     first that proves the secret gets the connection (TCP_NODELAY), the listener is
@@ -326,48 +320,49 @@ def test_relay_listener_takes_one_authenticated_connection() -> None:
     import socket
     import threading
 
-    ns = relay_namespace()
+    from sshpyk.agent.remote import relay
+
+    monkeypatch.setattr(relay, "RELAY_AUTH_TIMEOUT", 0.5)  # the silent client's turn
     secret = os.urandom(32)
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.bind(("127.0.0.1", 0))
     listener.listen(8)
     port = listener.getsockname()[1]
-    result: dict[str, Any] = {}
-    ns["RELAY_AUTH_TIMEOUT"] = 0.5  # the silent client's turn ends sooner
-    accepting = threading.Thread(
-        target=lambda: result.update(
-            conn=ns["relay_accept"](listener, secret, time.monotonic() + 20)
-        )
-    )
-    accepting.start()
+    accepting = asyncio.ensure_future(relay.relay_accept(listener, secret, time.monotonic() + 20))
+
+    def silent() -> None:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
+            assert client.recv(100).startswith(relay.RELAY_MAGIC)  # the challenge
+            assert client.recv(100) == b""  # closed after RELAY_AUTH_TIMEOUT
+
+    def garbage() -> None:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
+            client.recv(100)
+            client.sendall(b"x" * 64)
+            assert client.recv(100) == b""
+
     try:
-        silent = socket.create_connection(("127.0.0.1", port), timeout=5)
-        assert silent.recv(100).startswith(ns["RELAY_MAGIC"])  # the challenge
-        assert silent.recv(100) == b""  # closed after RELAY_AUTH_TIMEOUT
-        silent.close()
-        garbage = socket.create_connection(("127.0.0.1", port), timeout=5)
-        garbage.recv(100)
-        garbage.sendall(b"x" * 64)
-        assert garbage.recv(100) == b""
-        garbage.close()
+        await asyncio.to_thread(silent)
+        await asyncio.to_thread(garbage)
         with pytest.raises((OSError, ValueError)):
-            ns["relay_connect"]("127.0.0.1", port, os.urandom(32))
-        assert "conn" not in result
-        sock = ns["relay_connect"]("127.0.0.1", port, secret)
-        accepting.join(10)
-        conn = result["conn"]
+            await relay.relay_connect("127.0.0.1", port, os.urandom(32))
+        assert not accepting.done()
+        sock = await relay.relay_connect("127.0.0.1", port, secret)
+        conn = await asyncio.wait_for(accepting, 10)
         assert conn is not None and listener.fileno() == -1  # closed
         assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection(("127.0.0.1", port), timeout=5)
+        conn.setblocking(True)
+        sock.setblocking(True)
         conn.sendall(b"ping")
         assert sock.recv(4) == b"ping"
         sock.close()
         conn.close()
     finally:
+        accepting.cancel()
         listener.close()
-        accepting.join(10)
 
     # and the login side refuses a node side that does not know the secret
     impostor = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -376,7 +371,7 @@ def test_relay_listener_takes_one_authenticated_connection() -> None:
 
     def fake_node() -> None:
         conn, _ = impostor.accept()
-        conn.sendall(ns["RELAY_MAGIC"] + os.urandom(32))
+        conn.sendall(relay.RELAY_MAGIC + os.urandom(32))
         conn.recv(64)
         conn.sendall(os.urandom(32))
         conn.close()
@@ -385,7 +380,7 @@ def test_relay_listener_takes_one_authenticated_connection() -> None:
     faking.start()
     try:
         with pytest.raises(ValueError):
-            ns["relay_connect"]("127.0.0.1", impostor.getsockname()[1], secret)
+            await relay.relay_connect("127.0.0.1", impostor.getsockname()[1], secret)
     finally:
         faking.join(10)
         impostor.close()

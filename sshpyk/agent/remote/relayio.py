@@ -79,7 +79,7 @@ class IOLoop:
             raise
 
 
-_shared = []
+_shared = []  # type: list
 _shared_lock = threading.Lock()
 
 
@@ -192,6 +192,9 @@ class StreamSocket(asyncio.Protocol):
     # -- asyncio ---------------------------------------------------------------------
     def connection_made(self, transport):
         self.transport = transport
+        if self.gone:  # the relay closed while this connected
+            transport.abort()
+            return
         transport.set_write_buffer_limits(high=0)  # resume_writing: all written
         if self.relay.reading_paused:
             transport.pause_reading()
@@ -221,9 +224,10 @@ class StreamSocket(asyncio.Protocol):
     def connection_lost(self, exc):
         self.gone = True
         self._read_ended()
-        if self.buffered:  # never to be written: as it were
-            self.relay.core.written(self.sid, self.buffered)
-            self.buffered = 0
+        unwritten = self.buffered + sum(len(data) for data in self.pending)
+        self.buffered, self.pending = 0, []
+        if unwritten:  # never to be written: as it were
+            self.relay.core.written(self.sid, unwritten)
         self.relay.socket_gone(self.sid)
 
     # -- from the relay ----------------------------------------------------------------
