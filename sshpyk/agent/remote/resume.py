@@ -1,8 +1,10 @@
 """The resumable relay's protocol, without I/O: a kernel's channels between the local side
 and the agent, kept whole across a dropped SSH link.
 
-Both ends use it: the agent's threads (links.py) and the local side's asyncio
-(sshpyk/kernels/link.py). Self-contained, stdlib only.
+Every end uses it, and it is the one frame codec: the agent's end (links.py), the
+local side (sshpyk/kernels/link.py), and both ends of a SLURM kernel's node connection
+(relay.py, without resumption: one link); the I/O around it is relayio.py's (the
+remote side) or asyncio's (the local side). Self-contained, stdlib only.
 
 Why: without it each ZMQ connection is an SSH channel to the kernel's socket, and a dropped
 link closes them; a ZMQ PUB drops what it sends to a peer that is gone, and a reply sent
@@ -216,7 +218,7 @@ class Stream:
 
 class Endpoint:
     """One side of one session: its streams and the frames they need sent. Not thread
-    safe: the agent holds a lock around it, the local side uses it from its loop.
+    safe: each side uses it from its event loop only.
 
     A link begins on the opening (local) side with :meth:`start_link` (its HELLO);
     the WELCOME that answers it is one more frame for :meth:`on_frame`, which resumes
