@@ -135,10 +135,14 @@ async def start_served(session: Any, options: Any) -> Served:
     """A kernel with a client on every channel: shell, iopub, stdin and control through
     jupyter_client, one kernel_info answered; the heartbeat socket connected, silent."""
     served = Served(await bounded("start_kernel", session.start_kernel(options=options)))
-    served.client = served.kernel.client()
-    served.client.start_channels(hb=False)
-    served.hb = served.client.connect_hb()
-    await bounded("kernel_info", served.client.wait_for_ready(timeout=STEP_TIMEOUT))
+    try:
+        served.client = served.kernel.client()
+        served.client.start_channels(hb=False)
+        served.hb = served.client.connect_hb()
+        await bounded("kernel_info", served.client.wait_for_ready(timeout=STEP_TIMEOUT))
+    except BaseException:
+        await asyncio.shield(close_served(served))
+        raise
     return served
 
 
