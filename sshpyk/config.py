@@ -46,6 +46,7 @@ __all__ = [
     "Store",
     "config_field",
     "config_fields",
+    "parse_forward",
     "parse_slurm_args",
 ]
 
@@ -142,6 +143,67 @@ def _check_python(value: str) -> str | None:
 
 
 _CLEARS = " An empty value clears it."
+
+
+def _port(text: str, what: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise SSHPykError(f"{what} {text!r} is not a port number") from None
+    if not 0 < port < 65536:
+        raise SSHPykError(f"{what} {port} is not a port number (1-65535)")
+    return port
+
+
+def _unprivileged_start() -> int:
+    """The lowest port a user who is not root may listen on (Linux's sysctl, else 1024)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_unprivileged_port_start") as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return 1024
+
+
+def parse_forward(text: str) -> tuple[int, str, int]:
+    """An explicit forward, ``PORT`` (the remote's localhost:PORT on the same local
+    port) or ``LOCAL:REMOTE_HOST:REMOTE_PORT`` (REMOTE_HOST as the remote host sees it,
+    [brackets] around an IPv6 address): (local port, remote host, remote port), or
+    SSHPykError with the reason in one line."""
+    text = text.strip()
+    what = f"--forward {text!r}:"
+    if ":" not in text:
+        local = remote_port = _port(text, f"{what} the port")
+        host = "localhost"
+    else:
+        local_text, _, rest = text.partition(":")
+        host, sep, port_text = rest.rpartition(":")
+        if not sep or not host:
+            raise SSHPykError(f"{what} use PORT or LOCAL_PORT:REMOTE_HOST:REMOTE_PORT")
+        local = _port(local_text, f"{what} the local port")
+        remote_port = _port(port_text, f"{what} the remote port")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        if not host or any(c.isspace() for c in host) or "[" in host or "]" in host:
+            raise SSHPykError(f"{what} {host!r} is not a host name or address")
+    if os.geteuid() != 0 and local < _unprivileged_start():
+        raise SSHPykError(
+            f"{what} local port {local} is privileged: only root may listen on it "
+            f"(use a port >= {_unprivileged_start()}, e.g. {local + 8000}:{host}:{remote_port})"
+        )
+    return local, host, remote_port
+
+
+def _check_forwards(values: list[str]) -> str | None:
+    locals_seen: set[int] = set()
+    for text in values:
+        try:
+            local, _, _ = parse_forward(text)
+        except SSHPykError as exc:
+            return str(exc)
+        if local in locals_seen:
+            return f"--forward {text!r}: local port {local} is forwarded twice"
+        locals_seen.add(local)
+    return None
 
 
 @dataclass
@@ -367,6 +429,28 @@ class KernelConfig:
         kernel="slurm_status_interval",
         request=True,
     )
+    forward: list[str] = field(
+        default_factory=list,
+        metadata=_meta(
+            help="Forward a port of the remote side to this machine for the kernel's life"
+            " (repeatable): PORT (the remote's localhost:PORT at http://127.0.0.1:PORT)"
+            " or LOCAL_PORT:REMOTE_HOST:REMOTE_PORT (e.g. a dashboard on another node).",
+            label="forward",
+            metavar="[LOCAL:HOST:]PORT",
+            clearable=True,
+            check=_check_forwards,
+            kernel="forward",
+        ),
+    )
+    auto_forward: bool = _option(
+        True,
+        help="Forward the TCP ports the kernel's processes listen on (TensorBoard, Dash,"
+        " Bokeh, Dask dashboards...) to the same port on this machine, automatically.",
+        label="auto forward",
+        omit_default=True,
+        kernel="auto_forward",
+        request=True,
+    )
     local_transport: str = _option(
         "ipc",
         help="How the local ends of the forwards listen: ipc (unix sockets in a private "
@@ -422,7 +506,7 @@ class KernelConfig:
         config = {}
         for f in config_fields(Store.PROVISIONER):
             value = getattr(self, f.name)
-            if value is None or value == {} or value == "":
+            if value is None or value == {} or value == "" or value == []:
                 continue
             if value == f.default and (
                 f.option.omit_default or (f.option.launcher not in (None, self.launcher))
@@ -465,7 +549,7 @@ class ConfigField:
     """One field of :class:`KernelConfig` with its type, default and :class:`Option`."""
 
     name: str
-    #: str, float, int, bool or dict
+    #: str, float, int, bool, dict or list (of str)
     type: type
     #: None is allowed (and means: not set)
     optional: bool
@@ -489,7 +573,9 @@ class ConfigField:
         return getattr(KernelConfig(), self.name)
 
     def copy(self, value: Any) -> Any:
-        return dict(value) if isinstance(value, dict) else value
+        if isinstance(value, dict):
+            return dict(value)
+        return list(value) if isinstance(value, list) else value
 
     def loaded(self, value: Any) -> Any:
         """``value`` as read from kernel.json (JSON has no float 60: it writes 60)."""
@@ -502,7 +588,7 @@ class ConfigField:
     def problem(self, value: Any) -> str | None:
         """What is wrong with ``value`` for this field, or None."""
         opt = self.option
-        if value is None or value == "" or value == {}:
+        if value is None or value == "" or value == {} or value == []:
             return f"{opt.label} is required ({self.flag})" if opt.required else None
         if opt.choices and value not in opt.choices:
             return f"{opt.label} must be one of {', '.join(opt.choices)}"

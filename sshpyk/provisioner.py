@@ -22,7 +22,7 @@ from typing import Any, cast
 
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
-from traitlets import Bool, Dict, Enum, Float, Integer, TraitType, Unicode
+from traitlets import Bool, Dict, Enum, Float, Integer, List, TraitType, Unicode
 
 from . import state
 from .config import ConfigField, KernelConfig, Store, config_fields
@@ -43,6 +43,8 @@ def _trait(f: ConfigField) -> TraitType[Any, Any]:
         return Enum(list(f.option.choices), default_value=default, config=True, help=f.help)
     if f.type is dict:
         return Dict(default, config=True, help=f.help)
+    if f.type is list:
+        return List(Unicode(), default, config=True, help=f.help)
     trait = {bool: Bool, float: Float, int: Integer, str: Unicode}[f.type]
     return trait(default, allow_none=f.optional, config=True, help=f.help)
 

@@ -30,6 +30,7 @@ CORE_MODULES = (
     "direct",
     "records",
     "spares",
+    "ports",
     "workers",
     "agent",
     "main",

@@ -47,6 +47,7 @@ _COMMON_STATE = frozenset(
         "ready",
         "exit_code",
         "persistent",
+        "ports",
     )
 )
 _EVENT_FIELDS = frozenset(("v", "event", "kid", "endpoints"))
@@ -92,6 +93,10 @@ class KernelProcess:
         #: reason, node, waited, time_left, node_pid)
         self.details: dict[str, Any] = {}
         self.listeners: list[EventListener] = []
+        #: the TCP ports the kernel's processes listen on (``ports`` events):
+        #: [{"port", "host"[, "path"]}]; ``on_ports`` is told of each change
+        self.web_ports: list[dict[str, Any]] = []
+        self.on_ports: Callable[[KernelProcess], None] | None = None
         self.argv: list[str] = []
         self.exit_code: int | None = None
         self.stderr_tail = ""
@@ -136,6 +141,8 @@ class KernelProcess:
             self.started.set()
         elif kind == Event.SLURM:
             self._on_launcher_event(event)
+        elif kind == Event.PORTS:
+            self._set_ports(event.get("ports"))
         elif kind == Event.READY:
             self.ready.set()
             self.reachable.set()
@@ -156,6 +163,14 @@ class KernelProcess:
             self.stderr_tail = stderr_tail
         for event in (self.exited, self.started, self.running, self.ready, self.reachable):
             event.set()  # wake every waiter; they look at exit_code/error
+
+    def _set_ports(self, ports: Any) -> None:
+        self.web_ports = [dict(p) for p in ports or [] if isinstance(p, dict)]
+        if self.on_ports is not None:
+            try:
+                self.on_ports(self)
+            except Exception:  # the forwards' failure must not break the event stream
+                log.exception("[%s] kernel %s: port forwarding failed", self.agent.alias, self.kid)
 
     def _on_launcher_event(self, event: dict[str, Any]) -> None:
         if "endpoints" in event:
@@ -194,6 +209,8 @@ class KernelProcess:
         elif state.get("ready"):
             self.ready.set()
             self.reachable.set()
+        if "ports" in state:
+            self._set_ports(state.get("ports"))
 
     def on_agent_lost(self, error: SSHPykError) -> None:
         if self.error is None and not self.ready.is_set():
@@ -224,6 +241,11 @@ class KernelProcess:
         await self.exited.wait()
         assert self.exit_code is not None
         return self.exit_code
+
+    def tell_forwards(self, forwards: list[dict[str, Any]]) -> None:
+        """Tell the agent where the web ports are forwarded (``sshpyk ps`` shows it)."""
+        if self.agent.connected.is_set() and self.exit_code is None:
+            self.agent.send({"op": Op.FORWARDED, "kid": self.kid, "forwards": forwards})
 
     def send_signal(self, signum: int) -> None:
         self.agent.send({"op": Op.SIGNAL, "kid": self.kid, "signum": int(signum)})

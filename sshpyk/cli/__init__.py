@@ -3,7 +3,7 @@ remote kernels.
 
 One module per command family, each command a plain Click command registered here:
 :mod:`.kernels` (add, edit, delete), :mod:`.listing` (list), :mod:`.check` (check),
-:mod:`.ps` (ps, kill), :mod:`.attach` (attach); :mod:`.common` holds what they share.
+:mod:`.ps` (ps, ports, kill), :mod:`.attach` (attach); :mod:`.common` holds what they share.
 The commands are thin: kernelspecs live in :mod:`sshpyk.kernelspec`, diagnostics,
 listing and remote kernels in :mod:`sshpyk.diagnostics`, ssh config questions in
 :mod:`sshpyk.ssh.hosts`.
@@ -24,7 +24,7 @@ from .check import check
 from .common import Context, SSHPykGroup, setup_logging
 from .kernels import add, delete, edit
 from .listing import list_kernels
-from .ps import kill, ps
+from .ps import kill, ports, ps
 
 __all__ = ["main"]
 
@@ -47,5 +47,5 @@ def main(ctx: click.Context, verbose: int) -> None:
     ctx.obj = Context(verbose)
 
 
-for _command in (list_kernels, add, edit, delete, check, ps, kill, attach):
+for _command in (list_kernels, add, edit, delete, check, ps, ports, kill, attach):
     main.add_command(_command)

@@ -44,6 +44,9 @@ def _config_option(f: ConfigField, edit: bool) -> Callable[[Callable[..., Any]],
     elif f.type is dict:
         kw["multiple"] = True
         kw["help"] += " Adds to or overrides what is stored." if edit else ""
+    elif f.type is list:
+        kw["multiple"] = True
+        kw["help"] += " Replaces what is stored; an empty value clears it." if edit else ""
     else:
         if opt.choices:
             kw["type"] = click.Choice(opt.choices)
@@ -105,6 +108,23 @@ def _parse_env(values: tuple[str, ...]) -> dict[str, str]:
     return env
 
 
+def _given(f: ConfigField, value: Any) -> Any:
+    """An ``add`` option's value as the config field takes it."""
+    if f.type is dict:
+        return _parse_env(value)
+    if f.type is list:
+        return [v for v in value if v]
+    return value
+
+
+def _edited(f: ConfigField, value: Any) -> Any:
+    """An ``edit`` option's value as a change (None: not given); a list option given
+    only empty values clears the list."""
+    if f.type is list:
+        return [v for v in value if v] if value else None
+    return value
+
+
 async def _inspect(spec: SSHKernelSpec) -> dict[str, Any]:
     """The remote python's facts and kernelspec, and the launcher's check of the host
     (SLURM: `srun --test-only` accepting the job options), or an SSHPykError."""
@@ -134,7 +154,7 @@ def add(**opts: Any) -> None:
     kernel.json into your Jupyter data dir.
     """
     given: dict[str, Any] = {
-        f.name: _parse_env(opts[f.name]) if f.type is dict else opts[f.name]
+        f.name: _given(f, opts[f.name])
         for f in config_fields()
         if opts[f.name] not in (None, ()) and not (f.option.from_remote and opts[f.name] == "")
     }
@@ -163,7 +183,7 @@ def edit(kernel: str, **opts: Any) -> None:
     """
     old = find_kernel(kernel).spec
     # every KernelConfig field has its option; the remote env is merged, not replaced
-    changes = {f.name: opts[f.name] for f in config_fields() if f.type is not dict}
+    changes = {f.name: _edited(f, opts[f.name]) for f in config_fields() if f.type is not dict}
     spec = edited_spec(
         old,
         changes,

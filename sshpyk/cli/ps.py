@@ -8,6 +8,7 @@ import click
 
 from ..diagnostics.inventory import (
     HostKernels,
+    forwarded,
     kill_failed,
     kill_kernels,
     kill_orphans,
@@ -25,7 +26,7 @@ from .common import (
     timeout_option,
 )
 
-__all__ = ["kill", "ps"]
+__all__ = ["kill", "ports", "ps"]
 
 
 @click.command(short_help="List the kernels sshpyk started on hosts.")
@@ -46,8 +47,9 @@ def ps(
     """List the kernels sshpyk started on hosts (default: every host of an SSH kernel).
 
     LOCAL OWNER is "alive" while the local process that started the kernel is still
-    heard from, "gone" for orphans (see `sshpyk kill --orphans`). Kernels started with
-    --launcher slurm add JOB ID, NODE and JOB STATE (from squeue; PID is srun's).
+    heard from, "gone" for orphans (see `sshpyk kill --orphans`). PORTS: the web ports
+    forwarded to this machine, remote -> local (see `sshpyk ports`). Kernels started
+    with --launcher slurm add JOB ID, NODE and JOB STATE (from squeue; PID is srun's).
     """
     hosts = run(
         ps_hosts(
@@ -65,6 +67,51 @@ def ps(
         for host in hosts:
             if not host.error and not host.kernels:
                 click.echo(f"No sshpyk kernels on {host.alias}.")
+    fail_hosts(hosts)
+
+
+@click.command(short_help="List the web ports of remote kernels forwarded here.")
+@click.argument("which", metavar="[ALIAS|KERNEL_ID]", required=False)
+@host_options
+@click.option("--json", "as_json", is_flag=True, help="As JSON.")
+@timeout_option("Seconds each host has to answer (a silent host is then reported as an error).")
+def ports(
+    which: str | None,
+    ssh_config: str | None,
+    remote_python: str | None,
+    run_root: str | None,
+    as_json: bool,
+    timeout: float,
+) -> None:
+    """List the web ports of remote kernels (TensorBoard, Dash, Dask dashboards...)
+    forwarded to this machine, with the local URL to open.
+
+    WHICH is a host alias (its kernels), or a kernel id or unique prefix (searched on
+    every host of an SSH kernel); default: every kernel of every such host. A port
+    whose LOCAL URL is "-" was found on the remote but no local process forwards it
+    (its owner is gone, or --no-auto-forward).
+    """
+    known = {t.alias for t in targets((), ssh_config, remote_python, run_root)} if which else set()
+    aliases = (which,) if which and which in known else ()
+    hosts = run(ps_hosts(targets(aliases, ssh_config, remote_python, run_root), timeout=timeout))
+    wanted = which if which and not aliases else None
+    rows = []
+    for host in hosts:
+        for k in host.kernels:
+            if wanted and not str(k.get("kernel_id")).startswith(wanted):
+                continue
+            for f in forwarded(k):
+                rows.append({"host": host.alias, "kernel_id": k.get("kernel_id"), **f})
+    if as_json:
+        click.echo(json.dumps({"ports": rows}, indent=2))
+    elif rows:
+        table = [["HOST", "KERNEL ID", "REMOTE", "LOCAL URL", "HOW"]]
+        for r in rows:
+            how = "auto" if r.get("auto") else "--forward"
+            table.append([r["host"], str(r["kernel_id"]), r["remote"], r.get("url") or "-", how])
+        print_table(table)
+    else:
+        click.echo("No forwarded ports" + (f" for {which}." if which else "."))
     fail_hosts(hosts)
 
 

@@ -307,12 +307,55 @@ def age(epoch: float | None, now: float | None = None) -> str:
     return f"{int(seconds)}s ago"
 
 
+def forwarded(kernel: dict[str, Any]) -> list[dict[str, Any]]:
+    """A kernel record's web forwards, as its local side reported them (``forwards``:
+    remote, local, url, auto), plus the ports the agent found that no local side
+    forwards (``local`` None)."""
+    rows = [dict(f) for f in kernel.get("forwards") or [] if isinstance(f, dict)]
+    told = {f.get("remote_port") for f in rows if f.get("auto")}
+    for port in kernel.get("ports") or []:
+        if isinstance(port, dict) and port.get("port") not in told:
+            host = str(port.get("host") or "127.0.0.1")
+            host = f"[{host}]" if ":" in host else host
+            rows.append(
+                {
+                    "remote": f"{host}:{port.get('port')}",
+                    "remote_port": port.get("port"),
+                    "local": None,
+                    "url": None,
+                    "auto": True,
+                }
+            )
+    return rows
+
+
+def ports_cell(kernel: dict[str, Any]) -> str:
+    """``6006->6006, 8787->8790`` (remote port -> local port; ``->?`` not forwarded)."""
+    cells = []
+    for f in forwarded(kernel):
+        remote = f.get("remote_port") if f.get("auto") else f.get("remote")
+        cells.append(f"{remote}->{f['local'] if f.get('local') else '?'}")
+    return ", ".join(cells) or "-"
+
+
 def ps_table(hosts: Iterable[HostKernels]) -> list[list[str]]:
     """Rows (header first) for the kernels of ``hosts``; each launcher among them with
     columns of its own adds them (``Launcher.ps_columns``; SLURM: JOB ID, NODE, JOB
     STATE with the reason while pending), "-" for the other launchers' kernels."""
     hosts = list(hosts)
-    rows = [["HOST", "KERNEL ID", "NAME", "PID", "STARTED", "LAST CONTACT", "LOCAL OWNER", "STATE"]]
+    rows = [
+        [
+            "HOST",
+            "KERNEL ID",
+            "NAME",
+            "PID",
+            "STARTED",
+            "LAST CONTACT",
+            "LOCAL OWNER",
+            "STATE",
+            "PORTS",
+        ]
+    ]
     present = _launchers(k.get("launcher") for h in hosts for k in h.kernels)
     shown = [
         launcher for launcher in LAUNCHERS.values() if launcher.ps_columns and launcher in present
@@ -336,6 +379,7 @@ def ps_table(hosts: Iterable[HostKernels]) -> list[list[str]]:
                     age(k.get("last_contact"), now),
                     owner,
                     "running" if k.get("alive") else "dead",
+                    ports_cell(k),
                 ]
             )
             for launcher in shown:

@@ -25,6 +25,7 @@ from ..errors import KernelStartTimeoutError, RemoteError, SSHPykError
 from ..tasks import wait_event
 from .forwards import CHANNELS, ForwardSet
 from .launcher import Launcher, launcher_for
+from .webports import WebForwards
 
 if TYPE_CHECKING:
     from jupyter_client.asynchronous import AsyncKernelClient
@@ -64,6 +65,9 @@ class KernelOptions:
     slurm_queue_timeout: float = _D.slurm_queue_timeout
     slurm_walltime_warning: float = _D.slurm_walltime_warning
     slurm_status_interval: float = _D.slurm_status_interval
+    #: explicit forwards, as given ("6006", "8080:db.internal:5432"; see webports.py)
+    forward: list[str] = field(default_factory=list)
+    auto_forward: bool = _D.auto_forward
     local_transport: str = _D.local_transport
 
     @classmethod
@@ -125,13 +129,24 @@ class RemoteKernel:
             outage_buffer=options.outage_buffer,
         )
         self.process: KernelProcess | None = None
+        #: the kernel's web apps and --forward ports (webports.py)
+        self.web = WebForwards(session, self.kernel_id, options.forward)
         #: where SLURM queue and walltime events are logged (the provisioner's self.log)
-        self.logger: Any = log
+        self.logger = log
         self.key = ""
         self.signature_scheme = "hmac-sha256"
         #: durations of the last launch's stages, for logs and benchmarks
         self.timings: dict[str, float] = {}
         self.launches = 0
+
+    @property
+    def logger(self) -> Any:
+        """Where launcher events and web forwards are logged (the provisioner's log)."""
+        return self._logger
+
+    @logger.setter
+    def logger(self, logger: Any) -> None:
+        self._logger = self.web.logger = logger
 
     # -- ports and connection info --------------------------------------------------
     @property
@@ -159,6 +174,7 @@ class RemoteKernel:
     async def start(self, key: str | None = None, signature_scheme: str = "hmac-sha256") -> None:
         """Bind the forwards (once) and launch the kernel, bounded by start_timeout."""
         await self.open_forwards()
+        await self.web.open_explicit()
         await self.launch(key or str(uuid.uuid4()), signature_scheme, spare_ok=key is None)
 
     async def launch(
@@ -230,6 +246,7 @@ class RemoteKernel:
             self.process.run_dir,
         )
         self.forwards.set_target(self.process)
+        self.web.follow(self.process)
         await launcher.wait_ready(self, self.process)
         timings["total"] = time.monotonic() - t0
         log.debug(
@@ -284,6 +301,8 @@ class RemoteKernel:
         except SSHPykError:
             await kernel.forwards.open()  # the old ports are taken: new ones
         kernel.forwards.set_target(process)
+        await kernel.web.open_explicit()
+        kernel.web.follow(process)
         return kernel
 
     def ready_line(self) -> tuple[str, tuple[Any, ...]]:
@@ -350,6 +369,7 @@ class RemoteKernel:
     async def _discard_process(self, restart: bool = False) -> None:
         process, self.process = self.process, None
         self.forwards.clear_target()
+        self.web.follow(None)
         if process is None:
             return
         timeout = launcher_for(process.launcher).stop_timeout
@@ -377,6 +397,7 @@ class RemoteKernel:
         """Release the local ports and leave the kernel running on the host."""
         self.process = None
         self.forwards.clear_target()
+        await self.web.aclose()
         await self.forwards.aclose()
 
     async def close(self) -> None:
@@ -384,6 +405,7 @@ class RemoteKernel:
         try:
             await self.shutdown()
         finally:
+            await self.web.aclose()
             await self.forwards.aclose()
 
     async def __aenter__(self) -> RemoteKernel:

@@ -44,6 +44,7 @@ from .paths import (
     remove_tree,
     write_json_atomic,
 )
+from .ports import PortScanner
 from .procgroup import CLEANING, KILL_WAIT, TERM_WAIT, pid_alive
 from .protocol import AgentError, Event, Kind, Op
 from .records import annotate, kill_run_dir, request_owner, scan, sweep
@@ -52,6 +53,8 @@ from .workers import Workers, cleanup_all
 
 #: seconds after a launch before its spares are topped up (see spares.py)
 SPARE_REFILL_DELAY = 2.0
+#: seconds between scans for the kernels' web ports (ports.py), all kernels at once
+PORT_SCAN_INTERVAL = 1.0
 #: seconds the agent's exit waits for its remaining workers, all together
 WORKERS_JOIN = TERM_WAIT + KILL_WAIT + 20.0
 
@@ -117,6 +120,8 @@ class Agent:
         self.pool = Workers()
         #: (due, kind, value): events the loop posts to itself later
         self.timers = []
+        self.port_scanner = PortScanner()
+        self.ports_scanned = 0.0
         #: controllers at EOF while workers ran: detached once no worker is left (the
         #: answers of their last requests still go out: the channel's stdout may be open)
         self.closing = []
@@ -218,6 +223,17 @@ class Agent:
                 if code is not None:
                     kernel.on_exit(code)
 
+    def scan_ports(self):
+        """One scan for the web ports of every watched kernel (ports.py); each
+        kernel's launcher tells the local side when its list changed."""
+        kernels = dict((k.kid, (k, k.watched_ports())) for k in list(self.kernels.values()))
+        watched = dict((kid, w) for kid, (_, w) in kernels.items() if w is not None)
+        if not watched:
+            return
+        found = self.port_scanner.scan(watched)
+        for kid, ports in found.items():
+            kernels[kid][0].set_ports(ports)
+
     def _done(self, token, msg, then, box):
         self.workers.discard(token)
         try:
@@ -297,6 +313,9 @@ class Agent:
             for kernel in starting:
                 kernel.check_ready()
             now = time.monotonic()
+            if now - self.ports_scanned >= PORT_SCAN_INTERVAL:
+                self.ports_scanned = now
+                self.scan_ports()
             limit = self.grace if self.known_gone else self.link_grace
             if not self.detached and self.grace and now - self.last_contact > limit:
                 # the local side is gone: stop what it does not want kept
@@ -390,6 +409,10 @@ class Agent:
                     msg,
                     lambda _: emit(Event.STOPPED, kid=kid),
                 )
+            elif op == Op.FORWARDED:
+                kernel = self.kernels.get(kid)
+                if kernel is not None:
+                    kernel.set_forwards(list(msg.get("forwards") or []))
             elif op == Op.STATE:
                 states = [k.state() for k in list(self.kernels.values())]
                 emit(Event.STATE, rid=rid, kernels=states)

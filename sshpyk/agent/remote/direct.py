@@ -148,6 +148,7 @@ class DirectKernel(Launcher):
 
     name = "direct"
     holds_spares = True
+    scans_ports = True
 
     def __init__(self, agent, request):
         Launcher.__init__(self, agent, request)

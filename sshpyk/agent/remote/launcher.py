@@ -68,6 +68,10 @@ class Launcher(abc.ABC):
     #: spare must cost nothing beyond its process (a scheduler's would hold an
     #: allocation nobody asked for)
     holds_spares = False
+    #: True: the kernel's processes run next to the agent, which finds their TCP
+    #: listeners (ports.py) when the request asks (``auto_forward``); a launcher
+    #: whose kernels run elsewhere reports them itself (``ports`` events)
+    scans_ports = False
 
     def __init__(self, agent, request):
         self.agent = agent
@@ -88,6 +92,10 @@ class Launcher(abc.ABC):
         #: reuses: a SLURM allocation), False to release all; None: no stop request
         self.keep_allocation = None
         self.exit_code = None
+        #: the web ports found (ports.py): [{"port", "host"[, "path"]}], as last told
+        self.web_ports = []
+        #: where the local side forwards them (``forwarded``: for ``ps``)
+        self.forwards = []
         self.info = {}
         self._cleanup_lock = threading.Lock()
         self._cleaned = False
@@ -160,6 +168,7 @@ class Launcher(abc.ABC):
             "exit_code": self.exit_code,
             "persistent": self.persistent,
             "launcher": self.name,
+            "ports": self.web_ports,
         }
 
     @abc.abstractmethod
@@ -188,6 +197,30 @@ class Launcher(abc.ABC):
         besides a pid, e.g. a job, may be acted on). Returns a list of one-line errors."""
         error = stop_group(verified_pid) if verified_pid > 1 else None
         return [error] if error else []
+
+    # -- web ports -----------------------------------------------------------------------
+    def watched_ports(self):
+        """(pid, run_dir, own ports) for the port scan, or None if not watched."""
+        if not (self.scans_ports and self.request.get("auto_forward", True)):
+            return None
+        if self.proc is None or self.exit_code is not None or not self.ready:
+            return None
+        own = set(p for p in self.endpoints.values() if isinstance(p, int))
+        return (self.proc.pid, self.run_dir, own)
+
+    def set_ports(self, ports):
+        """The web ports found now (a list of dicts): told and recorded if changed."""
+        if ports != self.web_ports:
+            self.web_ports = ports
+            self.info["ports"] = ports
+            self.write_info()
+            self.emit(Event.PORTS, ports=ports)
+
+    def set_forwards(self, forwards):
+        """Where the local side forwards the web ports: in the record (``ps``)."""
+        self.forwards = forwards
+        self.info["forwards"] = forwards
+        self.write_info()
 
     # -- helpers for launchers -----------------------------------------------------------
     def emit(self, event, **fields):

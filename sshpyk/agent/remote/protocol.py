@@ -87,6 +87,8 @@ class Op:
     SHUTDOWN = "shutdown"
     LOAD = "load"
     SLURM_INFO = "slurm_info"
+    #: the local side says where it forwards a kernel's web ports (``ps`` shows it)
+    FORWARDED = "forwarded"
 
 
 #: the ops a conversation may start with
@@ -112,6 +114,8 @@ class Event:
     SLURM_INFO = "slurm_info"
     ERROR = "error"
     NODE = "node"  # the node side: the kernel runs, its relay listens
+    #: the TCP listeners of a kernel's processes changed (ports.py): the whole list
+    PORTS = "ports"
 
 
 class Kind:
