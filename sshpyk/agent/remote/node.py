@@ -22,6 +22,7 @@ import threading
 from .direct import endpoints_bound, pick_transport, spawn_kernel, tail, write_connection_file
 from .jsonlines import read_messages
 from .paths import private_run_dir, remove_tree
+from .ports import PortScanner
 from .procgroup import CLEANING, stop_group
 from .protocol import AgentError, Event, Kind, Op
 from .relay import RELAY_CONNECT_TIMEOUT, serve_node
@@ -49,6 +50,12 @@ def node_address():
         return socket.gethostbyname(socket.gethostname())
     except OSError:
         return "127.0.0.1"
+
+
+def _set_web(web, ports):
+    """On the event loop (where the relay reads it): the kernel's web ports now."""
+    web.clear()
+    web.update(ports)
 
 
 def run_node(request, output):
@@ -108,11 +115,21 @@ def run_node(request, output):
             step_id=os.environ.get("SLURM_STEP_ID"),
         )
 
+        # the kernel's web ports (ports.py), reachable through the node connection as
+        # streams "tcp:<port>" (never on the cluster network); port -> host
+        web = {}
+
+        def target(channel):
+            if channel.startswith("tcp:"):
+                port = int(channel[4:])
+                return (web[port], port)  # KeyError: not a port of the kernel's
+            return endpoints[channel]
+
         serving = asyncio.run_coroutine_threadsafe(
             serve_node(
                 listener,
                 secret,
-                endpoints.__getitem__,
+                target,
                 lambda relay: events.put(("relay", relay)),
                 lambda: events.put(("eof", None)),  # the login side is gone (or stops us)
             ),
@@ -130,6 +147,9 @@ def run_node(request, output):
             threading.Thread(target=target, daemon=True).start()
         ready = False
         bound = set()  # sockets seen accepting, see endpoints_bound
+        scanner = PortScanner() if request.get("auto_forward", True) else None
+        own = set(p for p in endpoints.values() if isinstance(p, int))
+        reported = []
         while True:  # ends with the kernel, a stop request, or srun's stdin
             try:
                 kind, value = events.get(timeout=1.0 if ready else 0.01)
@@ -156,6 +176,12 @@ def run_node(request, output):
                     os.killpg(proc.pid, int(value["signum"]))
                 except (ProcessLookupError, PermissionError, KeyError, ValueError):
                     pass
+            if ready and scanner is not None:
+                ports = scanner.scan({"k": (proc.pid, run_dir, own)}).get("k", [])
+                if ports != reported:
+                    reported = ports
+                    io.call(_set_web, web, dict((p["port"], p["host"]) for p in ports))
+                    output.emit(Event.PORTS, ports=ports)
             if (
                 not ready
                 and mux is not None

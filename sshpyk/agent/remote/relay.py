@@ -238,6 +238,8 @@ class RelaySockets:
 
     def _close_servers(self):
         servers, self.listeners = self.listeners, []
+        servers += list(self.port_servers.values())
+        self.port_servers.clear()
         for server in servers:
             server.close()
 
@@ -271,6 +273,48 @@ class RelaySockets:
             return False
         self.listeners = servers
         return not relay.closed
+
+    def serve_ports(self, ports):
+        """The kernel's web ports on the node (``ports`` events of ports.py): a relay
+        socket ``p-<port>`` here for each, a stream ``tcp:<port>`` of the node
+        connection; those of ports gone are closed. Returns the entries with the
+        ``path`` the local side connects to. From the agent's loop."""
+        relay = self.mux
+        if relay is None or relay.closed:
+            return []
+        try:
+            return self.io.run(self._serve_ports(relay, ports), RELAY_AUTH_TIMEOUT)
+        except Exception:
+            return []
+
+    async def _serve_ports(self, relay, ports):
+        loop = asyncio.get_event_loop()
+        servers = self.port_servers
+        wanted = {}
+        for entry in ports or []:
+            try:
+                wanted[int(entry["port"])] = str(entry.get("host") or "127.0.0.1")
+            except (KeyError, TypeError, ValueError):
+                continue
+        for port in [p for p in servers if p not in wanted]:
+            servers.pop(port).close()
+            try:
+                os.unlink(os.path.join(self.socket_dir, "p-%d" % port))
+            except OSError:
+                pass
+        served = []
+        for port, host in sorted(wanted.items()):
+            path = os.path.join(self.socket_dir, "p-%d" % port)
+            if port not in servers:
+                channel = "tcp:%d" % port
+                try:
+                    servers[port] = await loop.create_unix_server(
+                        lambda channel=channel: relay.add_socket(channel), path
+                    )
+                except OSError:
+                    continue
+            served.append({"port": port, "host": host, "path": path})
+        return served
 
     def close_relay(self):
         """Close the node connection, every relayed connection and the relay sockets

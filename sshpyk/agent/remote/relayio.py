@@ -287,7 +287,8 @@ class StreamSocket(asyncio.Protocol):
 class Relay:
     """One protocol core (resume.Endpoint) over its current link, with its streams'
     sockets. ``target(channel)``: for the serving role, where the kernel's ``channel``
-    listens (a unix socket path, or a port on 127.0.0.1); None for the opening role."""
+    listens (a unix socket path, a port on 127.0.0.1, or a (host, port)); None for the
+    opening role."""
 
     def __init__(self, core, target=None, on_dropped=None):
         self.core = core
@@ -379,6 +380,8 @@ class Relay:
             target = self.target(channel)
             if isinstance(target, str):
                 connecting = loop.create_unix_connection(lambda: sock, target)
+            elif isinstance(target, tuple):  # (host, port): a web port (ports.py)
+                connecting = loop.create_connection(lambda: sock, target[0], int(target[1]))
             else:
                 connecting = loop.create_connection(lambda: sock, "127.0.0.1", int(target))
             await asyncio.wait_for(connecting, CONNECT_TIMEOUT)

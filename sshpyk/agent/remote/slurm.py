@@ -110,6 +110,7 @@ class SlurmKernel(RelaySockets, Launcher):
         #: where the five relay sockets are (the run dir, or a shorter one if it is long)
         self.socket_dir = None
         self.listeners = []  # the relay sockets' servers, on the event loop
+        self.port_servers = {}  # web port -> its relay socket's server (serve_ports)
 
     def state(self):
         state = Launcher.state(self)
@@ -185,6 +186,7 @@ class SlurmKernel(RelaySockets, Launcher):
             "run_root": self.agent.run_root,
             "transport": request.get("transport") or "auto",
             "relay_secret": self.relay_secret.hex(),
+            "auto_forward": bool(request.get("auto_forward", True)),
         }
         self.srun, self.cwd = srun, cwd
         self.submitted = time.monotonic()
@@ -448,6 +450,9 @@ class SlurmKernel(RelaySockets, Launcher):
                     self.emit(Event.READY)
                 else:
                     self.agent.spawn(self.cleanup)
+        elif kind == "ports":
+            if not self.cleaned and self.exit_code is None:
+                self.set_ports(self.serve_ports(event.get("ports")))
         elif kind == "relay_failed":
             self.agent.spawn(self.cleanup)
         elif kind == "exited":
