@@ -174,7 +174,6 @@ class RemoteKernel:
     async def start(self, key: str | None = None, signature_scheme: str = "hmac-sha256") -> None:
         """Bind the forwards (once) and launch the kernel, bounded by start_timeout."""
         await self.open_forwards()
-        await self.web.open_explicit()
         await self.launch(key or str(uuid.uuid4()), signature_scheme, spare_ok=key is None)
 
     async def launch(
@@ -193,6 +192,7 @@ class RemoteKernel:
             raise SSHPykError(f"kernel {self.kernel_id} is already running")
         await self._discard_process()
         await self.forwards.rebind()  # jupyter_client removed the ipc files on restart
+        await self.web.open_explicit()  # once: --forward ports stay across restarts
         spare_ok = spare_ok and not self.launches
         self.launches += 1
         self.key, self.signature_scheme = key, signature_scheme
