@@ -1,25 +1,25 @@
-"""Fixtures: a real OpenSSH sshd on loopback, isolated Jupyter dirs, SSH kernelspecs."""
+"""Fixtures: a real OpenSSH sshd on loopback, isolated Jupyter dirs, SSH kernelspecs, the
+fault proxy. Helpers the tests import live in tests/support/."""
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
+from sshpyk.kernelspec import SSHKernelSpec, write_spec
 
-from faultproxy import FaultProxy, proxied_ssh_config
-from sshd import ThrowawaySSHD, find_sshd
+from support.faultproxy import FaultProxy, proxied_ssh_config
+from support.sshd import ThrowawaySSHD, find_sshd
+from support.waiting import leftovers, wait_until
 
-import sshpyk
-from sshpyk import SSHSession
-from sshpyk.kernelspec import SSHKernelSpec, kernels_dir, write_spec
+# Fixtures that live beside their helpers in tests/support/ (pytest reads pytest_plugins
+# only in this, the top conftest). pytest put tests/ on sys.path to import this file,
+# which is what makes ``support`` importable here and in every test module.
+pytest_plugins = ["support.second_user"]
 
 
 def _need_sshd() -> None:
@@ -88,63 +88,6 @@ def make_kernelspec(sshd: ThrowawaySSHD, run_root: Path) -> Callable[..., SSHKer
     return make
 
 
-def remote_processes(pattern: str) -> list[str]:
-    """Command lines of live processes containing ``pattern`` (the remote is this host)."""
-    out = subprocess.run(["ps", "-eo", "pid,stat,args"], capture_output=True, text=True).stdout
-    lines = []
-    for line in out.splitlines()[1:]:
-        fields = line.split(None, 2)
-        if len(fields) == 3 and pattern in fields[2] and not fields[1].startswith("Z"):
-            if "ps -eo" not in fields[2]:
-                lines.append(line)
-    return lines
-
-
-def pid_alive(pid: int) -> bool:
-    """The process exists and is not a zombie (the remote is this host: read /proc)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][0] != "Z"
-    except (FileNotFoundError, IndexError):
-        return False
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, step: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step)
-    return predicate()
-
-
-def leftovers(run_root: Path) -> tuple[list[str], list[str]]:
-    """(processes mentioning run_root, files under run_root) — both should be empty."""
-    files = [str(p) for p in run_root.rglob("*")]
-    return remote_processes(str(run_root)), files
-
-
-def one_line(exc: BaseException) -> str:
-    """The error's message, which must be one line and not empty."""
-    text = str(exc)
-    assert text and "\n" not in text, repr(text)
-    return text
-
-
-async def connect_error(
-    alias: str, config: Path, *, connect_timeout: float = 10.0, within: float = 5.0
-) -> BaseException:
-    """The one-line SSHPykError that connecting to ``alias`` raises within ``within`` s."""
-    started = time.monotonic()
-    with pytest.raises(sshpyk.SSHPykError) as info:
-        async with await SSHSession.connect(
-            alias, ssh_config=config, connect_timeout=connect_timeout
-        ):
-            pass
-    assert time.monotonic() - started < within
-    one_line(info.value)
-    return info.value
-
-
 @pytest.fixture
 def no_leftovers(run_root: Path) -> Iterator[Callable[[], None]]:
     def check() -> None:
@@ -156,7 +99,7 @@ def no_leftovers(run_root: Path) -> Iterator[Callable[[], None]]:
 os.environ.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")
 
 
-# -- the userspace fault proxy in front of the sshd (tests/faultproxy.py) ----------------
+# -- the userspace fault proxy in front of the sshd (support/faultproxy.py) -------------
 @pytest.fixture
 def proxy(sshd: ThrowawaySSHD) -> Iterator[FaultProxy]:
     with FaultProxy(sshd.port) as p:
@@ -174,16 +117,3 @@ def proxied_config(sshd: ThrowawaySSHD, proxy: FaultProxy, tmp_path: Path) -> Pa
         "sshpyk-proxied",
         "  ServerAliveInterval 15\n  ServerAliveCountMax 3\n",
     )
-
-
-def proxied_kernelspec(
-    make_kernelspec: Callable[..., SSHKernelSpec], config: Path, name: str, **provisioner: object
-) -> None:
-    """A kernelspec through the proxy; ``provisioner`` keys (link_grace, outage_buffer,
-    grace_period) go straight into kernel.json's metadata.kernel_provisioner.config."""
-    make_kernelspec(name, ssh_host_alias="sshpyk-proxied", ssh_config=str(config))
-    if provisioner:
-        path = Path(kernels_dir()) / name / "kernel.json"
-        data = json.loads(path.read_text())
-        data["metadata"]["kernel_provisioner"]["config"].update(provisioner)
-        path.write_text(json.dumps(data))

@@ -1,0 +1,1 @@
+"""The `sshpyk` command line against a real sshd."""

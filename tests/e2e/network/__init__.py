@@ -1,0 +1,1 @@
+"""The network between client and host: bastions (ProxyJump), link outages, faults."""

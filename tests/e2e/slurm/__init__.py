@@ -1,0 +1,1 @@
+"""The SLURM launcher against a throwaway single-node SLURM."""

@@ -1,0 +1,1 @@
+"""The unit tier: no sshd, laid out like the sshpyk package (``scripts/test tests/unit``)."""
