@@ -3,7 +3,7 @@
     python benchmarks/agent_scale.py            # 8, 32, 64 kernels; 60 s idle; 5 runs
     python benchmarks/agent_scale.py --quick    # 8 kernels, 20 s idle, 2 runs
 
-One throwaway loopback sshd (tests/sshd.py); per candidate a worker process (this script,
+One throwaway loopback sshd (tests/support/sshd.py); per candidate a worker process (this script,
 ``--worker``) whose ``PYTHONPATH`` starts with the candidate's tree, so ``import sshpyk``
 is that tree's package, and so is the agent code it sends to the remote. The baseline is
 ``git archive <--baseline>`` of ``sshpyk/`` in the temp dir (nothing in .git changes);
@@ -390,7 +390,7 @@ def this_revision() -> str:
 
 class Bench:
     def __init__(self, root: Path, args: argparse.Namespace) -> None:
-        from sshd import ThrowawaySSHD
+        from support.sshd import ThrowawaySSHD
 
         self.root = root
         self.args = args
@@ -687,7 +687,7 @@ def main() -> int:
     if len(sys.argv) == 4 and sys.argv[1] == "--worker":
         return worker(sys.argv[2], Path(sys.argv[3]))
     args = parse_args()
-    from sshd import find_sshd
+    from support.sshd import find_sshd
 
     if find_sshd() is None:
         print("error: OpenSSH sshd not found (apt-get install openssh-server)", file=sys.stderr)

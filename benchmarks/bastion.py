@@ -1,6 +1,6 @@
 """Kernel round trips through a bastion against a direct connection, with and without the fix.
 
-Builds the namespace topology of ``tests/netns.py`` (root only: real OpenSSH sshds
+Builds the namespace topology of ``tests/support/netns.py`` (root only: real OpenSSH sshds
 on veths, the internal hosts reachable only through the bastion), starts one kernel
 per path with ``AsyncKernelManager`` on SSH kernelspecs (the same code path as
 JupyterLab), and measures, interleaved so that machine load hits every path alike:
@@ -42,7 +42,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from netns import Topology, unavailable_reason
+from support.netns import Topology, unavailable_reason
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """What a cell's output loses when the SSH link drops mid-cell (issue 4, item 5).
 
 A cell prints one numbered line every 50 ms for 8 s. After 2 s the link fails, in
-one of two ways, through a userspace fault proxy (tests/faultproxy.py):
+one of two ways, through a userspace fault proxy (tests/support/faultproxy.py):
 
 * blackhole: bytes stop moving for 3 s, TCP connections stay up (a Wi-Fi stall);
 * reset: every TCP connection is reset and the link is down for 3 s (a new network,
@@ -25,8 +25,8 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
-from faultproxy import FaultProxy  # noqa: E402
-from sshd import ThrowawaySSHD  # noqa: E402
+from support.faultproxy import FaultProxy  # noqa: E402
+from support.sshd import ThrowawaySSHD  # noqa: E402
 
 LINES = 160
 CELL = f"import time\nfor i in range({LINES}):\n    print(i, flush=True)\n    time.sleep(0.05)"

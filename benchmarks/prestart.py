@@ -32,9 +32,10 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 
 sys.path.insert(0, str(HERE))
 
-from faultproxy import proxied_ssh_config  # noqa: E402
 from lib.proxy import DelayProxy  # noqa: E402
-from sshd import ThrowawaySSHD  # noqa: E402
+
+from support.faultproxy import proxied_ssh_config  # noqa: E402
+from support.sshd import ThrowawaySSHD  # noqa: E402
 
 
 async def spare_ready(run_root: Path, timeout: float = 60.0) -> None:

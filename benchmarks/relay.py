@@ -1,7 +1,7 @@
 """The resumable relay against the direct channels (issue 13).
 
 Two kernels of this Python run side by side through one SSHSession to a throwaway
-loopback sshd (tests/sshd.py): one with the default resumable relay (the remote agent
+loopback sshd (tests/support/sshd.py): one with the default resumable relay (the remote agent
 in the data path of the 5 channels, ``outage_buffer=64``), one with
 ``outage_buffer=0`` (the channels forwarded directly, as before the relay). The two are
 measured in alternation, so that drift on the machine hits both alike:
@@ -31,7 +31,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 from slurm_relay import LINES, WIDTH, printed, round_trips  # noqa: E402
-from sshd import ThrowawaySSHD  # noqa: E402
+
+from support.sshd import ThrowawaySSHD  # noqa: E402
 
 MODES = {"direct": 0.0, "relay": 64.0}
 BLOCK = 25

@@ -4,7 +4,7 @@
     python benchmarks/run.py --quick    # a smaller run for development (about 4 minutes)
     python benchmarks/run.py --rtts 0 --sections all   # loopback, every section
 
-One throwaway OpenSSH sshd on 127.0.0.1 (tests/sshd.py) serves both SSH candidates;
+One throwaway OpenSSH sshd on 127.0.0.1 (tests/support/sshd.py) serves both SSH candidates;
 the "remote" Python is this machine's, so all three run the same ipykernel. Each
 candidate is driven by ``driver.py`` in its own interpreter: this Python for the local
 kernel and for sshpyk (the working tree), ``benchmarks/.venv-sshpyk125`` (made here on

@@ -1,7 +1,7 @@
 """The cost of relaying a SLURM kernel over srun's stdio (benchmarks/README.md).
 
-Against a throwaway sshd (tests/sshd.py) and a throwaway single-node SLURM cluster
-(tests/slurm.py, needs root and slurm-wlm + munge), three ways of reaching the same
+Against a throwaway sshd (tests/support/sshd.py) and a throwaway single-node SLURM cluster
+(tests/support/slurm.py, needs root and slurm-wlm + munge), three ways of reaching the same
 ipykernel from this Python, each through sshpyk's SSHSession API:
 
 * direct ipc: a direct (non-SLURM) kernel next to the agent, ipc transport: the
@@ -41,8 +41,8 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
-from slurm import ThrowawaySlurm, slurm_missing  # noqa: E402
-from sshd import ThrowawaySSHD  # noqa: E402
+from support.slurm import ThrowawaySlurm, slurm_missing  # noqa: E402
+from support.sshd import ThrowawaySSHD  # noqa: E402
 
 LINES, WIDTH = 200, 100_000
 CELL = f"for _ in range({LINES}):\n    print('x' * {WIDTH - 1})"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from sshd import ThrowawaySSHD
+from support.sshd import ThrowawaySSHD
 
 
 def step(label: str, seconds: float) -> None:

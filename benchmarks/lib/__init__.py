@@ -3,7 +3,7 @@
 =============  =======================================================================
 common         paths, the candidates' names and titles, ``log``, ``BenchError``
 stats          ``Stat`` (median, min-max), a table cell, ratios, percentiles
-proxy          ``DelayProxy``: tests/faultproxy.py's proxy with a latency (also
+proxy          ``DelayProxy``: tests/support/faultproxy.py's proxy with a latency (also
                used by ``prestart.py``), and what it delivered
 settings       ``Settings``: repetitions and sizes, per RTT; the sections' names
 venv125        ``benchmarks/.venv-sshpyk125``: sshpyk 1.25 from PyPI, made on first use

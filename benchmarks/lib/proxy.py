@@ -1,4 +1,4 @@
-"""A link with latency: :class:`DelayProxy`, tests/faultproxy.py's proxy whose delay is a
+"""A link with latency: :class:`DelayProxy`, tests/support/faultproxy.py's proxy whose delay is a
 latency (chunks are not queued behind each other), and what it delivered."""
 
 from __future__ import annotations
@@ -7,9 +7,8 @@ import asyncio
 import socket
 import statistics
 
-from faultproxy import FaultProxy, _Link
-
 from .stats import percentile
+from support.faultproxy import FaultProxy, _Link
 
 __all__ = ["WAKE_LATENCY", "DelayProxy", "link_summary"]
 
@@ -112,7 +111,7 @@ class _DelayLink(_Link):
 
 
 class DelayProxy(FaultProxy):
-    """tests/faultproxy.py's FaultProxy (reset, heal, blackhole, ``accepted``) whose
+    """tests/support/faultproxy.py's FaultProxy (reset, heal, blackhole, ``accepted``) whose
     ``delay`` is a latency, not a per-chunk pause (see :class:`_DelayLink`). Records the
     delay each chunk actually got, and how many connections it opened to the target."""
 

@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import procstat
-from faultproxy import proxied_ssh_config
-from sshd import ThrowawaySSHD, find_sshd
 
 from .common import BENCHMARKS, GCM, TITLES, BenchError, log
 from .proxy import DelayProxy
 from .settings import Settings
 from .venv125 import ensure_venv_125
+from support.faultproxy import proxied_ssh_config
+from support.sshd import ThrowawaySSHD, find_sshd
 
 __all__ = ["Bench", "Candidate", "DriverRun", "workdir"]
 
@@ -33,7 +33,7 @@ __all__ = ["Bench", "Candidate", "DriverRun", "workdir"]
 class Candidate:
     name: str
     python: str
-    #: kernelspec name per variant: "default" (ssh config as made by tests/sshd.py) and,
+    #: kernelspec name per variant: "default" (ssh config as made by tests/support/sshd.py) and,
     #: for the SSH candidates, "gcm" (the same with ``Ciphers aes128-gcm@openssh.com``)
     kernels: dict[str, str]
     env: dict[str, str]
@@ -125,8 +125,9 @@ class Bench:
         self, control_dir: str, port: int | None = None, known_hosts: Path | None = None
     ) -> str:
         """The alias as sshpyk 1.25 wants it: ControlMaster auto, ControlPersist, ControlPath
-        (it refuses to start without them), BatchMode yes; otherwise as tests/sshd.py makes it.
-        With ``port`` (a delay proxy's) and its ``known_hosts``: through that proxy."""
+        (it refuses to start without them), BatchMode yes; otherwise as
+        tests/support/sshd.py makes it. With ``port`` (a delay proxy's) and its
+        ``known_hosts``: through that proxy."""
         sshd = self.sshd
         return f"""Host {sshd.alias}
   HostName 127.0.0.1

@@ -83,7 +83,7 @@ class _Link:
 
 
 class FaultProxy:
-    #: what carries one accepted connection (a subclass may delay it: benchmarks/run.py)
+    #: what carries one accepted connection (a subclass may delay it: benchmarks/lib/proxy.py)
     link_class: type[_Link] = _Link
 
     def __init__(self, target_port: int) -> None:
