@@ -41,10 +41,8 @@ def _trait(f: ConfigField) -> TraitType[Any, Any]:
     default = f.default
     if f.option.choices:
         return Enum(list(f.option.choices), default_value=default, config=True, help=f.help)
-    if f.type is dict:
-        return Dict(default, config=True, help=f.help)
-    if f.type is list:
-        return List(Unicode(), default, config=True, help=f.help)
+    if f.type in (dict, list):
+        return (Dict if f.type is dict else List)(default, config=True, help=f.help)
     trait = {bool: Bool, float: Float, int: Integer, str: Unicode}[f.type]
     return trait(default, allow_none=f.optional, config=True, help=f.help)
 

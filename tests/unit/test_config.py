@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from sshpyk import KernelOptions, SSHKernelSpec
+from sshpyk import KernelOptions, SSHKernelSpec, values
 from sshpyk.agent.client import LaunchRequest
 from sshpyk.cli.kernels import add, edit
 from sshpyk.config import DEFAULTS, KernelConfig, Store, config_field, config_fields
@@ -20,6 +20,7 @@ from sshpyk.diagnostics.check import CheckTarget
 from sshpyk.errors import SSHPykError
 from sshpyk.kernelspec import edited_spec, load_spec, save_edited_spec, spec_changes, write_spec
 from sshpyk.provisioner import SSHKernelProvisioner
+from sshpyk.values import parse_forward
 
 #: a value other than the default for every field (the fixture makes the ssh config)
 NON_DEFAULT: dict[str, Any] = {
@@ -47,6 +48,8 @@ NON_DEFAULT: dict[str, Any] = {
     "slurm_queue_timeout": 30.0,
     "slurm_walltime_warning": 0.0,
     "slurm_status_interval": 5.0,
+    "forward": ["8787", "15432:db.internal:5432"],
+    "auto_forward": False,
     "local_transport": "tcp",
 }
 
@@ -225,6 +228,13 @@ def test_edit_clears_and_refuses_empty() -> None:
         ({"slurm_walltime_warning": -1.0}, "must be 0 (off) or a number of seconds"),
         ({"ssh_config": "/nonexistent/config"}, "/nonexistent/config does not exist"),
         ({"slurm_args": "--output=/tmp/x"}, "--output is set by sshpyk"),
+        ({"forward": ["0"]}, "--forward '0': the port 0 is not a port number (1-65535)"),
+        ({"forward": ["70000"]}, "the port 70000 is not a port number (1-65535)"),
+        ({"forward": ["tensorboard"]}, "the port 'tensorboard' is not a port number"),
+        ({"forward": ["8080:db:x"]}, "the remote port 'x' is not a port number"),
+        ({"forward": ["8080:5432"]}, "use PORT or LOCAL_PORT:REMOTE_HOST:REMOTE_PORT"),
+        ({"forward": ["8080:a b:80"]}, "'a b' is not a host name or address"),
+        ({"forward": ["9000", "9000:h:1"]}, "local port 9000 is forwarded twice"),
     ],
 )
 def test_validation(changes: dict[str, Any], words: str) -> None:
@@ -235,6 +245,28 @@ def test_validation(changes: dict[str, Any], words: str) -> None:
     with pytest.raises(SSHPykError) as info:
         spec.validate()
     assert words in str(info.value)
+
+
+def test_forward_values() -> None:
+    assert parse_forward("8787") == (8787, "localhost", 8787)
+    assert parse_forward(" 18787:node17:8787 ") == (18787, "node17", 8787)
+    assert parse_forward("8080:[::1]:80") == (8080, "::1", 80)
+
+
+def test_a_privileged_local_port_is_refused_unless_root(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check uses the real rule (Linux's ip_unprivileged_port_start, else 1024) and
+    the real euid; here the euid is made that of a user."""
+    monkeypatch.setattr(values.os, "geteuid", lambda: 1000)
+    start = values._unprivileged_start()
+    if start == 0:
+        pytest.skip("this host lets every user listen on every port")
+    with pytest.raises(SSHPykError) as info:
+        parse_forward(f"{start - 1}:localhost:80")
+    assert f"local port {start - 1} is privileged" in str(info.value)
+    assert "\n" not in str(info.value)
+    assert parse_forward(f"{start}:localhost:80")[0] == start
+    monkeypatch.setattr(values.os, "geteuid", lambda: 0)
+    assert parse_forward("80:localhost:80")[0] == 80
 
 
 def test_provisioner_traits_are_the_provisioner_options() -> None:
@@ -347,6 +379,7 @@ def test_launch_request_is_what_the_agent_reads(every: SSHKernelSpec) -> None:
         "slurm_status_interval": 5.0,
         "outage_buffer": 16.0,
         "prestart": 2,
+        "auto_forward": False,
     }
     assert options.env == {"A": "1", "B": "x y"}  # the extra env is not kept
     assert LaunchRequest("k").launcher == DEFAULTS.launcher

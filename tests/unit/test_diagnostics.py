@@ -13,7 +13,14 @@ import pytest
 
 from sshpyk.diagnostics.check import STAGES, CheckTarget, Status, run_check, stages_for
 from sshpyk.diagnostics.forwarding import _ipc_result, expected_transport, stage_forwarding
-from sshpyk.diagnostics.inventory import HostKernels, HostTarget, _ps, host_targets, ps_table
+from sshpyk.diagnostics.inventory import (
+    HostKernels,
+    HostTarget,
+    _ps,
+    forwarded,
+    host_targets,
+    ps_table,
+)
 from sshpyk.diagnostics.launch import stage_kernel, stage_launcher
 from sshpyk.diagnostics.live import KernelStatus
 from sshpyk.diagnostics.report import Diagnosis, StageFailedError, StageResult
@@ -249,14 +256,50 @@ def test_ps_table_columns_come_from_the_launchers(sched: Any) -> None:
         )
     ]
     header, *rows = ps_table(hosts)
-    assert header[8:] == ["JOB ID", "NODE", "JOB STATE", "QUEUE"]  # registry order
-    assert [row[8:] for row in rows] == [
+    assert header[9:] == ["JOB ID", "NODE", "JOB STATE", "QUEUE"]  # registry order
+    assert [row[9:] for row in rows] == [
         ["-", "-", "-", "batch"],
         ["-", "-", "-", "-"],
         ["7", "n1", "RUNNING", "-"],
         ["-", "-", "-", "-"],
     ]
-    assert ps_table([HostKernels("h", [_kernel("b", "direct")])])[0][-1] == "STATE"
+    assert ps_table([HostKernels("h", [_kernel("b", "direct")])])[0][-1] == "PORTS"
+
+
+def test_ps_shows_the_forwarded_web_ports() -> None:
+    """PORTS: what the local side forwards (remote -> local), and ports the agent found
+    that nobody forwards (->?); `sshpyk ports` lists the same rows with their URLs."""
+    kernel = _kernel(
+        "a",
+        "direct",
+        ports=[{"port": 6006, "host": "127.0.0.1"}, {"port": 8787, "host": "::1"}],
+        forwards=[
+            {
+                "remote": "127.0.0.1:6006",
+                "remote_port": 6006,
+                "local": 6006,
+                "url": "http://127.0.0.1:6006",
+                "auto": True,
+            },
+            {
+                "remote": "db:5432",
+                "remote_port": 5432,
+                "local": 15432,
+                "url": "http://127.0.0.1:15432",
+                "auto": False,
+            },
+        ],
+    )
+    header, row = ps_table([HostKernels("h", [kernel])])
+    assert header[8] == "PORTS"
+    assert row[8] == "6006->6006, db:5432->15432, 8787->?"
+    assert [f["url"] for f in forwarded(kernel)] == [
+        "http://127.0.0.1:6006",
+        "http://127.0.0.1:15432",
+        None,
+    ]
+    assert forwarded(kernel)[2]["remote"] == "[::1]:8787"
+    assert ps_table([HostKernels("h", [_kernel("b", "direct")])])[1][8] == "-"
 
 
 def test_host_targets_name_the_launchers_of_the_kernelspecs() -> None:

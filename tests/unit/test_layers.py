@@ -25,6 +25,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         "base",
         (
             "sshpyk.config",
+            "sshpyk.values",
             "sshpyk.kernelspec",
             "sshpyk.errors",
             "sshpyk.localfs",
