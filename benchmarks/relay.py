@@ -30,7 +30,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
-from slurm_relay import LINES, WIDTH, printed, round_trips  # noqa: E402
+from lib.kernelio import LINES, WIDTH, printed, round_trips  # noqa: E402
 
 from support.sshd import ThrowawaySSHD  # noqa: E402
 

@@ -44,43 +44,8 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 from support.slurm import ThrowawaySlurm, slurm_missing  # noqa: E402
 from support.sshd import ThrowawaySSHD  # noqa: E402
 
-LINES, WIDTH = 200, 100_000
-CELL = f"for _ in range({LINES}):\n    print('x' * {WIDTH - 1})"
-
-
-async def round_trips(kc: Any, rounds: int) -> list[float]:
-    times = []
-    for n in range(20 + rounds):
-        t0 = time.perf_counter()
-        msg_id = kc.kernel_info()
-        while True:
-            reply = await kc.get_shell_msg(timeout=30)
-            if reply["parent_header"].get("msg_id") == msg_id:
-                break
-        if n >= 20:
-            times.append(time.perf_counter() - t0)
-    return times
-
-
-async def printed(kc: Any) -> float:
-    """Seconds for the 20 MB cell, until idle with every byte received."""
-    expected = LINES * WIDTH
-    t0 = time.perf_counter()
-    msg_id = kc.execute(CELL)
-    got = 0
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        msg = await kc.get_iopub_msg(timeout=120)
-        if msg["parent_header"].get("msg_id") != msg_id:
-            continue
-        if msg["msg_type"] == "stream":
-            got += len(msg["content"]["text"])
-        elif msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
-            break
-    seconds = time.perf_counter() - t0
-    if got != expected:
-        raise RuntimeError(f"received {got} of {expected} bytes")
-    return seconds
+sys.path.insert(0, str(HERE))
+from lib.kernelio import LINES, WIDTH, printed, round_trips  # noqa: E402
 
 
 async def measure(label: str, session: Any, options: Any, rounds: int, reps: int) -> dict:

@@ -12,6 +12,7 @@ report         ``Report``: the samples of one RTT and its tables; the environmen
 sections       one function per section (lifecycle, latency, reconnect, tunnel, idle,
                concurrent): run the drivers, put their samples in the report
 targets        ``TARGETS``: one row per target, evaluated by ``targets_table``
+kernelio       kernel_info round trips and the 20 MB cell (agent_scale, relay, slurm_relay)
 =============  =======================================================================
 
 The entry scripts put ``tests/`` (``sshd``, ``faultproxy``) and ``benchmarks/``
