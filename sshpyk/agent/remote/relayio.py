@@ -290,10 +290,9 @@ class Relay:
     listens (a unix socket path, a port on 127.0.0.1, or a (host, port)); None for the
     opening role."""
 
-    def __init__(self, core, target=None, on_dropped=None):
+    def __init__(self, core, target=None):
         self.core = core
         self.target = target
-        self.on_dropped = on_dropped
         self.link = None
         self.sockets = {}  # sid -> StreamSocket
         self.reading_paused = False
@@ -366,8 +365,7 @@ class Relay:
                     sock.peer_closed()
                 else:
                     self.core.push_close(action[1])
-            elif kind == "dropped" and self.on_dropped is not None:
-                self.on_dropped(action[1])
+            # "dropped" (the serving side shed output): only the local side reports it
 
     def _open(self, sid, channel):
         """The serving role: connect ``sid`` to the kernel's ``channel``."""
