@@ -21,7 +21,11 @@ Proves, through the provisioner (AsyncKernelManager) unless said otherwise:
 - listeners of another unix user (even one that carries the kernel's SSHPYK_RUN_DIR)
   and of a process of ours that is not the kernel's are not forwarded;
 - a detached grandchild of the kernel (double fork + setsid, re-parented) is;
-- the argv launcher (``python -m sshpyk.launch``, as VS Code starts it) forwards too.
+- the argv launcher (``python -m sshpyk.launch``, as VS Code starts it) forwards too;
+- explicit forwards (``--forward PORT`` and ``LOCAL:HOST:PORT``) reach servers the kernel
+  did not start, and ``--no-auto-forward`` turns detection off;
+- the kernel's shutdown closes its forwards, also that of a detached server that
+  outlives it.
 
 Needs root, ``ip`` and sshd (skipped with the reason otherwise); the browser test also
 Debian's chromium, Playwright and Bokeh (the ``clients`` extra).
@@ -212,21 +216,28 @@ def host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[IsolatedHost]:
             )
 
 
-@pytest.fixture
-def spec(host: IsolatedHost, run_root: Path) -> str:
+def write_kernelspec(host: IsolatedHost, run_root: Path, **fields: Any) -> str:
     write_spec(
         SSHKernelSpec(
-            name=KERNEL,
-            ssh_host_alias=host.ALIAS,
-            ssh_config=str(host.ssh_config),
-            remote_python=sys.executable,
-            display_name="Web ports (isolated remote)",
-            start_timeout=60.0,
-            remote_run_root=str(run_root),
+            **{
+                "name": KERNEL,
+                "ssh_host_alias": host.ALIAS,
+                "ssh_config": str(host.ssh_config),
+                "remote_python": sys.executable,
+                "display_name": "Web ports (isolated remote)",
+                "start_timeout": 60.0,
+                "remote_run_root": str(run_root),
+                **fields,
+            }
         ),
         replace=True,
     )
-    return KERNEL
+    return str(fields.get("name", KERNEL))
+
+
+@pytest.fixture
+def spec(host: IsolatedHost, run_root: Path) -> str:
+    return write_kernelspec(host, run_root)
 
 
 @dataclass
@@ -542,7 +553,17 @@ s.listen(8)
 print("listening", flush=True)
 while True:
     c, _ = s.accept()
-    c.sendall(b"HTTP/1.0 200 OK\\r\\n\\r\\nnot yours")
+    c.settimeout(5)
+    request = b""
+    try:
+        while b"\\r\\n\\r\\n" not in request:
+            chunk = c.recv(4096)
+            if not chunk:
+                break
+            request += chunk
+        c.sendall(b"HTTP/1.0 200 OK\\r\\nContent-Length: 9\\r\\n\\r\\nnot yours")
+    except OSError:
+        pass
     c.close()
 """
 
@@ -703,3 +724,101 @@ def test_the_argv_launcher_forwards_too(spec: str, host: IsolatedHost, tmp_path:
             kill_pid(pid, str(site))
     assert wait_until(lambda: refused("127.0.0.1", port), 10)
     assert not any(pid_alive(p) for p in pids)
+
+
+# -- explicit forwards, --no-auto-forward, shutdown ----------------------------------------------
+
+
+def start_stranger(host: IsolatedHost, port: int) -> subprocess.Popen[str]:
+    """A listener of ours on the remote's 127.0.0.1:``port`` that the kernel did not start."""
+    proc = subprocess.Popen(
+        host.argv(sys.executable, "-c", LISTEN, str(port)),
+        env={"PATH": "/usr/bin:/bin", "LC_ALL": "C.UTF-8"},
+        stdout=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+    if read_line(proc, 20) != "listening\n":
+        proc.kill()
+        proc.wait(10)
+        raise AssertionError(f"the stranger on port {port} did not listen")
+    return proc
+
+
+def stop_stranger(proc: subprocess.Popen[str]) -> None:
+    proc.kill()
+    proc.wait(10)
+    if proc.stdout is not None:
+        proc.stdout.close()
+
+
+async def test_explicit_forwards_and_no_auto_forward(
+    host: IsolatedHost, run_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    same, remote, local, app = free_port(), free_port(), free_port(), free_port()
+    strangers = [start_stranger(host, same), start_stranger(host, remote)]
+    name = write_kernelspec(
+        host,
+        run_root,
+        forward=[str(same), f"{local}:localhost:{remote}"],
+        auto_forward=False,
+    )
+    try:
+        km, kc = await start_manager(name)
+        kernel = Kernel(km, kc, host, tmp_path)
+        try:
+            # open from the start, whoever listens there
+            for port in (same, local):
+                body = await asyncio.to_thread(http_get, f"http://127.0.0.1:{port}/")
+                assert body == (200, "not yours"), (port, body)
+                assert_loopback_only(host, port)
+            rows = kernel.remote.web.listing()
+            assert [(r["remote"], r["local"], r["auto"]) for r in rows] == [
+                (f"localhost:{same}", same, False),
+                (f"localhost:{remote}", local, False),
+            ], rows
+            for port in (same, local):
+                assert f"forward {port} is at http://127.0.0.1:{port}" in caplog.text
+            # the kernel's own server is not forwarded: detection is off
+            served = await kernel.serve(app, "not-detected")
+            assert app in await asyncio.to_thread(host.listening)
+            await asyncio.sleep(2.5)  # two scans' time
+            assert kernel.remote.process.web_ports == []
+            assert refused("127.0.0.1", app), served
+            assert kernel.forwarded() == {}
+        finally:
+            try:
+                await stop_manager(km, kc)
+            finally:
+                kernel.kill_servers()
+        # the kernel's end closes its explicit forwards
+        assert await asyncio.to_thread(
+            wait_until, lambda: refused("127.0.0.1", same) and refused("127.0.0.1", local), 5
+        )
+    finally:
+        for proc in strangers:
+            stop_stranger(proc)
+
+
+async def test_shutdown_closes_the_forward_of_a_server_that_outlives_the_kernel(
+    spec: str, host: IsolatedHost, tmp_path: Path, run_root: Path
+) -> None:
+    port = free_port()
+    km, kc = await start_manager(spec)
+    kernel = Kernel(km, kc, host, tmp_path)
+    try:
+        served = await kernel.serve(port, "outlives", detach=True)
+        await asyncio.to_thread(wait_serving, served.url, "outlives", served.printed_at)
+        await stop_manager(km, kc)
+        stopped = time.monotonic()
+        assert await asyncio.to_thread(
+            wait_until, lambda: refused("127.0.0.1", port) and refused("::1", port), 5
+        )
+        MEASURED["shutdown->local port closed"] = time.monotonic() - stopped
+        assert pid_alive(served.pid)  # detached: it outlived the kernel...
+        assert port in await asyncio.to_thread(host.listening)  # ...and still listens there
+    finally:
+        await stop_manager(km, kc)
+        kernel.kill_servers()
+    assert wait_until(lambda: leftovers(run_root) == ([], []), 15), leftovers(run_root)
