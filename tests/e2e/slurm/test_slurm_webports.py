@@ -5,7 +5,8 @@ the node connection behind it), never by a port on the cluster network.
 The throwaway single-node SLURM (tests/support/slurm.py) runs on this host, not in a
 namespace, so the node's ``127.0.0.1:P`` is ours too: the app holds P here, and the
 forward must fall back to a free port (and say so) while still reaching the app on the
-node. Fixtures are test_slurm.py's.
+node. Neither the node side nor the login node's agent listens on a TCP port for it; the
+app's exit removes the relay socket and closes the local port. Fixtures are test_slurm.py's.
 """
 
 from __future__ import annotations
@@ -24,7 +25,13 @@ from typing import Any
 import pytest
 
 from e2e.network.test_webports import START, URL_RE, free_port, http_get, refused, wait_serving
-from e2e.slurm.test_slurm import cluster, slurm, slurm_spec  # noqa: F401 (fixtures)
+from e2e.slurm.test_slurm import (  # noqa: F401 (cluster, slurm, slurm_spec: fixtures)
+    cluster,
+    listeners,
+    parent_pid,
+    slurm,
+    slurm_spec,
+)
 from support.kernels import run_cell, start_manager, stop_manager
 from support.slurm import ThrowawaySlurm
 from support.waiting import wait_until
@@ -91,6 +98,14 @@ async def test_a_listener_on_the_compute_node_is_forwarded_through_the_login_nod
         assert socket_dirs == {os.path.dirname(path)}, (kernel.process.endpoints, path)
         (target,) = [t for t in kernel.web._auto if t.port == port]
         assert target.path == path
+        # no port on the cluster network for it: the node side and the login node's
+        # agent listen on no TCP port at all, the agent on the relay socket
+        node_side = parent_pid(int(kernel.process.slurm["node_pid"]))
+        agent = kernel.process.agent.pid
+        assert agent is not None
+        others = listeners([node_side, agent])
+        assert others["tcp"] == others["tcp6"] == [], others
+        assert path in others["unix"], others
         # the app's exit closes the relay socket and the local port
         await run_cell(kc, "_servers['node'].terminate(); _servers['node'].wait(10)")
         assert await asyncio.to_thread(wait_until, lambda: refused("127.0.0.1", local), 10)
