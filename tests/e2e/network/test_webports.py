@@ -19,7 +19,8 @@ Proves, through the provisioner (AsyncKernelManager) unless said otherwise:
   ``sshpyk ports --json`` and ``sshpyk ps --json`` show remote -> local;
 - the app's exit closes the local port;
 - listeners of another unix user (even one that carries the kernel's SSHPYK_RUN_DIR)
-  and of a process of ours that is not the kernel's are not forwarded;
+  and of a process of ours that is not the kernel's are not forwarded, nor the kernel's
+  ZMQ sockets or its servers bound to the remote's network interface;
 - a detached grandchild of the kernel (double fork + setsid, re-parented) is;
 - the argv launcher (``python -m sshpyk.launch``, as VS Code starts it) forwards too;
 - explicit forwards (``--forward PORT`` and ``LOCAL:HOST:PORT``) reach servers the kernel
@@ -574,7 +575,7 @@ async def test_the_apps_exit_closes_the_local_port(
     await asyncio.to_thread(wait_serving, again.url, "back-again", again.printed_at)
 
 
-# -- 4. other users' listeners and strangers of ours are not forwarded -------------------------
+# -- 4. not forwarded: other users, strangers of ours, ZMQ, interface-bound servers ---------
 
 LISTEN = """\
 import socket, sys, time
@@ -600,14 +601,22 @@ while True:
 """
 
 
-async def test_other_users_and_strangers_are_not_forwarded(
+#: a cell: a ZMQ REP socket of the kernel's on 127.0.0.1:PORT
+ZMQ_REP = """\
+import zmq
+_zmq_rep = zmq.Context.instance().socket(zmq.REP)
+_zmq_rep.bind("tcp://127.0.0.1:{port}")
+"""
+
+
+async def test_what_is_not_forwarded(
     kernel: Kernel, host: IsolatedHost, attacker: Any, run_root: Path
 ) -> None:
     if shutil.which("setpriv") is None:
         pytest.skip("setpriv (util-linux) is missing: it runs the other user's listener")
     run_dir = (await kernel.run("import os; print(os.environ['SSHPYK_RUN_DIR'])")).strip()
     assert run_dir.startswith(str(run_root)), run_dir
-    theirs, stranger, ours = free_port(), free_port(), free_port()
+    theirs, stranger, zmq_port, iface, ours = (free_port() for _ in range(5))
     env = {"PATH": "/usr/bin:/bin", "LC_ALL": "C.UTF-8"}
     procs = [
         # another user, who even carries the kernel's SSHPYK_RUN_DIR
@@ -634,16 +643,22 @@ async def test_other_users_and_strangers_are_not_forwarded(
             assert read_line(proc, 20) == "listening\n", proc.args
         owners = {p.pid: Path(f"/proc/{p.pid}").stat().st_uid for p in procs}
         assert owners == {procs[0].pid: attacker.uid, procs[1].pid: os.getuid()}
-        # the kernel's own server, started after theirs: once it is forwarded, the
-        # agent's scans have seen the other two
+        # the kernel's own listeners that are no web apps for us: a ZMQ socket on
+        # 127.0.0.1 (it greets like ZMQ) and a server bound to the remote's network
+        # interface (meant for that network)
+        await kernel.run(ZMQ_REP.format(port=zmq_port))
+        await kernel.serve(iface, "interface-bound", bind=host.remote.address)
+        # the kernel's own web server, started last: once it is forwarded, the agent's
+        # scans have seen all the others
         served = await kernel.serve(ours, "ours")
         await asyncio.to_thread(wait_serving, served.url, "ours", served.printed_at)
-        assert {theirs, stranger, ours} <= await asyncio.to_thread(host.listening)
+        others = {theirs, stranger, zmq_port, iface}
+        assert others | {ours} <= await asyncio.to_thread(host.listening)
         await asyncio.sleep(2.5)  # two more scans
         assert kernel.forwarded() == {ours: ours}
         found = kernel.remote.process.web_ports  # what the agent found
         assert [p["port"] for p in found] == [ours], found
-        for port in (theirs, stranger):
+        for port in others:
             assert closed_here(port), port
         # nor does `sshpyk ports` list them as found but not forwarded (->?)
         where = ["--ssh-config", str(host.ssh_config), "--run-root", str(run_root)]
