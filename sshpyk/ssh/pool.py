@@ -10,6 +10,11 @@ The pool knows nothing about what upper layers run over a connection: they keep 
 state in :attr:`SharedConnection.services` and register a close hook
 (:meth:`SharedConnection.on_close`) that is awaited, time-bounded, before the
 connection goes.
+
+Connection sharing across processes: with a persist time > 0 (``acquire(...,
+persist=)``, else ``$SSHPYK_SHARE_PERSIST``), the connection is made to the user's
+connection broker (:mod:`sshpyk.ssh.brokered`), which owns the one connection to the
+host and relays every channel onto it; everything above the pool is unchanged.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from typing import Any
 import asyncssh
 
 from ..errors import ConnectTimeoutError, ForwardingRefusedError, translating
-from . import jump
+from . import brokered, jump
 from .hostkeys import KeyRecorder, RecorderFactory
 from .hosts import host_options
 
@@ -50,9 +55,12 @@ CloseHook = Callable[[float], Awaitable[None]]
 class SharedConnection:
     """The real connection behind every session handle for one (alias, config)."""
 
-    def __init__(self, alias: str, ssh_config: str | None) -> None:
+    def __init__(self, alias: str, ssh_config: str | None, persist: float = 0.0) -> None:
         self.alias = alias
         self.ssh_config = ssh_config
+        #: > 0: connect through the connection broker, which keeps the connection up
+        #: this many seconds after its last user (in any process) leaves
+        self.persist = persist
         self.conn: asyncssh.SSHClientConnection | None = None
         self.refs = 0
         self.connect_seconds = 0.0
@@ -103,10 +111,20 @@ class SharedConnection:
             log.info("[%s] SSH connection up in %.3fs", self.alias, self.connect_seconds)
             return self.conn
 
+    @property
+    def brokered(self) -> bool:
+        """Whether connections are made through the connection broker."""
+        return self.persist > 0
+
     async def _connect(
         self, timeout: float, client_factory: RecorderFactory, reconnect: bool = False
     ) -> asyncssh.SSHClientConnection:
         with translating(self.alias, config=self.ssh_config):
+            # a diagnosis (its own client_factory) times the real handshake: in-process
+            if self.brokered and client_factory is KeyRecorder:
+                return await brokered.connect(
+                    self.alias, self.ssh_config, persist=self.persist, timeout=timeout
+                )
             host = await host_options(self.alias, self.ssh_config)
             hop = await jump.bastion_alias(host)
             tunnel = await self._bastion_connection(hop, timeout)
@@ -204,16 +222,23 @@ def _registry() -> dict[tuple[str, str | None], SharedConnection]:
     return _registries.setdefault(loop, {})
 
 
-def acquire(alias: str, ssh_config: str | None) -> SharedConnection:
+def acquire(
+    alias: str, ssh_config: str | None, *, persist: float | None = None
+) -> SharedConnection:
     """A new reference on the shared connection for (alias, config), made if needed.
 
     ``ssh_config`` is absolute or None (see :func:`sshpyk.ssh.hosts.config_path`). The
     connection is not opened here: call :meth:`SharedConnection.ensure_connected`.
+    ``persist`` (seconds; None: ``$SSHPYK_SHARE_PERSIST``, unset: 0) > 0 shares the
+    connection with other processes through the connection broker; the largest value
+    any holder asked for applies from the next (re)connect.
     """
+    seconds = brokered.share_persist(persist)
     registry = _registry()
     shared = registry.get((alias, ssh_config))
     if shared is None:
-        shared = registry[(alias, ssh_config)] = SharedConnection(alias, ssh_config)
+        shared = registry[(alias, ssh_config)] = SharedConnection(alias, ssh_config, seconds)
+    shared.persist = max(shared.persist, seconds)
     shared.refs += 1
     return shared
 
