@@ -40,7 +40,8 @@ log = logging.getLogger("sshpyk")
 
 #: seconds an accepted connection waits for the SSH connection (a reconnect) and its channel
 CONNECT_TIMEOUT = 30.0
-LOOPBACKS = ("127.0.0.1", "::1")
+#: how a --forward may name the remote host itself
+LOCALHOSTS = ("localhost", "127.0.0.1", "::1")
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,7 @@ class WebForwards:
         self.session = session
         self.kernel_id = kernel_id
         self.logger = logger
+        self.texts = [text.strip() for text in specs]
         self.specs = [parse_forward(text) for text in specs]
         self._owner = TaskOwner(f"[{session.alias}] web forwards")
         self._explicit: list[PortForward] = []
@@ -153,17 +155,17 @@ class WebForwards:
         """Listen for every ``--forward`` (once); a taken local port gets a free one."""
         if self._explicit or self._closed:
             return
-        for local, host, port in self.specs:
+        for (local, host, port), text in zip(self.specs, self.texts, strict=True):
             forward = PortForward(self.session, Target(host, port), self._owner)
             try:
-                got = await forward.open(local)
+                await forward.open(local)
             except OSError as exc:
                 self.logger.warning(
-                    "[%s] --forward %s: cannot listen here: %s", self.session.alias, port, exc
+                    "[%s] --forward %s: cannot listen here: %s", self.session.alias, text, exc
                 )
                 continue
             self._explicit.append(forward)
-            self._say(forward, local, got, "forward")
+            self._say(forward, local, f"--forward {text}")
 
     def follow(self, process: KernelProcess | None) -> None:
         """Forward the web ports of ``process`` (None: none), now and as they change."""
@@ -181,76 +183,75 @@ class WebForwards:
             self._reconcile = self._owner.create_task(self._apply(), name="web-ports")
         # else the running pass reads the latest ports before it ends
 
+    def _wanted(self, process: KernelProcess | None) -> set[Target]:
+        """The automatic forwards ``process`` needs now (none once it ended; not the
+        ports an explicit --forward already reaches)."""
+        if process is None or process.exit_code is not None:
+            return set()
+        wanted = set()
+        for entry in process.web_ports:
+            target = Target(
+                str(entry.get("host") or "127.0.0.1"),
+                int(entry.get("port") or 0),
+                str(entry.get("path") or ""),
+            )
+            if target.port and not self._served_explicitly(target):
+                wanted.add(target)
+        return wanted
+
     async def _apply(self) -> None:
-        while True:  # ends when a pass saw no change (bounded by the agent's events)
+        failed: set[Target] = set()  # could not listen here: not tried again now
+        # ends when a pass finds nothing to change (each pass follows the agent's
+        # latest ports event; bounded by how often they come)
+        while True:
             process = self._process
-            wanted: dict[Target, dict[str, Any]] = {}
-            if process is not None and process.exit_code is None:
-                for entry in process.web_ports:
-                    target = Target(
-                        str(entry.get("host") or "127.0.0.1"),
-                        int(entry.get("port") or 0),
-                        str(entry.get("path") or ""),
-                    )
-                    if target.port:
-                        wanted[target] = entry
+            wanted = self._wanted(process)
             gone = [t for t in self._auto if t not in wanted]
-            new = [t for t in wanted if t not in self._auto]
+            new = [t for t in wanted if t not in self._auto and t not in failed]
+            if not gone and not new:
+                return
             for target in gone:
                 forward = self._auto.pop(target)
                 forward.close()
                 self.logger.info(
-                    "[%s] kernel %s: remote port %d closed; %s closed",
-                    *(self.session.alias, self.kernel_id, target.port, forward.url),
+                    "[%s] remote port %d of kernel %s closed; %s closed",
+                    *(self.session.alias, target.port, self.kernel_id, forward.url),
                 )
             for target in new:
                 forward = PortForward(self.session, target, self._owner)
                 try:
-                    got = await forward.open(target.port)
+                    await forward.open(target.port)
                 except OSError as exc:
+                    failed.add(target)
                     self.logger.warning(
-                        "[%s] kernel %s: remote port %d not forwarded: %s",
-                        *(self.session.alias, self.kernel_id, target.port, exc),
+                        "[%s] remote port %d of kernel %s not forwarded: %s",
+                        *(self.session.alias, target.port, self.kernel_id, exc),
                     )
                     continue
                 if self._closed or process is not self._process:
                     forward.close()
                     break
                 self._auto[target] = forward
-                self._say(forward, target.port, got, "remote port")
-            if gone or new:
-                self._report()
-            if self._same(process):
+                self._say(forward, target.port, f"remote port {target.port}")
+            self._report()
+            if self._closed:
                 return
 
-    def _same(self, process: KernelProcess | None) -> bool:
-        if process is not self._process:
-            return False
-        current = (
-            set()
-            if process is None or process.exit_code is not None
-            else {
-                (
-                    str(e.get("host") or "127.0.0.1"),
-                    int(e.get("port") or 0),
-                    str(e.get("path") or ""),
-                )
-                for e in process.web_ports
-            }
+    def _served_explicitly(self, target: Target) -> bool:
+        """An explicit --forward already reaches this remote port (its localhost)."""
+        return any(
+            f.target.port == target.port and f.target.host in LOCALHOSTS and not target.path
+            for f in self._explicit
         )
-        return current == {(t.host, t.port, t.path) for t in self._auto}
 
-    def _say(self, forward: PortForward, wanted: int, got: int, what: str) -> None:
-        alias = self.session.alias
-        if got == wanted:
-            self.logger.info(
-                "[%s] kernel %s: %s %d is at %s", alias, self.kernel_id, what, wanted, forward.url
-            )
-        else:
-            self.logger.info(
-                "[%s] kernel %s: %s %d is at %s (local port %d is taken)",
-                *(alias, self.kernel_id, what, wanted, forward.url, wanted),
-            )
+    def _say(self, forward: PortForward, wanted: int, what: str) -> None:
+        """The INFO line of a new forward: ``what`` (remote port 6006, --forward
+        15432:db:5432) of the kernel is at its local URL, and why not on ``wanted``."""
+        taken = "" if forward.port == wanted else f" (local port {wanted} is taken)"
+        self.logger.info(
+            "[%s] %s of kernel %s is at %s%s",
+            *(self.session.alias, what, self.kernel_id, forward.url, taken),
+        )
 
     def listing(self) -> list[dict[str, Any]]:
         """Every forward: {"remote", "local", "url", "auto"}."""

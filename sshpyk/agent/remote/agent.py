@@ -122,6 +122,7 @@ class Agent:
         self.timers = []
         self.port_scanner = PortScanner()
         self.ports_scanned = 0.0
+        self.ports_watched = False  # some kernel's web ports are watched (scan_ports)
         #: controllers at EOF while workers ran: detached once no worker is left (the
         #: answers of their last requests still go out: the channel's stdout may be open)
         self.closing = []
@@ -224,15 +225,18 @@ class Agent:
                     kernel.on_exit(code)
 
     def scan_ports(self):
-        """One scan for the web ports of every watched kernel (ports.py); each
-        kernel's launcher tells the local side when its list changed."""
-        kernels = dict((k.kid, (k, k.watched_ports())) for k in list(self.kernels.values()))
-        watched = dict((kid, w) for kid, (_, w) in kernels.items() if w is not None)
-        if not watched:
-            return
-        found = self.port_scanner.scan(watched)
-        for kid, ports in found.items():
-            kernels[kid][0].set_ports(ports)
+        """One scan for the web ports of every watched kernel (ports.py), keyed by the
+        launcher (one per kernel process); each tells the local side when its list
+        changed."""
+        watched = {}
+        for kernel in list(self.kernels.values()):
+            ports = kernel.watched_ports()
+            if ports is not None:
+                watched[kernel] = ports
+        self.ports_watched = bool(watched)
+        if watched:
+            for kernel, ports in self.port_scanner.scan(watched).items():
+                kernel.set_ports(ports)
 
     def _done(self, token, msg, then, box):
         self.workers.discard(token)
@@ -295,6 +299,9 @@ class Agent:
             kernels = list(self.kernels.values())
             starting = [k for k in kernels if k.polls_ready and not k.ready and k.exit_code is None]
             timeout = 0.01 if starting else 1.0
+            if self.ports_watched:  # the next scan on time, not a tick after it
+                due = self.ports_scanned + PORT_SCAN_INTERVAL - time.monotonic()
+                timeout = max(0.0, min(timeout, due))
             if self.timers:
                 timeout = max(0.0, min(timeout, min(t[0] for t in self.timers) - time.monotonic()))
             try:

@@ -518,7 +518,7 @@ async def test_a_taken_local_port_gets_a_free_one_and_says_so(
         # the local app keeps its port: the printed URL still reaches it, not the remote
         assert await asyncio.to_thread(http_get, served.url) == (200, "the local app on this port")
         kid = kernel.remote.kernel_id
-        said = f"kernel {kid}: remote port {port} is at {url} (local port {port} is taken)"
+        said = f"remote port {port} of kernel {kid} is at {url} (local port {port} is taken)"
         assert any(said in r.getMessage() for r in caplog.records), [
             r.getMessage() for r in caplog.records if "port" in r.getMessage()
         ]
@@ -568,7 +568,8 @@ async def test_the_apps_exit_closes_the_local_port(
     )
     MEASURED["server exit->local port closed"] = time.monotonic() - stopped
     assert port not in kernel.forwarded()
-    said = f"remote port {port} closed; http://127.0.0.1:{port} closed"
+    kid = kernel.remote.kernel_id
+    said = f"remote port {port} of kernel {kid} closed; http://127.0.0.1:{port} closed"
     assert any(said in r.getMessage() for r in caplog.records)
     # a new server on the same port is forwarded again
     again = await kernel.serve(port, "back-again")
@@ -763,8 +764,8 @@ def test_the_argv_launcher_forwards_too(spec: str, host: IsolatedHost, tmp_path:
             match.group(1), "through the launcher", printed_at
         )
         assert_loopback_only(host, port)
-        said = f"remote port {port} is at http://127.0.0.1:{port}"
-        assert wait_until(lambda: said in raw.log(), 5), raw.log()
+        said = re.compile(rf"remote port {port} of kernel \S+ is at http://127\.0\.0\.1:{port}\b")
+        assert wait_until(lambda: said.search(raw.log()) is not None, 5), raw.log()
     finally:
         raw.close()
         for pid in pids:
@@ -825,8 +826,10 @@ async def test_explicit_forwards_and_no_auto_forward(
                 (f"localhost:{same}", same, False),
                 (f"localhost:{remote}", local, False),
             ], rows
-            for port in (same, local):
-                assert f"forward {port} is at http://127.0.0.1:{port}" in caplog.text
+            kid = kernel.remote.kernel_id
+            for text, port in ((str(same), same), (f"{local}:localhost:{remote}", local)):
+                said = f"--forward {text} of kernel {kid} is at http://127.0.0.1:{port}"
+                assert said in caplog.text, caplog.text
             # the kernel's own server is not forwarded: detection is off
             served = await kernel.serve(app, "not-detected")
             assert app in await asyncio.to_thread(host.listening)

@@ -86,7 +86,8 @@ async def test_a_listener_on_the_compute_node_is_forwarded_through_the_login_nod
         url = f"http://127.0.0.1:{local}"
         took = await asyncio.to_thread(wait_serving, url, "served on the compute node", printed_at)
         print(f"\nSLURM web port: print->URL works {took:.2f}s")
-        said = f"remote port {port} is at {url} (local port {port} is taken)"
+        kid = kernel.kernel_id
+        said = f"remote port {port} of kernel {kid} is at {url} (local port {port} is taken)"
         assert any(said in r.getMessage() for r in caplog.records), caplog.text
         # through the login node's agent: its relay socket for the port, in the kernel's
         # socket dir, not a TCP connection to the node

@@ -179,3 +179,39 @@ def test_zmq_sockets_are_told_apart_from_web_servers(spawned: list[int]) -> None
     finally:
         pull.close(0)
         context.term()
+
+
+def test_netlink_and_proc_agree(spawned: list[int]) -> None:
+    """The scan reads the LISTEN sockets by NETLINK_SOCK_DIAG (cheap), /proc/net/tcp{,6}
+    where it cannot: both see the same listeners, with the same port and address."""
+    try:
+        by_netlink = ports._netlink_listening(os.getuid())
+    except OSError as exc:
+        pytest.skip(f"no NETLINK_SOCK_DIAG here: {exc}")
+    port = serve(spawned, "127.0.0.1", "stay", {})
+    by_netlink = ports._netlink_listening(os.getuid())
+    by_proc = ports._proc_listening(os.getuid(), ports.PROC_NET)
+    ours = [entry for entry in by_netlink.values() if entry[0] == port]
+    assert ours == [(port, "127.0.0.1", 4)]
+    # listeners come and go on a busy machine between the two reads: compare ours
+    assert {i: e for i, e in by_netlink.items() if e[0] == port} == {
+        i: e for i, e in by_proc.items() if e[0] == port
+    }
+
+
+def test_a_listener_stays_with_the_kernel_process_that_had_it(
+    spawned: list[int], tmp_path: Path
+) -> None:
+    """Attribution is once per listener and per key (the agent keys by kernel process):
+    after a restart, a server the previous process left running is not the new one's."""
+    port = serve(spawned, "127.0.0.1", "stay", {})
+    scanner = ports.PortScanner()
+    before = object()  # the kernel process before the restart
+    found = scan_until(
+        scanner,
+        {before: (os.getpid(), str(tmp_path), set())},
+        lambda f: port in {e["port"] for e in f[before]},
+    )
+    assert port in {e["port"] for e in found[before]}
+    after = object()  # the restarted kernel: same pid here, a new process in the agent
+    assert scanner.scan({after: (os.getpid(), str(tmp_path), set())}) == {after: []}
