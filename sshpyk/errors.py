@@ -58,6 +58,7 @@ __all__ = [
     "AgentGoneError",
     "AgentInternalError",
     "AuthenticationError",
+    "BatchModeError",
     "ChangedHostKeyError",
     "ConnectError",
     "ConnectTimeoutError",
@@ -122,6 +123,10 @@ class AuthenticationError(ConnectError):
 class LoginPromptError(AuthenticationError):
     """A login that needs a person failed: a wrong answer, tries used up, BatchMode,
     or no terminal and no SSH_ASKPASS to ask on."""
+
+
+class BatchModeError(LoginPromptError):
+    """The login needs a person and the ssh config says never to ask (BatchMode yes)."""
 
 
 class HostKeyError(ConnectError):

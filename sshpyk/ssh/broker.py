@@ -45,7 +45,13 @@ from typing import Any
 
 import asyncssh
 
-from ..errors import LoginPromptError, ProtocolError, SSHPykError, UnsafePathError
+from ..errors import (
+    BatchModeError,
+    LoginPromptError,
+    ProtocolError,
+    SSHPykError,
+    UnsafePathError,
+)
 from ..localfs import check_private_dir, open_private_file, peer_credentials, write_private_json
 from ..tasks import TaskOwner
 from . import pool
@@ -165,7 +171,7 @@ class _Downstream(asyncssh.SSHServer):
 
 def _needs_person(exc: SSHPykError, alias: str) -> SSHPykError:
     """A login the broker could only finish by asking a person says so, once."""
-    if isinstance(exc, LoginPromptError) and "BatchMode yes" not in str(exc):
+    if isinstance(exc, LoginPromptError) and not isinstance(exc, BatchModeError):
         return LoginPromptError(
             f"cannot share the connection to {alias!r}: its login needs a person (a password, "
             "one-time code or key passphrase), which the connection broker cannot ask for "

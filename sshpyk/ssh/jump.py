@@ -59,7 +59,7 @@ from collections.abc import Iterator
 
 import asyncssh
 
-from ..errors import HostKeyError, LoginPromptError, SSHConfigError, SSHPykError
+from ..errors import HostKeyError, SSHConfigError, SSHPykError
 from .hostkeys import KeyRecorder, RecorderFactory, host_key_error
 from .hosts import HostOptions, JumpTarget, host_options
 from .prompt import LoginPrompter, PromptSettings, prompt_settings
@@ -215,7 +215,7 @@ async def connect_via(
     except (asyncssh.PermissionDenied, asyncssh.KeyImportError) as exc:
         if prompter.failure is None:
             raise
-        raise LoginPromptError(prompter.failure) from exc
+        raise prompter.error(prompter.failure) from exc
 
 
 def _prompter(host: HostOptions, reconnect: bool) -> LoginPrompter:

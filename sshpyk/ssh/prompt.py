@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 
 import asyncssh
 
+from ..errors import BatchModeError, LoginPromptError
+
 __all__ = [
     "ASKPASS_TIMEOUT",
     "DEFAULT_TRIES",
@@ -164,16 +166,22 @@ class LoginPrompter:
     settings: Callable[[], PromptSettings] = PromptSettings
     reconnect: bool = False
     failure: str | None = None
+    #: the class of the error ``failure`` makes
+    error: type[LoginPromptError] = LoginPromptError
     tries: dict[str, int] = field(default_factory=dict)
 
-    def _fail(self, text: str) -> None:
+    def _fail(self, text: str, error: type[LoginPromptError] = LoginPromptError) -> None:
         self.failure = f"authentication failed for {self.label}: {text}"
+        self.error = error
 
     def _may_ask(self, what: str) -> str | None:
         """The channel to ask on for ``what``, or None (and ``failure`` says why)."""
         settings = self.settings()
         if settings.batch_mode:
-            self._fail(f"the server asks for a {what} and BatchMode yes forbids prompting")
+            self._fail(
+                f"the server asks for a {what} and BatchMode yes forbids prompting",
+                BatchModeError,
+            )
             return None
         used = self.tries.get(what, 0)
         if used >= settings.tries:

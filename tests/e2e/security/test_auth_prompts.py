@@ -25,7 +25,7 @@ import asyncssh
 import pytest
 
 from sshpyk import SSHSession
-from sshpyk.errors import LoginPromptError
+from sshpyk.errors import BatchModeError, LoginPromptError
 from sshpyk.ssh import pool
 
 from support.cli import run_in_pty, sshpyk
@@ -179,7 +179,7 @@ async def test_wrong_password_bounded(pw, tmp_path, monkeypatch, caplog) -> None
 async def test_batch_mode_never_prompts(pw, tmp_path, monkeypatch) -> None:
     ask = Askpass(tmp_path, pw.user.password)
     ask.use(monkeypatch)
-    with pytest.raises(LoginPromptError, match="BatchMode yes forbids prompting"):
+    with pytest.raises(BatchModeError, match="BatchMode yes forbids prompting"):
         async with await SSHSession.connect("pw-batch", ssh_config=pw.config, connect_timeout=20):
             pass
     assert ask.prompts() == []

@@ -18,6 +18,7 @@ import asyncssh
 import pytest
 
 from sshpyk.errors import (
+    BatchModeError,
     ChangedHostKeyError,
     HostRefusedError,
     LoginPromptError,
@@ -93,7 +94,7 @@ def test_a_login_that_needs_a_person_says_so() -> None:
     asked = LoginPromptError("authentication failed for 'box': there is no terminal")
     error = broker._needs_person(asked, "box")
     assert type(error) is LoginPromptError and f"{PERSIST_ENV}=0" in str(error)
-    batch = LoginPromptError("authentication failed for 'box': BatchMode yes forbids prompting")
+    batch = BatchModeError("authentication failed for 'box': BatchMode yes forbids prompting")
     assert broker._needs_person(batch, "box") is batch  # as in-process
     refused = HostRefusedError("refused")
     assert broker._needs_person(refused, "box") is refused
