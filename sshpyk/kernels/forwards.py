@@ -45,8 +45,9 @@ from ..agent.remote.protocol import CHANNELS
 from ..config import LOCAL_TRANSPORTS
 from ..errors import SSHPykError, UnsafePathError
 from ..localfs import make_private_dir, socket_base_dir
+from ..ssh.hosts import CHANNEL_WINDOW
 from ..tasks import TaskOwner
-from .link import CHANNEL_WINDOW, KernelLink
+from .link import KernelLink
 
 if TYPE_CHECKING:
     from ..agent.process import KernelProcess

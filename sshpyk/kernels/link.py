@@ -20,6 +20,7 @@ import asyncssh
 
 from ..agent.remote.resume import Endpoint, FrameReader
 from ..errors import SSHPykError
+from ..ssh.hosts import CHANNEL_WINDOW
 from ..tasks import TaskOwner
 
 if TYPE_CHECKING:
@@ -30,10 +31,6 @@ __all__ = ["KernelLink"]
 
 log = logging.getLogger("sshpyk")
 
-#: bytes an SSH channel of a kernel's (the relay's link, a direct forward) may have in
-#: flight (asyncssh's default is 2 MiB: at 100 ms RTT that caps a print-heavy cell at
-#: ~20 MB/s; benchmarks/RESULTS.md)
-CHANNEL_WINDOW = 8 << 20
 #: seconds a new link has for the agent's WELCOME
 WELCOME_TIMEOUT = 10.0
 #: seconds between DROPPED warnings in the log (the counts add up meanwhile)

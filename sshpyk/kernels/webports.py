@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 from ..config import parse_forward
+from ..ssh.hosts import CHANNEL_WINDOW
 from ..tasks import TaskOwner
 from .forwards import _Accepted, _DirectEnd
 
@@ -105,9 +106,11 @@ class PortForward:
             target = self.target
             opening: Any
             if target.path:
-                opening = conn.create_unix_connection(factory, target.path)
+                opening = conn.create_unix_connection(factory, target.path, window=CHANNEL_WINDOW)
             else:
-                opening = conn.create_connection(factory, target.host, target.port)
+                opening = conn.create_connection(
+                    factory, target.host, target.port, window=CHANNEL_WINDOW
+                )
             await asyncio.wait_for(opening, CONNECT_TIMEOUT)
         except asyncio.CancelledError:
             accepted.close()

@@ -25,7 +25,13 @@ import asyncssh
 
 from ..errors import SSHConfigError, SSHPykError, translating
 
+#: bytes an SSH channel of a kernel's (the relay's link, a direct forward, a channel the
+#: connection broker relays) may have in flight: asyncssh's default is 2 MiB, which at
+#: 100 ms RTT caps a print-heavy cell at ~20 MB/s (benchmarks/RESULTS.md)
+CHANNEL_WINDOW = 8 << 20
+
 __all__ = [
+    "CHANNEL_WINDOW",
     "DEFAULT_KEEPALIVE_COUNT_MAX",
     "DEFAULT_KEEPALIVE_INTERVAL",
     "PREFERRED_CIPHERS",

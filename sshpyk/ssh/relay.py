@@ -20,11 +20,10 @@ import asyncssh
 from asyncssh import SSHForwarder
 
 from ..tasks import TaskOwner
+from .hosts import CHANNEL_WINDOW
 
 __all__ = ["CHANNEL_WINDOW", "ExecRelay", "Pipe", "open_stream"]
 
-#: Window of every relayed channel, on both hops (as sshpyk.kernels.link's).
-CHANNEL_WINDOW = 8 << 20
 
 _OPEN_FAILED = asyncssh.OPEN_CONNECT_FAILED
 
