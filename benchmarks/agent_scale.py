@@ -433,26 +433,33 @@ class Bench:
         ``wait`` s after a worker ended, and run dirs left in ``run_root``: killed and
         removed, and returned. We are a subreaper: orphans stay below us."""
         keep = {self.me} | ({self.sshd.proc.pid} if self.sshd.proc is not None else set())
-        deadline = time.monotonic() + wait
-        while True:  # bounded by the deadline
-            reap_zombies(self.me)
-            table = procstat.process_table()
-            extra = [p for p in procstat.descendants(self.me, table) if p not in keep]
-            extra = [p for p in extra if table[p].state != "Z"]
-            if not extra or time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
-        found = [table[p].cmdline[:120] for p in extra]
-        for pid in extra:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
-        time.sleep(0.2)
-        reap_zombies(self.me)
+        found = sweep_descendants(self.me, keep, wait)
         if run_root is not None and run_root.exists():
             for path in sorted(run_root.iterdir()):
                 found.append(f"run dir {path.name}")
             shutil.rmtree(run_root, ignore_errors=True)
         return found
+
+
+def sweep_descendants(me: int, keep: set[int], wait: float) -> list[str]:
+    """Our descendants but ``keep`` still there after ``wait`` s: killed, and returned
+    (their command lines)."""
+    deadline = time.monotonic() + wait
+    while True:  # bounded by the deadline
+        reap_zombies(me)
+        table = procstat.process_table()
+        extra = [p for p in procstat.descendants(me, table) if p not in keep]
+        extra = [p for p in extra if table[p].state != "Z"]
+        if not extra or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    found = [table[p].cmdline[:120] for p in extra]
+    for pid in extra:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    time.sleep(0.2)
+    reap_zombies(me)
+    return found
 
 
 def reap_zombies(me: int) -> None:

@@ -82,6 +82,7 @@ from agent_scale import (  # noqa: E402
     agent_pid,
     close_all,
     start_served,
+    sweep_descendants,
 )
 
 KERNELS = 32
@@ -816,33 +817,6 @@ def environment(res: Results, elapsed: float) -> str:
 # -- main -----------------------------------------------------------------------------------
 
 
-def sweep(me: int, keep: set[int], wait: float) -> list[str]:
-    """Our descendants but ``keep`` still there after ``wait`` s: killed, returned."""
-    deadline = time.monotonic() + wait
-    while True:  # bounded by the deadline
-        reap_zombies(me)
-        table = procstat.process_table()
-        extra = [p for p in procstat.descendants(me, table) if p not in keep]
-        extra = [p for p in extra if table[p].state != "Z"]
-        if not extra or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    found = [table[p].cmdline[:120] for p in extra]
-    for pid in extra:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGKILL)
-    time.sleep(0.2)
-    reap_zombies(me)
-    return found
-
-
-def reap_zombies(me: int) -> None:
-    for info in procstat.process_table().values():
-        if info.ppid == me and info.state == "Z":
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(info.pid, os.WNOHANG)
-
-
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="4 kernels, 15 s idle, 3 + 2 runs")
@@ -909,7 +883,7 @@ def main() -> int:
         status = 1
     finally:
         keep = {os.getpid()} | ({sshd.proc.pid} if sshd.proc is not None else set())
-        res.leftovers += sweep(os.getpid(), keep, wait=10.0)
+        res.leftovers += sweep_descendants(os.getpid(), keep, wait=10.0)
         sshd.stop()
         if (root / "run").exists():
             res.leftovers += [f"run dir {p.name}" for p in (root / "run").iterdir()]
