@@ -70,6 +70,13 @@ EDITS: list[tuple[str, list[str], str, Any]] = [
     ("--slurm-walltime-warning", ["--slurm-walltime-warning", "0"], "slurm_walltime_warning", 0.0),
     ("--slurm-status-interval", ["--slurm-status-interval", "5"], "slurm_status_interval", 5.0),
     ("--local-transport", ["--local-transport", "tcp"], "local_transport", "tcp"),
+    (
+        "--forward",
+        ["--forward", "18787", "--forward", "15432:db.internal:5432"],
+        "forward",
+        ["18787", "15432:db.internal:5432"],
+    ),
+    ("--auto-forward", ["--no-auto-forward"], "auto_forward", False),
     # clearing optional fields
     ("--pre-command", ["--pre-command", ""], "pre_command", None),
     ("--remote-cwd", ["--remote-cwd", ""], "remote_cwd", None),
@@ -109,6 +116,7 @@ def test_every_add_flag_is_editable() -> None:
         "--replace",
         "--no-check",
         "--no-persistent",  # tested below: the flag's other half
+        "--no-auto-forward",  # the other half of --auto-forward (listed with it above)
     }
     assert add_flags <= covered, add_flags - covered
 

@@ -42,11 +42,11 @@ def test_ps_shows_a_kernel_and_its_live_owner(sshd, run_root, owner) -> None:
     assert result.exit_code == 0, result.output
     header, *rows = result.stdout.splitlines()
     assert header.split() == (
-        "HOST KERNEL ID NAME PID STARTED LAST CONTACT LOCAL OWNER STATE".split()
+        "HOST KERNEL ID NAME PID STARTED LAST CONTACT LOCAL OWNER STATE PORTS".split()
     )
     (row,) = rows
     assert row.split()[:4] == [sshd.alias, owner.kernel_id, "python3", str(owner.pid)]
-    assert row.split()[-2:] == ["alive", "running"]
+    assert row.split()[-3:] == ["alive", "running", "-"]  # no web ports
     assert "s ago" in row
     (kernel,) = ps_json(sshd, run_root)
     assert kernel["kernel_id"] == owner.kernel_id and kernel["pid"] == owner.pid
@@ -134,7 +134,7 @@ def test_kill_orphans(sshd, run_root, no_leftovers) -> None:
         owner.sigkill()
         assert wait_until(lambda: not ps_json(sshd, run_root)[0]["attached"], 40, step=1.0)
         result = sshpyk("ps", *host_args(sshd, run_root))
-        assert result.stdout.splitlines()[1].split()[-2:] == ["gone", "running"]
+        assert result.stdout.splitlines()[1].split()[-3:] == ["gone", "running", "-"]
         result = sshpyk(
             "kill", sshd.alias, "--orphans", *host_args(sshd, run_root)[1:], input="y\n"
         )
