@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.metadata
 import os
 import pwd
 import secrets
@@ -60,6 +61,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from sshpyk import SSHSession
 from sshpyk.kernels.kernel import KernelOptions, RemoteKernel
@@ -145,32 +148,70 @@ def _works(user: SecondUser, python: str) -> bool:
     return result.returncode == 0 and result.stdout.strip() == "True"
 
 
+def _closure(names: tuple[str, ...]) -> list[importlib.metadata.Distribution]:
+    """The installed distributions ``names`` need (their requirements, transitively,
+    with the markers that apply here)."""
+    seen: dict[str, importlib.metadata.Distribution] = {}
+    todo = list(names)
+    while todo and len(seen) < 500:  # bounded: an environment has fewer packages
+        name = canonicalize_name(todo.pop())
+        if name in seen:
+            continue
+        try:
+            dist = importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        seen[name] = dist
+        for text in dist.requires or []:
+            requirement = Requirement(text)
+            if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+                todo.append(requirement.name)
+    return list(seen.values())
+
+
+def _copy_packages(dest: Path) -> None:
+    """Copy ipykernel, jupyter_client and what they need into ``dest`` (a site dir)."""
+    for dist in _closure(("ipykernel", "jupyter_client")):
+        for file in dist.files or []:
+            source = Path(str(dist.locate_file(file)))
+            if ".." in file.parts or not source.is_file():
+                continue  # scripts installed outside site-packages (bin/)
+            target = dest / file
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+
+
 def user_python(user: SecondUser, where: Path) -> str:
     """A Python with ipykernel and jupyter_client that ``user`` may execute."""
     if _works(user, sys.executable):
         return sys.executable
     # the test interpreter lives where the user cannot go (e.g. a 0700 home): a venv of a
-    # system Python of the same version that sees the test environment's packages
+    # system Python of the same version that sees the test environment's packages, or,
+    # where those are out of its reach too, copies of the packages the kernel needs
     version = "{}.{}".format(*sys.version_info[:2])
     packages = [p for p in site.getsitepackages() if os.path.isdir(p)]
+    copied = where / "site"
     for base in (f"/usr/bin/python{version}", f"/usr/local/bin/python{version}"):
         if not os.access(base, os.X_OK):
             continue
-        venv = where / f"venv{len(list(where.glob('venv*')))}"
-        made = subprocess.run(
-            [base, "-m", "venv", "--without-pip", str(venv)],
-            capture_output=True,
-            timeout=60,
-            stdin=subprocess.DEVNULL,
-        )
-        if made.returncode != 0:
-            continue
-        (venv / "lib" / f"python{version}" / "site-packages" / "sshpyk-tests.pth").write_text(
-            "".join(p + "\n" for p in packages)
-        )
-        python = str(venv / "bin" / "python")
-        if _works(user, python):
-            return python
+        for sources in ("shared", "copied"):
+            venv = where / f"venv{len(list(where.glob('venv*')))}"
+            made = subprocess.run(
+                [base, "-m", "venv", "--without-pip", str(venv)],
+                capture_output=True,
+                timeout=60,
+                stdin=subprocess.DEVNULL,
+            )
+            if made.returncode != 0:
+                break
+            if sources == "copied" and not copied.exists():
+                _copy_packages(copied)
+            paths = packages if sources == "shared" else [str(copied)]
+            site_dir = venv / "lib" / f"python{version}" / "site-packages"
+            (site_dir / "sshpyk-tests.pth").write_text("".join(p + "\n" for p in paths))
+            python = str(venv / "bin" / "python")
+            if _works(user, python):
+                return python
     pytest.skip(
         f"no Python {version} with ipykernel that {user.name} may execute "
         f"({sys.executable} is out of its reach, no usable system python{version})"
