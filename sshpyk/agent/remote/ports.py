@@ -8,9 +8,10 @@ A listener is a kernel's when:
 - it listens on TCP (IPv4 or IPv6), on a loopback address or on any address (a server
   bound to one interface's address is meant for that network, not for us);
 - its owner (/proc/net/tcp's uid) is this user, and a process of this user holds it;
-- that process is the kernel or a descendant of it (its parent chain reaches the
-  kernel), or it carries the kernel's ``SSHPYK_RUN_DIR`` in its environment: a server
-  that detached into a session of its own and was re-parented keeps it;
+- that process is the kernel or a descendant of it (in its process tree, read from
+  /proc/PID/task/TID/children), or it carries the kernel's ``SSHPYK_RUN_DIR`` in its
+  environment: a server that detached into a session of its own and was re-parented
+  keeps it;
 - it is none of the kernel's own sockets: a tcp kernel's five ZMQ ports, and any
   other ZMQ socket (ipykernel's output pipe for subprocesses listens on loopback): a
   new listener is probed once, and one that greets with ZMTP's signature right after
@@ -33,8 +34,6 @@ import struct
 _LISTEN = "0A"
 #: seconds a new listener has to greet like ZMQ (it does at once; HTTP never does)
 ZMTP_PROBE = 0.1
-#: parent links followed at most from a process up to its kernel
-_MAX_DEPTH = 64
 PROC_NET = ("/proc/net/tcp", "/proc/net/tcp6")
 
 
@@ -148,14 +147,6 @@ def listening(uid, paths=None):
     return _proc_listening(uid, paths)
 
 
-def _ppid(pid):
-    try:
-        with open("/proc/%d/stat" % pid, "rb") as f:
-            return int(f.read().rsplit(b") ", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return 0
-
-
 def _run_dir_of(pid):
     try:
         with open("/proc/%d/environ" % pid, "rb") as f:
@@ -264,15 +255,18 @@ class PortScanner:
             del self.known[inode]  # closed
         new = [i for i in found if i not in self.known]
         if new:
-            by_pid = {pid: key for key, (pid, _, _) in kernels.items() if pid}
+            # the kernels' process trees: whose each process is
+            tree = {}
+            for key, (pid, _, _) in kernels.items():
+                if pid:
+                    tree.update((p, key) for p in descendants(pid))
             by_dir = {os.path.realpath(d): key for key, (_, d, _) in kernels.items() if d}
-            tree = [p for pid in by_pid for p in descendants(pid)]
-            owners = socket_owners(new, self.uid, tree)
+            owners = socket_owners(new, self.uid, list(tree))
             rest = [i for i in new if i not in owners]
             if rest:  # a detached process (re-parented), or not a kernel's at all
                 owners.update(socket_owners(rest, self.uid))
             for inode in new:
-                key = self._kernel_of(owners.get(inode), by_pid, by_dir)
+                key = self._kernel_of(owners.get(inode), tree, by_dir)
                 if key is not None:
                     port, host, _ = found[inode]
                     if port in kernels[key][2] or speaks_zmtp(host, port):
@@ -283,8 +277,6 @@ class PortScanner:
             if key not in result:
                 continue  # a kernel no longer watched
             port, host, family = found[inode]
-            if port in kernels[key][2]:
-                continue  # the kernel's own ZMQ sockets
             current = result[key].get(port)
             if current is None or (family == 4 and current["family"] == 6):
                 result[key][port] = {"port": port, "host": host, "family": family}
@@ -294,16 +286,13 @@ class PortScanner:
         }
 
     @staticmethod
-    def _kernel_of(pid, by_pid, by_dir):
+    def _kernel_of(pid, tree, by_dir):
+        """The key of the kernel whose process ``pid`` is: in a kernel's tree, or
+        carrying its SSHPYK_RUN_DIR (a detached, re-parented one)."""
         if not pid:
             return None
-        current = pid
-        for _ in range(_MAX_DEPTH):  # up the parent chain, bounded
-            if current in by_pid:
-                return by_pid[current]
-            current = _ppid(current)
-            if current <= 1:
-                break
+        if pid in tree:
+            return tree[pid]
         run_dir = _run_dir_of(pid)
         if run_dir:
             return by_dir.get(os.path.realpath(run_dir))
