@@ -415,9 +415,38 @@ class RemoteKernel:
         await self.close()
 
     def client(self, **kwargs: Any) -> AsyncKernelClient:
-        """An AsyncKernelClient connected through the forwards (call start_channels())."""
+        """An AsyncKernelClient connected through the forwards (call start_channels()).
+
+        Its ``is_alive()`` (and so ``wait_for_ready()``) asks this kernel's process, as
+        the agent reported it, not the heartbeat: a heartbeat that misses its 1 s on a
+        loaded host or a slow link is not a dead kernel."""
+        client = _client_class()(**kwargs)
+        client.load_connection_info(cast(Any, self.connection_info()))
+        client.sshpyk_kernel = self
+        return client
+
+
+_CLIENT_CLASS: type[AsyncKernelClient] | None = None
+
+
+def _client_class() -> type[AsyncKernelClient]:
+    """The client class of :meth:`RemoteKernel.client` (jupyter_client imported late)."""
+    global _CLIENT_CLASS
+    if _CLIENT_CLASS is None:
         from jupyter_client.asynchronous import AsyncKernelClient
 
-        client = AsyncKernelClient(**kwargs)
-        client.load_connection_info(cast(Any, self.connection_info()))
-        return client
+        class RemoteKernelClient(AsyncKernelClient):
+            """Alive while the remote kernel's process runs (no heartbeat guess)."""
+
+            sshpyk_kernel: RemoteKernel | None = None
+
+            async def _async_is_alive(self) -> bool:
+                kernel = self.sshpyk_kernel
+                if kernel is None:
+                    return bool(await super()._async_is_alive())
+                return kernel.process is not None and kernel.poll() is None
+
+            is_alive = _async_is_alive
+
+        _CLIENT_CLASS = RemoteKernelClient
+    return _CLIENT_CLASS

@@ -391,9 +391,11 @@ class Serving:
         )
 
     def fail(self, failures: list[str]) -> None:
-        if failures:
+        if len(failures) > 1:
             more = f"; {len(failures) - 1} more failed, e.g. {failures[1]}"
-            raise AssertionError(failures[0] + (more if len(failures) > 1 else ""))
+            raise AssertionError(failures[0] + more)
+        if failures:
+            raise AssertionError(failures[0])
 
     async def start(self, session: SSHSession, index: int, gate: asyncio.Semaphore) -> None:
         async with gate:

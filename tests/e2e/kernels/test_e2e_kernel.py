@@ -199,3 +199,41 @@ async def test_embedding_api(sshd, run_root, no_leftovers) -> None:
         result = await session.run("echo $((6*7))")
         assert result.stdout.strip() == "42" and result.exit_status == 0
     no_leftovers()
+
+
+async def test_embedding_client_liveness_is_the_process_not_the_heartbeat(
+    sshd, run_root, no_leftovers
+) -> None:
+    """kernel.client()'s is_alive()/wait_for_ready() follow the remote process as the
+    agent reports it: a heartbeat that never answers (here: its port points nowhere, as a
+    heartbeat late by over 1 s on a loaded host looks to jupyter_client) is no death; an
+    exit is one, without a heartbeat."""
+    import socket
+
+    from sshpyk import SSHSession
+
+    async with await SSHSession.connect(sshd.alias, ssh_config=sshd.ssh_config) as session:
+        kernel = await session.start_kernel(
+            "python3", python=sys.executable, run_root=str(run_root)
+        )
+        async with kernel:
+            client = kernel.client()
+            with socket.socket() as unused:  # a port nobody listens on
+                unused.bind(("127.0.0.1", 0))
+                client.hb_port = unused.getsockname()[1]
+            client.start_channels()
+            try:
+                await client.wait_for_ready(timeout=60)
+                # the heartbeat's first 1 s (time_to_dead) counts as beating
+                assert wait_until(lambda: not client.hb_channel.is_beating(), 10)
+                assert await client.is_alive()
+                reply = await client.execute_interactive("1+1", timeout=30)
+                assert reply["content"]["status"] == "ok"
+                client.execute("import os; os._exit(3)")
+                deadline = time.monotonic() + 10
+                while await client.is_alive() and time.monotonic() < deadline:
+                    await asyncio.sleep(0.05)
+                assert not await client.is_alive() and kernel.poll() == 3
+            finally:
+                client.stop_channels()
+    no_leftovers()
