@@ -423,13 +423,13 @@ class RemoteKernel:
         client = _client_class()(**kwargs)
         client.load_connection_info(cast(Any, self.connection_info()))
         client.sshpyk_kernel = self
-        return client
+        return cast("AsyncKernelClient", client)
 
 
-_CLIENT_CLASS: type[AsyncKernelClient] | None = None
+_CLIENT_CLASS: type[Any] | None = None
 
 
-def _client_class() -> type[AsyncKernelClient]:
+def _client_class() -> type[Any]:
     """The client class of :meth:`RemoteKernel.client` (jupyter_client imported late)."""
     global _CLIENT_CLASS
     if _CLIENT_CLASS is None:
