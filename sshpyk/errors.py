@@ -9,7 +9,10 @@
     │   ├── HostRefusedError  nothing listens on the port
     │   ├── ConnectTimeoutError   no answer in time
     │   ├── AuthenticationError   no key was accepted
-    │   │   └── LoginPromptError      a password/code/passphrase was wrong or nobody could be asked
+    │   │   ├── LoginPromptError      a password/code/passphrase was wrong or nobody could be asked
+    │   │   └── KerberosError         a GSSAPI (Kerberos) login failed: wrong principal/realm, ...
+    │   │       ├── KerberosTicketError       no ticket, or an expired one: `kinit`
+    │   │       └── KerberosUnavailableError  no gssapi package: the kerberos extra
     │   └── HostKeyError          host key not verified against known_hosts
     │       ├── UnknownHostKeyError   no known_hosts entry for the host
     │       └── ChangedHostKeyError   an entry with another key (maybe an attack)
@@ -67,6 +70,9 @@ __all__ = [
     "HostKeyError",
     "HostNotFoundError",
     "HostRefusedError",
+    "KerberosError",
+    "KerberosTicketError",
+    "KerberosUnavailableError",
     "KernelStartError",
     "KernelStartTimeoutError",
     "LaunchFailedError",
@@ -127,6 +133,21 @@ class LoginPromptError(AuthenticationError):
 
 class BatchModeError(LoginPromptError):
     """The login needs a person and the ssh config says never to ask (BatchMode yes)."""
+
+
+class KerberosError(AuthenticationError):
+    """A Kerberos (GSSAPI) login failed: the realm has no principal for the host, the
+    server refused the user's principal, no KDC answered, or the server offers no
+    GSSAPI although the ssh config asks for it."""
+
+
+class KerberosTicketError(KerberosError):
+    """There is no Kerberos ticket, or it has expired: run ``kinit``."""
+
+
+class KerberosUnavailableError(KerberosError):
+    """The server takes Kerberos but the ``gssapi`` package (the ``kerberos`` extra)
+    is not installed."""
 
 
 class HostKeyError(ConnectError):

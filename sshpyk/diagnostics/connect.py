@@ -18,6 +18,7 @@ from ..errors import (
     HostKeyError,
     HostNotFoundError,
     HostRefusedError,
+    KerberosError,
     LoginPromptError,
     SSHPykError,
 )
@@ -53,9 +54,16 @@ class TimingClient(KeyRecorder):
         if not self.auth_offered:
             return ""
         text = f"server offered {', '.join(self.auth_offered)}"
-        if self.auth_tried:
+        tried = self.auth_tried
+        principal = self.gss_principal if "auth" in self.marks else None
+        if tried and principal is not None and tried[-1].startswith("gssapi"):
+            # Kerberos: say which principal got in (klist shows the same ticket)
+            if tried[:-1]:
+                text += f"; tried: {' then '.join(tried[:-1])}"
+            text += f"; {tried[-1]} succeeded as Kerberos principal {principal}"
+        elif tried:
             done = "succeeded" if "auth" in self.marks else "tried"
-            text += f"; {done}: {' then '.join(self.auth_tried)}"
+            text += f"; {done}: {' then '.join(tried)}"
         return text
 
 
@@ -121,8 +129,11 @@ async def stage_connect(d: Diagnosis) -> None:
     auth_at = marks.get("auth", key_at)
     d.record("tcp", Status.OK, tcp_at - started, f"{settings.hostname}:{settings.port}{via}")
     key = conn.get_server_host_key()
-    key_text = f"{key.get_algorithm()} {key.get_fingerprint()}" if key else "host key"
-    d.record("hostkey", Status.OK, key_at - tcp_at, f"{key_text} matches known_hosts")
+    if key is not None:
+        key_detail = f"{key.get_algorithm()} {key.get_fingerprint()} matches known_hosts"
+    else:  # GSSAPIKeyExchange: the server sends no host key
+        key_detail = "no host key: Kerberos authenticated the host (GSSAPIKeyExchange)"
+    d.record("hostkey", Status.OK, key_at - tcp_at, key_detail)
     user = conn.get_extra_info("username") or settings.user
     methods = clients[-1].auth_methods() if clients else ""
     detail = f"logged in as {user}" + (f" ({methods})" if methods else "")
@@ -220,6 +231,11 @@ def _connect_failed(
         )
     elif timed_out:
         fix = f"the host did not finish authentication in time: try `ssh -v {t.alias} true`"
+    elif isinstance(error, KerberosError):
+        fix = (
+            "the line above says what to run or fix; `klist` shows your ticket, and "
+            f"`ssh -K -v {t.alias} true` tries the same login (README: Kerberos)"
+        )
     elif isinstance(error, LoginPromptError):
         fix = (
             f"run `ssh {t.alias} true` in a terminal to check what the server asks; for "

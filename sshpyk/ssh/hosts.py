@@ -3,7 +3,8 @@
 :func:`host_options` is the one place that turns an alias (or a ProxyJump hop or
 chain) into asyncssh's connection options: what the ssh config says (HostName, User,
 Port, IdentityFile, ProxyJump, Ciphers, ...) plus sshpyk's defaults on top
-(keepalive always on, AES-GCM first). Kernels, bastions and ``sshpyk check`` all
+(keepalive always on, AES-GCM first, GSSAPI only where the config asks for it, as in
+OpenSSH: :mod:`sshpyk.ssh.kerberos`). Kernels, bastions and ``sshpyk check`` all
 connect with what it returns. The other functions answer the CLI's questions about
 the config: which ``Host`` aliases exist (shell completion), whether an alias is one
 of them, what an alias resolves to (``sshpyk check``).
@@ -24,6 +25,7 @@ from typing import Any
 import asyncssh
 
 from ..errors import SSHConfigError, SSHPykError, translating
+from .kerberos import GSSSettings, gss_settings
 
 #: bytes an SSH channel of a kernel's (the relay's link, a direct forward, a channel the
 #: connection broker relays) may have in flight: asyncssh's default is 2 MiB, which at
@@ -154,13 +156,15 @@ class HostOptions:
 
     ``options`` are what the ssh config says; ``overrides`` are keyword arguments for
     ``asyncssh.connect`` that sshpyk adds on top (keepalive when the config sets none,
-    AES-GCM first when it chose no ``Ciphers``).
+    AES-GCM first when it chose no ``Ciphers``, GSSAPI as ``gss`` says).
     """
 
     target: JumpTarget
     ssh_config: str | None
     options: asyncssh.SSHClientConnectionOptions
     overrides: dict[str, Any]
+    #: GSSAPI (Kerberos) as the ssh config sets it, OpenSSH's defaults (off) otherwise
+    gss: GSSSettings = field(default_factory=GSSSettings)
 
     @property
     def proxy_jump(self) -> str | None:
@@ -193,7 +197,10 @@ async def host_options(alias: str, ssh_config: str | None) -> HostOptions:
     preferred = preferred_ciphers(list(options.encryption_algs))
     if preferred is not None:
         overrides["encryption_algs"] = [alg.decode("ascii") for alg in preferred]
-    return HostOptions(target, ssh_config, options, overrides)
+    # asyncssh tries GSSAPI unless the config turns it off; ssh(1) only if it turns it on
+    gss = gss_settings(options)
+    overrides.update(gss.overrides())
+    return HostOptions(target, ssh_config, options, overrides, gss)
 
 
 # -- what the config says ----------------------------------------------------------------

@@ -62,6 +62,7 @@ import asyncssh
 from ..errors import HostKeyError, SSHConfigError, SSHPykError
 from .hostkeys import KeyRecorder, RecorderFactory, host_key_error
 from .hosts import HostOptions, JumpTarget, host_options
+from .kerberos import login_error
 from .prompt import LoginPrompter, PromptSettings, prompt_settings
 
 __all__ = [
@@ -195,10 +196,12 @@ async def connect_via(
         await nudge_bastion(tunnel, tunnel_alias or "bastion")
     offered: list[tuple[asyncssh.SSHKey, str]] = []
     prompter = _prompter(host, reconnect)
+    clients: list[KeyRecorder] = []
 
     def make_client() -> KeyRecorder:
         client = client_factory(offered)
         client.prompter = prompter
+        clients.append(client)
         return client
 
     try:
@@ -213,6 +216,18 @@ async def connect_via(
     except asyncssh.HostKeyNotVerifiable as exc:
         raise await _host_key_error(exc, host, offered, tunnel) from exc
     except (asyncssh.PermissionDenied, asyncssh.KeyImportError) as exc:
+        if isinstance(exc, asyncssh.PermissionDenied):
+            # Kerberos first: with GSSAPI configured, a missing ticket is the reason a
+            # password prompt was reached at all
+            kerberos = await login_error(
+                host.gss,
+                label=prompter.label,
+                alias=host.target.name,
+                user=str(host.options.username),
+                offered=clients[-1].auth_offered if clients else [],
+            )
+            if kerberos is not None:
+                raise kerberos from exc
         if prompter.failure is None:
             raise
         raise prompter.error(prompter.failure) from exc

@@ -270,16 +270,43 @@ class PromptingClient(asyncssh.SSHClient):
                 return await keys()
 
             setattr(conn, "public_key_auth_requested", noted)  # noqa: B010
+        # GSSAPI (sshpyk.ssh.kerberos) is decided on the connection's side too: asyncssh
+        # asks itself whether to try each method the server offers
+        for hook_name, method in (
+            ("gss_kex_auth_requested", "gssapi-keyex"),
+            ("gss_mic_auth_requested", "gssapi-with-mic"),
+        ):
+            hook = getattr(conn, hook_name, None)
+            if callable(hook):
+                setattr(conn, hook_name, self._noting(hook, method))
 
-    def _note(self, method: str) -> None:
+    def _noting(self, hook: Callable[[], bool], method: str) -> Callable[[], bool]:
+        def noted() -> bool:
+            tried = hook()
+            self._note(method, tried=bool(tried))
+            return tried
+
+        return noted
+
+    def _note(self, method: str, *, tried: bool = True) -> None:
         if self._conn is not None:
             for offered in self._conn.get_server_auth_methods():
                 if offered not in self.auth_offered and offered != "none":
                     self.auth_offered.append(offered)
         if method not in self.auth_offered:
             self.auth_offered.append(method)
-        if method not in self.auth_tried:
+        if tried and method not in self.auth_tried:
             self.auth_tried.append(method)
+
+    @property
+    def gss_principal(self) -> str | None:
+        """The Kerberos principal a GSSAPI login used, once it succeeded."""
+        if self._conn is None or not any(m.startswith("gssapi") for m in self.auth_tried):
+            return None
+        try:
+            return self._conn.get_gss_context().user
+        except (AssertionError, AttributeError, ValueError):
+            return None
 
     async def password_auth_requested(self) -> str | None:  # type: ignore[override]
         self._note("password")
