@@ -216,9 +216,9 @@ async def connect_via(
     except asyncssh.HostKeyNotVerifiable as exc:
         raise await _host_key_error(exc, host, offered, tunnel) from exc
     except (asyncssh.PermissionDenied, asyncssh.KeyImportError) as exc:
-        if isinstance(exc, asyncssh.PermissionDenied):
-            # Kerberos first: with GSSAPI configured, a missing ticket is the reason a
-            # password prompt was reached at all
+        if isinstance(exc, asyncssh.PermissionDenied) and not prompter.tries:
+            # nobody was asked for anything (else that answer's failure is the news):
+            # why Kerberos did not get in, where it could have
             kerberos = await login_error(
                 host.gss,
                 label=prompter.label,

@@ -286,6 +286,18 @@ def test_check_shows_gssapi_with_mic_succeeded(realm, monkeypatch) -> None:
     assert "gssapi-with-mic succeeded as Kerberos principal root@SSHPYK.TEST" in auth["detail"]
 
 
+def test_check_with_gssapi_key_exchange(realm, monkeypatch) -> None:
+    realm.ticket(monkeypatch)
+    result = sshpyk("check", "--json", "krb-kex", "--ssh-config", str(realm.config), "--no-kernel")
+    stages = {stage["stage"]: stage for stage in json.loads(result.stdout)["stages"]}
+    assert stages["hostkey"]["status"] == "ok", stages["hostkey"]
+    assert "Kerberos authenticated the host" in stages["hostkey"]["detail"]
+    assert (
+        "gssapi-keyex succeeded as Kerberos principal root@SSHPYK.TEST"
+        in (stages["auth"]["detail"])
+    )
+
+
 def test_check_without_ticket_says_kinit(realm) -> None:
     result = sshpyk("check", "krb", "--ssh-config", str(realm.config), "--no-kernel")
     assert result.exit_code == 1
