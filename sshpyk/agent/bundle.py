@@ -32,6 +32,7 @@ CORE_MODULES = (
     "spares",
     "ports",
     "workers",
+    "owners",
     "agent",
     "main",
 )

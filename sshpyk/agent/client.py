@@ -2,11 +2,9 @@
 
 The agent's code is sent on the channel's stdin (:mod:`sshpyk.agent.command`), followed
 by JSON request lines (:mod:`sshpyk.agent.remote.protocol`; launch requests carry the
-HMAC key: never argv). One agent runs per (SSH connection, remote python, pre-command,
-grace, run root) and supervises every kernel started through it; the agents of a
-connection live in its ``services`` slot (:mod:`sshpyk.agent.registry`). Every request has a
-timeout; the agent's background tasks (heartbeat, recovery, channel readers) are owned
-(:class:`~sshpyk.tasks.TaskOwner`) and closed with it.
+HMAC key: never argv). The agents of a connection are found in :mod:`sshpyk.agent.registry`.
+Every request has a timeout; the background tasks (heartbeat, recovery, channel readers)
+are owned (:class:`~sshpyk.tasks.TaskOwner`) and closed with it.
 """
 
 from __future__ import annotations
@@ -18,7 +16,7 @@ import json
 import logging
 import secrets
 import time
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncssh
@@ -40,6 +38,7 @@ from .command import load_fields, remote_command
 from .kinds import last_lines, remote_error
 from .process import LOST, EventListener, KernelProcess
 from .remote.protocol import PROTOCOL, Event, Op
+from .request import LaunchRequest
 
 __all__ = [
     "AGENT_START_TIMEOUT",
@@ -59,34 +58,6 @@ _MAX_NOISE_LINES = 200
 DEFAULT_REQUEST_TIMEOUT = 30.0
 #: seconds from the exec to the agent's hello (login shell, pre-command, interpreter)
 AGENT_START_TIMEOUT = 120.0
-
-
-@dataclass
-class LaunchRequest:
-    """A ``launch`` request: the kernel's HMAC key and its launch options, i.e. the
-    :class:`~sshpyk.config.KernelConfig` fields marked ``request``, under their kernel
-    names (kernel_name, transport, env, cwd, persistent, launcher, slurm_args, ...)."""
-
-    key: str
-    signature_scheme: str = "hmac-sha256"
-    options: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def launcher(self) -> str:
-        return str(self.options.get("launcher") or DEFAULTS.launcher)
-
-    @property
-    def persistent(self) -> bool:
-        return bool(self.options.get("persistent", DEFAULTS.persistent))
-
-    def message(self, kid: str) -> dict[str, Any]:
-        return {
-            "op": Op.LAUNCH,
-            "kid": kid,
-            "key": self.key,
-            "signature_scheme": self.signature_scheme,
-            **self.options,
-        }
 
 
 def _heartbeat_interval(grace: float) -> float:
@@ -145,10 +116,14 @@ class RemoteAgent:
         self._tasks = TaskOwner(f"[{self.alias}] agent")
         self._lost_error: SSHPykError | None = None
         self._closing = False
-        #: we spawned it: closing tells it to stop (non-persistent) kernels
+        #: closing tells it to stop our (non-persistent) kernels; False: only hang up
         self.owner = True
+        #: who this process is to the agent (its kernels are ours: see remote/owners.py)
+        self.token = secrets.token_hex(16)
         self._loaded: set[str] = set()
         self._load_lock = asyncio.Lock()
+        #: awaited after each reattach (a new broker must learn the agent again)
+        self.on_reattach: list[Callable[[], Awaitable[None]]] = []
 
     @property
     def alive(self) -> bool:
@@ -188,6 +163,13 @@ class RemoteAgent:
         self.connected.set()
         return event
 
+    async def _open_attached(self, socket_path: str) -> dict[str, Any]:
+        """A channel to the agent's control socket; this process claims its kernels on it
+        (its first message: the agent counts it as this owner's contact from then on)."""
+        hello = await self._open_channel({"op": Op.ATTACH, "socket": socket_path})
+        self.send({"op": Op.CLAIM, "owner": self.token})
+        return hello
+
     async def _close_channel(self) -> None:
         """Close the current channel and wait for its tasks (bounded)."""
         process, channel = self.process, self._channel
@@ -208,6 +190,7 @@ class RemoteAgent:
             "link_grace": self.link_grace,
             "heartbeat": _heartbeat_interval(self.grace),
             "run_root": self.run_root,
+            "owner": self.token,
         }
         try:
             await self._open_channel(hello)
@@ -227,13 +210,20 @@ class RemoteAgent:
         *,
         grace: float = DEFAULTS.grace_period,
         link_grace: float = DEFAULTS.link_grace,
+        run_root: str | None = None,
+        owner: bool = False,
     ) -> RemoteAgent:
-        """Connect to an agent that already runs (e.g. one holding persistent kernels)."""
-        agent = cls(session, python, pre_command, grace=grace, link_grace=link_grace, run_root=None)
+        """Connect to an agent that already runs (e.g. one holding persistent kernels).
+
+        ``owner``: this process launches kernels there (an agent shared with other
+        processes): closing stops them; else closing only hangs up."""
+        agent = cls(
+            session, python, pre_command, grace=grace, link_grace=link_grace, run_root=run_root
+        )
         agent.socket_path = socket_path
-        agent.owner = False  # closing only hangs up: the kernels belong to their owner
+        agent.owner = owner
         try:
-            await agent._open_channel({"op": Op.ATTACH, "socket": socket_path})
+            await agent._open_attached(socket_path)
         except BaseException:
             await asyncio.shield(agent._close_channel())
             raise
@@ -367,6 +357,11 @@ class RemoteAgent:
                 time.monotonic() - started,
                 attempt,
             )
+            for hook in self.on_reattach:
+                try:
+                    await hook()
+                except (SSHPykError, asyncio.TimeoutError) as exc:
+                    log.warning("[%s] after the reattach: %s", self.alias, exc)
             return
         if not self._closing:
             log.error("[%s] kernels lost: %s", self.alias, error)
@@ -376,7 +371,7 @@ class RemoteAgent:
         if not self.socket_path:
             raise AgentGoneError(f"the agent on {self.alias!r} has no control socket")
         await self._close_channel()
-        await self._open_channel({"op": Op.ATTACH, "socket": self.socket_path})
+        await self._open_attached(self.socket_path)
         self.reattached += 1
         event = await self.request(Op.STATE)
         states = {str(k["kid"]): k for k in event.get("kernels") or []}
@@ -463,10 +458,6 @@ class RemoteAgent:
                 await self.request(Op.LOAD, **load_fields(name))
                 self._loaded.add(name)
 
-    async def load_slurm(self) -> None:
-        """:meth:`load` the SLURM launcher."""
-        await self.load("slurm")
-
     async def ps(
         self,
         run_root: str | None = None,
@@ -516,7 +507,7 @@ class RemoteAgent:
     async def slurm_info(self, args: list[str] | None = None) -> dict[str, Any]:
         """SLURM as the agent sees it: version, srun's path, partitions; with ``args``,
         also whether ``srun --test-only ARGS`` accepts them (SlurmArgsError if not)."""
-        await self.load_slurm()
+        await self.load("slurm")
         event = await self.request(Op.SLURM_INFO, args=args)
         return {k: v for k, v in event.items() if k not in ("v", "event", "rid")}
 

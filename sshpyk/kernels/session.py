@@ -13,7 +13,7 @@ import asyncio
 from typing import Any
 
 from ..agent.client import RemoteAgent
-from ..agent.registry import AgentRegistry
+from ..agent.registry import AgentRegistry, start_or_join
 from ..config import DEFAULTS
 from ..ssh import session as ssh_session
 from .kernel import KernelOptions, RemoteKernel
@@ -40,6 +40,7 @@ class SSHSession(ssh_session.Session):
         kernels ``grace`` seconds once this side is known gone, ``link_grace`` seconds
         while this side is silent (see :class:`~sshpyk.agent.client.RemoteAgent`)."""
         await self.connection()
+        key = (python, pre_command, grace, link_grace, run_root)
 
         async def start() -> RemoteAgent:
             agent = RemoteAgent(
@@ -48,9 +49,19 @@ class SSHSession(ssh_session.Session):
             await agent.start()
             return agent
 
-        return await AgentRegistry.of(self.shared).get(
-            (python, pre_command, grace, link_grace, run_root), start
-        )
+        async def join(socket_path: str) -> RemoteAgent:
+            return await RemoteAgent.attach(
+                self, socket_path, python, pre_command, grace=grace, link_grace=link_grace,
+                run_root=run_root, owner=True,
+            )  # fmt: skip
+
+        async def start_or_join_shared() -> RemoteAgent:
+            control = await self.shared.control(self._connect_timeout)
+            if control is None:  # not through a connection broker: this process's own
+                return await start()
+            return await start_or_join(control, key, start, join)
+
+        return await AgentRegistry.of(self.shared).get(key, start_or_join_shared)
 
     async def attach_agent(
         self,

@@ -144,7 +144,7 @@ class SlurmLauncher(Launcher):
 
     async def prepare(self, agent: RemoteAgent) -> None:
         """Send the SLURM launcher's remote code to the agent (once per agent)."""
-        await agent.load_slurm()
+        await agent.load("slurm")
 
     def event_listener(self, logger: Any, alias: str, kernel_id: str) -> EventListener:
         return slurm_logger(logger, alias, kernel_id)

@@ -63,6 +63,7 @@ from .brokered import (
     Request,
     encode_error,
 )
+from .control import SUBSYSTEM, ControlSession, Slots, Wills
 from .relay import CHANNEL_WINDOW, ExecRelay, open_stream
 
 __all__ = ["LINGER", "Broker", "Upstream", "main"]
@@ -88,11 +89,58 @@ def _one_line(exc: BaseException) -> str:
 # -- clients and upstreams ---------------------------------------------------------------
 
 
+class _ClientSession(ExecRelay):
+    """A client's session channel: relayed upstream, but for the broker's own control
+    subsystem (:mod:`sshpyk.ssh.control`), which the broker answers itself."""
+
+    def __init__(self, client: _Downstream) -> None:
+        super().__init__(client.upstream_conn, client.broker.tasks, client.alias)
+        self._client = client
+        self._control: ControlSession | None = None
+
+    def subsystem_requested(self, subsystem: str) -> bool:
+        client, upstream = self._client, self._client.upstream
+        if subsystem != SUBSYSTEM or upstream is None:
+            return super().subsystem_requested(subsystem)
+        key = (upstream.alias, upstream.ssh_config)
+        broker = client.broker
+
+        def conn() -> asyncssh.SSHClientConnection | None:
+            current = broker.upstreams.get(key)
+            return current.conn if current is not None else None
+
+        self._control = ControlSession(upstream.slots, broker.wills, client.pid, key, conn)
+        self._control.connection_made(self._chan)  # type: ignore[arg-type]
+        return True
+
+    def session_started(self) -> None:
+        if self._control is None:
+            super().session_started()
+
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        if self._control is not None:
+            self._control.data_received(data, datatype)
+        else:
+            super().data_received(data, datatype)
+
+    def eof_received(self) -> bool:
+        if self._control is not None:
+            return self._control.eof_received()
+        return super().eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._control is not None:
+            self._control.connection_lost(exc)
+        super().connection_lost(exc)
+
+
 class _Downstream(asyncssh.SSHServer):
     """One client connection (a local process) on the broker."""
 
-    def __init__(self, broker: Broker) -> None:
+    def __init__(self, broker: Broker, pid: int) -> None:
         self.broker = broker
+        #: the client process (SO_PEERCRED at accept): its last wills are for this pid
+        self.pid = pid
         self.conn: asyncssh.SSHServerConnection | None = None
         self.upstream: Upstream | None = None
         self.closed = False
@@ -144,7 +192,7 @@ class _Downstream(asyncssh.SSHServer):
     def session_requested(self) -> Any:
         assert self.conn is not None
         chan = self.conn.create_server_channel(encoding=None, window=CHANNEL_WINDOW)
-        return chan, ExecRelay(self.upstream_conn, self.broker.tasks, self.alias)
+        return chan, _ClientSession(self)
 
     def unix_connection_requested(self, dest_path: str) -> Any:
         assert self.conn is not None
@@ -188,6 +236,8 @@ class Upstream:
         self.alias = alias
         self.ssh_config = ssh_config
         self.shared = pool.acquire(alias, ssh_config, persist=0)
+        #: what the clients share through the control channel (e.g. their agents)
+        self.slots = Slots()
         self.clients: set[_Downstream] = set()
         self.persist = 0.0
         self._expiry: asyncio.TimerHandle | None = None
@@ -219,6 +269,7 @@ class Upstream:
         if conn is not self._watched:
             self._watched = conn
             self.broker.tasks.create_task(self._watch(conn), name=f"watch-{self.alias}")
+            self.broker.wills.connected((self.alias, self.ssh_config), conn)
 
     def leave(self, client: _Downstream) -> None:
         if client in self.clients:
@@ -267,6 +318,7 @@ class Broker:
         self.paths = paths
         self.linger = linger
         self.tasks = TaskOwner("[broker]", log)
+        self.wills = Wills(self.tasks)
         self.upstreams: dict[tuple[str, str | None], Upstream] = {}
         self.clients: set[_Downstream] = set()
         self._releasing = 0
@@ -371,6 +423,7 @@ class Broker:
             for client in list(self.clients):
                 if client.conn is not None:
                     client.conn.close()
+            self.wills.close()
             await self.tasks.aclose()
             await pool.close_all(CLOSE_TIMEOUT)
         log.info("stopped")
@@ -411,12 +464,13 @@ class Broker:
                 )
                 sock.close()
                 continue
-            self.tasks.create_task(self._serve(sock), name=f"client-{creds[0]}")
+            pid = int(creds[0] or 0)
+            self.tasks.create_task(self._serve(sock, pid), name=f"client-{pid}")
 
-    async def _serve(self, sock: socket.socket) -> None:
+    async def _serve(self, sock: socket.socket, pid: int) -> None:
         try:
             await asyncssh.run_server(
-                sock, options=self._options, server_factory=lambda: _Downstream(self)
+                sock, options=self._options, server_factory=lambda: _Downstream(self, pid)
             )
         except (asyncssh.Error, OSError) as exc:
             if not str(getattr(exc, "reason", "")).startswith(ERROR_PREFIX):  # logged already

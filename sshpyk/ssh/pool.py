@@ -30,6 +30,7 @@ import asyncssh
 
 from ..errors import ConnectTimeoutError, ForwardingRefusedError, translating
 from . import brokered, jump
+from .control import BrokerControl
 from .hostkeys import KeyRecorder, RecorderFactory
 from .hosts import host_options
 
@@ -71,6 +72,10 @@ class SharedConnection:
         self._close_hooks: list[CloseHook] = []
         self._lock = asyncio.Lock()
         self._forwarding_checked: set[str] = set()
+        #: the connection is the broker's (not a diagnosis made in-process)
+        self.via_broker = False
+        self._control: BrokerControl | None = None
+        self._control_lock = asyncio.Lock()
 
     @property
     def connected(self) -> bool:
@@ -121,7 +126,8 @@ class SharedConnection:
     ) -> asyncssh.SSHClientConnection:
         with translating(self.alias, config=self.ssh_config):
             # a diagnosis (its own client_factory) times the real handshake: in-process
-            if self.brokered and client_factory is KeyRecorder:
+            self.via_broker = self.brokered and client_factory is KeyRecorder
+            if self.via_broker:
                 return await brokered.connect(
                     self.alias, self.ssh_config, persist=self.persist, timeout=timeout
                 )
@@ -145,6 +151,21 @@ class SharedConnection:
             if self.bastion is None:
                 self.bastion = acquire(hop, self.ssh_config)
             return await self.bastion.ensure_connected(timeout)
+
+    async def control(self, timeout: float) -> BrokerControl | None:
+        """The connection broker's control channel (:mod:`sshpyk.ssh.control`) on this
+        connection, opened once per connection; None when not connected through a
+        broker."""
+        conn = await self.ensure_connected(timeout)
+        if not self.via_broker:
+            return None
+        async with self._control_lock:
+            control = self._control
+            if control is None or control.closed or control.conn is not conn:
+                if control is not None:
+                    await control.aclose()
+                self._control = control = await BrokerControl.open(self.alias, conn)
+            return control
 
     async def check_forwarding(self, transport: str, endpoint: str | int) -> None:
         """Fail clearly if sshd refuses the forwarding a transport needs.
@@ -193,6 +214,9 @@ class SharedConnection:
             for result in results:
                 if isinstance(result, BaseException):
                     log.warning("[%s] a close hook failed: %r", self.alias, result)
+        control, self._control = self._control, None
+        if control is not None:
+            await control.aclose()
         conn, self.conn = self.conn, None
         if conn is not None:
             conn.close()

@@ -149,14 +149,19 @@ class ClientProcess:
             if not ready:
                 break
             line = self.proc.stdout.readline()
-            if line.strip():
+            if line.startswith("{"):
                 return dict(json.loads(line))
-            if self.proc.poll() is not None:
+            if line.strip():
+                print(f"client said: {line.rstrip()}")  # not a report (a library's print)
+            elif self.proc.poll() is not None:
                 break
-        self.close(5)
-        raise AssertionError(f"client said nothing: {self.proc.stderr and self.proc.stderr.read()}")
+        self.close(5, keep_stderr=True)
+        assert self.proc.stderr is not None
+        stderr = self.proc.stderr.read()[-3000:]
+        self.proc.stderr.close()
+        raise AssertionError(f"client said nothing: {stderr}")
 
-    def close(self, timeout: float = 30.0) -> int | None:
+    def close(self, timeout: float = 30.0, keep_stderr: bool = False) -> int | None:
         """Let it close its session and exit (killed if it does not)."""
         with contextlib.suppress(OSError, ValueError):
             assert self.proc.stdin is not None
@@ -169,6 +174,67 @@ class ClientProcess:
             self.proc.wait(5)
             return None
         finally:
-            for stream in (self.proc.stdout, self.proc.stderr):
+            for stream in (self.proc.stdout, None if keep_stderr else self.proc.stderr):
                 if stream is not None:
                     stream.close()
+
+
+#: a process holding one kernel through the broker: reports the kernel's and its
+#: agent's pids, then obeys stdin lines: "check" (runs 6*7 on the kernel), "quit"
+KERNEL_CLIENT = r"""
+import asyncio, json, sys
+from sshpyk import SSHSession
+from sshpyk.kernels.kernel import KernelOptions
+
+async def main(alias, config, python, run_root, grace, link_grace):
+    options = KernelOptions(python=python, run_root=run_root, grace=float(grace),
+                            link_grace=float(link_grace))
+    async with await SSHSession.connect(alias, ssh_config=config, connect_timeout=30) as s:
+        kernel = await s.start_kernel(options=options)
+        kc = kernel.client()
+        kc.start_channels()
+        await kc.wait_for_ready(timeout=60)
+        print(json.dumps({"pid": kernel.process.pid, "agent": kernel.process.agent.pid}),
+              flush=True)
+        loop = asyncio.get_running_loop()
+        while (line := (await loop.run_in_executor(None, sys.stdin.readline)).strip()):
+            if line == "check":
+                reply = await kc.execute_interactive("6*7", timeout=30, output_hook=lambda m: None)
+                print(json.dumps({"status": reply["content"]["status"]}), flush=True)
+            elif line == "quit":
+                break
+        kc.stop_channels()
+        await kernel.close()
+    print(json.dumps({"bye": True}), flush=True)
+
+asyncio.run(main(*sys.argv[1:7]))
+"""
+
+
+class KernelClientProcess(ClientProcess):
+    """:data:`KERNEL_CLIENT` in its own process (its first report: the pids)."""
+
+    def __init__(
+        self,
+        path: Path,
+        persist: float,
+        alias: str,
+        config: Path,
+        run_root: Path,
+        grace: float,
+        link_grace: float,
+    ) -> None:
+        argv = [alias, str(config), sys.executable, str(run_root), f"{grace:g}", f"{link_grace:g}"]
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", KERNEL_CLIENT, *argv],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env_for(path, persist),
+        )
+
+    def send(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()

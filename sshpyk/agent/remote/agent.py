@@ -32,10 +32,11 @@ import time
 
 from . import direct  # noqa: F401  (registers the direct launcher)
 from .direct import tail
-from .jsonlines import Output, read_messages, stdout_writer
+from .jsonlines import Output
 from .kernelspecs import describe_kernelspec, jupyter_client_version
 from .launcher import launcher_class
 from .loader import install
+from .owners import NOBODY, Owners, socket_controller, stdio_controller
 from .paths import (
     checked_run_root,
     default_run_roots,
@@ -59,55 +60,6 @@ PORT_SCAN_INTERVAL = 1.0
 WORKERS_JOIN = TERM_WAIT + KILL_WAIT + 20.0
 
 
-class Controller:
-    """A local side talking to the agent: the SSH channel's stdio, or a reattached socket.
-    Its reader thread posts ``("msg", (controller, dict))`` and, at EOF, ``("eof", c)``."""
-
-    def __init__(self, agent, reader, writer, closer):
-        self.agent = agent
-        self.reader = reader
-        self.writer = writer
-        self.closer = closer
-        self.heard = False  # has it sent a message yet (see Agent.attach)
-
-    def start(self):
-        threading.Thread(target=self._read, name="controller", daemon=True).start()
-
-    def _read(self):
-        read_messages(self.reader, lambda msg: self.agent.events.put(("msg", (self, msg))))
-        self.agent.events.put(("eof", self))
-
-    def close(self):
-        try:
-            self.closer()
-        except OSError:
-            pass
-
-
-def stdio_controller(agent):
-    def close():
-        try:
-            os.close(1)
-        except OSError:
-            pass
-
-    return Controller(agent, sys.stdin.buffer, stdout_writer, close)
-
-
-def socket_controller(agent, conn):
-    rfile = conn.makefile("rb")
-
-    def close():
-        try:
-            conn.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        rfile.close()  # the file holds a reference: the fd stays open until both close
-        conn.close()
-
-    return Controller(agent, rfile, conn.sendall, close)
-
-
 class Agent:
     def __init__(self, hello):
         #: a SimpleQueue: put() is safe in a signal handler (SIGCHLD's reap)
@@ -128,22 +80,20 @@ class Agent:
         self.closing = []
         self.output = Output()
         self.run_root = hello.get("run_root")
-        #: seconds kernels are kept once the local side is known to be gone (its channel
-        #: ended while heartbeats were current: its process died, or the link was reset)
+        #: seconds an owner's kernels are kept once it is known to be gone, and for an
+        #: owner that went away without a word (owners.py)
         self.grace = float(hello.get("grace") or 0)
-        #: seconds kernels are kept for a local side that went silent (asleep, network
-        #: gone: no EOF, or an EOF long after the last heartbeat)
-        self.link_grace = max(self.grace, float(hello.get("link_grace") or self.grace))
-        #: the local side's heartbeat interval: "current" means within two of them
-        self.heartbeat = float(hello.get("heartbeat") or 5.0)
-        self.known_gone = False
+        link_grace = max(self.grace, float(hello.get("link_grace") or self.grace))
+        #: the owners' heartbeat interval: "current" means within two of them
+        heartbeat = float(hello.get("heartbeat") or 5.0)
+        self.owners = Owners(self.grace, link_grace, heartbeat)
+        #: the token of the local process whose stdio hello started this agent
+        self.first_owner = hello.get("owner") or NOBODY
         self.spares = Spares(self)
         self.controllers = set()
-        self.last_contact = time.monotonic()
         self.agent_dir = None
         self.socket_path = None
         self.listener = None
-        self.detached = False  # the local side left on purpose, keeping persistent kernels
         self.exiting = False  # a shutdown left nothing to keep: exit once workers are done
 
     # -- control socket, for reattaching after the SSH connection was lost ---------
@@ -293,7 +243,9 @@ class Agent:
         self.spawn(self._startup_sweep)
         controller = controller or stdio_controller(self)
         controller.heard = True  # the hello was its first message
+        controller.stdio = True
         self.attach(controller)
+        self.owners.claim(controller, self.first_owner)
         self.touch()
         while True:  # ends with the conditions above
             kernels = list(self.kernels.values())
@@ -323,18 +275,24 @@ class Agent:
             if now - self.ports_scanned >= PORT_SCAN_INTERVAL:
                 self.ports_scanned = now
                 self.scan_ports()
-            limit = self.grace if self.known_gone else self.link_grace
-            if not self.detached and self.grace and now - self.last_contact > limit:
-                # the local side is gone: stop what it does not want kept
-                self.stop_kernels(keep_persistent=True)
-                self.detached = True
+            expired = self.owners.expired(now)
+            for owner in expired:
+                # the owner is gone: stop what it does not want kept
+                owner.detached = True
+                self.stop_kernels(keep_persistent=True, owner=owner.token)
+            if expired and not self.owners.any_active():
+                self.stop_kernels(keep_persistent=True, owner=NOBODY)  # nobody left: spares
             kernels = list(self.kernels.values())
             if (
                 not self.controllers
                 and all(k.exit_code is not None for k in kernels)
                 # a kernel that ended while its local side reconnects (its data path
                 # resumes first): wait for the reattach to hear how, up to the grace
-                and (not kernels or self.detached or now - self.last_contact > self.grace)
+                and (
+                    not kernels
+                    or self.owners.all_detached({k.owner for k in kernels})
+                    or now - self.owners.last_contact() > self.grace
+                )
             ):
                 return  # nobody to serve and nothing alive to keep
 
@@ -343,12 +301,9 @@ class Agent:
         if kind == "attach":
             self.attach(value)
         elif kind == "eof":
-            # a local side left or its link dropped: a reattach may follow (grace). An
-            # EOF while its heartbeats were current: it is gone (short grace); long
-            # after them: the link died silently first (the long link grace)
-            if value in self.controllers and len(self.controllers) == 1 and value.heard:
-                current = time.monotonic() - self.last_contact <= 2 * self.heartbeat + 2
-                self.known_gone = current
+            # a local side left or its link dropped: a reattach may follow (its grace)
+            if value in self.controllers and value.heard:
+                self.owners.left(value, own_connection=value.stdio)
             if self.workers:
                 self.closing.append(value)
             else:
@@ -356,15 +311,20 @@ class Agent:
         elif kind == "msg":
             controller, msg = value
             if controller in self.controllers:
+                op = msg.get("op")
+                if op == Op.GONE:  # a last will: no contact, nobody's controller
+                    self.owners.said_gone(msg.get("owner"))
+                    return None
                 if not controller.heard:
                     controller.heard = True
                     self.touch()
-                self.last_contact = time.monotonic()
-                self.detached = False
-                self.known_gone = False
-                if msg.get("op") == Op.PING:
+                if op == Op.CLAIM:
+                    self.owners.claim(controller, msg.get("owner"))
+                else:
+                    self.owners.heard(controller)
+                if op == Op.PING:
                     self.touch()
-                return self.handle(msg)
+                return self.handle(msg, controller)
         elif kind == "exit":
             kid, code = value
             kernel = self.kernels.get(kid)
@@ -378,13 +338,14 @@ class Agent:
         elif kind == "fail":
             self.fail_start(*value)
         elif kind == "fill":
-            if not self.detached and not self.exiting:
+            if self.owners.any_active() and not self.exiting:
                 self.spares.fill(value)
         elif kind == "done":
             return self._done(*value)
         return None
 
-    def handle(self, msg):
+    def handle(self, msg, controller=None):
+        owner = controller.owner if controller is not None else None
         op = msg.get("op")
         kid = msg.get("kid")
         rid = msg.get("rid")
@@ -396,9 +357,11 @@ class Agent:
                 kernel = self.spares.take(kid, msg)
                 if kernel is not None:
                     self.kernels[kid] = kernel  # a warm spare: started and bound already
+                    kernel.owner = owner.token if owner is not None else NOBODY
                 else:
                     kernel = launcher_class(msg.get("launcher"))(self, msg)
                     self.kernels[kid] = kernel
+                    kernel.owner = owner.token if owner is not None else NOBODY
                     kernel.launch()
                 if msg.get("prestart"):
                     # spares later: not competing with this kernel's first steps
@@ -460,16 +423,20 @@ class Agent:
                     lambda info: emit(Event.SLURM_INFO, rid=rid, **info),
                 )
             elif op == Op.SHUTDOWN:
-                # the local side closes on purpose: keep persistent kernels only if asked
-                self.detached = True
+                # an owner closes on purpose: its kernels (persistent ones only if asked)
+                leaving = owner or self.owners.of(NOBODY)
+                leaving.detached = True
 
                 def bye(_):
-                    # "bye" tells the local side whether to wait for this agent to exit
-                    emit(Event.BYE, rid=rid, kept=len(self.kernels))
-                    return "exit" if not self.kernels else None
+                    # "bye" tells the local side whether to wait for this agent to exit:
+                    # not while kernels run or other owners are attached
+                    kept = len(self.kernels) + int(self.owners.others_attached(leaving))
+                    emit(Event.BYE, rid=rid, kept=kept)
+                    return "exit" if not kept else None
 
-                self.stop_kernels(bool(msg.get("keep_persistent")), then=bye)
-            elif op != Op.PING:
+                keep = bool(msg.get("keep_persistent"))
+                self.stop_kernels(keep, then=bye, owner=leaving.token, spares=True)
+            elif op not in (Op.PING, Op.CLAIM):
                 raise AgentError(Kind.PROTOCOL, "unknown op %r" % op)
         except AgentError as exc:
             self._failed(msg, exc.kind, exc.message)
@@ -540,12 +507,16 @@ class Agent:
         debris it cannot remove stays for the next sweep)."""
         sweep(scan(default_run_roots(self.run_root), os.getuid()), keep=self.own_dirs())
 
-    def stop_kernels(self, keep_persistent, then=None):
-        """Take the kernels (but the persistent ones if ``keep_persistent``) out of the
-        agent and stop them in a worker; ``then`` as for :meth:`spawn`."""
+    def stop_kernels(self, keep_persistent, then=None, owner=None, spares=False):
+        """Take the kernels of ``owner`` (a token; None: all; ``spares``: the spares
+        too when no other owner is attached), but the persistent ones if
+        ``keep_persistent``, out of the agent and stop them in a worker; ``then`` as
+        for :meth:`spawn`."""
+        spares = spares and not self.owners.others_attached(self.owners.of(owner))
         stopping = []
         for kid, kernel in list(self.kernels.items()):
-            if not (keep_persistent and kernel.persistent):
+            mine = owner is None or kernel.owner == owner or (spares and kernel.owner == NOBODY)
+            if mine and not (keep_persistent and kernel.persistent):
                 self.kernels.pop(kid, None)
                 stopping.append(kernel)
         self.spawn(lambda: cleanup_all(stopping), then=then)

@@ -78,6 +78,8 @@ class Launcher(abc.ABC):
         self.request = request
         self.kid = request["kid"]
         self.persistent = bool(request.get("persistent"))
+        #: the token of the local process whose kernel this is (owners.py; "": a spare)
+        self.owner = ""
         self.proc = None  # the process this launcher started (its group's leader)
         self.run_dir = None
         self.log_path = None

@@ -89,6 +89,10 @@ class Op:
     SLURM_INFO = "slurm_info"
     #: the local side says where it forwards a kernel's web ports (``ps`` shows it)
     FORWARDED = "forwarded"
+    #: the first message of a local process on the control socket: who it is (owners.py)
+    CLAIM = "claim"
+    #: a last will: the local process ``owner`` exited (owners.py), not contact
+    GONE = "gone"
 
 
 #: the ops a conversation may start with

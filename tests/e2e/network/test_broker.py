@@ -35,6 +35,7 @@ from sshpyk.ssh.session import Session
 
 from support.broker import (
     ClientProcess,
+    KernelClientProcess,
     broker_alive,
     broker_pid,
     established,
@@ -444,3 +445,48 @@ async def test_a_login_that_needs_a_person_fails_at_once(sshd, bdir, tmp_path, m
         session = await Session.connect("needs-person", ssh_config=config, connect_timeout=30)
         await session.aclose(10)
     assert asked.exists()
+
+
+# -- one agent for the processes of a user (issue 22 item 1) ------------------------------
+
+
+@pytest.mark.slow
+def test_processes_share_one_agent_and_each_owns_its_kernels(
+    own_sshd: ThrowawaySSHD, run_root: Path, no_leftovers
+) -> None:
+    """Two processes through one broker: one agent. The first closes on purpose: only its
+    kernel stops. The second is SIGKILLed: the broker's last will for it makes the agent
+    stop its kernel within the short grace (3 s), not the link grace (300 s); then the
+    agent, with nothing left, exits."""
+    grace, link_grace = 3.0, 300.0
+    with temp_broker_dir() as path:
+        args = (path, 5.0, own_sshd.alias, own_sshd.ssh_config, run_root, grace, link_grace)
+        first = KernelClientProcess(*args)
+        second: KernelClientProcess | None = None
+        try:
+            one = first.report(90)
+            second = KernelClientProcess(*args)
+            two = second.report(90)
+            assert one["agent"] == two["agent"], (one, two)  # joined, not started
+            agent = one["agent"]
+            assert pid_alive(one["pid"]) and pid_alive(two["pid"]) and pid_alive(agent)
+            first.send("quit")
+            assert first.report(60) == {"bye": True}
+            assert wait_until(lambda: not pid_alive(one["pid"]), 15)
+            assert pid_alive(two["pid"]) and pid_alive(agent)  # not the other's kernel
+            second.send("check")
+            assert second.report(60) == {"status": "ok"}
+            second.proc.kill()
+            second.proc.wait(10)
+            killed = time.monotonic()
+            assert wait_until(lambda: not pid_alive(two["pid"]), grace + 20, 0.1), (
+                "the kernel of the SIGKILLed process outlived the short grace"
+            )
+            took = time.monotonic() - killed
+            print(f"reaped {took:.1f} s after the SIGKILL (grace {grace:g} s)")
+            assert wait_until(lambda: not pid_alive(agent), 20)
+        finally:
+            for client in (first, second):
+                if client is not None:
+                    client.close(10)
+    no_leftovers()
