@@ -20,6 +20,7 @@ from typing import Any
 
 from jupyter_core.paths import jupyter_runtime_dir
 
+from .config import DEFAULTS
 from .errors import RemoteError, RequestTimeoutError
 from .kernels.kernel import KernelOptions, RemoteKernel
 from .kernels.session import SSHSession
@@ -52,7 +53,13 @@ async def attach_kernel(
     (None when cancelled while it still runs). ``kernel_id`` may be a unique prefix."""
     check_kernel_id(kernel_id)
     async with await asyncio.wait_for(
-        SSHSession.connect(alias, ssh_config=ssh_config, connect_timeout=timeout), timeout
+        SSHSession.connect(
+            alias,
+            ssh_config=ssh_config,
+            connect_timeout=timeout,
+            persist=DEFAULTS.connection_persist,
+        ),
+        timeout,
     ) as session:
         try:
             kernel = await asyncio.wait_for(

@@ -283,6 +283,19 @@ class KernelConfig:
         omit_default=True,
         kernel="link_grace",
     )
+    connection_persist: float = _option(
+        600.0,
+        help="Seconds the SSH connection to the host stays up after its last user leaves."
+        " Every sshpyk process of yours on this machine (Jupyter servers, VS Code's"
+        " kernels, consoles, the CLI) shares it, one login and one agent per host, through"
+        " a local connection broker; 0: no sharing, this process logs in itself."
+        " $SSHPYK_SHARE_PERSIST overrides it.",
+        label="connection persist",
+        minimum=0.0,
+        unit="s",
+        omit_default=True,
+        kernel="connection_persist",
+    )
     outage_buffer: float = _option(
         64.0,
         help="MiB of kernel output the remote keeps per kernel while the link is down"

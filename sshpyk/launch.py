@@ -132,7 +132,12 @@ async def run(spec: KernelConfig, conn: ConnectionFile) -> int:
         stop.set()
 
     session = await asyncio.wait_for(
-        SSHSession.connect(alias, ssh_config=spec.ssh_config, connect_timeout=spec.start_timeout),
+        SSHSession.connect(
+            alias,
+            ssh_config=spec.ssh_config,
+            connect_timeout=spec.start_timeout,
+            persist=spec.connection_persist,
+        ),
         spec.start_timeout,
     )
     kernel = RemoteKernel(session, options)

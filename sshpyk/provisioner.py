@@ -1,15 +1,12 @@
 """SSHKernelProvisioner: a thin adapter from jupyter_client's provisioner ABC.
 
-All SSH work happens in :class:`~sshpyk.kernels.kernel.RemoteKernel` on the process-wide
-SSH loop thread (:class:`~sshpyk.loop.SSHLoop`), so forwards keep flowing even
-when the caller's loop stops between calls (the blocking ``KernelManager``).
+All SSH work happens in :class:`~sshpyk.kernels.kernel.RemoteKernel` on the SSH loop
+thread (:class:`~sshpyk.loop.SSHLoop`): forwards flow while the caller's loop waits.
 Configuration comes from ``kernel.json`` ``metadata.kernel_provisioner.config``.
 
-Persistent kernels (``persistent: true``) are recorded locally (:mod:`sshpyk.state`) and
-outlive the local process unless shut down explicitly. A later provisioner for the same
-kernelspec and notebook (``JPY_SESSION_NAME``) reattaches instead of starting a kernel,
-so state survives a Jupyter server restart; so does ``load_provisioner_info``. Records
-are read and written in a worker thread: no file I/O on Jupyter's event loop.
+Persistent kernels (``persistent: true``) are recorded (:mod:`sshpyk.state`); a later
+provisioner for the same kernelspec and notebook (``JPY_SESSION_NAME``) reattaches, as
+``load_provisioner_info`` does. Records are read and written in a worker thread.
 """
 
 from __future__ import annotations
@@ -81,7 +78,10 @@ class SSHKernelProvisioner(_ConfigTraits):  # type: ignore[misc,valid-type]
     async def _connect(self) -> SSHSession:
         if self._session is None:
             alias, timeout = self.ssh_host_alias, self.start_timeout
-            connect = SSHSession.connect(alias, ssh_config=self.ssh_config, connect_timeout=timeout)
+            connect = SSHSession.connect(
+                alias, ssh_config=self.ssh_config, connect_timeout=timeout,
+                persist=self.connection_persist,
+            )  # fmt: skip
             self._session = await asyncio.wait_for(connect, timeout)
         return self._session
 

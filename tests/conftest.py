@@ -11,7 +11,10 @@ from pathlib import Path
 import pytest
 
 from sshpyk.kernelspec import SSHKernelSpec, write_spec
+from sshpyk.localfs import BROKER_DIR_ENV
+from sshpyk.ssh.brokered import PERSIST_ENV
 
+from support.broker import temp_broker_dir
 from support.faultproxy import FaultProxy, proxied_ssh_config
 from support.sshd import ThrowawaySSHD, find_sshd
 from support.waiting import leftovers, wait_until
@@ -20,6 +23,23 @@ from support.waiting import leftovers, wait_until
 # only in this, the top conftest). pytest put tests/ on sys.path to import this file,
 # which is what makes ``support`` importable here and in every test module.
 pytest_plugins = ["support.second_user"]
+
+# Connection sharing is the product's default (connection_persist 600 s); the suite runs
+# each process's own connection, as with connection_persist 0, unless a test turns
+# sharing on (tests/e2e/network/test_broker.py, test_sharing.py): set before any test,
+# so that every process a test starts inherits it.
+os.environ[PERSIST_ENV] = "0"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _broker_dir() -> Iterator[Path]:
+    """No test reaches the user's real broker dir: the run's own, its broker stopped."""
+    with temp_broker_dir() as path:
+        os.environ[BROKER_DIR_ENV] = str(path)
+        try:
+            yield path
+        finally:
+            os.environ.pop(BROKER_DIR_ENV, None)
 
 
 def _need_sshd() -> None:

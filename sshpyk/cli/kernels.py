@@ -129,7 +129,10 @@ async def _inspect(spec: SSHKernelSpec) -> dict[str, Any]:
     """The remote python's facts and kernelspec, and the launcher's check of the host
     (SLURM: `srun --test-only` accepting the job options), or an SSHPykError."""
     async with await SSHSession.connect(
-        spec.ssh_host_alias, ssh_config=spec.ssh_config, connect_timeout=20
+        spec.ssh_host_alias,
+        ssh_config=spec.ssh_config,
+        connect_timeout=20,
+        persist=spec.connection_persist,
     ) as s:
         python, pre = spec.remote_python, spec.pre_command
         info = await asyncio.wait_for(s.inspect(python, spec.remote_kernel_name, pre), 30)

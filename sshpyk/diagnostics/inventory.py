@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from ..agent.client import RemoteAgent
+from ..config import DEFAULTS
 from ..errors import RequestTimeoutError, SSHPykError
 from ..kernels.launcher import LAUNCHERS, Launcher, find_launcher
 from ..kernels.session import SSHSession
@@ -148,7 +149,10 @@ async def _on_host(
     async def body() -> T:
         nonlocal session
         session = await SSHSession.connect(
-            target.alias, ssh_config=target.ssh_config, connect_timeout=timeout
+            target.alias,
+            ssh_config=target.ssh_config,
+            connect_timeout=timeout,
+            persist=DEFAULTS.connection_persist,
         )
         agent = await session.agent(target.python, target.pre_command)
         return await work(agent)

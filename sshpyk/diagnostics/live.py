@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..agent.client import RemoteAgent
+from ..config import DEFAULTS
 from ..errors import RemoteJupyterClientMissingError, SSHPykError
 from ..kernels.kernel import KernelOptions
 from ..kernels.launcher import LAUNCHERS, launcher_for
@@ -123,7 +124,8 @@ async def _check_host(
 ) -> None:
     started = time.monotonic()
     try:
-        async with await SSHSession.connect(alias, ssh_config=config) as session:
+        persist = DEFAULTS.connection_persist
+        async with await SSHSession.connect(alias, ssh_config=config, persist=persist) as session:
             for spec in specs:
                 statuses[spec.name].alias = Status.OK
             await asyncio.gather(*(_check_one(session, s, statuses[s.name]) for s in specs))

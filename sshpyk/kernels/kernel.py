@@ -55,6 +55,7 @@ class KernelOptions:
     run_root: str | None = _D.remote_run_root
     grace: float = _D.grace_period
     link_grace: float = _D.link_grace
+    connection_persist: float = _D.connection_persist
     outage_buffer: float = _D.outage_buffer
     start_timeout: float = _D.start_timeout
     persistent: bool = _D.persistent

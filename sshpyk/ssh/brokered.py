@@ -104,24 +104,24 @@ _DETACH = (
 
 
 def share_persist(explicit: float | None = None) -> float:
-    """The persist time in seconds: ``explicit``, else ``$SSHPYK_SHARE_PERSIST``; 0 means
-    no sharing."""
-    if explicit is not None:
-        value = float(explicit)
-        where = f"persist {explicit!r}"
-    else:
-        text = os.environ.get(PERSIST_ENV, "").strip()
-        if not text:
-            return 0.0
+    """The persist time in seconds: ``$SSHPYK_SHARE_PERSIST`` when set (it overrides
+    the configuration: one process's sharing is turned off without editing kernelspecs),
+    else ``explicit`` (the kernelspec's ``connection_persist``), else 0; 0 means no
+    sharing."""
+    text = os.environ.get(PERSIST_ENV, "").strip()
+    if text:
         where = f"{PERSIST_ENV}={text!r}"
         try:
             value = float(text)
         except ValueError:
             value = math.nan
+    elif explicit is not None:
+        value = float(explicit)
+        where = f"connection persist {explicit!r}"
+    else:
+        return 0.0
     if not math.isfinite(value) or value < 0:
-        raise SSHConfigError(
-            f"{where} is not a number of seconds >= 0 (0 or unset: no connection sharing)"
-        )
+        raise SSHConfigError(f"{where} is not a number of seconds >= 0 (0: no connection sharing)")
     return value
 
 

@@ -68,13 +68,18 @@ class Session:
         ssh_config: str | os.PathLike[str] | None = None,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         client_factory: RecorderFactory | None = None,
+        persist: float | None = None,
     ) -> _S:
         """Open (or join) the SSH connection to ``alias`` from the ssh config.
 
         ``client_factory`` makes the asyncssh client if a new connection is opened
-        (``sshpyk check`` times the handshake with it).
+        (``sshpyk check`` times the handshake with it). ``persist`` > 0 shares the
+        connection with this user's other sshpyk processes through the connection
+        broker, which keeps it up that many seconds after its last user leaves; None
+        or 0 (the default): this process's own connection, unless
+        ``$SSHPYK_SHARE_PERSIST`` says otherwise.
         """
-        shared = acquire(alias, config_path(ssh_config))
+        shared = acquire(alias, config_path(ssh_config), persist=persist)
         session = cls(shared, connect_timeout)
         try:
             await shared.ensure_connected(connect_timeout, client_factory)

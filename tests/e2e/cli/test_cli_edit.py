@@ -56,6 +56,7 @@ EDITS: list[tuple[str, list[str], str, Any]] = [
     ("--remote-run-root", ["--remote-run-root", "/scratch/me"], "remote_run_root", "/scratch/me"),
     ("--grace-period", ["--grace-period", "600"], "grace_period", 600.0),
     ("--link-grace", ["--link-grace", "7200"], "link_grace", 7200.0),
+    ("--connection-persist", ["--connection-persist", "0"], "connection_persist", 0.0),
     ("--outage-buffer", ["--outage-buffer", "8"], "outage_buffer", 8.0),
     ("--prestart", ["--prestart", "2"], "prestart", 2),
     ("--persistent", ["--persistent"], "persistent", True),

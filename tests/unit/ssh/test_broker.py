@@ -109,7 +109,10 @@ def test_share_persist(monkeypatch: pytest.MonkeyPatch) -> None:
     assert brokered.share_persist(30) == 30
     monkeypatch.setenv(PERSIST_ENV, " 600 ")
     assert brokered.share_persist() == 600
-    assert brokered.share_persist(0) == 0  # an explicit value wins
+    assert brokered.share_persist(0) == 600  # the environment overrides the kernelspec
+    monkeypatch.setenv(PERSIST_ENV, "0")
+    assert brokered.share_persist(600) == 0
+    monkeypatch.setenv(PERSIST_ENV, " 600 ")
     for bad in ("ten", "-1", "inf", "nan"):
         monkeypatch.setenv(PERSIST_ENV, bad)
         with pytest.raises(SSHConfigError, match="not a number of seconds") as info:
