@@ -87,6 +87,7 @@ __all__ = [
     "SSHConfigError",
     "SSHPykError",
     "SessionClosedError",
+    "SharedLoginNeedsPersonError",
     "SlurmArgsError",
     "SlurmError",
     "SlurmMissingError",
@@ -133,6 +134,11 @@ class LoginPromptError(AuthenticationError):
 
 class BatchModeError(LoginPromptError):
     """The login needs a person and the ssh config says never to ask (BatchMode yes)."""
+
+
+class SharedLoginNeedsPersonError(LoginPromptError):
+    """The connection broker cannot finish a login that needs a person (a password,
+    one-time code or key passphrase): the process that asked logs in itself."""
 
 
 class KerberosError(AuthenticationError):

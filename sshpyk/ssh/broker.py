@@ -49,6 +49,7 @@ from ..errors import (
     BatchModeError,
     LoginPromptError,
     ProtocolError,
+    SharedLoginNeedsPersonError,
     SSHPykError,
     UnsafePathError,
 )
@@ -220,7 +221,7 @@ class _Downstream(asyncssh.SSHServer):
 def _needs_person(exc: SSHPykError, alias: str) -> SSHPykError:
     """A login the broker could only finish by asking a person says so, once."""
     if isinstance(exc, LoginPromptError) and not isinstance(exc, BatchModeError):
-        return LoginPromptError(
+        return SharedLoginNeedsPersonError(
             f"cannot share the connection to {alias!r}: its login needs a person (a password, "
             "one-time code or key passphrase), which the connection broker cannot ask for "
             f"yet; set {PERSIST_ENV}=0 to log in from this process"

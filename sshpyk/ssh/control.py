@@ -121,8 +121,9 @@ class Wills:
 
     def set(self, pid: int, host: Any, conn: ConnGetter, socket: str, line: bytes) -> None:
         wills = self.by_pid.setdefault(pid, {})
-        if (host, socket) not in wills and len(wills) >= MAX_WILLS:
-            raise ValueError(f"more than {MAX_WILLS} wills for pid {pid}")
+        wills.pop((host, socket), None)
+        while len(wills) >= MAX_WILLS:  # the oldest goes (its agent is likely gone)
+            del wills[next(iter(wills))]
         wills[(host, socket)] = (conn, line)
         if pid not in self._watches:
             self._watch(pid)

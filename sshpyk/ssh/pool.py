@@ -28,7 +28,12 @@ from typing import Any
 
 import asyncssh
 
-from ..errors import ConnectTimeoutError, ForwardingRefusedError, translating
+from ..errors import (
+    ConnectTimeoutError,
+    ForwardingRefusedError,
+    SharedLoginNeedsPersonError,
+    translating,
+)
 from . import brokered, jump
 from .control import BrokerControl
 from .hostkeys import KeyRecorder, RecorderFactory
@@ -128,9 +133,19 @@ class SharedConnection:
             # a diagnosis (its own client_factory) times the real handshake: in-process
             self.via_broker = self.brokered and client_factory is KeyRecorder
             if self.via_broker:
-                return await brokered.connect(
-                    self.alias, self.ssh_config, persist=self.persist, timeout=timeout
-                )
+                try:
+                    return await brokered.connect(
+                        self.alias, self.ssh_config, persist=self.persist, timeout=timeout
+                    )
+                except SharedLoginNeedsPersonError:
+                    # the broker cannot ask a person (yet): this process logs in itself,
+                    # asking here as without sharing; this connection is not shared
+                    log.info(
+                        "[%s] the login needs a person: this process logs in itself "
+                        "(the connection is not shared)",
+                        self.alias,
+                    )
+                    self.via_broker = False
             host = await host_options(self.alias, self.ssh_config)
             hop = await jump.bastion_alias(host)
             tunnel = await self._bastion_connection(hop, timeout)

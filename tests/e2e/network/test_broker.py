@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import os
 import signal
 import socket
@@ -27,7 +28,7 @@ import asyncssh
 import pytest
 
 from sshpyk import SSHSession
-from sshpyk.errors import LoginPromptError, SSHPykError, UnsafePathError
+from sshpyk.errors import SSHPykError, UnsafePathError
 from sshpyk.kernels.kernel import KernelOptions
 from sshpyk.localfs import BROKER_DIR_ENV
 from sshpyk.ssh.brokered import PERSIST_ENV
@@ -415,10 +416,15 @@ async def test_a_kernel_through_the_broker(sshd, bdir, run_root, no_leftovers) -
     assert wait_until(lambda: not broker_alive(bdir), 20)  # persist 2 s + linger 5 s
 
 
-# -- a login that needs a person: refused at once, nobody asked ---------------------------
+# -- a login that needs a person: this process logs in itself -----------------------------
 
 
-async def test_a_login_that_needs_a_person_fails_at_once(sshd, bdir, tmp_path, monkeypatch) -> None:
+async def test_a_login_that_needs_a_person_is_made_by_this_process(
+    sshd, bdir, tmp_path, monkeypatch, caplog
+) -> None:
+    """The broker cannot ask a person (yet): it says so at once, without running the
+    askpass program, and the process logs in itself, asking once, as without sharing."""
+    caplog.set_level(logging.INFO, logger="sshpyk")
     key = asyncssh.read_private_key(sshd.root / "id_ed25519")
     encrypted = tmp_path / "id_encrypted"
     encrypted.write_bytes(key.export_private_key("openssh", "pass-phrase-42"))
@@ -431,20 +437,20 @@ async def test_a_login_that_needs_a_person_fails_at_once(sshd, bdir, tmp_path, m
     )
     asked = tmp_path / "asked"
     askpass = tmp_path / "askpass.sh"
-    askpass.write_text(f'#!/bin/sh\necho "$1" >> {asked}\necho pass-phrase-42\n')
+    askpass.write_text(f'#!/bin/sh\necho "$PPID" >> {asked}\necho pass-phrase-42\n')
     askpass.chmod(0o700)
     monkeypatch.setenv("SSH_ASKPASS", str(askpass))
-    monkeypatch.setenv("SSH_ASKPASS_REQUIRE", "force")  # this process would ask: not the broker
+    monkeypatch.setenv("SSH_ASKPASS_REQUIRE", "force")
     started = time.monotonic()
-    with pytest.raises(LoginPromptError) as info:
-        await Session.connect("needs-person", ssh_config=config, connect_timeout=30)
-    assert time.monotonic() - started < 15
-    assert f"{PERSIST_ENV}=0" in one_line(info.value) and "needs a person" in str(info.value)
-    assert not asked.exists(), "the broker ran the askpass program"
-    with no_sharing(monkeypatch):  # the hint works: in-process, this process asks
-        session = await Session.connect("needs-person", ssh_config=config, connect_timeout=30)
+    session = await Session.connect("needs-person", ssh_config=config, connect_timeout=30)
+    try:
+        assert time.monotonic() - started < 15
+        assert not session.shared.via_broker
+        assert (await session.run("echo ok")).stdout.strip() == "ok"
+    finally:
         await session.aclose(10)
-    assert asked.exists()
+    assert asked.read_text().split() == [str(os.getpid())]  # once, by this process
+    assert any("the login needs a person" in r.message for r in caplog.records)
 
 
 # -- one agent for the processes of a user (issue 22 item 1) ------------------------------

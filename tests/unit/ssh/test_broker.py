@@ -22,6 +22,7 @@ from sshpyk.errors import (
     ChangedHostKeyError,
     HostRefusedError,
     LoginPromptError,
+    SharedLoginNeedsPersonError,
     SSHConfigError,
     SSHPykError,
     UnsafePathError,
@@ -93,7 +94,10 @@ def test_errors_come_back_as_they_left() -> None:
 def test_a_login_that_needs_a_person_says_so() -> None:
     asked = LoginPromptError("authentication failed for 'box': there is no terminal")
     error = broker._needs_person(asked, "box")
-    assert type(error) is LoginPromptError and f"{PERSIST_ENV}=0" in str(error)
+    assert type(error) is SharedLoginNeedsPersonError and f"{PERSIST_ENV}=0" in str(error)
+    # it travels from the broker to the client as its own class (the client falls back)
+    back = brokered.decode_error(asyncssh.DisconnectError(11, brokered.encode_error(error)))
+    assert type(back) is SharedLoginNeedsPersonError
     batch = BatchModeError("authentication failed for 'box': BatchMode yes forbids prompting")
     assert broker._needs_person(batch, "box") is batch  # as in-process
     refused = HostRefusedError("refused")

@@ -271,3 +271,76 @@ def test_agent_dir_is_removed_on_the_way_out(root: Path) -> None:
         the_agent.cleanup()
         agent.CLEANING.clear()
     assert not os.path.exists(the_agent.agent_dir)
+
+
+def test_owners_keep_to_their_own_kernels(root: Path, fake_kernels: Path) -> None:
+    """Three local processes on one agent (the first by its stdio, two by the control
+    socket): a shutdown stops only its owner's kernels; an owner whose socket just
+    ends keeps its kernel for the link grace, until a last will says it is gone, then
+    for the short grace only; the first owner's kernel runs throughout."""
+    grace = 0.5
+    ours, theirs = socket.socketpair()
+    hello = {"op": "hello", "grace": grace, "link_grace": 60, "heartbeat": 0.5}
+    the_agent = agent.Agent({**hello, "run_root": str(root), "owner": "A"})
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            the_agent.run(agent.socket_controller(the_agent, theirs))
+        except BaseException as exc:  # the test fails below
+            errors.append(exc)
+        finally:
+            the_agent.cleanup()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    first = Peer(ours)
+    _, hello_event = first.wait(lambda m: m["event"] == "hello")
+    path = hello_event["socket"]
+
+    def joined(token: str) -> Peer:
+        sock = socket.socket(socket.AF_UNIX)
+        sock.connect(path)
+        peer = Peer(sock)
+        peer.wait(lambda m: m["event"] == "hello")
+        peer.send(op="claim", owner=token)
+        return peer
+
+    try:
+        first.send(op="launch", kid="ka", kernel_name="fake", key="k")
+        _, ka = first.wait(event_of("ka", "started"))
+        b = joined("B")
+        b.send(op="launch", kid="kb", kernel_name="fake", key="k")
+        _, kb = b.wait(event_of("kb", "started"))
+        b.send(op="shutdown", rid=1)
+        _, bye = b.wait(lambda m: m.get("rid") == 1)
+        assert bye["kept"] >= 1 and wait_gone(kb["pid"])
+        assert sorted(the_agent.kernels) == ["ka"]
+        b.sock.shutdown(socket.SHUT_RDWR)  # B leaves (its process closes its channel)
+        b.sock.close()
+        c = joined("C")
+        c.send(op="launch", kid="kc", kernel_name="fake", key="k")
+        _, kc = c.wait(event_of("kc", "started"))
+        c.sock.shutdown(socket.SHUT_RDWR)  # a reset or a crash: nobody knows which
+        c.sock.close()
+        time.sleep(grace * 4)
+        assert procgroup.pid_alive(kc["pid"]), "reaped after the short grace without a will"
+        will = socket.socket(socket.AF_UNIX)
+        will.connect(path)
+        will.sendall(encode({"v": PROTOCOL, "op": "gone", "owner": "C"}))
+        will.shutdown(socket.SHUT_WR)
+        said = time.monotonic()
+        assert wait_gone(kc["pid"])
+        assert time.monotonic() - said < grace + 2.5
+        will.close()
+        assert procgroup.pid_alive(ka["pid"]) and sorted(the_agent.kernels) == ["ka"]
+        first.send(op="shutdown", rid=2)
+        _, bye = first.wait(lambda m: m.get("rid") == 2)
+        assert bye["kept"] == 0 and wait_gone(ka["pid"])
+    finally:
+        if thread.is_alive():
+            first.send(op="shutdown", rid=999)
+            thread.join(15)
+        ours.close()
+        agent.CLEANING.clear()
+    assert not thread.is_alive() and errors == []
