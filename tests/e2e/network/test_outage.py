@@ -32,10 +32,10 @@ from jupyter_client.asynchronous import AsyncKernelClient
 
 from sshpyk.provisioner import SSHKernelProvisioner
 
-from e2e.clients.test_argv_launcher import RawClient
 from support.faultproxy import FaultProxy
 from support.kernels import run_cell, start_manager, stop_manager
 from support.kernelspecs import proxied_kernelspec
+from support.raw_client import RawClient
 from support.waiting import leftovers, pid_alive
 
 pytestmark = pytest.mark.timeout(400)

@@ -61,10 +61,10 @@ import pytest
 from sshpyk.kernels.kernel import RemoteKernel
 from sshpyk.kernelspec import SSHKernelSpec, write_spec
 
-from e2e.clients.test_argv_launcher import RawClient
 from e2e.clients.test_clients_browser import CHROMIUM, CHROMIUM_ARGS
 from support.kernels import run_cell, start_manager, stop_manager
 from support.netns import IsolatedHost, unavailable_reason
+from support.raw_client import RawClient
 from support.waiting import leftovers, pid_alive, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]

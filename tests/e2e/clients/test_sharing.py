@@ -1,0 +1,164 @@
+"""One login per host for every local process (issue 22), as the product runs by default
+(``connection_persist`` from the kernelspec; the suite's ``SSHPYK_SHARE_PERSIST=0`` is
+taken out of these processes' environment): two argv launchers, as VS Code starts
+them, and a Jupyter-like process with the provisioner share one TCP connection to sshd,
+one login and one agent; the later ones join the agent (a warm start); each keeps to
+its own kernel."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sshpyk.localfs import BROKER_DIR_ENV
+from sshpyk.ssh.brokered import PERSIST_ENV
+
+from support.broker import broker_alive, broker_pid, established, logins, temp_broker_dir
+from support.raw_client import REPO, RawClient
+from support.sshd import ThrowawaySSHD, find_sshd
+from support.waiting import pid_alive, wait_until
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
+
+PERSIST = 3.0
+
+#: a Jupyter-like process: AsyncKernelManager on the kernelspec (the provisioner), the
+#: kernel's pid and its parent (the agent) once ready, then "quit" on stdin
+PROVISIONED = r"""
+import asyncio, json, sys
+from jupyter_client.manager import AsyncKernelManager
+
+async def main(name):
+    km = AsyncKernelManager(kernel_name=name)
+    await km.start_kernel()
+    kc = km.client()
+    kc.start_channels()
+    await kc.wait_for_ready(timeout=90)
+    out = []
+    hook = lambda m: out.append(m["content"]["text"]) if m["msg_type"] == "stream" else None
+    await kc.execute_interactive("import os; print(os.getpid(), os.getppid())",
+                                 output_hook=hook, timeout=30)
+    pid, parent = map(int, "".join(out).split())
+    print(json.dumps({"pid": pid, "parent": parent}), flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    kc.stop_channels()
+    await km.shutdown_kernel()
+    print(json.dumps({"bye": True}), flush=True)
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+@pytest.fixture(scope="module")
+def own_sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThrowawaySSHD]:
+    """An sshd nobody else uses: its TCP connections and logins can be counted."""
+    if find_sshd() is None:
+        pytest.skip("OpenSSH sshd is not installed")
+    server = ThrowawaySSHD(tmp_path_factory.mktemp("sshd-share"), alias="sshpyk-share").start()
+    yield server
+    server.stop()
+
+
+def sharing_env(broker_dir: Path) -> dict[str, str]:
+    """This environment, with the kernelspec's connection_persist in charge."""
+    env = {**os.environ, BROKER_DIR_ENV: str(broker_dir), "PYTHONPATH": str(REPO)}
+    env.pop(PERSIST_ENV, None)
+    return env
+
+
+def read_report(proc: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:  # bounded
+        ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            break
+        line = proc.stdout.readline()
+        if line.startswith("{"):
+            return dict(json.loads(line))
+        if not line and proc.poll() is not None:
+            break
+    raise AssertionError(f"no report from pid {proc.pid} within {timeout:g}s")
+
+
+def test_launchers_and_a_provisioner_share_one_login_and_one_agent(
+    own_sshd: ThrowawaySSHD, make_kernelspec: Any, tmp_path: Path, run_root: Path, no_leftovers
+) -> None:
+    make_kernelspec(
+        "ssh_share",
+        ssh_host_alias=own_sshd.alias,
+        ssh_config=str(own_sshd.ssh_config),
+        connection_persist=PERSIST,
+    )
+    before = logins(own_sshd.log_file)
+    with temp_broker_dir() as bdir:
+        env = sharing_env(bdir)
+        first = RawClient("ssh_share", tmp_path, env=env)
+        second = RawClient("ssh_share", tmp_path, env=env)
+        third: subprocess.Popen[str] | None = None
+        try:
+            started = time.monotonic()
+            first.spawn()
+            first_start = time.monotonic() - started
+            started = time.monotonic()
+            second.spawn()
+            second_start = time.monotonic() - started
+            third = subprocess.Popen(
+                [sys.executable, "-c", PROVISIONED, "ssh_share"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+                env=env,
+            )
+            provisioned = read_report(third, 120)
+            kernels = []
+            for raw in (first, second):
+                pid, parent = map(
+                    int, raw.execute("import os; print(os.getpid(), os.getppid())")[1].split()
+                )
+                kernels.append((pid, parent))
+            kernels.append((provisioned["pid"], provisioned["parent"]))
+            assert len({pid for pid, _ in kernels}) == 3, kernels
+            assert len({parent for _, parent in kernels}) == 1, f"several agents: {kernels}"
+            assert established(own_sshd.port) == 1  # the broker's, for all three
+            assert logins(own_sshd.log_file) - before == 1
+            assert "joined the agent" in second.log(), second.log()
+            print(f"first start {first_start:.2f} s, second (joins) {second_start:.2f} s")
+            # each keeps to its own: the first launcher's kernel goes, the others stay
+            assert first.client is not None
+            first.client.shutdown()
+            assert first.wait_launcher(30) == 0
+            assert wait_until(lambda: not pid_alive(kernels[0][0]), 15)
+            assert pid_alive(kernels[1][0]) and pid_alive(kernels[2][0])
+            assert second.execute("print(6 * 7)")[1].strip() == "42"
+            assert third.stdin is not None
+            third.stdin.write("quit\n")
+            third.stdin.flush()
+            assert read_report(third, 60) == {"bye": True}
+            assert third.wait(30) == 0
+            assert pid_alive(kernels[1][0])
+            second.stop_client()
+        finally:
+            for raw in (first, second):
+                raw.close()
+            if third is not None:
+                if third.poll() is None:
+                    third.kill()
+                    third.wait(10)
+                for stream in (third.stdin, third.stdout):
+                    if stream is not None:
+                        stream.close()
+        pid = broker_pid(bdir)
+        # the last user left: the connection goes after the persist time, then the broker
+        assert wait_until(lambda: established(own_sshd.port) == 0, PERSIST + 15)
+        assert wait_until(lambda: not broker_alive(bdir), 20), pid
+    no_leftovers()
