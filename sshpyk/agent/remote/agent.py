@@ -84,9 +84,7 @@ class Agent:
         #: owner that went away without a word (owners.py)
         self.grace = float(hello.get("grace") or 0)
         link_grace = max(self.grace, float(hello.get("link_grace") or self.grace))
-        #: the owners' heartbeat interval: "current" means within two of them
-        heartbeat = float(hello.get("heartbeat") or 5.0)
-        self.owners = Owners(self.grace, link_grace, heartbeat)
+        self.owners = Owners(self.grace, link_grace)
         #: the token of the local process whose stdio hello started this agent
         self.first_owner = hello.get("owner") or NOBODY
         self.spares = Spares(self)
@@ -243,7 +241,6 @@ class Agent:
         self.spawn(self._startup_sweep)
         controller = controller or stdio_controller(self)
         controller.heard = True  # the hello was its first message
-        controller.stdio = True
         self.attach(controller)
         self.owners.claim(controller, self.first_owner)
         self.touch()
@@ -303,7 +300,7 @@ class Agent:
         elif kind == "eof":
             # a local side left or its link dropped: a reattach may follow (its grace)
             if value in self.controllers and value.heard:
-                self.owners.left(value, own_connection=value.stdio)
+                self.owners.left(value)
             if self.workers:
                 self.closing.append(value)
             else:

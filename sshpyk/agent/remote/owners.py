@@ -10,11 +10,10 @@ owner whose controller launched it. What one owner does never decides for anothe
 * its messages are contact for itself only;
 * ``shutdown`` stops its own kernels only;
 * its grace runs when none of its controllers is attached: ``link_grace`` after it
-  went away without a word (a reset, a silent link, a dropped connection broker look
-  the same from here), the short ``grace`` once it is known to be gone: ``gone``
-  from a surviving local party (the broker's last will for a process that exited),
-  or, for an owner that runs its own connection (no broker), its channel ending
-  while its heartbeats were current;
+  went away without a word (a reset, a silent link, a killed process that ran its own
+  connection, a dropped connection broker: they look the same from here), the short
+  ``grace`` once it is known to be gone: ``gone`` from a surviving local party (the
+  connection broker's last will for a process that exited);
 * a controller that never claims (a ``ps`` probe, a will's delivery) is nobody.
 """
 
@@ -51,10 +50,9 @@ class Owner:
 class Owners:
     """The owners of one agent and the grace of each."""
 
-    def __init__(self, grace, link_grace, heartbeat):
+    def __init__(self, grace, link_grace):
         self.grace = grace
         self.link_grace = max(grace, link_grace)
-        self.heartbeat = heartbeat
         self.by_token = {}
 
     def of(self, token):
@@ -80,17 +78,14 @@ class Owners:
         if owner is not None:
             owner.heard()
 
-    def left(self, controller, own_connection):
-        """``controller`` ended. For an owner with its own SSH connection
-        (``own_connection``: it came by the stdio channel), an end while its heartbeats
-        were current means its process died; through a broker or a socket it means
-        nothing: the broker says when a process died."""
+    def left(self, controller):
+        """``controller`` ended: its owner's link grace runs once none is left. An end
+        says nothing of why, whatever channel it came by: sshd closes the session alike
+        for a reset link and for a process that died, so only a ``gone`` from a
+        surviving party shortens the grace."""
         owner = getattr(controller, "owner", None)
-        if owner is None:
-            return
-        owner.controllers.discard(controller)
-        if own_connection and not owner.controllers:
-            owner.gone = time.monotonic() - owner.last_contact <= 2 * self.heartbeat + 2
+        if owner is not None:
+            owner.controllers.discard(controller)
 
     def said_gone(self, token):
         """A surviving local party says the process ``token`` exited. Ignored while one of
@@ -138,7 +133,6 @@ class Controller:
         self.closer = closer
         self.heard = False  # has it sent a message yet (see Agent.attach)
         self.owner = None  # the owners.Owner it speaks for (hello or claim)
-        self.stdio = False  # the agent's own SSH channel (not the control socket)
 
     def start(self):
         threading.Thread(target=self._read, name="controller", daemon=True).start()
