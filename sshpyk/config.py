@@ -267,8 +267,9 @@ class KernelConfig:
     )
     grace_period: float = _option(
         30.0,
-        help="Seconds a kernel survives once its local side is known to be gone (its"
-        " process died, or the connection was reset, while heartbeats were current).",
+        help="Seconds a kernel survives once its local process is known to be gone: it"
+        " exited and the connection broker, which outlives it, told the remote"
+        " (a reset, a silent link or a process without a broker get the link grace).",
         label="grace period",
         positive=True,
         kernel="grace",

@@ -68,9 +68,9 @@ class RemoteAgent:
     """One agent process on the remote host, speaking the JSON line protocol.
 
     When the SSH link drops (the channel ends without an exit status), the agent
-    keeps its kernels: ``link_grace`` seconds if this side went silent (asleep, network
-    gone), ``grace`` seconds if it is known to be gone (the channel ended while its
-    heartbeats were current). Meanwhile this object reconnects (with backoff) and
+    keeps this process's kernels for ``link_grace`` seconds (a reset and a crash look
+    alike from there); ``grace`` seconds only once the connection broker tells it
+    this process exited (remote/owners.py). Meanwhile this object reconnects (with backoff) and
     reattaches through the agent's control socket (a small relay started over a new
     exec channel) and resynchronises kernel state. Kernels read as alive throughout;
     only when ``link_grace`` ends without a reattach, or the agent says a kernel is
