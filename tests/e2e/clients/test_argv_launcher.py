@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from jupyter_client.kernelspec import KernelSpecManager
 
+from support.broker import env_for, temp_broker_dir
 from support.kernels import start_manager, stop_manager
 from support.raw_client import CHANNELS, REPO, RawClient
 from support.waiting import pid_alive, remote_processes, wait_until
@@ -159,11 +160,23 @@ def test_restart_kill_and_respawn_on_the_same_ports(
 
 
 def test_sigkill_of_the_launcher_reaps_the_kernel_within_the_grace(
-    make_kernelspec, raw_client, no_leftovers
+    make_kernelspec, tmp_path, no_leftovers
 ) -> None:
+    """VS Code kills a kernel's launcher (-9): the connection broker, which outlives it,
+    tells the agent, which stops the kernel after the short grace."""
     grace = 3.0
     make_kernelspec("ssh_argv_kill", grace_period=grace)
-    raw = raw_client("ssh_argv_kill")
+    with temp_broker_dir() as bdir:
+        raw = RawClient("ssh_argv_kill", tmp_path, env=env_for(bdir, 2.0))
+        try:
+            sigkill_the_launcher(raw, grace)
+        finally:
+            raw.close()
+        assert raw.key not in raw.log()
+    no_leftovers()
+
+
+def sigkill_the_launcher(raw: RawClient, grace: float) -> None:
     raw.spawn()
     remote_pid = raw.remote_pid()
     raw.stop_client()
@@ -174,7 +187,6 @@ def test_sigkill_of_the_launcher_reaps_the_kernel_within_the_grace(
     # the grace, and the agent's check interval on top
     assert wait_until(lambda: not pid_alive(remote_pid), grace + 15)
     assert time.monotonic() - started < grace + 15
-    no_leftovers()
 
 
 def test_kernel_manager_uses_the_provisioner_and_never_spawns_argv(

@@ -30,8 +30,11 @@ from typing import Any
 import pytest
 from jupyter_client.asynchronous import AsyncKernelClient
 
+from sshpyk.localfs import BROKER_DIR_ENV
 from sshpyk.provisioner import SSHKernelProvisioner
+from sshpyk.ssh.brokered import PERSIST_ENV
 
+from support.broker import stop_broker
 from support.faultproxy import FaultProxy
 from support.kernels import run_cell, start_manager, stop_manager
 from support.kernelspecs import proxied_kernelspec
@@ -311,6 +314,41 @@ async def test_output_during_reset_outage_arrives(
     await assert_no_leftovers(run_root)
 
 
+@pytest.mark.slow
+async def test_a_60s_reset_and_refuse_outage_is_not_a_death(
+    make_kernelspec: Callable[..., Any],
+    proxied_config: Path,
+    proxy: FaultProxy,
+    run_root: Path,
+) -> None:
+    """Issue 27: a VPN that drops and re-authenticates for a minute. Every connection is
+    reset and reconnects are refused for 60 s, twice the default grace period (30 s);
+    the kernel stays, and the 24-line cell delivers its reply, idle status and every
+    line once, state intact."""
+    proxied_kernelspec(make_kernelspec, proxied_config, "ssh_outage_60")  # default graces
+    km, kc = await start_manager("ssh_outage_60")
+    try:
+        pid = remote_process(km).pid
+        cell = await cell_through_outage(
+            kc,
+            proxy,
+            lines_cell(24),
+            lambda: proxy.reset(down=True),
+            fault_after=1.0,
+            down_for=60.0,
+            after_heal=30.0,
+        )
+        assert_all_lines(cell, 24)
+        content, out = await run_cell(kc, "import os; print(y, os.getpid())", timeout=30)
+        assert content["status"] == "ok", content
+        assert out.split() == ["42", str(pid)]
+        assert remote_process(km).pid == pid
+    finally:
+        proxy.heal()
+        await stop_manager(km, kc)
+    await assert_no_leftovers(run_root)
+
+
 async def test_request_sent_during_outage_is_answered(
     make_kernelspec: Callable[..., Any], proxied_config: Path, proxy: FaultProxy, run_root: Path
 ) -> None:
@@ -425,9 +463,11 @@ class Owner:
         self.log_path = log
 
     @classmethod
-    async def start(cls, kernel_name: str, tmp_path: Path) -> Owner:
+    async def start(
+        cls, kernel_name: str, tmp_path: Path, env: dict[str, str] | None = None
+    ) -> Owner:
         log = tmp_path / f"owner-{kernel_name}.log"
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        env = {**(os.environ if env is None else env), "PYTHONPATH": str(REPO)}
         with open(log, "wb") as err:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
@@ -517,10 +557,14 @@ async def test_sigstopped_owner_keeps_kernel_90s(
 async def test_sigkilled_owner_reaped_within_60s(
     make_kernelspec: Callable[..., Any], run_root: Path, tmp_path: Path
 ) -> None:
-    """The owner is SIGKILLed (its connection closes while its heartbeats were current):
-    with the default settings the remote kernel is gone within 60 s, nothing left."""
-    make_kernelspec("ssh_owner_kill")  # default grace_period / link_grace
-    owner = await Owner.start("ssh_owner_kill", tmp_path)
+    """The owner is SIGKILLed; the connection broker (sharing is on by default) outlives
+    it and tells the agent: with the default settings the remote kernel is gone within
+    60 s, nothing left."""
+    make_kernelspec("ssh_owner_kill", connection_persist=2.0)  # default grace / link grace
+    bdir = tmp_path / "b"
+    env = {**os.environ, BROKER_DIR_ENV: str(bdir)}
+    env.pop(PERSIST_ENV)  # the kernelspec's connection_persist, as users run it
+    owner = await Owner.start("ssh_owner_kill", tmp_path, env)
     try:
         pid = await owner.remote_pid()
         assert pid_alive(pid)
@@ -532,6 +576,7 @@ async def test_sigkilled_owner_reaped_within_60s(
         assert time.monotonic() - killed <= 61
     finally:
         await owner.close()
+        stop_broker(bdir)
     await assert_no_leftovers(run_root, 10)
 
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from sshpyk import KernelOptions, SSHSession
-from sshpyk.kernelspec import kernels_dir
 
+from support.broker import broker_pid, env_for, temp_broker_dir
 from support.kernels import run_cell, start_manager, stop_manager
 from support.kernelspecs import proxied_kernelspec
 from support.waiting import leftovers, pid_alive, wait_until
@@ -129,33 +129,41 @@ OWNER = textwrap.dedent(
 
 
 async def test_sigkilled_owner_kernel_reaped_after_grace(make_kernelspec, run_root) -> None:
-    """(c) SIGKILL the process holding a kernel: the remote kernel is gone within grace + 5 s."""
+    """(c) SIGKILL the process holding a kernel: the connection broker, which outlives it,
+    tells the agent, and the remote kernel is gone within grace + 5 s. With sharing off
+    the same SIGKILL looks like a reset from the remote: the kernel is kept (link grace)."""
     grace = 3.0
-    make_kernelspec("ssh_owner")
-    path = Path(kernels_dir()) / "ssh_owner" / "kernel.json"
-    data = json.loads(path.read_text())
-    data["metadata"]["kernel_provisioner"]["config"]["grace_period"] = grace
-    path.write_text(json.dumps(data))
-    owner = subprocess.Popen(
-        [sys.executable, "-c", OWNER, "ssh_owner"],
-        stdout=subprocess.PIPE,
-        text=True,
-        env=os.environ.copy(),
-    )
-    try:
-        line = await asyncio.wait_for(asyncio.to_thread(owner.stdout.readline), 60)
-        pid = int(line)
-        assert Path(f"/proc/{pid}").exists()
-        owner.send_signal(signal.SIGKILL)
-        owner.wait(10)
-        killed = time.monotonic()
-        assert wait_until(lambda: not pid_alive(pid), grace + 5), "kernel survived its owner"
-        assert time.monotonic() - killed <= grace + 5
-        assert wait_until(lambda: leftovers(run_root) == ([], []), 5), leftovers(run_root)
-    finally:
-        if owner.poll() is None:
-            owner.kill()
-        owner.stdout.close()
+    make_kernelspec("ssh_owner", grace_period=grace, link_grace=600.0)
+    for sharing in (True, False):
+        with temp_broker_dir() as bdir:
+            env = env_for(bdir, 2.0 if sharing else 0.0)
+            owner = subprocess.Popen(
+                [sys.executable, "-c", OWNER, "ssh_owner"],
+                stdout=subprocess.PIPE,
+                text=True,
+                env=env,
+            )
+            try:
+                line = await asyncio.wait_for(asyncio.to_thread(owner.stdout.readline), 60)
+                pid = int(line)
+                assert Path(f"/proc/{pid}").exists()
+                assert (broker_pid(bdir) is not None) == sharing
+                owner.send_signal(signal.SIGKILL)
+                owner.wait(10)
+                killed = time.monotonic()
+                if sharing:
+                    gone = wait_until(lambda p=pid: not pid_alive(p), grace + 5)
+                    assert gone, "kernel survived its owner"
+                    assert time.monotonic() - killed <= grace + 5
+                    assert wait_until(lambda: leftovers(run_root) == ([], []), 5)
+                else:  # its own connection: the remote cannot tell a crash from a reset
+                    assert not wait_until(lambda p=pid: not pid_alive(p), grace + 5)
+                    os.killpg(os.getpgid(pid), signal.SIGKILL)  # the test's own cleanup
+                    assert wait_until(lambda p=pid: not pid_alive(p), 5)
+            finally:
+                if owner.poll() is None:
+                    owner.kill()
+                owner.stdout.close()
 
 
 FAKE_KERNEL = textwrap.dedent(
