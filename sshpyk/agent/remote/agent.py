@@ -6,7 +6,7 @@ One loop (:meth:`Agent.run`) owns the agent's state; everything else posts to it
 queue ``events``: controllers (the local sides: the SSH channel's stdio, reattached
 sockets) their requests, launchers their events, workers their results, and SIGCHLD
 a reap (the loop polls its kernels' processes: no waiter thread per kernel). Slow
-work (killing a process group: up to TERM_WAIT per kernel; SLURM commands: up to
+work (killing a process group: up to TERM_WAIT per kernel; a scheduler's commands: up to
 15 s; scans of run roots) runs in a small bounded pool of worker threads
 (:meth:`Agent.spawn`) whose results come back to the loop, so heartbeats and other
 requests are answered meanwhile. The kernels' relayed connections are on the
@@ -83,8 +83,10 @@ class Agent:
         #: seconds an owner's kernels are kept once it is known to be gone, and for an
         #: owner that went away without a word (owners.py)
         self.grace = float(hello.get("grace") or 0)
-        link_grace = max(self.grace, float(hello.get("link_grace") or self.grace))
-        self.owners = Owners(self.grace, link_grace)
+        #: seconds a relay session waits for its link (links.py) and an owner's kernels
+        #: for their owner, who went away without a word
+        self.link_grace = max(self.grace, float(hello.get("link_grace") or self.grace))
+        self.owners = Owners(self.grace, self.link_grace)
         #: the token of the local process whose stdio hello started this agent
         self.first_owner = hello.get("owner") or NOBODY
         self.spares = Spares(self)
@@ -411,13 +413,13 @@ class Agent:
                     raise AgentError(Kind.PROTOCOL, "a load request needs its modules")
                 install(modules, __package__)
                 emit(Event.LOADED, rid=rid, name=msg.get("name"))
-            elif op == Op.SLURM_INFO:
-                probe = launcher_class("slurm").probe
+            elif op == Op.PROBE:
+                probe = launcher_class(msg.get("launcher")).probe
                 args = msg.get("args")
                 self.spawn(
                     lambda: probe(args),
                     msg,
-                    lambda info: emit(Event.SLURM_INFO, rid=rid, **info),
+                    lambda info: emit(Event.PROBE, rid=rid, **info),
                 )
             elif op == Op.SHUTDOWN:
                 # an owner closes on purpose: its kernels (persistent ones only if asked)
@@ -519,7 +521,7 @@ class Agent:
         self.spawn(lambda: cleanup_all(stopping), then=then)
 
     def fail_start(self, kid, kind, message):
-        """A kernel cannot start (e.g. its SLURM job waited too long): clean up, then tell."""
+        """A kernel cannot start (e.g. its batch job waited too long): clean up, then tell."""
         kernel = self.kernels.get(kid)
         if kernel is None or not kernel.start_failed():
             return
