@@ -7,9 +7,11 @@ its own kernel."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -161,4 +163,59 @@ def test_launchers_and_a_provisioner_share_one_login_and_one_agent(
         # the last user left: the connection goes after the persist time, then the broker
         assert wait_until(lambda: established(own_sshd.port) == 0, PERSIST + 15)
         assert wait_until(lambda: not broker_alive(bdir), 20), pid
+    no_leftovers()
+
+
+async def test_the_broker_killed_mid_cell_loses_nothing(
+    own_sshd: ThrowawaySSHD, run_root: Path, monkeypatch: pytest.MonkeyPatch, no_leftovers
+) -> None:
+    """kill -9 of the connection broker (the connection owner) while a cell prints 24
+    lines: the process reconnects through a new broker and reattaches; every line
+    arrives once, then the reply; the same kernel, its state intact."""
+    from sshpyk import SSHSession
+    from sshpyk.kernels.kernel import KernelOptions
+
+    with temp_broker_dir() as bdir:
+        monkeypatch.setenv(BROKER_DIR_ENV, str(bdir))
+        monkeypatch.setenv(PERSIST_ENV, "2")
+        options = KernelOptions(python=sys.executable, run_root=str(run_root))
+        connect = SSHSession.connect(own_sshd.alias, ssh_config=own_sshd.ssh_config)
+        async with await connect as session:
+            kernel = await session.start_kernel(options=options)
+            async with kernel:
+                assert kernel.process is not None
+                pid, first_broker = kernel.process.pid, broker_pid(bdir)
+                assert first_broker is not None
+                kc = kernel.client()
+                kc.start_channels()
+                try:
+                    await kc.wait_for_ready(timeout=60)
+                    out: list[str] = []
+
+                    def hook(msg: dict[str, Any]) -> None:
+                        if msg["msg_type"] == "stream":
+                            out.append(msg["content"]["text"])
+
+                    code = "import time\nfor i in range(24):\n    print(f'line {i}', flush=True)\n"
+                    code += "    time.sleep(0.25)\ny = 42\n"
+                    run = asyncio.ensure_future(
+                        kc.execute_interactive(code, output_hook=hook, timeout=90)
+                    )
+                    await asyncio.sleep(1.5)
+                    os.kill(first_broker, signal.SIGKILL)
+                    reply = await asyncio.wait_for(run, 100)
+                    assert reply["content"]["status"] == "ok"
+                    lines = "".join(out).splitlines()
+                    assert lines == [f"line {i}" for i in range(24)], lines
+                    check = await kc.execute_interactive(
+                        "import os; print(y, os.getpid())", output_hook=hook, timeout=30
+                    )
+                    assert check["content"]["status"] == "ok"
+                    assert "".join(out).split()[-2:] == ["42", str(pid)]
+                    assert kernel.process.pid == pid
+                    second_broker = broker_pid(bdir)
+                    assert second_broker not in (None, first_broker)
+                    print(f"broker {first_broker} killed; reattached through {second_broker}")
+                finally:
+                    kc.stop_channels()
     no_leftovers()
