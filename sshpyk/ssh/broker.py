@@ -65,6 +65,8 @@ from .brokered import (
     encode_error,
 )
 from .control import SUBSYSTEM, ControlSession, Slots, Wills
+from .loginrelay import LoginRelay
+from .prompt import RELAYED_ASKER
 from .relay import CHANNEL_WINDOW, ExecRelay, open_stream
 
 __all__ = ["LINGER", "Broker", "Upstream", "main"]
@@ -144,6 +146,8 @@ class _Downstream(asyncssh.SSHServer):
         self.pid = pid
         self.conn: asyncssh.SSHServerConnection | None = None
         self.upstream: Upstream | None = None
+        #: the login this client waits for (begin_auth), when the host was not connected
+        self._login: asyncio.Future[None] | None = None
         self.closed = False
 
     @property
@@ -157,6 +161,7 @@ class _Downstream(asyncssh.SSHServer):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         if self.upstream is not None:
+            self.upstream.relay.leave(self)
             self.upstream.leave(self)
         self.broker.client_left(self)
 
@@ -171,7 +176,19 @@ class _Downstream(asyncssh.SSHServer):
             raise asyncssh.DisconnectError(
                 asyncssh.DISC_BY_APPLICATION, encode_error(error)
             ) from exc
-        self.upstream = self.broker.upstream(request)
+        upstream = self.upstream = self.broker.upstream(request)
+        if upstream.conn is not None:  # up: this uid was let in at accept(), nothing to ask
+            await self._join(request)
+            return False
+        # a login to make (or one in progress): its questions for a person, if any, come
+        # to the waiting clients as keyboard-interactive rounds (loginrelay.py)
+        upstream.relay.join(self)
+        self._login = asyncio.ensure_future(self._join(request))
+        self._login.add_done_callback(lambda _: upstream.relay.leave(self))
+        return True
+
+    async def _join(self, request: Request) -> None:
+        assert self.upstream is not None
         try:
             await self.upstream.join(self, request)
         except SSHPykError as exc:
@@ -180,7 +197,37 @@ class _Downstream(asyncssh.SSHServer):
             raise asyncssh.DisconnectError(
                 asyncssh.DISC_BY_APPLICATION, encode_error(error)
             ) from exc
-        return False  # this uid was let in at accept(): no authentication
+
+    def supports_kbdint_auth(self) -> bool:
+        return True
+
+    async def get_kbdint_challenge(  # type: ignore[override]
+        self, username: str, lang: str, submethods: str
+    ) -> Any:
+        return await self._next_round()
+
+    async def validate_kbdint_response(  # type: ignore[override]
+        self, username: str, responses: list[str]
+    ) -> Any:
+        if self.upstream is not None:
+            self.upstream.relay.answer(self, responses[0] if responses else None)
+        return await self._next_round()
+
+    async def _next_round(self) -> Any:
+        """The next question for this client's person, or the login's end: True, or
+        the sshpyk error it failed with (a disconnect that carries it)."""
+        login, upstream = self._login, self.upstream
+        if login is None or upstream is None:
+            return False
+        question = await upstream.relay.next_for(self, login)
+        if question is not None:
+            return ("", "", "", [(question.prompt, question.echo)])
+        error = login.exception()
+        if error is None:
+            return True
+        if isinstance(error, asyncssh.DisconnectError) and self.conn is not None:
+            self.conn.disconnect(error.code, error.reason)
+        return False
 
     def upstream_conn(self) -> asyncssh.SSHClientConnection:
         conn = self.upstream.conn if self.upstream is not None else None
@@ -239,6 +286,8 @@ class Upstream:
         self.shared = pool.acquire(alias, ssh_config, persist=0)
         #: what the clients share through the control channel (e.g. their agents)
         self.slots = Slots()
+        #: the questions of a login that needs a person, for the clients that wait
+        self.relay = LoginRelay()
         self.clients: set[_Downstream] = set()
         self.persist = 0.0
         self._expiry: asyncio.TimerHandle | None = None
@@ -259,12 +308,15 @@ class Upstream:
             self._expiry = None
         timeout = min(max(request.timeout, 1.0), MAX_CONNECT_TIMEOUT)
         self._joining += 1
+        # a question of this login (of the host's or a bastion's) goes to a waiting client
+        asking = RELAYED_ASKER.set(self.relay.asker(asyncio.get_running_loop()))
         try:
             conn = await self.shared.ensure_connected(timeout)
         except BaseException:
             self.clients.discard(client)
             raise
         finally:
+            RELAYED_ASKER.reset(asking)
             self._joining -= 1
             self._settle()
         if conn is not self._watched:

@@ -44,7 +44,13 @@ from typing import Any
 
 import asyncssh
 
-from ..errors import ConnectError, SSHConfigError, SSHPykError, UnsafePathError
+from ..errors import (
+    ConnectError,
+    LoginPromptError,
+    SSHConfigError,
+    SSHPykError,
+    UnsafePathError,
+)
 from ..localfs import (
     broker_dir,
     check_own_socket,
@@ -52,6 +58,7 @@ from ..localfs import (
     peer_credentials,
     read_private_json,
 )
+from .loginrelay import RelayedLoginClient
 
 __all__ = [
     "ERROR_PREFIX",
@@ -425,7 +432,7 @@ def client_options(request: Request, key: asyncssh.SSHKey) -> dict[str, Any]:
         "agent_path": None,
         "agent_forwarding": False,
         "gss_auth": False,
-        "kbdint_auth": False,
+        "kbdint_auth": True,  # a login's questions for a person (loginrelay.py)
         "password": None,
         "x509_trusted_certs": None,
         "encryption_algs": list(LOCAL_CIPHERS),
@@ -448,13 +455,20 @@ async def connect(
     paths: BrokerPaths | None = None
     for _attempt in range(2):
         paths, sock, key = await _prepare_in_thread(deadline)
+        client = RelayedLoginClient(alias)
         try:
-            conn = await asyncssh.connect(sock=sock, **client_options(request, key))
+            conn = await asyncssh.connect(
+                sock=sock, client_factory=lambda c=client: c, **client_options(request, key)
+            )
         except (asyncssh.Error, OSError) as exc:
             sock.close()
             error = decode_error(exc)
             if error is not None:
                 raise error from None
+            if client.failure is not None:  # the login's question found nobody here
+                raise LoginPromptError(
+                    f"authentication failed for {alias!r}: {client.failure}"
+                ) from None
             last = exc
             log.info("[%s] the connection broker went away during the handshake: %s", alias, exc)
             continue

@@ -18,6 +18,7 @@ or files.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import os
 import subprocess
@@ -152,6 +153,36 @@ def _ask_askpass(prompt: str, echo: bool) -> str | None:
     return done.stdout.decode("utf-8", "replace").rstrip("\r\n")
 
 
+#: ``ask(what, prompt, echo) -> answer or None``, called from a worker thread: who asks
+#: the person instead of this process's terminal or askpass (the connection broker sets
+#: it for the logins it makes: the question goes to the client process that waits).
+Asker = Callable[[str, str, bool], "str | None"]
+RELAYED_ASKER: contextvars.ContextVar[Asker | None] = contextvars.ContextVar(
+    "sshpyk_relayed_asker", default=None
+)
+
+
+def ask_here(prompt: str, echo: bool) -> tuple[str | None, str | None]:
+    """Ask this process's person (terminal or askpass, as ssh(1) chooses): (answer or
+    None, the channel or None when there is nobody to ask)."""
+    channel = _channel()
+    if channel is None:
+        return None, None
+    try:
+        answer = (_ask_tty if channel == "tty" else _ask_askpass)(prompt, echo)
+    except OSError:
+        answer = None
+    return answer, channel
+
+
+#: the one-line reason when there is nobody to ask
+NOBODY_TO_ASK = (
+    "the server asks for a {what}, but there is no terminal to ask on and no "
+    "SSH_ASKPASS program (set SSH_ASKPASS, with DISPLAY or SSH_ASKPASS_REQUIRE=force, "
+    "or use a key); `sshpyk check {alias}` shows the methods the server offers"
+)
+
+
 @dataclass
 class LoginPrompter:
     """Asks a person for what one connection's login needs, within bounds.
@@ -169,6 +200,8 @@ class LoginPrompter:
     #: the class of the error ``failure`` makes
     error: type[LoginPromptError] = LoginPromptError
     tries: dict[str, int] = field(default_factory=dict)
+    #: asks instead of this process (RELAYED_ASKER where the prompter is made)
+    asker: Asker | None = field(default_factory=RELAYED_ASKER.get)
 
     def _fail(self, text: str, error: type[LoginPromptError] = LoginPromptError) -> None:
         self.failure = f"authentication failed for {self.label}: {text}"
@@ -189,14 +222,9 @@ class LoginPrompter:
                 f"{what} not accepted after {used} tries (NumberOfPasswordPrompts {settings.tries})"
             )
             return None
-        channel = _channel()
+        channel = "process that connects" if self.asker is not None else _channel()
         if channel is None:
-            self._fail(
-                f"the server asks for a {what}, but there is no terminal to ask on and no "
-                "SSH_ASKPASS program (set SSH_ASKPASS, with DISPLAY or "
-                f"SSH_ASKPASS_REQUIRE=force, or use a key); `sshpyk check {self.alias}` "
-                "shows the methods the server offers"
-            )
+            self._fail(NOBODY_TO_ASK.format(what=what, alias=self.alias))
             return None
         self.tries[what] = used + 1
         why = " (the connection is being reopened)" if self.reconnect else ""
@@ -207,10 +235,10 @@ class LoginPrompter:
         channel = self._may_ask(what)
         if channel is None:
             return None
-        try:
-            answer = (_ask_tty if channel == "tty" else _ask_askpass)(prompt, echo)
-        except OSError:
-            answer = None
+        if self.asker is not None:
+            answer = self.asker(what, prompt, echo)
+        else:
+            answer, _ = ask_here(prompt, echo)
         if answer is None:
             self._fail(f"no answer to the {what} prompt ({channel})")
         return answer
