@@ -416,14 +416,15 @@ async def test_a_kernel_through_the_broker(sshd, bdir, run_root, no_leftovers) -
     assert wait_until(lambda: not broker_alive(bdir), 20)  # persist 2 s + linger 5 s
 
 
-# -- a login that needs a person: this process logs in itself -----------------------------
+# -- a login that needs a person: asked in this process, through the broker ---------------
 
 
-async def test_a_login_that_needs_a_person_is_made_by_this_process(
+async def test_a_login_that_needs_a_person_is_asked_here(
     sshd, bdir, tmp_path, monkeypatch, caplog
 ) -> None:
-    """The broker cannot ask a person (yet): it says so at once, without running the
-    askpass program, and the process logs in itself, asking once, as without sharing."""
+    """The broker has no terminal and runs no askpass: the key's passphrase question comes
+    to this process (a keyboard-interactive round on its connection to the broker),
+    which asks once; the connection is the broker's, shared."""
     caplog.set_level(logging.INFO, logger="sshpyk")
     key = asyncssh.read_private_key(sshd.root / "id_ed25519")
     encrypted = tmp_path / "id_encrypted"
@@ -437,7 +438,7 @@ async def test_a_login_that_needs_a_person_is_made_by_this_process(
     )
     asked = tmp_path / "asked"
     askpass = tmp_path / "askpass.sh"
-    askpass.write_text(f'#!/bin/sh\necho "$PPID" >> {asked}\necho pass-phrase-42\n')
+    askpass.write_text(f'#!/bin/sh\necho "$PPID $1" >> {asked}\necho pass-phrase-42\n')
     askpass.chmod(0o700)
     monkeypatch.setenv("SSH_ASKPASS", str(askpass))
     monkeypatch.setenv("SSH_ASKPASS_REQUIRE", "force")
@@ -445,12 +446,36 @@ async def test_a_login_that_needs_a_person_is_made_by_this_process(
     session = await Session.connect("needs-person", ssh_config=config, connect_timeout=30)
     try:
         assert time.monotonic() - started < 15
-        assert not session.shared.via_broker
+        assert session.shared.via_broker
         assert (await session.run("echo ok")).stdout.strip() == "ok"
     finally:
         await session.aclose(10)
-    assert asked.read_text().split() == [str(os.getpid())]  # once, by this process
-    assert any("the login needs a person" in r.message for r in caplog.records)
+    (line,) = asked.read_text().splitlines()  # once, by this process
+    assert line.startswith(f"{os.getpid()} ") and "passphrase" in line, line
+    assert any("answered the login's question" in r.message for r in caplog.records)
+    assert "pass-phrase-42" not in caplog.text
+
+
+async def test_nobody_to_ask_fails_at_once(sshd, bdir, tmp_path, monkeypatch) -> None:
+    """No terminal and no askpass here: the login fails within seconds, with the
+    one-line reason of an in-process login; the broker asked nobody."""
+    key = asyncssh.read_private_key(sshd.root / "id_ed25519")
+    encrypted = tmp_path / "id_encrypted"
+    encrypted.write_bytes(key.export_private_key("openssh", "pass-phrase-42"))
+    encrypted.chmod(0o600)
+    config = tmp_path / "ssh_config"
+    config.write_text(
+        f"Host needs-person\n  HostName 127.0.0.1\n  Port {sshd.port}\n  User {sshd.user}\n"
+        f"  IdentityFile {encrypted}\n  IdentitiesOnly yes\n"
+        f"  UserKnownHostsFile {sshd.known_hosts}\n"
+    )
+    monkeypatch.delenv("SSH_ASKPASS", raising=False)
+    monkeypatch.setenv("SSH_ASKPASS_REQUIRE", "never")
+    started = time.monotonic()
+    with pytest.raises(LoginPromptError) as info:
+        await Session.connect("needs-person", ssh_config=config, connect_timeout=30)
+    assert time.monotonic() - started < 15
+    assert "SSH_ASKPASS" in one_line(info.value), one_line(info.value)
 
 
 # -- one agent for the processes of a user (issue 22 item 1) ------------------------------
