@@ -198,7 +198,7 @@ class _Downstream(asyncssh.SSHServer):
                 asyncssh.DISC_BY_APPLICATION, encode_error(error)
             ) from exc
 
-    def supports_kbdint_auth(self) -> bool:
+    def kbdint_auth_supported(self) -> bool:
         return True
 
     async def get_kbdint_challenge(  # type: ignore[override]

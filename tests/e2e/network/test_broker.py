@@ -28,7 +28,7 @@ import asyncssh
 import pytest
 
 from sshpyk import SSHSession
-from sshpyk.errors import SSHPykError, UnsafePathError
+from sshpyk.errors import LoginPromptError, SSHPykError, UnsafePathError
 from sshpyk.kernels.kernel import KernelOptions
 from sshpyk.localfs import BROKER_DIR_ENV
 from sshpyk.ssh.brokered import PERSIST_ENV
