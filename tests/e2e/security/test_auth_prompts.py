@@ -28,6 +28,7 @@ from sshpyk import SSHSession
 from sshpyk.errors import BatchModeError, LoginPromptError
 from sshpyk.ssh import pool
 
+from support.broker import ClientProcess, temp_broker_dir
 from support.cli import run_in_pty, sshpyk
 from support.pam_sshd import LoginUser, PamSSHD, oath_pam_service, throwaway_user, totp
 from support.sshd import ThrowawaySSHD, find_sshd
@@ -407,3 +408,23 @@ def test_password_on_the_terminal(pw) -> None:
     shown = _on_terminal(["pw-host", str(pw.config)], {"'pw-host' password: ": pw.user.password})
     assert f"connected as {pw.user.name}" in shown, shown
     assert pw.user.password not in shown  # typed without echo
+
+
+@pytest.mark.slow
+def test_three_processes_one_password_prompt_through_the_broker(pw, tmp_path, monkeypatch) -> None:
+    """Issue 22: three processes start at once on a host that asks for a password
+    after the key; through the connection broker there is one login, so one askpass
+    call, made by one of those processes; all three use the same connection."""
+    ask = Askpass(tmp_path, pw.user.password)
+    ask.use(monkeypatch)
+    with temp_broker_dir() as bdir:
+        args = (bdir, 5.0, "pw-host", pw.config, "echo $SSH_CONNECTION")
+        clients = [ClientProcess(*args) for _ in range(3)]
+        try:
+            reports = [client.report(90) for client in clients]
+        finally:
+            for client in clients:
+                client.close(20)
+    assert [r["status"] for r in reports] == [0, 0, 0], reports
+    assert len({r["out"] for r in reports}) == 1, reports  # one TCP connection
+    assert ask.prompts() == ["'pw-host' password: "]  # one prompt for all three
