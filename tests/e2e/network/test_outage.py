@@ -349,6 +349,48 @@ async def test_a_60s_reset_and_refuse_outage_is_not_a_death(
     await assert_no_leftovers(run_root)
 
 
+@pytest.mark.slow
+async def test_an_outage_past_the_link_grace_reaps_at_the_link_grace(
+    make_kernelspec: Callable[..., Any],
+    proxied_config: Path,
+    proxy: FaultProxy,
+    run_root: Path,
+) -> None:
+    """Issue 27: an outage longer than the link grace (reset, then refused: a 2 h one
+    looks the same for this long) with ``--link-grace 60``: the kernel outlives the
+    short grace period (30 s) and is reaped at about 60 s; Jupyter then sees it dead."""
+    link_grace = 60.0
+    proxied_kernelspec(make_kernelspec, proxied_config, "ssh_outage_long", link_grace=link_grace)
+    km, kc = await start_manager("ssh_outage_long")
+    try:
+        pid = remote_process(km).pid
+        proxy.reset(down=True)
+        down = time.monotonic()
+        await asyncio.sleep(40.0)
+        assert pid_alive(pid), "reaped after the short grace: a reset is not a death"
+        assert await km.is_alive()
+        assert await eventually(lambda: not pid_alive(pid), link_grace + 15 - 40.0, 0.2)
+        reaped = time.monotonic() - down
+        assert link_grace - 1 <= reaped <= link_grace + 15, reaped
+        assert await eventually_async(lambda: km.is_alive(), False, 30)
+    finally:
+        proxy.heal()
+        await stop_manager(km, kc)
+    await assert_no_leftovers(run_root)
+
+
+async def eventually_async(check: Callable[[], Any], want: Any, timeout: float) -> bool:
+    """``await check()`` became ``want`` within ``timeout`` s (polled every 0.2 s)."""
+    deadline = time.monotonic() + timeout
+    for _ in range(int(timeout / 0.2) + 2):
+        if await check() == want:
+            return True
+        if time.monotonic() >= deadline:
+            break
+        await asyncio.sleep(0.2)
+    return False
+
+
 async def test_request_sent_during_outage_is_answered(
     make_kernelspec: Callable[..., Any], proxied_config: Path, proxy: FaultProxy, run_root: Path
 ) -> None:
