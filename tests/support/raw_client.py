@@ -62,13 +62,18 @@ class RawClient:
         argv = KernelSpecManager().get_kernel_spec(self.name).argv
         return [a.replace("{connection_file}", self.connection_file) for a in argv]
 
-    def spawn(self) -> None:
+    def launch(self) -> subprocess.Popen[bytes]:
+        """Write the connection file and spawn kernel.json's argv (no client yet)."""
         self.write()
         env = {**(os.environ if self.env is None else self.env), "PYTHONPATH": str(REPO)}
         with open(self.stderr_path, "ab") as log:
             self.launcher = subprocess.Popen(
                 self.argv(), stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env
             )
+        return self.launcher
+
+    def spawn(self) -> None:
+        self.launch()
         client = BlockingKernelClient(connection_file=self.connection_file)
         client.load_connection_file()
         client.start_channels()

@@ -201,3 +201,10 @@ if __name__ == "__main__":
                 time.sleep(3600)
         except KeyboardInterrupt:
             sys.exit(0)
+
+
+def write_config(tmp_path: Path, text: str) -> str:
+    """An ssh config file with ``text`` in ``tmp_path``; its path."""
+    path = tmp_path / "ssh_config"
+    path.write_text(text)
+    return str(path)

@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ from sshpyk.ssh.brokered import PERSIST_ENV
 
 from support.broker import broker_alive, broker_pid, established, logins, temp_broker_dir
 from support.raw_client import REPO, RawClient
-from support.sshd import ThrowawaySSHD, find_sshd
+from support.sshd import ThrowawaySSHD
 from support.waiting import pid_alive, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
@@ -58,16 +57,6 @@ async def main(name):
 
 asyncio.run(main(sys.argv[1]))
 """
-
-
-@pytest.fixture(scope="module")
-def own_sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThrowawaySSHD]:
-    """An sshd nobody else uses: its TCP connections and logins can be counted."""
-    if find_sshd() is None:
-        pytest.skip("OpenSSH sshd is not installed")
-    server = ThrowawaySSHD(tmp_path_factory.mktemp("sshd-share"), alias="sshpyk-share").start()
-    yield server
-    server.stop()
 
 
 def sharing_env(broker_dir: Path) -> dict[str, str]:

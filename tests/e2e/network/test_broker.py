@@ -46,7 +46,7 @@ from support.broker import (
 from support.errors import one_line
 from support.kernels import run_cell
 from support.second_user import SecondUser
-from support.sshd import ThrowawaySSHD, find_sshd
+from support.sshd import ThrowawaySSHD
 from support.waiting import pid_alive, wait_until
 
 pytestmark = pytest.mark.timeout(180)
@@ -59,16 +59,6 @@ def bdir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
         monkeypatch.setenv(BROKER_DIR_ENV, str(path))
         monkeypatch.setenv(PERSIST_ENV, "2")
         yield path
-
-
-@pytest.fixture(scope="module")
-def own_sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThrowawaySSHD]:
-    """An sshd nobody else uses: its TCP connections and logins can be counted."""
-    if find_sshd() is None:
-        pytest.skip("OpenSSH sshd is not installed")
-    server = ThrowawaySSHD(tmp_path_factory.mktemp("sshd-broker"), alias="sshpyk-brk").start()
-    yield server
-    server.stop()
 
 
 @contextlib.asynccontextmanager
@@ -419,13 +409,9 @@ async def test_a_kernel_through_the_broker(sshd, bdir, run_root, no_leftovers) -
 # -- a login that needs a person: asked in this process, through the broker ---------------
 
 
-async def test_a_login_that_needs_a_person_is_asked_here(
-    sshd, bdir, tmp_path, monkeypatch, caplog
-) -> None:
-    """The broker has no terminal and runs no askpass: the key's passphrase question comes
-    to this process (a keyboard-interactive round on its connection to the broker),
-    which asks once; the connection is the broker's, shared."""
-    caplog.set_level(logging.INFO, logger="sshpyk")
+def passphrase_host(sshd: ThrowawaySSHD, tmp_path: Path) -> Path:
+    """An ssh config whose host "needs-person" logs in with the test key, encrypted
+    (passphrase "pass-phrase-42"): a login that needs a person."""
     key = asyncssh.read_private_key(sshd.root / "id_ed25519")
     encrypted = tmp_path / "id_encrypted"
     encrypted.write_bytes(key.export_private_key("openssh", "pass-phrase-42"))
@@ -436,6 +422,17 @@ async def test_a_login_that_needs_a_person_is_asked_here(
         f"  IdentityFile {encrypted}\n  IdentitiesOnly yes\n"
         f"  UserKnownHostsFile {sshd.known_hosts}\n"
     )
+    return config
+
+
+async def test_a_login_that_needs_a_person_is_asked_here(
+    sshd, bdir, tmp_path, monkeypatch, caplog
+) -> None:
+    """The broker has no terminal and runs no askpass: the key's passphrase question comes
+    to this process (a keyboard-interactive round on its connection to the broker),
+    which asks once; the connection is the broker's, shared."""
+    caplog.set_level(logging.INFO, logger="sshpyk")
+    config = passphrase_host(sshd, tmp_path)
     asked = tmp_path / "asked"
     askpass = tmp_path / "askpass.sh"
     askpass.write_text(f'#!/bin/sh\necho "$PPID $1" >> {asked}\necho pass-phrase-42\n')
@@ -459,16 +456,7 @@ async def test_a_login_that_needs_a_person_is_asked_here(
 async def test_nobody_to_ask_fails_at_once(sshd, bdir, tmp_path, monkeypatch) -> None:
     """No terminal and no askpass here: the login fails within seconds, with the
     one-line reason of an in-process login; the broker asked nobody."""
-    key = asyncssh.read_private_key(sshd.root / "id_ed25519")
-    encrypted = tmp_path / "id_encrypted"
-    encrypted.write_bytes(key.export_private_key("openssh", "pass-phrase-42"))
-    encrypted.chmod(0o600)
-    config = tmp_path / "ssh_config"
-    config.write_text(
-        f"Host needs-person\n  HostName 127.0.0.1\n  Port {sshd.port}\n  User {sshd.user}\n"
-        f"  IdentityFile {encrypted}\n  IdentitiesOnly yes\n"
-        f"  UserKnownHostsFile {sshd.known_hosts}\n"
-    )
+    config = passphrase_host(sshd, tmp_path)
     monkeypatch.delenv("SSH_ASKPASS", raising=False)
     monkeypatch.setenv("SSH_ASKPASS_REQUIRE", "never")
     started = time.monotonic()

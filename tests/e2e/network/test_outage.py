@@ -18,7 +18,6 @@ import logging
 import os
 import queue
 import signal
-import subprocess
 import sys
 import textwrap
 import time
@@ -276,6 +275,28 @@ def info_lines(caplog: pytest.LogCaptureFixture) -> str:
     )[-3000:]
 
 
+async def cell_through_reset(
+    km: Any, kc: AsyncKernelClient, proxy: FaultProxy, down_for: float
+) -> None:
+    """The 24-line cell through a reset outage of ``down_for`` s (every connection reset,
+    new ones refused): every line once, the reply, idle; the same kernel, state intact."""
+    pid = remote_process(km).pid
+    cell = await cell_through_outage(
+        kc,
+        proxy,
+        lines_cell(24),
+        lambda: proxy.reset(down=True),
+        fault_after=1.0,
+        down_for=down_for,
+        after_heal=30.0,
+    )
+    assert_all_lines(cell, 24)
+    content, out = await run_cell(kc, "import os; print(y, os.getpid())", timeout=30)
+    assert content["status"] == "ok", content
+    assert out.split() == ["42", str(pid)]
+    assert remote_process(km).pid == pid
+
+
 # -- the link resets, is down, comes back -----------------------------------------------------
 async def test_output_during_reset_outage_arrives(
     make_kernelspec: Callable[..., Any],
@@ -290,21 +311,7 @@ async def test_output_during_reset_outage_arrives(
     proxied_kernelspec(make_kernelspec, proxied_config, "ssh_outage_reset")
     km, kc = await start_manager("ssh_outage_reset")
     try:
-        pid = remote_process(km).pid
-        cell = await cell_through_outage(
-            kc,
-            proxy,
-            lines_cell(24),
-            lambda: proxy.reset(down=True),
-            fault_after=1.0,
-            down_for=8.0,
-            after_heal=20.0,
-        )
-        assert_all_lines(cell, 24)
-        content, out = await run_cell(kc, "import os; print(y, os.getpid())", timeout=30)
-        assert content["status"] == "ok", content
-        assert out.split() == ["42", str(pid)]
-        assert remote_process(km).pid == pid
+        await cell_through_reset(km, kc, proxy, down_for=8.0)
         for words in (("link down",), ("reconnect",), ("link restored",)):
             found = await logged(caplog, *words, level=logging.INFO, timeout=5)
             assert found, f"no INFO line with {words!r}:\n{info_lines(caplog)}"
@@ -328,21 +335,7 @@ async def test_a_60s_reset_and_refuse_outage_is_not_a_death(
     proxied_kernelspec(make_kernelspec, proxied_config, "ssh_outage_60")  # default graces
     km, kc = await start_manager("ssh_outage_60")
     try:
-        pid = remote_process(km).pid
-        cell = await cell_through_outage(
-            kc,
-            proxy,
-            lines_cell(24),
-            lambda: proxy.reset(down=True),
-            fault_after=1.0,
-            down_for=60.0,
-            after_heal=30.0,
-        )
-        assert_all_lines(cell, 24)
-        content, out = await run_cell(kc, "import os; print(y, os.getpid())", timeout=30)
-        assert content["status"] == "ok", content
-        assert out.split() == ["42", str(pid)]
-        assert remote_process(km).pid == pid
+        await cell_through_reset(km, kc, proxy, down_for=60.0)
     finally:
         proxy.heal()
         await stop_manager(km, kc)
@@ -699,12 +692,7 @@ async def spawn_launcher(raw: RawClient, timeout: float = 60) -> AsyncKernelClie
     """What RawClient.spawn does, with an AsyncKernelClient: write the connection file,
     spawn kernel.json's argv, wait until kernel_info is answered (retried while the
     launcher runs: the heartbeat misses its first beats while the remote kernel starts)."""
-    raw.write()
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    with open(raw.stderr_path, "ab") as log:
-        raw.launcher = subprocess.Popen(
-            raw.argv(), stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env
-        )
+    launcher = raw.launch()
     kc = AsyncKernelClient(connection_file=raw.connection_file)
     kc.load_connection_file()
     kc.start_channels()
@@ -715,7 +703,7 @@ async def spawn_launcher(raw: RawClient, timeout: float = 60) -> AsyncKernelClie
                 await kc.wait_for_ready(timeout=max(1.0, deadline.left()))
                 return kc
             except RuntimeError:
-                if raw.launcher.poll() is not None or deadline.left() <= 0:
+                if launcher.poll() is not None or deadline.left() <= 0:
                     raise
                 await asyncio.sleep(0.3)
         raise AssertionError("the argv launcher's kernel never answered")

@@ -27,21 +27,9 @@ from sshpyk.ssh.hosts import (
     resolve_host,
 )
 
+from support.sshd import write_config
+
 pytestmark = pytest.mark.timeout(30)
-
-
-@pytest.fixture(autouse=True)
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """No ~/.ssh of the user running the tests leaks in."""
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    (tmp_path / "home").mkdir()
-    return tmp_path / "home"
-
-
-def write_config(tmp_path: Path, text: str) -> str:
-    path = tmp_path / "ssh_config"
-    path.write_text(text)
-    return str(path)
 
 
 async def test_keepalive_is_on_when_the_config_sets_none(tmp_path: Path) -> None:

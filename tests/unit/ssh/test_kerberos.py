@@ -13,26 +13,14 @@ from sshpyk.ssh import kerberos
 from sshpyk.ssh.hosts import host_options
 from sshpyk.ssh.kerberos import GSSSettings, login_error
 
+from support.sshd import write_config
+
 pytestmark = pytest.mark.timeout(30)
-
-
-@pytest.fixture(autouse=True)
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """No ~/.ssh of the user running the tests leaks in."""
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    (tmp_path / "home").mkdir()
-    return tmp_path / "home"
-
-
-def _config(tmp_path: Path, text: str) -> str:
-    path = tmp_path / "ssh_config"
-    path.write_text(text)
-    return str(path)
 
 
 async def test_off_unless_the_config_turns_it_on(tmp_path: Path) -> None:
     # asyncssh would try GSSAPI here; ssh(1) does not, and sshpyk follows ssh(1)
-    config = _config(tmp_path, "Host plain\n  HostName plain.example\n")
+    config = write_config(tmp_path, "Host plain\n  HostName plain.example\n")
     built = await host_options("plain", config)
     assert built.gss == GSSSettings(host="plain.example")
     assert not built.gss.enabled
@@ -40,7 +28,7 @@ async def test_off_unless_the_config_turns_it_on(tmp_path: Path) -> None:
 
 
 async def test_config_options_and_the_hostname_principal(tmp_path: Path) -> None:
-    config = _config(
+    config = write_config(
         tmp_path,
         "Host hpc\n  HostName login1.hpc.example\n  GSSAPIAuthentication yes\n"
         "  GSSAPIDelegateCredentials yes\n  GSSAPIKeyExchange yes\n",
@@ -55,7 +43,7 @@ async def test_config_options_and_the_hostname_principal(tmp_path: Path) -> None
 
 
 async def test_each_hop_asks_for_its_own_principal(tmp_path: Path) -> None:
-    config = _config(
+    config = write_config(
         tmp_path,
         "Host gate\n  HostName gate.example\n  GSSAPIAuthentication yes\n"
         "Host inner\n  HostName inner.example\n  ProxyJump gate\n  GSSAPIAuthentication yes\n"

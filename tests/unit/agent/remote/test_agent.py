@@ -5,6 +5,7 @@ binds the five sockets of its connection file)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -91,11 +92,12 @@ class Peer:
                 return at, message
 
 
-@pytest.fixture
-def served(root: Path) -> Iterator[tuple[agent.Agent, Peer]]:
-    """An agent serving a socketpair (its loop in a thread); shut down afterwards."""
+@contextlib.contextmanager
+def serving(hello: dict[str, Any]) -> Iterator[tuple[agent.Agent, Peer, dict[str, Any]]]:
+    """An agent started with ``hello``, serving a socketpair (its loop in a thread): the
+    agent, the peer and the agent's hello event; shut down afterwards."""
     ours, theirs = socket.socketpair()
-    the_agent = agent.Agent({"op": "hello", "grace": 0, "run_root": str(root)})
+    the_agent = agent.Agent({"op": "hello", **hello})
     errors: list[BaseException] = []
 
     def run() -> None:
@@ -109,10 +111,9 @@ def served(root: Path) -> Iterator[tuple[agent.Agent, Peer]]:
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     peer = Peer(ours)
-    _, hello = peer.wait(lambda m: m["event"] == "hello")
-    assert hello["pid"] == os.getpid() and hello["socket"]
+    _, hello_event = peer.wait(lambda m: m["event"] == "hello")
     try:
-        yield the_agent, peer
+        yield the_agent, peer, hello_event
     finally:
         if thread.is_alive():
             peer.send(op="shutdown", rid=999)
@@ -120,6 +121,14 @@ def served(root: Path) -> Iterator[tuple[agent.Agent, Peer]]:
         ours.close()
         agent.CLEANING.clear()
     assert not thread.is_alive() and errors == []
+
+
+@pytest.fixture
+def served(root: Path) -> Iterator[tuple[agent.Agent, Peer]]:
+    """An agent serving a socketpair (its loop in a thread); shut down afterwards."""
+    with serving({"grace": 0, "run_root": str(root)}) as (the_agent, peer, hello):
+        assert hello["pid"] == os.getpid() and hello["socket"]
+        yield the_agent, peer
 
 
 def event_of(kid: str, name: str) -> Callable[[dict[str, Any]], bool]:
@@ -279,24 +288,12 @@ def test_owners_keep_to_their_own_kernels(root: Path, fake_kernels: Path) -> Non
     ends keeps its kernel for the link grace, until a last will says it is gone, then
     for the short grace only; the first owner's kernel runs throughout."""
     grace = 0.5
-    ours, theirs = socket.socketpair()
-    hello = {"op": "hello", "grace": grace, "link_grace": 60, "heartbeat": 0.5}
-    the_agent = agent.Agent({**hello, "run_root": str(root), "owner": "A"})
-    errors: list[BaseException] = []
+    hello = {"grace": grace, "link_grace": 60, "run_root": str(root), "owner": "A"}
+    with serving(hello) as (the_agent, first, hello_event):
+        owners_keep_to_their_own(the_agent, first, hello_event["socket"], grace)
 
-    def run() -> None:
-        try:
-            the_agent.run(agent.socket_controller(the_agent, theirs))
-        except BaseException as exc:  # the test fails below
-            errors.append(exc)
-        finally:
-            the_agent.cleanup()
 
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    first = Peer(ours)
-    _, hello_event = first.wait(lambda m: m["event"] == "hello")
-    path = hello_event["socket"]
+def owners_keep_to_their_own(the_agent: agent.Agent, first: Peer, path: str, grace: float) -> None:
 
     def joined(token: str) -> Peer:
         sock = socket.socket(socket.AF_UNIX)
@@ -306,41 +303,33 @@ def test_owners_keep_to_their_own_kernels(root: Path, fake_kernels: Path) -> Non
         peer.send(op="claim", owner=token)
         return peer
 
-    try:
-        first.send(op="launch", kid="ka", kernel_name="fake", key="k")
-        _, ka = first.wait(event_of("ka", "started"))
-        b = joined("B")
-        b.send(op="launch", kid="kb", kernel_name="fake", key="k")
-        _, kb = b.wait(event_of("kb", "started"))
-        b.send(op="shutdown", rid=1)
-        _, bye = b.wait(lambda m: m.get("rid") == 1)
-        assert bye["kept"] >= 1 and wait_gone(kb["pid"])
-        assert sorted(the_agent.kernels) == ["ka"]
-        b.sock.shutdown(socket.SHUT_RDWR)  # B leaves (its process closes its channel)
-        b.sock.close()
-        c = joined("C")
-        c.send(op="launch", kid="kc", kernel_name="fake", key="k")
-        _, kc = c.wait(event_of("kc", "started"))
-        c.sock.shutdown(socket.SHUT_RDWR)  # a reset or a crash: nobody knows which
-        c.sock.close()
-        time.sleep(grace * 4)
-        assert procgroup.pid_alive(kc["pid"]), "reaped after the short grace without a will"
-        will = socket.socket(socket.AF_UNIX)
-        will.connect(path)
-        will.sendall(encode({"v": PROTOCOL, "op": "gone", "owner": "C"}))
-        will.shutdown(socket.SHUT_WR)
-        said = time.monotonic()
-        assert wait_gone(kc["pid"])
-        assert time.monotonic() - said < grace + 2.5
-        will.close()
-        assert procgroup.pid_alive(ka["pid"]) and sorted(the_agent.kernels) == ["ka"]
-        first.send(op="shutdown", rid=2)
-        _, bye = first.wait(lambda m: m.get("rid") == 2)
-        assert bye["kept"] == 0 and wait_gone(ka["pid"])
-    finally:
-        if thread.is_alive():
-            first.send(op="shutdown", rid=999)
-            thread.join(15)
-        ours.close()
-        agent.CLEANING.clear()
-    assert not thread.is_alive() and errors == []
+    first.send(op="launch", kid="ka", kernel_name="fake", key="k")
+    _, ka = first.wait(event_of("ka", "started"))
+    b = joined("B")
+    b.send(op="launch", kid="kb", kernel_name="fake", key="k")
+    _, kb = b.wait(event_of("kb", "started"))
+    b.send(op="shutdown", rid=1)
+    _, bye = b.wait(lambda m: m.get("rid") == 1)
+    assert bye["kept"] >= 1 and wait_gone(kb["pid"])
+    assert sorted(the_agent.kernels) == ["ka"]
+    b.sock.shutdown(socket.SHUT_RDWR)  # B leaves (its process closes its channel)
+    b.sock.close()
+    c = joined("C")
+    c.send(op="launch", kid="kc", kernel_name="fake", key="k")
+    _, kc = c.wait(event_of("kc", "started"))
+    c.sock.shutdown(socket.SHUT_RDWR)  # a reset or a crash: nobody knows which
+    c.sock.close()
+    time.sleep(grace * 4)
+    assert procgroup.pid_alive(kc["pid"]), "reaped after the short grace without a will"
+    will = socket.socket(socket.AF_UNIX)
+    will.connect(path)
+    will.sendall(encode({"v": PROTOCOL, "op": "gone", "owner": "C"}))
+    will.shutdown(socket.SHUT_WR)
+    said = time.monotonic()
+    assert wait_gone(kc["pid"])
+    assert time.monotonic() - said < grace + 2.5
+    will.close()
+    assert procgroup.pid_alive(ka["pid"]) and sorted(the_agent.kernels) == ["ka"]
+    first.send(op="shutdown", rid=2)
+    _, bye = first.wait(lambda m: m.get("rid") == 2)
+    assert bye["kept"] == 0 and wait_gone(ka["pid"])
