@@ -120,7 +120,7 @@ async def run(args: argparse.Namespace) -> list[dict]:
             if "stdio" in wanted:
                 source = old_source(args.stdio_relay)
                 new_loader = sshpyk.agent.command.extension_source
-                sshpyk.agent.command.extension_source = lambda name: source  # type: ignore[assignment]
+                sshpyk.agent.command.extension_source = lambda *_: source  # type: ignore[assignment]
                 try:
                     options = KernelOptions(
                         **{**slurm, "pre_command": slurm["pre_command"] + "; :"}
@@ -142,7 +142,7 @@ async def run(args: argparse.Namespace) -> list[dict]:
                     await process.wait_ready()
                     kernel.timings["ready"] = time.monotonic() - t0
 
-                sshpyk.agent.command.extension_source = lambda name: source  # type: ignore[assignment]
+                sshpyk.agent.command.extension_source = lambda *_: source  # type: ignore[assignment]
                 SlurmLauncher.wait_ready = old_wait  # type: ignore[method-assign]
                 try:
                     # another pre-command: another agent, which loads the old source

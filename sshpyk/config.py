@@ -13,29 +13,44 @@ else is derived from these declarations:
   and ``sshpyk edit`` (:mod:`sshpyk.cli`), ``sshpyk check``'s target and the kernel's
   launch options (:meth:`sshpyk.kernel.KernelOptions.from_config`).
 
-A new kernel option is one field here.
+A new kernel option is one field here. A launcher's own options (a scheduler's job
+arguments, its queue timeout) are declared in the launcher's module and registered
+with :func:`register_launcher` (the launcher contract does it,
+:func:`sshpyk.kernels.launcher.register`): they are :class:`ConfigField` objects like
+the others, in :func:`config_fields`, read and set as attributes of the config, and
+kept in :attr:`KernelConfig.launcher_options`.
 """
 
 from __future__ import annotations
 
-import enum
 import functools
 import os
 import re
 import sys
 import types
 import typing
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from collections.abc import Mapping
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, TypeVar
 
 from .errors import SSHPykError
-from .values import check_forwards, parse_forward, parse_slurm_args
+from .options import (
+    ConfigField,
+    Option,
+    Store,
+    init_with_launcher_options,
+    is_launcher_option,
+    launcher_field,
+    launcher_fields,
+    launcher_names,
+    launcher_value,
+    register_launcher,
+)
+from .values import check_forwards, parse_forward
 
 __all__ = [
     "DEFAULTS",
     "INTERRUPT_MODES",
-    "LAUNCHERS",
     "LAUNCH_MODULE",
     "LOCAL_TRANSPORTS",
     "PROVISIONER_NAME",
@@ -46,8 +61,13 @@ __all__ = [
     "Store",
     "config_field",
     "config_fields",
+    "init_with_launcher_options",
+    "launcher_field",
+    "launcher_fields",
+    "launcher_names",
+    "launcher_value",
     "parse_forward",
-    "parse_slurm_args",
+    "register_launcher",
 ]
 
 PROVISIONER_NAME = "sshpyk-provisioner"
@@ -56,60 +76,6 @@ LAUNCH_MODULE = "sshpyk.launch"
 TRANSPORTS = ("auto", "ipc", "tcp")
 LOCAL_TRANSPORTS = ("ipc", "tcp")
 INTERRUPT_MODES = ("signal", "message")
-LAUNCHERS = ("direct", "slurm")
-
-
-class Store(enum.Enum):
-    """Where kernel.json keeps a field."""
-
-    #: the kernel's directory name (``kernels/<name>/kernel.json``)
-    NAME = "name"
-    #: a top-level kernel.json key (display_name, language, interrupt_mode)
-    TOP = "top"
-    #: ``metadata.kernel_provisioner.config``: a provisioner option (a trait)
-    PROVISIONER = "provisioner"
-
-
-@dataclass(frozen=True)
-class Option:
-    """The metadata of one :class:`KernelConfig` field."""
-
-    #: what it is, for ``--help`` and the provisioner's trait
-    help: str
-    #: the noun used in error messages ("start timeout must be ...")
-    label: str
-    store: Store = Store.PROVISIONER
-    #: the CLI flag, if not ``--`` + the name with dashes
-    flag: str | None = None
-    #: the help of ``sshpyk edit`` when it says something else than ``help``
-    edit_help: str | None = None
-    choices: tuple[str, ...] = ()
-    #: may not be empty
-    required: bool = False
-    #: ``edit`` with an empty value puts the default back
-    clearable: bool = False
-    #: ``add`` takes the remote kernelspec's value unless one is given
-    from_remote: bool = False
-    #: ``add``/``edit`` check a changed value against the host (unless --no-check)
-    checked: bool = False
-    #: a local file that must exist
-    path: bool = False
-    metavar: str | None = None
-    #: numbers: the smallest value allowed; positive: larger than 0
-    minimum: float | None = None
-    positive: bool = False
-    #: what numbers count, for error messages
-    unit: str = "seconds"
-    #: any other rule: returns what is wrong with a value, or None
-    check: Callable[[Any], str | None] | None = None
-    #: the launcher it belongs to: with any other launcher, not stored while default
-    launcher: str | None = None
-    #: not stored while it has its default (options kernel.json did not always have)
-    omit_default: bool = False
-    #: its name in KernelOptions (the kernel layer), or None if the kernel never sees it
-    kernel: str | None = None
-    #: also sent to the remote agent in the launch request (under its ``kernel`` name)
-    request: bool = False
 
 
 def _option(default: Any, **meta: Any) -> Any:
@@ -332,54 +298,12 @@ class KernelConfig:
     )
     launcher: str = _option(
         "direct",
-        help="direct: the kernel runs on the host; slurm: the host is a login node and "
-        "each kernel runs as a SLURM job (srun) on a compute node.",
+        # the launchers' own words follow (ConfigField.help), choices: every launcher
+        help="How the kernel runs.",
         label="launcher",
-        choices=LAUNCHERS,
         checked=True,
-        launcher="slurm",
-        kernel="launcher",
-        request=True,
-    )
-    slurm_args: str = _option(
-        "",
-        help="srun options for --launcher slurm, e.g. "
-        '"--partition=gpu --gres=gpu:1 --time=04:00:00".',
-        label="SLURM arguments",
-        metavar="ARGS",
-        clearable=True,
-        checked=True,
-        launcher="slurm",
-        kernel="slurm_args",
-        request=True,
-    )
-    slurm_queue_timeout: float = _option(
-        600.0,
-        help="Seconds a SLURM job may wait in the queue before it is cancelled "
-        "(on top of --start-timeout).",
-        label="SLURM queue timeout",
-        positive=True,
-        launcher="slurm",
-        kernel="slurm_queue_timeout",
-        request=True,
-    )
-    slurm_walltime_warning: float = _option(
-        300.0,
-        help="Log a warning this many seconds before the SLURM job's time limit (0: never).",
-        label="SLURM walltime warning",
-        minimum=0.0,
-        launcher="slurm",
-        kernel="slurm_walltime_warning",
-        request=True,
-    )
-    slurm_status_interval: float = _option(
-        30.0,
-        help="While a SLURM job waits in the queue, log its state at least this often (seconds).",
-        label="SLURM status interval",
-        positive=True,
-        launcher="slurm",
         omit_default=True,
-        kernel="slurm_status_interval",
+        kernel="launcher",
         request=True,
     )
     forward: list[str] = field(
@@ -416,6 +340,21 @@ class KernelConfig:
     )
     #: provisioner config keys this version does not know (kept as found, written back)
     extra: dict[str, Any] = field(default_factory=dict)
+    #: the values of the launchers' own options (register_launcher) that were set;
+    #: read and set them as attributes (``config.<launcher>_args``), like the fields above
+    launcher_options: dict[str, Any] = field(default_factory=dict)
+
+    def __init__(self, **values: Any) -> None:
+        init_with_launcher_options(self, values, by_kernel_name=False)
+
+    def __getattr__(self, name: str) -> Any:
+        return launcher_value(self, name, by_kernel_name=False)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if is_launcher_option(name):
+            self.launcher_options[name] = value
+        else:
+            object.__setattr__(self, name, value)
 
     @property
     def default_display_name(self) -> str:
@@ -431,7 +370,7 @@ class KernelConfig:
     def kernel_values(self) -> dict[str, Any]:
         """The fields the kernel layer uses, under its names (KernelOptions' fields)."""
         return {
-            f.option.kernel: f.copy(getattr(self, f.name))
+            f.option.kernel: f.kernel_value(getattr(self, f.name))
             for f in config_fields()
             if f.option.kernel
         }
@@ -462,7 +401,7 @@ class KernelConfig:
             if value is None or value == {} or value == "" or value == []:
                 continue
             if value == f.default and (
-                f.option.omit_default or (f.option.launcher not in (None, self.launcher))
+                f.option.omit_default or f.option.launcher not in (None, self.launcher)
             ):
                 continue
             config[f.name] = f.copy(value)
@@ -497,63 +436,6 @@ class KernelConfig:
         return cls(**values, extra=extra, **kwargs)
 
 
-@dataclass(frozen=True)
-class ConfigField:
-    """One field of :class:`KernelConfig` with its type, default and :class:`Option`."""
-
-    name: str
-    #: str, float, int, bool, dict or list (of str)
-    type: type
-    #: None is allowed (and means: not set)
-    optional: bool
-    option: Option
-
-    @property
-    def store(self) -> Store:
-        return self.option.store
-
-    @property
-    def help(self) -> str:
-        return self.option.help
-
-    @property
-    def flag(self) -> str:
-        return self.option.flag or "--" + self.name.replace("_", "-")
-
-    @property
-    def default(self) -> Any:
-        """A fresh default (a new dict for dict fields)."""
-        return getattr(KernelConfig(), self.name)
-
-    def copy(self, value: Any) -> Any:
-        if isinstance(value, dict):
-            return dict(value)
-        return list(value) if isinstance(value, list) else value
-
-    def loaded(self, value: Any) -> Any:
-        """``value`` as read from kernel.json (JSON has no float 60: it writes 60)."""
-        if self.type is float and isinstance(value, int) and not isinstance(value, bool):
-            return float(value)
-        if self.type is int and isinstance(value, float) and value.is_integer():
-            return int(value)
-        return self.copy(value)
-
-    def problem(self, value: Any) -> str | None:
-        """What is wrong with ``value`` for this field, or None."""
-        opt = self.option
-        if value is None or value == "" or value == {} or value == []:
-            return f"{opt.label} is required ({self.flag})" if opt.required else None
-        if opt.choices and value not in opt.choices:
-            return f"{opt.label} must be one of {', '.join(opt.choices)}"
-        if opt.positive and not value > 0:
-            return f"{opt.label} must be a positive number of {opt.unit}"
-        if opt.minimum is not None and not value >= opt.minimum:
-            return f"{opt.label} must be {opt.minimum:g} (off) or a number of {opt.unit}"
-        if opt.path and not os.path.isfile(value):
-            return f"{opt.label} {value} does not exist"
-        return opt.check(value) if opt.check else None
-
-
 @functools.cache
 def _all_fields() -> tuple[ConfigField, ...]:
     hints = typing.get_type_hints(KernelConfig)
@@ -565,18 +447,27 @@ def _all_fields() -> tuple[ConfigField, ...]:
         union = typing.get_origin(hint) in (typing.Union, types.UnionType)
         kinds = typing.get_args(hint) if union else (hint,)
         (base,) = [typing.get_origin(t) or t for t in kinds if t is not type(None)]
-        found.append(ConfigField(f.name, base, type(None) in kinds, f.metadata["option"]))
+        factory = None if f.default_factory is MISSING else f.default_factory
+        default = None if f.default is MISSING else f.default
+        option = f.metadata["option"]
+        found.append(ConfigField(f.name, base, type(None) in kinds, option, default, factory))
     return tuple(found)
 
 
 def config_fields(store: Store | None = None) -> tuple[ConfigField, ...]:
-    """The option fields of :class:`KernelConfig` in declaration order (those kept in
-    ``store``, if given)."""
-    return tuple(f for f in _all_fields() if store is None or f.store is store)
+    """The option fields of :class:`KernelConfig` in declaration order, the launchers'
+    own options (in registration order) right after ``launcher``; those kept in
+    ``store``, if given."""
+    every: list[ConfigField] = []
+    for f in _all_fields():
+        every.append(f)
+        if f.name == "launcher":
+            every.extend(launcher_fields())
+    return tuple(f for f in every if store is None or f.store is store)
 
 
 def config_field(name: str) -> ConfigField:
-    for f in _all_fields():
+    for f in config_fields():
         if f.name == name:
             return f
     raise KeyError(name)

@@ -29,17 +29,19 @@
     │   ├── NotPermittedError     the remote user may not do that (all users: root only)
     │   ├── AgentGoneError        the agent is gone (cannot be reattached): kernels lost
     │   ├── AgentInternalError    the agent failed unexpectedly (a bug: its traceback)
-    │   ├── SlurmError            SLURM failed (squeue/scancel/srun errors)
-    │   │   ├── SlurmMissingError     no SLURM on the host (srun not found)
-    │   │   └── SlurmArgsError        SLURM refused the kernel's --slurm-args
+    │   ├── SchedulerError        a batch scheduler's command failed (queue, cancel, submit)
+    │   │   ├── SchedulerMissingError no client commands of the scheduler on the host
+    │   │   └── SchedulerArgsError    the scheduler refused the kernel's job arguments
     │   ├── RequestTimeoutError   the agent did not answer a request in time
     │   └── ProtocolError         the agent answered something unexpected
     └── KernelStartTimeoutError   the kernel did not come up within start_timeout
-        └── SlurmQueueTimeoutError    its SLURM job waited longer than the queue timeout
+        └── QueueTimeoutError     its batch job waited longer than the queue timeout
 
-Each error *kind* the remote agent reports (``sshpyk.agent.remote.protocol.Kind``) maps
-to one of these classes in one table, ``sshpyk.agent.kinds.ERROR_CLASSES``; an unknown
-kind is a plain RemoteError.
+Each error *kind* the remote agent reports (``sshpyk.agent.remote.protocol.Kind``, and
+each launcher's own, ``Launcher.error_kinds``) maps to one of these classes in one
+table, ``sshpyk.agent.kinds.ERROR_CLASSES``; an unknown kind is a plain RemoteError.
+The batch errors are the same classes for every scheduler: ``sshpyk check`` asks the
+kernel's launcher for the fix (``Launcher.fix``).
 
 Every message is one line that says what failed and where, and usually what to do.
 
@@ -79,6 +81,7 @@ __all__ = [
     "LoginPromptError",
     "NotPermittedError",
     "ProtocolError",
+    "QueueTimeoutError",
     "RemoteError",
     "RemoteJupyterClientMissingError",
     "RemoteKernelSpecNotFoundError",
@@ -86,12 +89,11 @@ __all__ = [
     "RequestTimeoutError",
     "SSHConfigError",
     "SSHPykError",
+    "SchedulerArgsError",
+    "SchedulerError",
+    "SchedulerMissingError",
     "SessionClosedError",
     "SharedLoginNeedsPersonError",
-    "SlurmArgsError",
-    "SlurmError",
-    "SlurmMissingError",
-    "SlurmQueueTimeoutError",
     "UnknownHostKeyError",
     "UnsafePathError",
     "translate_error",
@@ -241,16 +243,16 @@ class AgentInternalError(RemoteError):
     """The agent failed unexpectedly (a bug); the message carries its last words."""
 
 
-class SlurmError(RemoteError):
-    """A SLURM command failed on the host."""
+class SchedulerError(RemoteError):
+    """A batch scheduler's command (queue state, cancel, submit) failed on the host."""
 
 
-class SlurmMissingError(SlurmError):
-    """The host has no SLURM (srun not found): not a login node?"""
+class SchedulerMissingError(SchedulerError):
+    """The host has no client commands of the kernel's scheduler: not a login node?"""
 
 
-class SlurmArgsError(SlurmError):
-    """SLURM refused the kernel's srun arguments (``srun --test-only``)."""
+class SchedulerArgsError(SchedulerError):
+    """The scheduler refused the kernel's job arguments (tested without running a job)."""
 
 
 class UnsafePathError(RemoteError):
@@ -266,9 +268,9 @@ class KernelStartTimeoutError(SSHPykError):
     """The kernel did not come up within its start timeout."""
 
 
-class SlurmQueueTimeoutError(KernelStartTimeoutError):
-    """The kernel's SLURM job did not leave the queue within the SLURM queue timeout
-    (the agent cancelled it)."""
+class QueueTimeoutError(KernelStartTimeoutError):
+    """The kernel's batch job did not leave the queue within its launcher's queue
+    timeout (the agent cancelled it)."""
 
 
 def _one_line(text: object) -> str:

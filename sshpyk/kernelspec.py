@@ -21,18 +21,15 @@ from jupyter_core.paths import jupyter_data_dir
 
 from .config import (
     INTERRUPT_MODES,
-    LAUNCHERS,
     PROVISIONER_NAME,
     TRANSPORTS,
     KernelConfig,
     config_fields,
-    parse_slurm_args,
 )
 from .errors import SSHPykError
 
 __all__ = [
     "INTERRUPT_MODES",
-    "LAUNCHERS",
     "PROVISIONER_NAME",
     "TRANSPORTS",
     "InstalledKernel",
@@ -49,16 +46,12 @@ __all__ = [
 ]
 
 
-@dataclass
+@dataclass(init=False)  # KernelConfig's __init__ takes the launchers' options too
 class SSHKernelSpec(KernelConfig):
     """An installed (or about to be installed) SSH kernel: its :class:`KernelConfig`
     and the directory its kernel.json is in."""
 
     resource_dir: str | None = None
-
-    def validate(self) -> None:
-        super().validate()
-        parse_slurm_args(self.slurm_args)
 
     @classmethod
     def from_kernel_json(  # type: ignore[override]
@@ -71,7 +64,10 @@ class SSHKernelSpec(KernelConfig):
         return super().to_kernel_json(resource_dir or self.resource_dir)
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Every field; the launchers' options among them, by name."""
+        values = asdict(self)
+        values.update(values.pop("launcher_options"))
+        return values
 
 
 def kernels_dir() -> str:
@@ -164,11 +160,11 @@ def edited_spec(
     """A validated copy of ``spec`` with ``changes`` (field -> value; None = keep).
 
     An empty string puts a clearable field back to its default (display name, ssh
-    config, pre-command, remote cwd, remote run root, SLURM arguments). ``unset_env``
+    config, pre-command, remote cwd, remote run root, a scheduler's job arguments). ``unset_env``
     keys are removed from the remote environment, then ``set_env`` is merged in.
     Provisioner keys this version does not know are kept.
     """
-    new = replace(spec, remote_env=dict(spec.remote_env), extra=dict(spec.extra))
+    new = replace(spec, remote_env=dict(spec.remote_env), extra=dict(spec.extra))  # copies
     known = {f.name: f for f in config_fields()}
     for name, value in changes.items():
         if name not in known:

@@ -88,7 +88,7 @@ class SSHKernelProvisioner(_ConfigTraits):  # type: ignore[misc,valid-type]
     async def _open(self) -> RemoteKernel:
         session = await self._connect()
         kernel = RemoteKernel(session, self._options(), kernel_id=self.kernel_id)
-        kernel.logger = self.log  # SLURM queue and walltime events go to Jupyter's log
+        kernel.logger = self.log  # a batch job's queue and walltime events go to Jupyter's log
         try:
             await kernel.open_forwards()
         except BaseException:

@@ -1,6 +1,7 @@
-"""Values of kernel options that need more than a type to be read: srun arguments
-(``slurm_args``) and explicit forwards (``forward``). config.py declares the options;
-the kernel layer reads them through these functions."""
+"""Values of kernel options that need more than a type to be read: a scheduler's job
+arguments (a batch launcher's ``<name>_args``) and explicit forwards (``forward``).
+config.py and the launchers declare the options; the kernel layer reads them through
+these functions."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import shlex
 
 from .errors import SSHPykError
 
-__all__ = ["check_forwards", "parse_forward", "parse_slurm_args"]
+__all__ = ["check_forwards", "parse_forward", "parse_job_args"]
 
 
 def _port(text: str, what: str) -> int:
@@ -74,41 +75,24 @@ def check_forwards(values: list[str]) -> str | None:
     return None
 
 
-_STDIO = "the kernel's stdio is how sshpyk drives it"
-#: srun options sshpyk sets itself, and why a user may not
-_SRUN_MANAGED = {
-    "--input": _STDIO,
-    "-i": _STDIO,
-    "--output": _STDIO,
-    "-o": _STDIO,
-    "--error": _STDIO,
-    "-e": _STDIO,
-    "--pty": _STDIO,
-    "--unbuffered": _STDIO,
-    "-u": _STDIO,
-    "--label": _STDIO,
-    "-l": _STDIO,
-    "--multi-prog": "a kernel is one program",
-    "--ntasks": "a kernel is one task",
-    "-n": "a kernel is one task",
-    "--test-only": "sshpyk check runs srun --test-only",
-}
-
-
-def parse_slurm_args(text: str) -> list[str]:
-    """The srun arguments in ``slurm_args`` (shell quoting), or SSHPykError with the
-    reason (an option sshpyk sets itself)."""
+def parse_job_args(
+    text: str, flag: str, managed: dict[str, str], *, attached: bool = True
+) -> list[str]:
+    """A scheduler's job arguments in ``text`` (shell quoting), or SSHPykError with the
+    reason, naming ``flag`` (``--<launcher>-args``): ``managed`` holds the options sshpyk
+    sets itself (``--name``, ``-x``, ``-name``) and why a user may not; ``attached``:
+    a short option's value may be attached (``-n4``, as getopt reads it)."""
     try:
         args = shlex.split(text)
     except ValueError as exc:
-        raise SSHPykError(f"--slurm-args {text!r}: {exc}") from None
+        raise SSHPykError(f"{flag} {text!r}: {exc}") from None
     for arg in args:
         if arg.startswith("--"):
             name = arg.split("=", 1)[0]
         elif arg.startswith("-") and len(arg) >= 2:
-            name = arg[:2]  # a short option, maybe with its value attached (-n4)
+            name = arg[:2] if attached and arg not in managed else arg
         else:
             continue  # the value of the option before
-        if name in _SRUN_MANAGED:
-            raise SSHPykError(f"--slurm-args: {name} is set by sshpyk ({_SRUN_MANAGED[name]})")
+        if name in managed:
+            raise SSHPykError(f"{flag}: {name} is set by sshpyk ({managed[name]})")
     return args

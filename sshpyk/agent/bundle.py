@@ -1,9 +1,10 @@
 """What is sent to the remote host: the agent's modules, as ``protocol.LOADER`` reads
 them (see ``remote/loader.py``).
 
-The core modules start every agent; the SLURM modules follow in a ``load`` request
-before an agent's first SLURM request, so agents that only run direct kernels never
-receive nor compile them (57 kB, ~10 ms of agent start).
+The core modules start every agent; a launcher's modules (``Launcher.remote_modules``:
+a batch scheduler's) follow in a ``load`` request before an agent's first request of
+that launcher, so agents that only run direct kernels never receive nor compile them
+(57 kB, ~10 ms of agent start).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from importlib import resources
 
 from .remote.loader import encode_bundle
 
-__all__ = ["CORE_MODULES", "SLURM_MODULES", "agent_bundle", "slurm_modules"]
+__all__ = ["CORE_MODULES", "agent_bundle", "module_sources"]
 
 #: in dependency order: a module imports only those before it (tests/unit checks it)
 CORE_MODULES = (
@@ -36,7 +37,6 @@ CORE_MODULES = (
     "agent",
     "main",
 )
-SLURM_MODULES = ("slurmctl", "relay", "slurm", "node")
 
 
 @functools.cache
@@ -51,6 +51,7 @@ def agent_bundle() -> bytes:
     return encode_bundle(_sources(CORE_MODULES))
 
 
-def slurm_modules() -> dict[str, str]:
-    """The SLURM launcher's modules, for a ``load`` request."""
-    return dict(_sources(SLURM_MODULES))
+def module_sources(names: tuple[str, ...]) -> dict[str, str]:
+    """{module: source} of the agent's modules ``names`` (a launcher's, in dependency
+    order), for a ``load`` request."""
+    return dict(_sources(tuple(names)))

@@ -450,12 +450,13 @@ class RemoteAgent:
         event = await self.request(Op.INSPECT, kernel_name=kernel_name)
         return dict(event.get("kernelspec") or {})
 
-    async def load(self, name: str) -> None:
-        """Send the remote code of extension ``name`` (a launcher's) to the agent, once:
-        agents that never need it never receive nor compile it."""
+    async def load(self, name: str, modules: tuple[str, ...]) -> None:
+        """Send the remote code of extension ``name`` (a launcher's: its agent
+        ``modules``) to the agent, once: agents that never need it never receive nor
+        compile it."""
         async with self._load_lock:
             if name not in self._loaded:
-                await self.request(Op.LOAD, **load_fields(name))
+                await self.request(Op.LOAD, **load_fields(name, modules))
                 self._loaded.add(name)
 
     async def ps(
@@ -469,9 +470,9 @@ class RemoteAgent:
 
         Each entry: kernel_id, kernel_name, pid, alive, started (epoch), agent_pid,
         agent_alive, attached (a local side was heard within its grace), last_contact
-        (epoch or None), persistent, transport, run_dir. SLURM kernels also have
-        launcher ("slurm"), job_id, job_name, node, host and, once the SLURM launcher
-        is loaded (its ``prepare``), slurm_state and slurm_reason from squeue.
+        (epoch or None), persistent, transport, run_dir, launcher. Batch kernels also
+        have job_id, job_name, node, host and, once their launcher is loaded (its
+        ``prepare``), ``<launcher>_state`` and ``<launcher>_reason`` from the scheduler.
         """
         event = await self.request(Op.PS, run_root=run_root, all_users=all_users, timeout=timeout)
         return list(event.get("kernels") or [])
@@ -486,8 +487,8 @@ class RemoteAgent:
         timeout: float = DEFAULT_REQUEST_TIMEOUT,
     ) -> list[dict[str, Any]]:
         """Kill one kernel (by id or unique id prefix) or every orphan; remove run dirs.
-        Once the SLURM launcher is loaded (its ``prepare``) the jobs of SLURM kernels
-        are scancelled too.
+        Once a batch launcher is loaded (its ``prepare``) the jobs of its kernels are
+        cancelled too.
 
         Only this remote user's kernels are touched; ``all_users`` (the remote user must
         be root) widens that to every user's. Each returned entry has ``killed`` (bool)
@@ -504,11 +505,12 @@ class RemoteAgent:
         )
         return list(event.get("kernels") or [])
 
-    async def slurm_info(self, args: list[str] | None = None) -> dict[str, Any]:
-        """SLURM as the agent sees it: version, srun's path, partitions; with ``args``,
-        also whether ``srun --test-only ARGS`` accepts them (SlurmArgsError if not)."""
-        await self.load("slurm")
-        event = await self.request(Op.SLURM_INFO, args=args)
+    async def probe(self, launcher: str, args: list[str] | None = None) -> dict[str, Any]:
+        """Whether ``launcher`` (loaded: its ``prepare``) can run kernels here, as the
+        agent sees it (a scheduler's version, its commands, its queues); with ``args``,
+        also whether the scheduler takes them as job arguments (a SchedulerArgsError
+        if not). What it found, a JSON-able dict."""
+        event = await self.request(Op.PROBE, launcher=launcher, args=args)
         return {k: v for k, v in event.items() if k not in ("v", "event", "rid")}
 
     async def connection_info(self, kid: str) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import SSHPykError
-from .bundle import agent_bundle, slurm_modules
+from .bundle import agent_bundle, module_sources
 from .remote.protocol import LOADER
 
 __all__ = [
@@ -28,19 +28,16 @@ __all__ = [
 #: the pre-command
 AGENT_SOURCE = agent_bundle()
 
-#: the launchers' remote modules the agent loads on demand (a ``load`` request)
-_EXTENSIONS = {"slurm": slurm_modules}
+
+def extension_source(name: str, modules: tuple[str, ...]) -> dict[str, str]:
+    """The remote modules of extension ``name`` (a launcher's: its ``modules``, in
+    dependency order) as {module: source}, sent to an agent on first use only."""
+    return module_sources(modules)
 
 
-def extension_source(name: str) -> dict[str, str]:
-    """The remote modules of extension ``name`` ({module: source}), sent to an agent on
-    first use only."""
-    return _EXTENSIONS[name]()
-
-
-def load_fields(name: str) -> dict[str, Any]:
+def load_fields(name: str, modules: tuple[str, ...]) -> dict[str, Any]:
     """The fields of the ``load`` request that sends extension ``name`` to an agent."""
-    return {"name": name, "modules": extension_source(name)}
+    return {"name": name, "modules": extension_source(name, modules)}
 
 
 #: reads the pre-command from stdin (a line count, then the lines) and runs it: the

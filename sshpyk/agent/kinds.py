@@ -1,12 +1,15 @@
 """The one table from the agent's error kinds to the exception tree.
 
 The kinds are defined once, in :class:`sshpyk.agent.remote.protocol.Kind` (a module
-that is also sent to the remote agent); each maps to one class of
-:mod:`sshpyk.errors`. A kind this table does not know is a plain RemoteError.
+that is also sent to the remote agent), and a launcher's own in its modules (added with
+:func:`add_error_classes` when the launcher is registered,
+``sshpyk.kernels.launcher.register``); each maps to one class of :mod:`sshpyk.errors`.
+A kind this table does not know is a plain RemoteError.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ..errors import (
@@ -19,16 +22,19 @@ from ..errors import (
     RemoteError,
     RemoteJupyterClientMissingError,
     RemoteKernelSpecNotFoundError,
-    SlurmArgsError,
-    SlurmError,
-    SlurmMissingError,
-    SlurmQueueTimeoutError,
     SSHPykError,
     UnsafePathError,
 )
 from .remote.protocol import Kind
 
-__all__ = ["ERROR_CLASSES", "error_class", "last_lines", "remote_error"]
+__all__ = [
+    "ERROR_CLASSES",
+    "add_error_classes",
+    "error_class",
+    "last_lines",
+    "remote_error",
+    "remove_error_classes",
+]
 
 ERROR_CLASSES: dict[str, type[SSHPykError]] = {
     Kind.PROTOCOL: ProtocolError,
@@ -41,12 +47,22 @@ ERROR_CLASSES: dict[str, type[SSHPykError]] = {
     Kind.UNSAFE_PATH: UnsafePathError,
     Kind.NOT_PERMITTED: NotPermittedError,
     Kind.AGENT_GONE: AgentGoneError,
-    Kind.SLURM_MISSING: SlurmMissingError,
-    Kind.SLURM_ERROR: SlurmError,
-    Kind.SLURM_ARGS: SlurmArgsError,
-    Kind.SLURM_QUEUE_TIMEOUT: SlurmQueueTimeoutError,
-    Kind.SLURM_FAILED: KernelStartError,
 }
+
+
+def add_error_classes(classes: Mapping[str, type[SSHPykError]]) -> None:
+    """Map a launcher's own error kinds to their classes; a kind already mapped to
+    another class is a ValueError (two launchers, one name)."""
+    for kind, cls in classes.items():
+        if ERROR_CLASSES.get(kind, cls) is not cls:
+            raise ValueError(f"error kind {kind!r} is already mapped")
+    ERROR_CLASSES.update(classes)
+
+
+def remove_error_classes(kinds: Iterable[str]) -> None:
+    """Undo :func:`add_error_classes` (a launcher registered for a while: a test's)."""
+    for kind in kinds:
+        ERROR_CLASSES.pop(kind, None)
 
 
 def error_class(kind: object) -> type[SSHPykError]:

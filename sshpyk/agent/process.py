@@ -9,8 +9,8 @@ that is never cleared but ``reachable``::
     any state -> exited -> stopped               it ended; the agent cleaned up
 
 ``running`` is set at once for a kernel that runs where the agent does; a launcher that
-queues kernels (SLURM) starts them with no endpoints, and ``running`` follows the event
-that brings them. Every state is set when the kernel ends, to wake every waiter.
+queues kernels (a batch scheduler's) starts them with no endpoints, and ``running``
+follows the event that brings them. Every state is set when the kernel ends, to wake every waiter.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ class KernelProcess:
         #: where the kernel's tcp sockets listen, as seen from the remote host
         self.host = "127.0.0.1"
         self.launcher = "direct"
-        #: the launcher's own view, as last reported (SLURM: job_id, job_name, state,
+        #: the launcher's own view, as last reported (a batch job: job_id, job_name, state,
         #: reason, node, waited, time_left, node_pid)
         self.details: dict[str, Any] = {}
         self.listeners: list[EventListener] = []
@@ -113,11 +113,6 @@ class KernelProcess:
         self.error: SSHPykError | None = None
 
     @property
-    def slurm(self) -> dict[str, Any]:
-        """:attr:`details` under the name of the events that fill it (``slurm``)."""
-        return self.details
-
-    @property
     def supervisor_pid(self) -> int | None:
         return self.agent.pid
 
@@ -139,7 +134,7 @@ class KernelProcess:
             if self.endpoints:  # else the launcher queued it: endpoints come when it runs
                 self.running.set()
             self.started.set()
-        elif kind == Event.SLURM:
+        elif kind == Event.JOB:
             self._on_launcher_event(event)
         elif kind == Event.PORTS:
             self._set_ports(event.get("ports"))
@@ -195,7 +190,7 @@ class KernelProcess:
         self.persistent = bool(state.get("persistent"))
         self.host = str(state.get("host") or self.host)
         self.launcher = str(state.get("launcher") or self.launcher)
-        # the launcher's own fields; "<launcher>_x" is its x (slurm_state: the state)
+        # the launcher's own fields; "<launcher>_x" is its x (<launcher>_state: the state)
         prefix = self.launcher + "_"
         for key, value in state.items():
             if key not in _COMMON_STATE and key != "launcher" and value:

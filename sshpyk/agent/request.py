@@ -15,7 +15,8 @@ __all__ = ["LaunchRequest"]
 class LaunchRequest:
     """A ``launch`` request: the kernel's HMAC key and its launch options, i.e. the
     :class:`~sshpyk.config.KernelConfig` fields marked ``request``, under their kernel
-    names (kernel_name, transport, env, cwd, persistent, launcher, slurm_args, ...)."""
+    names (kernel_name, transport, env, cwd, persistent, launcher, the launcher's own
+    options, ...)."""
 
     key: str
     signature_scheme: str = "hmac-sha256"

@@ -78,9 +78,9 @@ def check(obj: Context, target: str, **opts: Any) -> None:
     """Diagnose a host or an SSH kernel, stage by stage, with a fix for each failure.
 
     Stages: config resolution, TCP connect, host key, authentication, remote python,
-    jupyter_client, remote kernelspec, TCP forwarding, ipc (unix sockets), SLURM on the
-    login node (SLURM kernels only), and a test kernel started and answering (for a
-    SLURM kernel, a real job). A KERNEL_NAME of an installed SSH kernel checks its
+    jupyter_client, remote kernelspec, TCP forwarding, ipc (unix sockets), the batch
+    scheduler on the login node (batch kernels only), and a test kernel started and
+    answering (for a batch kernel, a real job). A KERNEL_NAME of an installed SSH kernel checks its
     settings; anything else is taken as a host alias. Exits 1 if a stage failed.
     """
     what = _target(target, opts)

@@ -127,7 +127,7 @@ def _edited(f: ConfigField, value: Any) -> Any:
 
 async def _inspect(spec: SSHKernelSpec) -> dict[str, Any]:
     """The remote python's facts and kernelspec, and the launcher's check of the host
-    (SLURM: `srun --test-only` accepting the job options), or an SSHPykError."""
+    (a batch scheduler: accepting the job options), or an SSHPykError."""
     async with await SSHSession.connect(
         spec.ssh_host_alias,
         ssh_config=spec.ssh_config,
@@ -153,7 +153,7 @@ def add(**opts: Any) -> None:
     """Add a new SSH kernel.
 
     Connects to the host to check the remote python and kernelspec (and, with
-    --launcher slurm, that srun accepts --slurm-args) unless --no-check, and writes
+    a batch launcher, that its scheduler accepts the job arguments) unless --no-check, and writes
     kernel.json into your Jupyter data dir.
     """
     given: dict[str, Any] = {
@@ -181,7 +181,7 @@ def edit(kernel: str, **opts: Any) -> None:
     """Change an SSH kernel: every option of `add` sets that field.
 
     Validates against the remote host when the host, ssh config, remote python,
-    remote kernel name, pre-command, launcher or SLURM arguments change (unless
+    remote kernel name, pre-command, launcher or job arguments change (unless
     --no-check).
     """
     old = find_kernel(kernel).spec

@@ -15,6 +15,7 @@ from ..diagnostics.inventory import (
     ps_hosts,
     ps_table,
 )
+from ..kernels.launcher import find_launcher
 from .common import (
     ALL_USERS_HELP,
     complete_aliases,
@@ -49,7 +50,8 @@ def ps(
     LOCAL OWNER is "alive" while the local process that started the kernel is still
     heard from, "gone" for orphans (see `sshpyk kill --orphans`). PORTS: the web ports
     forwarded to this machine, remote -> local (see `sshpyk ports`). Kernels started
-    with --launcher slurm add JOB ID, NODE and JOB STATE (from squeue; PID is srun's).
+    with a batch launcher add JOB ID, NODE and JOB STATE (from the scheduler; PID is
+    the job step's).
     """
     hosts = run(
         ps_hosts(
@@ -175,7 +177,8 @@ def kill(
             failed += 1
             click.echo(f"Could not kill kernel {k.get('kernel_id')} on {alias}: {reason}", err=True)
             continue
-        job = f"; cancelled SLURM job {k['job_id']}" if k.get("job_id") else ""
+        launcher = find_launcher(k.get("launcher"))
+        job = launcher.kill_note(k) if launcher else ""
         click.echo(
             f"Killed kernel {k.get('kernel_id')} ({k.get('kernel_name')}, pid {k.get('pid')}) "
             f"on {alias}; removed {k.get('run_dir')}{job}"

@@ -5,9 +5,9 @@ at the first fatal failure, with a suggested fix for it::
 
     config resolution -> TCP connect -> host key -> authentication -> remote python
     -> jupyter_client -> remote kernelspec -> TCP forwarding -> ipc (unix sockets)
-    [-> the launcher's own stage: SLURM (login node)] -> test kernel started and answering
+    [-> the launcher's own stage: a scheduler (login node)] -> test kernel started and answering
 
-For a SLURM kernelspec the test kernel is a real job (its id, node and state are
+For a batch kernelspec the test kernel is a real job (its id, node and state are
 reported). The stages live in :mod:`.connect`, :mod:`.remote`, :mod:`.forwarding` and
 :mod:`.launch`; their vocabulary in :mod:`.report`.
 """

@@ -9,8 +9,8 @@ directory; a kill that failed says why. Only the remote user's own kernels are
 touched unless ``all_users`` (the remote user must be root). Every exchange with a host
 is bounded by a timeout, hanging up included. Each launcher named by the host's
 kernelspecs or its kernels is prepared on the agent first (``Launcher.prepare``) and
-adds its own columns (``Launcher.ps_columns``: SLURM kernels show their job id, node and
-job state from squeue); killing a SLURM kernel also scancels its job.
+adds its own columns (``Launcher.ps_columns``: batch kernels show their job id, node and
+job state from the scheduler); killing a batch kernel also cancels its job.
 """
 
 from __future__ import annotations
@@ -197,7 +197,7 @@ async def _ps(
         new = await _prepare(agent, (k.get("launcher") for k in kernels), prepared)
         if any(launcher.ps_columns for launcher in new):
             # kernels of a launcher no kernelspec here names: ask again, now that the
-            # agent can fill in that launcher's columns (SLURM: squeue's job state)
+            # agent can fill in that launcher's columns (a scheduler's job state)
             kernels = await agent.ps(run_root=root, all_users=all_users)
         for kernel in kernels:
             seen.setdefault(str(kernel.get("run_dir")), kernel)
@@ -262,7 +262,7 @@ async def kill_kernels(
         for full_id, kernel in chosen.items():
             root = os.path.dirname(str(kernel["run_dir"]))
             for launcher in _launchers([kernel.get("launcher")]):
-                await launcher.prepare(agent)  # a SLURM kernel's kill scancels its job
+                await launcher.prepare(agent)  # a batch kernel's kill cancels its job
             killed += await agent.kill(full_id, run_root=root, all_users=all_users, timeout=timeout)
         return killed
 
@@ -344,8 +344,8 @@ def ports_cell(kernel: dict[str, Any]) -> str:
 
 def ps_table(hosts: Iterable[HostKernels]) -> list[list[str]]:
     """Rows (header first) for the kernels of ``hosts``; each launcher among them with
-    columns of its own adds them (``Launcher.ps_columns``; SLURM: JOB ID, NODE, JOB
-    STATE with the reason while pending), "-" for the other launchers' kernels."""
+    columns of its own adds them (``Launcher.ps_columns``; a batch launcher's: JOB
+    ID, NODE, JOB STATE with the reason while pending), "-" for the other launchers' kernels."""
     hosts = list(hosts)
     rows = [
         [

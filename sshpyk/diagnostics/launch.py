@@ -1,5 +1,6 @@
-"""The last stages: the launcher's own check of the host (SLURM: the login node), and
-a test kernel started and answering kernel_info."""
+"""The last stages: the launcher's own check of the host (a scheduler's login node), and
+a test kernel started and answering kernel_info. The fix suggested for an error of a
+launcher's is the launcher's (``Launcher.fix``)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,6 @@ from ..errors import (
     KernelStartError,
     KernelStartTimeoutError,
     LaunchFailedError,
-    SlurmArgsError,
-    SlurmError,
-    SlurmMissingError,
-    SlurmQueueTimeoutError,
     SSHPykError,
 )
 from ..kernels.kernel import KernelOptions
@@ -25,8 +22,8 @@ __all__ = ["stage_kernel", "stage_launcher"]
 
 
 async def stage_launcher(d: Diagnosis) -> None:
-    """The launcher's own check of the host (SLURM: srun and sinfo work on the login
-    node and ``srun --test-only`` accepts the job options; no job is submitted)."""
+    """The launcher's own check of the host (a scheduler's: its commands work on the
+    login node and accept the job options; no job is submitted)."""
     t = d.target
     launcher = launcher_for(t.launcher)
     assert d.agent is not None and launcher.check_stage is not None
@@ -36,17 +33,9 @@ async def stage_launcher(d: Diagnosis) -> None:
         info = await asyncio.wait_for(launcher.check_host(d.agent, t.kernel_options()), d.timeout)
     except (SSHPykError, asyncio.TimeoutError) as exc:
         detail = str(exc) or f"no answer within {d.timeout:g}s"
-        if isinstance(exc, SlurmMissingError):
-            fix = (
-                "install SLURM's client commands on the login node, or load them first: "
-                + t.change("--pre-command 'module load slurm'")
-            )
-        elif isinstance(exc, SlurmArgsError):
-            fix = "fix the job options: " + t.change('--slurm-args "--partition=..."')
-        elif isinstance(exc, SlurmError):
-            fix = f"see what SLURM says: `ssh {t.alias} sinfo`"
-        else:
-            fix = f"run `sshpyk -vvv check {t.kernel or t.alias}` for the full log"
+        fix = launcher.fix(exc, t.change, t.alias) or (
+            f"run `sshpyk -vvv check {t.kernel or t.alias}` for the full log"
+        )
         d.fail(stage, time.monotonic() - started, detail, fix)
     d.record(stage, Status.OK, time.monotonic() - started, launcher.host_summary(info))
 
@@ -67,9 +56,9 @@ async def stage_kernel(d: Diagnosis) -> None:
             detail = f"no answer within {limit:g}s"
         else:
             detail = str(exc)
-        if isinstance(exc, SlurmQueueTimeoutError):
-            fix = "let it wait longer in the queue: " + t.change("--slurm-queue-timeout 3600")
-            fix += ", or pick a less busy partition (`sinfo`)"
+        own = launcher_for(t.launcher).fix(exc, t.change, t.alias)
+        if own:
+            fix = own
         elif isinstance(exc, KernelStartTimeoutError):
             fix = "give it more time: " + t.change("--start-timeout 120")
         elif isinstance(exc, ForwardingRefusedError):

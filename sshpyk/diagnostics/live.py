@@ -1,5 +1,5 @@
 """``sshpyk list``'s live checks: alias reachable, remote python usable, remote
-kernelspec present (and for SLURM kernelspecs, SLURM on the login node and the jobs
+kernelspec present (and for batch kernelspecs, the scheduler on the login node and the jobs
 running there): one connection per host, every host concurrently, each bounded by a
 timeout."""
 
@@ -31,14 +31,14 @@ class KernelStatus:
     alias: Status = Status.SKIP
     python: Status = Status.SKIP
     kernel: Status = Status.SKIP
-    #: the launcher's own check of the host (Launcher.check_host; SLURM: srun/sinfo
-    #: work and `srun --test-only` accepts the arguments), for launchers with a check
+    #: the launcher's own check of the host (Launcher.check_host; a scheduler's
+    #: commands work and accept the job arguments), for launchers with a check
     launcher: Status = Status.SKIP
     #: the name of the launcher of the kernelspec (whose check ``launcher`` is)
     launcher_name: str | None = None
     #: the remote python's facts and kernelspec (from the agent), when reached; for
-    #: launchers with a check also its answer under the launcher's name ("slurm":
-    #: version, partitions) and its running kernels under name + "_jobs"
+    #: launchers with a check also its answer under the launcher's name (a
+    #: scheduler's version, queues) and its running kernels under name + "_jobs"
     remote: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     seconds: float = 0.0
@@ -97,8 +97,8 @@ async def _check_one(session: SSHSession, spec: SSHKernelSpec, status: KernelSta
 
 
 async def _check_launcher(agent: RemoteAgent, spec: SSHKernelSpec, status: KernelStatus) -> None:
-    """The launcher's check of the host (SLURM on the login node), and the kernels of
-    this kernelspec it runs there (SLURM: their jobs)."""
+    """The launcher's check of the host (a scheduler on the login node), and the kernels
+    of this kernelspec it runs there (a scheduler's: their jobs)."""
     launcher = launcher_for(spec.launcher)
     options = KernelOptions.from_config(spec)
     try:

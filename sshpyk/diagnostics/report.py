@@ -104,8 +104,9 @@ class CheckTarget:
     run_root: str | None = _OPTIONS.run_root
     start_timeout: float = _OPTIONS.start_timeout
     launcher: str = _OPTIONS.launcher
-    slurm_args: list[str] = field(default_factory=list)
-    slurm_queue_timeout: float = _OPTIONS.slurm_queue_timeout
+    #: the launchers' own options (KernelOptions.launcher_options: parsed, by their
+    #: kernel names)
+    launcher_options: dict[str, Any] = field(default_factory=dict)
     #: the local kernelspec being checked, if any (used in suggested fixes)
     kernel: str | None = None
 

@@ -25,6 +25,7 @@ class DirectLauncher(Launcher):
     """Runs the kernel on the host the agent runs on."""
 
     name = "direct"
+    help = "the kernel runs on the host"
 
     async def wait_ready(self, kernel: RemoteKernel, process: KernelProcess) -> None:
         """The kernel's sockets bound, then (once per connection) sshd's forwarding

@@ -18,8 +18,8 @@ remote kernel is reachable, then becomes one of two kinds:
 * the fallback, when ``outage_buffer`` is 0 or the agent has no relay: a direct pipe
   (:class:`_DirectEnd` pair) to its own SSH channel, ``direct-streamlocal`` to the
   kernel's unix socket (ipc transport) or ``direct-tcpip`` to its port (tcp transport)
-  on the kernel's host (loopback for a kernel next to the agent, the compute node's
-  address for a SLURM kernel: sshd on the login node connects there). A dropped SSH
+  on the kernel's host (loopback for a kernel next to the agent, the execution host's
+  address for a batch kernel: sshd on the login node connects there). A dropped SSH
   link closes these; ZMQ reconnects.
 
 Either way bytes flow both ways with flow control. Because the target is looked up per

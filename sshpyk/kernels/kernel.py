@@ -20,7 +20,13 @@ from typing import TYPE_CHECKING, Any, cast
 from ..agent.client import LaunchRequest
 from ..agent.process import KernelProcess
 from ..agent.remote.protocol import Op
-from ..config import DEFAULTS, KernelConfig, config_fields, parse_slurm_args
+from ..config import (
+    DEFAULTS,
+    KernelConfig,
+    config_fields,
+    init_with_launcher_options,
+    launcher_value,
+)
 from ..errors import KernelStartTimeoutError, RemoteError, SSHPykError
 from ..tasks import wait_event
 from .forwards import CHANNELS, ForwardSet
@@ -44,7 +50,9 @@ _D = DEFAULTS
 class KernelOptions:
     """How to start a kernel on the remote host: the kernel layer's view of a
     :class:`~sshpyk.config.KernelConfig` (:meth:`from_config`). Each field is the
-    config option whose ``Option.kernel`` names it; its help and default are there."""
+    config option whose ``Option.kernel`` names it; its help and default are there.
+    The launchers' own options (a scheduler's job arguments) are attributes too, and keyword
+    arguments, under their kernel names (kept in :attr:`launcher_options`)."""
 
     kernel_name: str = _D.remote_kernel_name
     python: str = _D.remote_python
@@ -61,21 +69,30 @@ class KernelOptions:
     persistent: bool = _D.persistent
     prestart: int = _D.prestart
     launcher: str = _D.launcher
-    #: srun arguments, split: ["--partition=gpu", "--gres=gpu:1", "--time=04:00:00"]
-    slurm_args: list[str] = field(default_factory=list)
-    slurm_queue_timeout: float = _D.slurm_queue_timeout
-    slurm_walltime_warning: float = _D.slurm_walltime_warning
-    slurm_status_interval: float = _D.slurm_status_interval
     #: explicit forwards, as given ("6006", "8080:db.internal:5432"; see webports.py)
     forward: list[str] = field(default_factory=list)
     auto_forward: bool = _D.auto_forward
     local_transport: str = _D.local_transport
+    #: every launcher's own options by their kernel names, as the kernel layer takes
+    #: them (parsed: job arguments split)
+    launcher_options: dict[str, Any] = field(default_factory=dict)
+
+    def __init__(self, **values: Any) -> None:
+        init_with_launcher_options(self, values, by_kernel_name=True)
+
+    def __getattr__(self, name: str) -> Any:
+        return launcher_value(self, name, by_kernel_name=True)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self.__dict__.get("launcher_options", ()):
+            self.launcher_options[name] = value
+        else:
+            object.__setattr__(self, name, value)
 
     @classmethod
     def from_config(cls, config: KernelConfig) -> KernelOptions:
         values = config.kernel_values()
         values["env"] = {str(k): str(v) for k, v in values["env"].items()}
-        values["slurm_args"] = parse_slurm_args(values["slurm_args"])
         return cls(**values)
 
     def launch_request(
@@ -132,7 +149,8 @@ class RemoteKernel:
         self.process: KernelProcess | None = None
         #: the kernel's web apps and --forward ports (webports.py)
         self.web = WebForwards(session, self.kernel_id, options.forward)
-        #: where SLURM queue and walltime events are logged (the provisioner's self.log)
+        #: where a launcher logs its events (a batch job's queue state and walltime
+        #: warning; the provisioner's self.log)
         self.logger = log
         self.key = ""
         self.signature_scheme = "hmac-sha256"
@@ -324,7 +342,7 @@ class RemoteKernel:
 
     def info(self) -> dict[str, Any]:
         """Where the kernel runs and how it is forwarded (the provisioner's info): the
-        :attr:`INFO_KEYS`, and what its launcher adds (SLURM: ``slurm``)."""
+        :attr:`INFO_KEYS`, and what its launcher adds (a batch job's id and node)."""
         process = self.process
         info: dict[str, Any] = {
             "remote_kernel_id": self.kernel_id,
@@ -375,7 +393,7 @@ class RemoteKernel:
             return
         timeout = launcher_for(process.launcher).stop_timeout
         if restart and not process.stopped.is_set() and process.agent.connected.is_set():
-            # the agent keeps what the next launch of this kernel id reuses (SLURM: the
+            # the agent keeps what the next launch of this kernel id reuses (a batch job's
             # allocation, so a restart does not queue again)
             process.agent.send({"op": Op.STOP, "kid": process.kid, "keep_allocation": True})
             try:
@@ -391,7 +409,7 @@ class RemoteKernel:
 
     async def shutdown(self, restart: bool = False) -> None:
         """Stop the remote kernel (process group killed, run dir removed); keep the ports.
-        ``restart``: a launch of the same kernel follows (a SLURM allocation is kept)."""
+        ``restart``: a launch of the same kernel follows (a batch job's allocation is kept)."""
         await asyncio.shield(self._discard_process(restart))
 
     async def detach(self) -> None:

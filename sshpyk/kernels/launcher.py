@@ -1,12 +1,17 @@
 """The launcher contract: how a kernel is started and brought up, per launcher.
 
 A launcher is one way to run a kernel on the remote host: ``direct`` (a process next to
-the agent) or ``slurm`` (a job on a compute node). Each has one module on each side: here
-(:mod:`sshpyk.kernels.direct`, :mod:`sshpyk.kernels.slurm`) and in the agent
-(``sshpyk.agent.remote.direct``, ``sshpyk.agent.remote.slurm``). A new scheduler is one
-:class:`Launcher` subclass registered with :func:`register`, its options in
-:class:`~sshpyk.config.KernelConfig` (``Option.launcher`` set to its name) and its remote
-module; nothing else names a launcher.
+the agent) or a batch scheduler's (a job on an execution host). Each has one module on
+each side: here (:mod:`sshpyk.kernels.direct`, one per scheduler) and in the agent
+(``sshpyk.agent.remote.direct``, ...). A launcher is a :class:`Launcher` subclass
+registered with :func:`register`, which is the only place it plugs in: its name and
+:attr:`Launcher.help` (the ``launcher`` option's choices), its
+:attr:`Launcher.options` (through the one config model: kernel.json, the provisioner,
+``add``/``edit`` and the launch request derive from them), its
+:attr:`Launcher.error_kinds` (remote error kinds -> classes of the one tree), its
+:attr:`Launcher.remote_modules` (what :meth:`Launcher.prepare` sends to the agent),
+its diagnostics and its ``ps`` columns (below). Nothing else names a launcher;
+schedulers share :mod:`sshpyk.kernels.batch`.
 
 :class:`~sshpyk.kernels.kernel.RemoteKernel` calls the hooks in this order for each
 launch: :meth:`Launcher.start_timeout` (the bound on the whole start),
@@ -15,10 +20,11 @@ launch: :meth:`Launcher.start_timeout` (the bound on the whole start),
 errors and logs, :attr:`Launcher.stop_timeout` bounds its stop.
 
 The diagnostics ask the launcher too: ``sshpyk check`` (:attr:`Launcher.check_stage`,
-:meth:`Launcher.check_host`), ``sshpyk list`` (:meth:`Launcher.command_tail`,
-:meth:`Launcher.listing_lines`, :meth:`Launcher.live_kernel`,
-:attr:`Launcher.check_field`), ``sshpyk ps``/``kill`` (:meth:`Launcher.prepare`,
-:attr:`Launcher.ps_columns`, :meth:`Launcher.ps_cells`).
+:meth:`Launcher.check_host`, :meth:`Launcher.fix`), ``sshpyk list``
+(:meth:`Launcher.command_tail`, :meth:`Launcher.listing_lines`,
+:meth:`Launcher.live_kernel`, :attr:`Launcher.check_field`), ``sshpyk ps``/``kill``
+(:meth:`Launcher.prepare`, :attr:`Launcher.ps_columns`, :meth:`Launcher.ps_cells`,
+:meth:`Launcher.kill_note`).
 """
 
 from __future__ import annotations
@@ -27,9 +33,10 @@ import abc
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ..config import LAUNCHERS as LAUNCHER_NAMES
-from ..config import config_fields
+from ..agent.kinds import add_error_classes, remove_error_classes
+from ..config import DEFAULTS, ConfigField, config_fields
 from ..errors import SSHPykError
+from ..options import register_launcher, unregister_launcher
 
 if TYPE_CHECKING:
     from ..agent.client import RemoteAgent
@@ -37,14 +44,26 @@ if TYPE_CHECKING:
     from ..kernelspec import SSHKernelSpec
     from .kernel import KernelOptions, RemoteKernel
 
-__all__ = ["LAUNCHERS", "Launcher", "find_launcher", "launcher_for", "register"]
+__all__ = ["LAUNCHERS", "Launcher", "find_launcher", "launcher_for", "register", "unregister"]
 
 
 class Launcher(abc.ABC):
     """One way to run a kernel; stateless (one instance serves every kernel)."""
 
-    #: the ``launcher`` value of kernel.json (one of :data:`sshpyk.config.LAUNCHERS`)
+    #: the ``launcher`` value of kernel.json and of the launch request
     name: ClassVar[str]
+    #: what it does, in a few words (the ``launcher`` option's help)
+    help: ClassVar[str]
+    #: its own kernel options (:func:`sshpyk.config.launcher_field`, ``launcher`` set
+    #: to :attr:`name`): kernel.json keys, provisioner traits, ``add``/``edit`` flags and,
+    #: where ``request``, launch request fields; attributes of KernelConfig and
+    #: KernelOptions
+    options: ClassVar[tuple[ConfigField, ...]] = ()
+    #: the error kinds its remote side reports, and the class of the tree each maps to
+    error_kinds: ClassVar[dict[str, type[SSHPykError]]] = {}
+    #: the agent's modules it needs beyond the core, in dependency order (sent once per
+    #: agent by :meth:`prepare`)
+    remote_modules: ClassVar[tuple[str, ...]] = ()
     #: seconds :meth:`KernelProcess.stop` may take (a job may have to leave a queue)
     stop_timeout: ClassVar[float] = 10.0
 
@@ -66,10 +85,12 @@ class Launcher(abc.ABC):
         sockets (a queue wait included). Default: ``options.start_timeout``."""
         return options.start_timeout
 
-    async def prepare(self, agent: RemoteAgent) -> None:  # noqa: B027 (a hook)
+    async def prepare(self, agent: RemoteAgent) -> None:
         """Called before each launch on ``agent``, and before ``ps``/``kill`` on a host
         that may run this launcher's kernels: load what the agent needs to run, list
-        and kill them (its remote code). Default: nothing."""
+        and kill them. Default: send :attr:`remote_modules` (once per agent)."""
+        if self.remote_modules:
+            await agent.load(self.name, self.remote_modules)
 
     def event_listener(self, logger: Any, alias: str, kernel_id: str) -> EventListener | None:
         """What logs the launcher's events of one kernel (queue, start, walltime) on
@@ -116,6 +137,13 @@ class Launcher(abc.ABC):
     def host_summary(self, info: dict[str, Any]) -> str:
         """:meth:`check_host`'s answer in one line. Default: ""."""
         return ""
+
+    def fix(self, exc: BaseException, change: Callable[[str], str], alias: str) -> str | None:
+        """What ``sshpyk check`` suggests for ``exc``, an error of this launcher's (its
+        :attr:`check_stage`, or the test kernel's start): one line, or None for the
+        generic advice. ``change(option)`` says how the user changes an option of the
+        kernelspec; ``alias`` is the host. Default: None."""
+        return None
 
     def remote_transport(self, transport: str) -> str:
         """What the local forwards connect to on the host for a kernel whose kernelspec
@@ -165,20 +193,38 @@ class Launcher(abc.ABC):
         of this launcher's kernels). Default: none."""
         return []
 
+    def kill_note(self, entry: dict[str, Any]) -> str:
+        """What ``sshpyk kill`` adds to its line on a killed kernel (a ``kill`` answer
+        entry), e.g. "; cancelled <scheduler> job 12". Default: ""."""
+        return ""
+
 
 #: every launcher, by name (filled by :func:`register`; sshpyk.kernels imports them)
 LAUNCHERS: dict[str, Launcher] = {}
 
 
 def register(cls: type[Launcher]) -> type[Launcher]:
-    """Class decorator: make ``cls`` the launcher of its :attr:`~Launcher.name`."""
+    """Class decorator: make ``cls`` the launcher of its :attr:`~Launcher.name`, with
+    its options in the config model and its error kinds in the table of kinds."""
+    if cls.name in LAUNCHERS:
+        raise ValueError(f"a launcher named {cls.name!r} is already registered")
+    register_launcher(cls.name, cls.help, cls.options)
+    add_error_classes(cls.error_kinds)
     LAUNCHERS[cls.name] = cls()
     return cls
 
 
+def unregister(name: str) -> None:
+    """Undo :func:`register` (a launcher registered for a while: a test's double)."""
+    launcher = LAUNCHERS.pop(name, None)
+    if launcher is not None:
+        unregister_launcher(name)
+        remove_error_classes(launcher.error_kinds)
+
+
 def launcher_for(name: str | None) -> Launcher:
     """The launcher called ``name`` (None: the default, direct)."""
-    key = name or LAUNCHER_NAMES[0]
+    key = name or DEFAULTS.launcher
     try:
         return LAUNCHERS[key]
     except KeyError:
@@ -188,4 +234,4 @@ def launcher_for(name: str | None) -> Launcher:
 def find_launcher(name: str | None) -> Launcher | None:
     """The launcher called ``name`` (None: the default, direct), or None when there is
     none of that name (a ``ps`` entry or a kernel.json of another sshpyk version)."""
-    return LAUNCHERS.get(name or LAUNCHER_NAMES[0])
+    return LAUNCHERS.get(name or DEFAULTS.launcher)

@@ -6,7 +6,7 @@ processes (agent/remote/ports.py) and says so in ``ports`` events; :class:`WebFo
 then listens on the SAME port here, on 127.0.0.1 (and ::1 where it can), so the
 printed URL works unchanged, and pipes each accepted connection over its own SSH
 channel on the host's one connection: ``direct-tcpip`` to the listener (sshd connects
-to it on the remote host), or, for a kernel on a compute node (SLURM), a
+to it on the remote host), or, for a kernel on an execution host (a batch job), a
 ``direct-streamlocal`` channel to the agent's relay socket for that port, which
 reaches the node over the authenticated node connection. A port taken here gets a
 free one instead, and the log says where. When the remote listener closes, so does

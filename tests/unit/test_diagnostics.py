@@ -26,13 +26,13 @@ from sshpyk.diagnostics.live import KernelStatus
 from sshpyk.diagnostics.report import Diagnosis, StageFailedError, StageResult
 from sshpyk.errors import (
     KernelStartTimeoutError,
+    QueueTimeoutError,
     RemoteError,
-    SlurmArgsError,
-    SlurmMissingError,
-    SlurmQueueTimeoutError,
+    SchedulerArgsError,
+    SchedulerMissingError,
 )
 from sshpyk.kernels import LAUNCHERS, Launcher
-from sshpyk.kernels.launcher import register
+from sshpyk.kernels.launcher import register, unregister
 from sshpyk.kernelspec import SSHKernelSpec
 
 
@@ -93,7 +93,11 @@ class _Agent:
     def __init__(self, error: Exception | None) -> None:
         self.error = error
 
-    async def slurm_info(self, args: list[str] | None = None) -> dict[str, Any]:
+    async def load(self, name: str, modules: tuple[str, ...]) -> None:
+        assert name == "slurm" and "slurm" in modules
+
+    async def probe(self, launcher: str, args: list[str] | None = None) -> dict[str, Any]:
+        assert launcher == "slurm"
         if self.error is not None:
             raise self.error
         return {"version": "slurm 22.05", "srun": "/usr/bin/srun", "partitions": []}
@@ -102,8 +106,8 @@ class _Agent:
 @pytest.mark.parametrize(
     ("error", "words"),
     [
-        (SlurmMissingError("srun not found on the PATH"), "module load slurm"),
-        (SlurmArgsError("srun rejects the SLURM arguments"), "--slurm-args"),
+        (SchedulerMissingError("srun not found on the PATH"), "module load slurm"),
+        (SchedulerArgsError("srun rejects the SLURM arguments"), "--slurm-args"),
         # the kind decides, not the words: a RemoteError saying the same is no SLURM fix
         (RemoteError("srun not found on the PATH; rejects the SLURM arguments"), "-vvv"),
     ],
@@ -157,7 +161,7 @@ class _FailingSession:
 @pytest.mark.parametrize(
     ("error", "words"),
     [
-        (SlurmQueueTimeoutError("job 7 PENDING (Resources) for 600s"), "--slurm-queue-timeout"),
+        (QueueTimeoutError("job 7 PENDING (Resources) for 600s"), "--slurm-queue-timeout"),
         # a SLURM kernel that left the queue but did not bind its sockets: not the queue
         (KernelStartTimeoutError("SLURM job 7 RUNNING on n1, but ..."), "--start-timeout"),
     ],
@@ -183,6 +187,7 @@ class _Sched(Launcher):
     """A new scheduler: its own ps columns, its remote code loaded by prepare."""
 
     name = "sched"
+    help = "a test double"
     ps_columns = ("QUEUE",)
 
     async def prepare(self, agent: Any) -> None:
@@ -201,7 +206,7 @@ def sched() -> Any:
     try:
         yield LAUNCHERS["sched"]
     finally:
-        del LAUNCHERS["sched"]
+        unregister("sched")
 
 
 class _PsAgent:

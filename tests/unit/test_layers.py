@@ -5,6 +5,7 @@ agent's modules import only the standard library and each other."""
 from __future__ import annotations
 
 import ast
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +26,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         "base",
         (
             "sshpyk.config",
+            "sshpyk.options",
             "sshpyk.values",
             "sshpyk.kernelspec",
             "sshpyk.errors",
@@ -178,3 +180,32 @@ def test_module_sizes() -> None:
     assert big == {}, big
     provisioner = PACKAGE / "provisioner.py"
     assert len(provisioner.read_text(encoding="utf-8").splitlines()) <= 300
+
+
+def test_only_a_launchers_own_modules_name_its_scheduler() -> None:
+    """A launcher plugs in through its own modules (one on each side, named after it:
+    kernels/slurm.py, agent/remote/slurm*.py) and its registration (an import in
+    kernels/__init__.py): no other module of the package names its launcher or its
+    scheduler, so the next scheduler touches nothing else."""
+    from sshpyk.kernels import LAUNCHERS
+
+    words = {
+        name: [name, getattr(launcher, "scheduler", name)]
+        for name, launcher in LAUNCHERS.items()
+        if name != "direct"
+    }
+    assert words, "no scheduler's launcher is registered"
+    registration = PACKAGE / "kernels" / "__init__.py"
+    wrong = []
+    for path in sources():
+        for name, names in words.items():
+            if path.stem.startswith(name) and path.parent.name in ("kernels", "remote"):
+                continue  # the launcher's own module
+            pattern = re.compile("|".join(rf"(?<![a-z]){re.escape(w)}" for w in names), re.I)
+            text = path.read_text(encoding="utf-8")
+            for number, line in enumerate(text.splitlines(), 1):
+                if path == registration and line.startswith("from . import"):
+                    continue
+                if pattern.search(line):
+                    wrong.append(f"{path.relative_to(PACKAGE.parent)}:{number}: {line.strip()}")
+    assert wrong == [], "\n".join(wrong)

@@ -1,10 +1,12 @@
 """The remote launcher contract: how the agent starts, watches and stops one kernel.
 
 A launcher is a subclass of :class:`Launcher`, one module per launcher (``direct.py``,
-``slurm.py``), registered with :func:`register` under its ``name`` (the launch
-request's ``launcher``). The agent only ever talks to a kernel through these methods;
-nothing else in the agent knows which launcher a kernel has. A new scheduler (PBS,
-LSF) is one new module here and one on the local side.
+one per batch scheduler), registered with :func:`register` under its ``name`` (the
+launch request's ``launcher``). The agent only ever talks to a kernel through these
+methods; nothing else in the agent knows which launcher a kernel has. A new scheduler
+(PBS, LSF) is one new module here (a subclass of batch.BatchKernel, which holds what
+every scheduler shares) and one on the local side; its error kinds are its own
+strings, mapped to classes by its local module.
 
 Threads: the agent runs one loop (``agent.py``); every method below is called on it
 unless it says otherwise, and must return quickly. A kernel's relayed connections run
@@ -61,8 +63,8 @@ class Launcher(abc.ABC):
     #: True: the loop calls :meth:`check_ready` until ready (every 10 ms); False: the
     #: launcher says when it is ready through an event (see :meth:`on_event`)
     polls_ready = True
-    #: True: the stale sweep must kill what a dead kernel's record names (a SLURM job can
-    #: outlive its srun), not just remove its run dir
+    #: True: the stale sweep must kill what a dead kernel's record names (a batch job
+    #: can outlive its step), not just remove its run dir
     sweep_kills = False
     #: True: the agent may keep warm spares of this launcher's kernels (spares.py): a
     #: spare must cost nothing beyond its process (a scheduler's would hold an
@@ -91,7 +93,7 @@ class Launcher(abc.ABC):
         self.started_fields = {}  # what ``started`` said (adopt says it again)
         self.ready = False
         #: set by a ``stop``: True for a restart (keep what the next launch of this kid
-        #: reuses: a SLURM allocation), False to release all; None: no stop request
+        #: reuses: a batch job's allocation), False to release all; None: no stop request
         self.keep_allocation = None
         self.exit_code = None
         #: the web ports found (ports.py): [{"port", "host"[, "path"]}], as last told
@@ -199,6 +201,13 @@ class Launcher(abc.ABC):
         besides a pid, e.g. a job, may be acted on). Returns a list of one-line errors."""
         error = stop_group(verified_pid) if verified_pid > 1 else None
         return [error] if error else []
+
+    @classmethod
+    def probe(cls, args):
+        """For a ``probe`` request, in a worker thread: whether this launcher can run
+        kernels here (with ``args``: whether its scheduler takes them as job
+        arguments), a JSON-able dict; AgentError if it cannot. Default: ``{}``."""
+        return {}
 
     # -- web ports -----------------------------------------------------------------------
     def watched_ports(self):

@@ -3,9 +3,9 @@
 ``protocol.LOADER`` (the remote command line) reads the bundle, runs this module's
 source and calls :func:`install`, which turns ``{module: source}`` (in dependency
 order: a module imports only those before it) into the package ``protocol.PACKAGE``
-in ``sys.modules``; a ``load`` request adds more modules (the SLURM launcher) the
+in ``sys.modules``; a ``load`` request adds more modules (a batch launcher's) the
 same way. The package keeps every source it was given (``SOURCES``), so the agent
-can send itself on, to a compute node (see slurm.py). Nothing is written to disk.
+can send itself on, to an execution host (see batch.py). Nothing is written to disk.
 
 Stdlib only and no imports of the package: it runs before the package exists.
 """

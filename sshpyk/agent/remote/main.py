@@ -3,7 +3,7 @@
 - ``hello``: a new agent (agent.py), serving this channel's stdio;
 - ``attach``: a relay from this channel's stdio to a running agent's control socket
   (a reattach after a dropped connection, ``sshpyk attach``);
-- ``node``: the node side of a SLURM kernel, on the compute node (node.py).
+- ``node``: the node side of a batch kernel, on its execution host (node.py).
 
 Remote Python >= 3.8; nothing beyond the standard library, except the remote
 environment's ``jupyter_core``/``jupyter_client``, used to find kernelspecs.
@@ -115,8 +115,8 @@ def main():
         return attach(first["socket"], output)
     if first.get("op") == Op.NODE:
         try:
-            # the compute node gets every module (see slurm.py); a login node's agent
-            # has it only once SLURM is loaded
+            # the execution host gets every module (see batch.py); a login host's agent
+            # has it only once a batch launcher is loaded
             from . import node
         except ImportError as exc:
             output.emit(Event.ERROR, kind=Kind.PROTOCOL, message="no node side: %s" % exc)

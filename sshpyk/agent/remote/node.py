@@ -1,14 +1,16 @@
-"""The node side of a SLURM kernel, inside its job step on the compute node.
+"""The node side of a batch kernel, inside its job step on the execution host.
 
-srun runs the remote python there with the same loader as the agent's; every module
-arrives on its stdin, then the ``node`` request. The node side starts the kernel in a
-private 0700 run dir on the node, on private sockets only (ipc in the run dir if the
-kernel supports it, else tcp on 127.0.0.1: never an address other hosts reach), and
-serves the login node's one authenticated node connection (relay.py) on the process's
-event loop (relayio.py). srun's stdio carries the JSON control lines: its events go
-to srun's stdout, ``signal`` and ``stop`` requests come on its stdin, whose EOF (the
-agent or srun is gone) ends it. Threads: this loop, the event loop, stdin's reader
-and the kernel's waiter.
+The scheduler's step (batch.py) runs the remote python there with the same loader as
+the agent's; every module arrives on its stdin, then the ``node`` request. The node
+side starts the kernel in a private 0700 run dir on the node, on private sockets only
+(ipc in the run dir if the kernel supports it, else tcp on 127.0.0.1: never an address
+other hosts reach), and serves the login host's one authenticated node connection
+(relay.py) on the process's event loop (relayio.py). The step's stdio carries the JSON
+control lines: its events go to stdout, ``signal`` and ``stop`` requests come on its
+stdin, whose EOF (the agent or the step's client is gone) ends it. Where it runs (node,
+job id) the request's launcher reads from its scheduler's environment
+(``node_facts``). Threads: this loop, the event loop, stdin's reader and the kernel's
+waiter.
 """
 
 import asyncio
@@ -21,6 +23,7 @@ import threading
 
 from .direct import endpoints_bound, pick_transport, spawn_kernel, tail, write_connection_file
 from .jsonlines import read_messages
+from .launcher import launcher_class
 from .paths import private_run_dir, remove_tree
 from .ports import PortScanner
 from .procgroup import CLEANING, stop_group
@@ -32,11 +35,11 @@ from .relayio import io_loop
 _CLOSE_WAIT = 2.0
 
 
-def node_address():
-    """This node's address as the login node reaches it: the local end of the route to
-    the host srun runs on (connecting a UDP socket sends nothing), else the address of
-    the node's name."""
-    launch = os.environ.get("SLURM_LAUNCH_NODE_IPADDR", "")
+def node_address(launch):
+    """This node's address as the login host reaches it: the local end of the route to
+    ``launch`` (the login host's address, if the scheduler says; connecting a UDP
+    socket sends nothing), else the address of the node's name."""
+    launch = launch or ""
     if launch and ":" not in launch:
         probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
@@ -59,12 +62,14 @@ def _set_web(web, ports):
 
 
 def run_node(request, output):
-    """Node mode, inside the SLURM job step: start one kernel on private sockets, report
-    on stdout, obey stdin (``signal``, ``stop``; EOF means the agent or srun is gone),
-    and relay the login node's connections to the kernel (see "the relay"). Always
-    stops the kernel's process group and removes the run dir on the way out."""
+    """Node mode, inside the batch job's step: start one kernel on private sockets,
+    report on stdout, obey stdin (``signal``, ``stop``; EOF means the agent or the
+    step's client is gone), and relay the login host's connections to the kernel (see
+    "the relay"). Always stops the kernel's process group and removes the run dir on
+    the way out."""
+    facts = launcher_class(request.get("launcher") or "?").node_facts()
     # The kernel inherits ignored signals but not handlers: ignore SIGINT (a
-    # `scancel --signal=INT` reaches every process of the step) through a handler.
+    # scheduler's signal to the job reaches every process of the step) through a handler.
     signal.signal(signal.SIGINT, lambda *_: None)
     events = queue.Queue()
     run_dir = private_run_dir(request.get("run_root"), request["kid"])
@@ -95,7 +100,7 @@ def run_node(request, output):
         secret = bytes.fromhex(str(request.get("relay_secret") or ""))
         if len(secret) < 16:
             raise AgentError(Kind.LAUNCH_FAILED, "the node request has no relay secret")
-        host = node_address()
+        host = node_address(facts.get("launch_addr"))
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
             listener.bind((host, 0))
@@ -110,9 +115,9 @@ def run_node(request, output):
             relay_port=listener.getsockname()[1],
             transport=transport,
             run_dir=run_dir,
-            node=os.environ.get("SLURMD_NODENAME") or socket.gethostname(),
-            job_id=os.environ.get("SLURM_JOB_ID"),
-            step_id=os.environ.get("SLURM_STEP_ID"),
+            node=facts.get("node") or socket.gethostname(),
+            job_id=facts.get("job_id"),
+            step_id=facts.get("step_id"),
         )
 
         # the kernel's web ports (ports.py), reachable through the node connection as
@@ -138,7 +143,7 @@ def run_node(request, output):
 
         def read_stdin():
             read_messages(sys.stdin.buffer, lambda msg: events.put(("msg", msg)))
-            events.put(("eof", None))  # srun's stdin ended
+            events.put(("eof", None))  # the step's stdin ended
 
         def wait_kernel():
             events.put(("exit", proc.wait()))
@@ -150,7 +155,7 @@ def run_node(request, output):
         scanner = PortScanner() if request.get("auto_forward", True) else None
         own = set(p for p in endpoints.values() if isinstance(p, int))
         reported = []
-        while True:  # ends with the kernel, a stop request, or srun's stdin
+        while True:  # ends with the kernel, a stop request, or the step's stdin
             try:
                 kind, value = events.get(timeout=1.0 if ready else 0.01)
             except queue.Empty:
@@ -190,7 +195,7 @@ def run_node(request, output):
                 ready = True
                 output.emit(Event.READY)
     finally:
-        CLEANING.set()  # a TERM from SLURM (scancel, time limit) no longer cuts this short
+        CLEANING.set()  # a TERM from the scheduler (cancel, time limit) no longer cuts this short
         if serving is not None:
             serving.cancel()  # an accept still waiting: it closes the listener
         elif listener is not None:
@@ -204,7 +209,7 @@ def run_node(request, output):
             io.run(close(), _CLOSE_WAIT)
         except Exception:
             pass  # bounded: what is left ends with the process
-        # the key first: SLURM SIGKILLs the step KillWait after its TERM (a time limit)
+        # the key first: a scheduler SIGKILLs the step soon after its TERM (a time limit)
         remove_tree(run_dir)
         if proc is not None:
             stop_group(proc.pid, proc)

@@ -9,8 +9,9 @@ import threading
 import time
 
 #: set once this process cleans up on its way out (the agent, the node side): a SIGTERM
-#: then no longer interrupts it (see main.run). SLURM signals a step more than once when
-#: it ends it (time limit, scancel): the second TERM must not cut the first one's cleanup.
+#: then no longer interrupts it (see main.run). A scheduler may signal a step more than
+#: once when it ends it (time limit, cancel): a second TERM must not cut the first one's
+#: cleanup.
 CLEANING = threading.Event()
 
 #: seconds a group leader has between SIGTERM and SIGKILL
@@ -126,10 +127,11 @@ def read_environ(pid, tries=20):
 
 
 def verify_kernel_pid(pid, run_dir, owner, command_line_mark=None):
-    """None if ``pid`` is verifiably the kernel (or a launcher's process, e.g. srun) of
-    ``run_dir``, else why not (one line). Its process must belong to ``owner`` (the run
-    dir's owner) and, where its environment is readable, carry SSHPYK_RUN_DIR=run_dir
-    (every launcher sets it); or else, for records written before srun got it, carry
+    """None if ``pid`` is verifiably the kernel (or a launcher's process, e.g. a job
+    step's client) of ``run_dir``, else why not (one line). Its process must belong to
+    ``owner`` (the run dir's owner) and, where its environment is readable, carry
+    SSHPYK_RUN_DIR=run_dir
+    (every launcher sets it); or else, for records written before a step got it, carry
     ``command_line_mark`` (e.g. ``--job-name=...``) as an argument. Without /proc
     (macOS) the run dir checks are all there is."""
     if pid <= 1:

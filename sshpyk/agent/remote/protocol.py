@@ -15,8 +15,7 @@ then any of (``kid`` is the kernel id, ``rid`` a request id)::
     {"op": "inspect", "rid": 1, "kernel_name": "python3"}
     {"op": "launch", "kid": ..., "kernel_name": ..., "key": ..., "signature_scheme": ...,
      "transport": "auto|ipc|tcp", "env": {...}, "cwd": ...,
-     "launcher": "direct|slurm", "slurm_args": [...], "slurm_queue_timeout": 600.0,
-     "slurm_walltime_warning": 300.0, "slurm_status_interval": 30.0}
+     "launcher": "direct|<name>", ...}             # and the launcher's own options
     {"op": "signal", "kid": ..., "signum": 2}       # to the kernel's process group
     {"op": "stop", "kid": ...}                      # kill the group, remove its run dir
     {"op": "state", "rid": 1}                       # every kernel: pid, ready, exit code
@@ -25,24 +24,24 @@ then any of (``kid`` is the kernel id, ``rid`` a request id)::
     {"op": "kill", "rid": 1, "kernel_id": ...|null, "orphans": false, "run_root": null,
      "all_users": false}                            # all_users: root only
     {"op": "shutdown", "rid": 1, "keep_persistent": false}  # the local side leaves
-    {"op": "load", "rid": 1, "name": "slurm", "modules": {name: source}}  # once
-    {"op": "slurm_info", "rid": 1, "args": [...]}   # is SLURM usable here? (srun --test-only)
+    {"op": "load", "rid": 1, "name": <launcher>, "modules": {name: source}}  # once
+    {"op": "probe", "rid": 1, "launcher": <name>, "args": [...]}  # can it run here?
 
 agent -> local (stdout)::
 
     {"event": "hello", "pid", "python", "python_version", "jupyter_client", "socket"}
     {"event": "info", "rid", "kernelspec": {...}}
     {"event": "started", "kid", "pid", "pgid", "run_dir", "transport", "endpoints"}
-    {"event": "slurm", "kid", "job_id", "state", ...}  # queue state, node, walltime warning
+    {"event": "job", "kid", "job_id", "state", ...}  # a batch job: queue, node, walltime
     {"event": "ready", "kid"}                       # all five sockets are bound
     {"event": "exited", "kid", "code", "stderr_tail"}
     {"event": "stopped", "kid"}                     # process group dead, run dir gone
-    {"event": "state"|"connection_info"|"loaded"|"slurm_info", "rid", ...}
+    {"event": "state"|"connection_info"|"loaded"|"probe", "rid", ...}
     {"event": "ps", "rid", "kernels": [{..., "uid", "user", "alive", "agent_alive",
      "attached", "agent_socket", "last_contact", "run_dir"}]}
     {"event": "killed", "rid", "kernels": [{..., "killed": true|false, "error": null|"..."}]}
     {"event": "bye", "rid", "kept"}                 # answer to shutdown
-    {"event": "error", "kid"|"rid", "kind", "message"}  # kind: one of KINDS
+    {"event": "error", "kid"|"rid", "kind", "message"}  # KINDS, or a launcher's own
 
 The local side and the agent are always the same version (the agent's code is sent),
 but the first line's version is still checked: a mismatch is a ``protocol`` error.
@@ -50,8 +49,9 @@ but the first line's version is still checked: a mismatch is a ``protocol`` erro
 How the code travels: the remote python runs ``LOADER`` (``python -c LOADER``), which
 reads a decimal length line and then that many bytes of JSON, ``{module: source}`` in
 dependency order (see ``loader.py``), installs them as the package ``PACKAGE`` and runs
-``main.run()``. The SLURM modules follow on demand in a ``load`` request; the compute
-node gets every module the same way, through srun's stdin.
+``main.run()``. A launcher's modules (a batch scheduler's) follow on demand in a
+``load`` request; an execution host gets every module the same way, through the job
+step's stdin.
 """
 
 PROTOCOL = 1
@@ -74,7 +74,7 @@ class Op:
 
     HELLO = "hello"
     ATTACH = "attach"
-    NODE = "node"  # the first line on a compute node, see node.py
+    NODE = "node"  # the first line on an execution host, see node.py
     PING = "ping"
     INSPECT = "inspect"
     LAUNCH = "launch"
@@ -86,7 +86,9 @@ class Op:
     KILL = "kill"
     SHUTDOWN = "shutdown"
     LOAD = "load"
-    SLURM_INFO = "slurm_info"
+    #: can the launcher run kernels here (its ``probe``: a scheduler's commands, and
+    #: whether it takes the job arguments)
+    PROBE = "probe"
     #: the local side says where it forwards a kernel's web ports (``ps`` shows it)
     FORWARDED = "forwarded"
     #: the first message of a local process on the control socket: who it is (owners.py)
@@ -105,7 +107,8 @@ class Event:
     HELLO = "hello"
     INFO = "info"
     STARTED = "started"
-    SLURM = "slurm"
+    #: a batch kernel's job: its queue state, where it runs, its walltime warning
+    JOB = "job"
     READY = "ready"
     EXITED = "exited"
     STOPPED = "stopped"
@@ -115,7 +118,7 @@ class Event:
     KILLED = "killed"
     BYE = "bye"
     LOADED = "loaded"
-    SLURM_INFO = "slurm_info"
+    PROBE = "probe"
     ERROR = "error"
     NODE = "node"  # the node side: the kernel runs, its relay listens
     #: the TCP listeners of a kernel's processes changed (ports.py): the whole list
@@ -139,21 +142,15 @@ class Kind:
     NOT_PERMITTED = "not_permitted"
     #: attach: no agent listens on the socket any more
     AGENT_GONE = "agent_gone"
-    SLURM_MISSING = "slurm_missing"
-    SLURM_ERROR = "slurm_error"
-    SLURM_ARGS = "slurm_args"
-    #: the job waited in the queue too long
-    SLURM_QUEUE_TIMEOUT = "slurm_queue_timeout"
-    #: the job ended before the kernel ran
-    SLURM_FAILED = "slurm_failed"
+    # a launcher's own kinds are its modules' (a batch scheduler's: batch.py)
 
 
 KINDS = frozenset(v for k, v in vars(Kind).items() if not k.startswith("_"))
 
 
 class AgentError(Exception):
-    """A request failed: ``kind`` (one of KINDS) and a one-line ``message``, sent to the
-    local side as an ``error`` event."""
+    """A request failed: ``kind`` (one of KINDS, or a launcher's own) and a one-line
+    ``message``, sent to the local side as an ``error`` event."""
 
     def __init__(self, kind, message):
         Exception.__init__(self, message)

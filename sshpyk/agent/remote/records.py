@@ -38,8 +38,8 @@ ATTACHED_WITHIN = 15.0
 
 
 def legacy_pid_mark(info):
-    """What identifies a record's pid when its environment does not: the srun of a
-    SLURM kernel recorded before srun got SSHPYK_RUN_DIR carries ``--job-name=NAME``."""
+    """What identifies a record's pid when its environment does not: the step of a
+    batch kernel recorded before steps got SSHPYK_RUN_DIR carries ``--job-name=NAME``."""
     job_name = info.get("job_name")
     return "--job-name=%s" % job_name if job_name else None
 
@@ -145,7 +145,7 @@ def record_launcher(info, launchers=None):
 
 def kill_run_dir(info, launchers=None):
     """For `sshpyk kill` and the stale sweep: kill the kernel of a run dir found by
-    scan (what its launcher started: its process group, a SLURM kernel's job too) and
+    scan (what its launcher started: its process group, a batch kernel's job too) and
     remove the dir. Returns None, or why the kernel may still run or the dir is still
     there (one line).
 
@@ -175,8 +175,8 @@ def sweep(found, keep=(), launchers=None):
     longer that kernel) and whose agent is dead too, and, when no other agent of this
     user runs, dirs without a record older than UNRECORDED_STALE (a kernel being set up
     by a live agent has no record yet). Run dirs of a launcher that is not loaded
-    (``launchers``, default: those of this agent) are left: for a SLURM kernel the
-    record may be the only trace of a job that outlived its srun; with the launcher
+    (``launchers``, default: those of this agent) are left: for a batch kernel the
+    record may be the only trace of a job that outlived its step; with the launcher
     loaded kill_run_dir ends that job (``sweep_kills``). Never another uid's dirs, never
     this agent's own, never the dirs in ``keep``. Returns the set of removed dirs."""
     kernels, agents, unrecorded = found

@@ -1,12 +1,12 @@
-"""The node connection of a batch kernel (SLURM): the kernel's five channels between
-the login node and the compute node, over one authenticated TCP connection per
-kernel, carried by the relay's frames (resume.py) on the process's one event loop
+"""The node connection of a batch kernel: the kernel's five channels between the
+login host and the execution host, over one authenticated TCP connection per kernel,
+carried by the relay's frames (resume.py) on the process's one event loop
 (relayio.py). Both ends use it: the node side (node.py) accepts and serves (it
-connects to the kernel's private sockets), the login side (slurm.py, through
+connects to the kernel's private sockets), the login side (batch.py, through
 :class:`RelaySockets`) connects and opens a stream per connection accepted on the
 kernel's five relay sockets. One link, no resumption: when the connection ends, every
-relayed connection ends (the node side then stops the kernel, as when srun's stdin
-ends).
+relayed connection ends (the node side then stops the kernel, as when the step's
+stdin ends).
 """
 
 import asyncio
@@ -27,9 +27,9 @@ from .resume import DEFAULT_BUDGET, Endpoint
 # which authenticates it before relaying a byte:
 #
 # - the login side draws a random secret per kernel and sends it in the ``node``
-#   request over srun's stdin (never stored by SLURM, like the HMAC key);
+#   request over the job step's stdin (never stored by the scheduler, like the key);
 # - the node side listens on its routable address, on an ephemeral port, and says
-#   which in its ``node`` event (on srun's stdout);
+#   which in its ``node`` event (on the step's stdout);
 # - on a connection it sends a challenge (RELAY_MAGIC + 32 random bytes); the peer
 #   answers with 32 random bytes of its own and HMAC-SHA256(secret, "login" | both),
 #   within RELAY_AUTH_TIMEOUT; the node answers HMAC(secret, "node" | both), which
@@ -39,16 +39,15 @@ from .resume import DEFAULT_BUDGET, Endpoint
 #   event and the login side's connect (milliseconds), and the kernel's own sockets
 #   never are. Both ends set TCP_NODELAY.
 #
-# Why not srun's stdin/stdout (measured, benchmarks/README.md): srun and slurmstepd
-# forward a task's stdio over a TCP connection without TCP_NODELAY, so the second of two
-# small writes in a row waits for the delayed ACK of the first (~40 ms on Linux), in
-# either direction; a kernel's busy status, reply and idle status are three such writes.
-# No srun option changes that (-u only ends slurmstepd's line buffering), and a burst
-# cannot be coalesced into one write in general (the reply comes ~1 ms after the
-# status). srun's stdio keeps the JSON control lines: the node request, its events,
-# signal and stop requests, and its EOF still ends the node side.
+# Why not the step's stdin/stdout (measured, benchmarks/README.md): a scheduler's step
+# may forward a task's stdio over a TCP connection without TCP_NODELAY, so the second
+# of two small writes in a row waits for the delayed ACK of the first (~40 ms on Linux),
+# in either direction; a kernel's busy status, reply and idle status are three such
+# writes, and a burst cannot be coalesced into one write in general (the reply comes
+# ~1 ms after the status). The step's stdio keeps the JSON control lines: the node
+# request, its events, signal and stop requests, and its EOF still ends the node side.
 #
-# The traffic is plaintext on the cluster network, as SLURM's own I/O forwarding (and
+# The traffic is plaintext on the cluster network, as a scheduler's own I/O forwarding (and
 # the HMAC-signed ZMQ messages of any remote kernel) is; what matters is that nobody
 # without the secret can connect to a kernel socket. After the handshake the connection
 # carries the relay's frames (resume.py: OPEN, DATA, ACK, CLOSE; per-stream windows),
@@ -189,8 +188,8 @@ async def serve_node(listener, secret, target, on_up, on_end):
 
 
 class RelaySockets:
-    """The login node's end of a SLURM kernel's node connection (a mixin of
-    SlurmKernel): the authenticated connection to the node side (a relayio.Relay in the
+    """The login host's end of a batch kernel's node connection (a mixin of
+    batch.BatchKernel): the authenticated connection to the node side (a relayio.Relay in the
     opening role) and the five unix sockets it serves (``endpoints``, in channel
     order) once the node is ready. Everything on the process's event loop; the
     methods below are called from the agent's loop or its workers."""

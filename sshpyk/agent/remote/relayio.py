@@ -1,7 +1,7 @@
 """The relay's I/O, on one event loop: every relayed connection of every kernel in
 this process costs no thread.
 
-One :class:`IOLoop` per process (the agent, the SLURM node side) runs an asyncio loop
+One :class:`IOLoop` per process (the agent, a batch kernel's node side) runs an asyncio loop
 in one thread; :class:`Relay` drives one protocol core (resume.Endpoint: frames,
 windows, acks, resumption; no I/O) over one link at a time and the sockets of its
 streams, all as asyncio protocols on that loop. Three users:
@@ -9,9 +9,9 @@ streams, all as asyncio protocols on that loop. Three users:
 - links.py, the agent's end of a kernel's resumable relay (the serving role: the
   local side OPENs streams, the relay connects to the kernel's sockets), one Relay
   per local side, resumed on every new link;
-- node.py, the SLURM node side (the serving role, one link, no resumption: the
+- node.py, a batch kernel's node side (the serving role, one link, no resumption: the
   authenticated TCP connection from the login node);
-- relay.py's login side of a SLURM kernel (the opening role: connections accepted on
+- relay.py's login side of a batch kernel (the opening role: connections accepted on
   the kernel's five relay sockets become streams).
 
 Half-close, the one rule: a socket whose read side ends (EOF, error) makes its stream

@@ -2,7 +2,7 @@
 and the agent, kept whole across a dropped SSH link.
 
 Every end uses it, and it is the one frame codec: the agent's end (links.py), the
-local side (sshpyk/kernels/link.py), and both ends of a SLURM kernel's node connection
+local side (sshpyk/kernels/link.py), and both ends of a batch kernel's node connection
 (relay.py, without resumption: one link); the I/O around it is relayio.py's (the
 remote side) or asyncio's (the local side). Self-contained, stdlib only.
 

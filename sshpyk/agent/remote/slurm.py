@@ -1,58 +1,28 @@
 """The SLURM launcher, login node side: each kernel holds a SLURM allocation (salloc,
-kept across its restarts: slurmctl.Allocation) and runs as a job step in it (``srun
---jobid``); on the compute node the same modules run in node mode (node.py).
-
-Sent on demand (a ``load`` request before the first SLURM request: ``launch`` with
-``launcher: slurm``, ``slurm_info``, ``ps``/``kill`` of a host with SLURM kernels),
-with slurmctl.py, relay.py and node.py: agents that only run direct kernels never
-compile it (measured: 57 kB, ~10 ms of compiling and importing hashlib on every agent
-start otherwise).
-
-srun's stdio carries the JSON control lines: every module and the ``node`` request
-(with the HMAC key and the relay secret) go to the node on srun's stdin, then
-``signal`` and ``stop`` requests; the node's events come back on srun's stdout. The
-kernel on the node binds private sockets only (ipc in its 0700 run dir, or tcp on
-127.0.0.1); its channels reach the login node over the authenticated relay connection
-(relay.py), and here five unix sockets in the 0700 run dir: seen from the login node
-the kernel is an ipc kernel.
+kept across its restarts: batch.Allocation) and runs as a job step in it (``srun
+--jobid``); on the compute node the same modules run in node mode (node.py). What
+every scheduler shares is batch.py's; SLURM's commands are slurmctl.py's.
 """
 
 import os
-import queue
-import shutil
-import signal
-import subprocess
 import sys
-import threading
-import time
 
-from .direct import MAX_IPC_PREFIX, tail
-from .jsonlines import encode, read_messages
-from .kernelspecs import find_kernelspec, kernel_argv
-from .launcher import Launcher, register
-from .loader import encode_bundle, own_sources
-from .paths import as_int, private_run_dir, remove_tree
-from .procgroup import TERM_WAIT, stop_group, wait_exit
-from .protocol import CHANNELS, LOADER, PROTOCOL, AgentError, Event, Kind, Op
-from .relay import RelaySockets
+from .batch import BatchKernel
+from .batchjobs import COMMAND_TIMEOUT, GONE_WAIT, Allocation, spawn_holder
+from .launcher import register
 from .slurmctl import (
     _SRUN_JOB_RE,
-    SLURM_POLL,
-    Allocation,
-    cancel_kernel_job,
-    hold,
+    HOLDER,
+    scancel,
     slurm_command,
     slurm_info,
     slurm_job_by_name,
-    slurm_states,
     squeue_jobs,
-    take_held,
-    terminate_kernel_job,
 )
 
 
 @register
-class SlurmKernel(RelaySockets, Launcher):
+class SlurmKernel(BatchKernel):
     """A kernel run as a SLURM job: ``srun`` here on the login node, the kernel on a
     compute node, where the same modules run in node mode (node.py).
 
@@ -70,509 +40,82 @@ class SlurmKernel(RelaySockets, Launcher):
       waits for the scheduler's batch cycle.
 
     Signals never go to srun itself (a SIGINT makes it print the step's status, a second
-    one within a second kills the step): an interrupt travels as a ``signal`` line over
-    srun's stdin and the node side signals the kernel's process group, exactly what the
-    direct launcher does, without a round trip through slurmctld (scancel --signal).
-    On the node the kernel is the node side's child, with JPY_PARENT_PID set to it:
-    ipykernel's ParentPollerUnix exits the kernel when its parent changes (slurmstepd
-    would be its parent otherwise, and it checks only for init then).
+    one within a second kills the step): they travel over srun's stdin (batch.py),
+    without a round trip through slurmctld (scancel --signal).
     """
 
     name = "slurm"
-    polls_ready = False
-    #: a job can outlive its srun (a SIGKILLed srun): the sweep cancels it
-    sweep_kills = True
+    scheduler = "SLURM"
+    status_command = "sinfo"
+    step_program = "srun"
 
-    def __init__(self, agent, request):
-        Launcher.__init__(self, agent, request)
-        #: the SLURM allocation the kernel runs in (kept across restarts, see Allocation)
-        self.allocation = None
-        #: srun: the kernel's job step in the allocation (self.proc: salloc, or the step)
-        self.step = None
-        self.job_id = None
-        self.job_name = "sshpyk-" + str(self.kid)[:8]
-        self.node = None
-        self.host = None
-        self.slurm_state = "SUBMITTING"
-        self.reason = ""
-        self.submitted = time.monotonic()
-        self.running_since = None
-        self.node_error = None
-        self.finished = threading.Event()
-        self.stdout_done = threading.Event()
-        self.stdin_queue = queue.Queue()
-        #: the node connection (a relayio.Relay), once up (relay.py)
-        self.mux = None
-        self.relay_future = None
-        self.io = None
-        self.relay_secret = os.urandom(32)
-        self.node_ready = False  # the node side says the kernel's sockets are bound
-        #: where the five relay sockets are (the run dir, or a shorter one if it is long)
-        self.socket_dir = None
-        self.listeners = []  # the relay sockets' servers, on the event loop
-        self.port_servers = {}  # web port -> its relay socket's server (serve_ports)
+    def submit(self, args, env):
+        """salloc, whose command (on the login node) holds the allocation until its
+        stdin, a pipe from the agent, ends (HOLDER)."""
+        salloc = self.program("salloc")
+        command = [salloc, "--job-name=" + self.job_name] + args + [sys.executable, "-c", HOLDER]
+        return Allocation(spawn_holder(command, env, self.cwd), type(self))
 
-    def state(self):
-        state = Launcher.state(self)
-        state.update(
-            host=self.host,
-            job_id=self.job_id,
-            node=self.node,
-            slurm_state=self.slurm_state,
-            slurm_reason=self.reason,
-        )
-        return state
-
-    def connection_info(self):
-        """The kernel as seen from here: an ipc kernel on the relay sockets (the node's
-        own connection file stays on the node); the key is the launch request's."""
-        request = self.request
-        if self.running_since is None:
-            raise AgentError(Kind.NOT_FOUND, "kernel %s has not started yet" % self.kid)
-        info = {
-            "transport": "ipc",
-            "ip": os.path.join(self.socket_dir, "k"),
-            "key": request["key"],
-            "signature_scheme": request.get("signature_scheme", "hmac-sha256"),
-            "kernel_name": request["kernel_name"],
-        }
-        for n, channel in enumerate(CHANNELS, start=1):
-            info[channel + "_port"] = n
-        return info
-
-    def launch(self):
-        request = self.request
-        sources = own_sources(__package__)
-        if not sources or "node" not in sources:
-            raise AgentError(Kind.LAUNCH_FAILED, "the agent does not have its own source")
-        spec = find_kernelspec(request["kernel_name"])
-        srun = shutil.which("srun")
-        if srun is None:
-            slurm_command(["srun"])  # raises the clear "not found" error
-        cwd = os.path.expanduser(request.get("cwd") or "~")
-        if not os.path.isdir(cwd):
-            raise AgentError(Kind.LAUNCH_FAILED, "remote working directory %r does not exist" % cwd)
-        self.run_dir = private_run_dir(self.agent.run_root, self.kid)
-        self.log_path = os.path.join(self.run_dir, "srun.log")
-        # Seen from here the kernel is an ipc kernel: five unix sockets, bound once the
-        # node is ready, relayed to the node side (see "the relay"; the run dir is 0700).
-        self.transport = "ipc"
-        self.socket_dir = self.run_dir
-        if len(os.path.join(self.socket_dir, "k")) > MAX_IPC_PREFIX:
-            self.socket_dir = private_run_dir(None, self.kid)  # a long --remote-run-root
-            if len(os.path.join(self.socket_dir, "k")) > MAX_IPC_PREFIX:
-                raise AgentError(
-                    Kind.LAUNCH_FAILED,
-                    "no directory short enough for unix sockets (%s)" % self.socket_dir,
-                )
-        self.endpoints = dict(
-            (channel, os.path.join(self.socket_dir, "k-%d" % n))
-            for n, channel in enumerate(CHANNELS, start=1)
-        )
-        argv = kernel_argv(spec, "{connection_file}")
-        env = dict(spec.get("env") or {})
-        env.update(request.get("env") or {})
-        self.argv = argv
-        self.node_request = {
-            "v": PROTOCOL,
-            "op": Op.NODE,
-            "kid": self.kid,
-            "key": request["key"],
-            "signature_scheme": request.get("signature_scheme", "hmac-sha256"),
-            "kernel_name": request["kernel_name"],
-            "argv": argv,
-            "env": env,
-            "cwd": request.get("cwd"),
-            "run_root": self.agent.run_root,
-            "transport": request.get("transport") or "auto",
-            "relay_secret": self.relay_secret.hex(),
-            "auto_forward": bool(request.get("auto_forward", True)),
-        }
-        self.srun, self.cwd = srun, cwd
-        self.submitted = time.monotonic()
-        held = take_held(self.kid)
-        if held is not None and held.alive():
-            # a restart: a new job step in the allocation the kernel already holds
-            self.allocation, self.job_id = held, held.job_id
-            self.proc = self._start_step()
-        else:
-            self.allocation = Allocation.request(
-                request.get("slurm_args") or [],
-                self.job_name,
-                cwd,
-                dict(os.environ, SSHPYK_RUN_DIR=self.run_dir, SSHPYK_KERNEL_ID=self.kid),
-            )
-            self.proc = self.allocation.proc
-        self.describe(
-            argv,
-            job_name=self.job_name,
-            slurm_args=request.get("slurm_args") or [],
-            socket_dir=self.socket_dir if self.socket_dir != self.run_dir else None,
-        )
-        if self.step is None:
-            threading.Thread(target=self._allocate, name="allocate", daemon=True).start()
-        self.emit_started(argv, spec, {}, job_name=self.job_name)
-        # after "started": the local side learns of the kernel before its queue events
-        if held is not None:
-            # the log says whether the restart stayed in the allocation or asked anew
-            self.emit(
-                Event.SLURM,
-                job_id=held.job_id,
-                state="RUNNING" if self.allocation is held else "ENDED",
-                allocation="reused" if self.allocation is held else "ended",
-            )
-            if self.allocation is not held:
-                self.agent.spawn(held.release)
-        threading.Thread(target=self._monitor, name="monitor", daemon=True).start()
-
-    def _allocate(self):
-        """salloc's stderr, to the log: its job id, then (granted) the kernel's step."""
+    def await_allocation(self, log):
+        """salloc's stderr, to the log: its job id, then "Granted job allocation"."""
         allocation = self.allocation
-        granted = False
-        try:
-            with open(self.log_path, "ab") as log:
-                for line in iter(allocation.proc.stderr.readline, b""):
-                    log.write(line)
-                    log.flush()
-                    text = line.decode("utf-8", "replace")
-                    match = _SRUN_JOB_RE.search(text)
-                    if match and allocation.job_id is None:
-                        allocation.job_id = self.job_id = match.group(1) or match.group(2)
-                        self.write_info()
-                    if "granted job allocation" in text.lower():
-                        granted = True
-                        break
-        except (OSError, ValueError):
-            pass
-        if granted:
-            with self._cleanup_lock:
-                if not (self.cleaned or self.finished.is_set()):
-                    try:
-                        self._start_step()
-                        return
-                    except AgentError as exc:
-                        self.node_error = (exc.kind, exc.message)
-            allocation.release()
-            code = -1
-        else:  # salloc ended without an allocation (revoked, rejected)
-            code = allocation.proc.wait()
-        self.agent.events.put(("exit", (self.kid, code)))
+        for line in iter(allocation.proc.stderr.readline, b""):
+            log.write(line)
+            log.flush()
+            text = line.decode("utf-8", "replace")
+            match = _SRUN_JOB_RE.search(text)
+            if match and allocation.job_id is None:
+                allocation.job_id = self.job_id = match.group(1) or match.group(2)
+                self.write_info()
+            if "granted job allocation" in text.lower():
+                return True
+        return False  # salloc ended without an allocation (revoked, rejected)
 
-    def _start_step(self):
+    def step_command(self, program):
         """srun --jobid: the kernel's job step, its stdio the JSON control lines."""
-        command = [
-            self.srun,
+        return [
+            self.step_path,
             "--jobid=" + str(self.allocation.job_id),
             "--job-name=" + self.job_name,
             "--ntasks=1",
-            sys.executable,
-            "-c",
-            LOADER,
-        ]
-        # SSHPYK_RUN_DIR: `sshpyk kill` and the sweep verify srun's pid by it
-        env = dict(os.environ, SSHPYK_RUN_DIR=self.run_dir, SSHPYK_KERNEL_ID=self.kid)
-        try:
-            self.step = subprocess.Popen(
-                command,
-                env=env,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                cwd=self.cwd,
-                start_new_session=True,
-                close_fds=True,
-            )
-        except OSError as exc:
-            raise AgentError(Kind.LAUNCH_FAILED, "cannot start %s: %s" % (self.srun, exc)) from None
-        # every module (the node runs them too), then the node request (with the key)
-        self.stdin_queue.put(encode_bundle(own_sources(__package__)) + encode(self.node_request))
-        for target in (self._write_stdin, self._read_stdout, self._read_stderr, self._wait):
-            threading.Thread(target=target, name=target.__name__, daemon=True).start()
-        return self.step
-
-    def write_info(self):
-        """sshpyk.json on the login node, with where the job runs."""
-        self.info.update(job_id=self.job_id, node=self.node, host=self.host)
-        super().write_info()
-
-    # -- srun's stdio (threads) ------------------------------------------------------
-    def send(self, message):
-        """A request to the node, as a JSON line on srun's stdin."""
-        self.stdin_queue.put(encode(message))
-
-    def _on_json(self, event):
-        self.agent.events.put(("event", (self.kid, event)))
-
-    def _write_stdin(self):
-        stdin = self.step.stdin
-        while True:
-            data = self.stdin_queue.get()
-            if data is None:
-                break
-            try:
-                stdin.write(data)
-                stdin.flush()
-            except (OSError, ValueError):
-                break
-        try:
-            stdin.close()
-        except (OSError, ValueError):
-            pass
-
-    def _read_stdout(self):
-        """The node's JSON events, until srun's stdout ends."""
-        try:
-            read_messages(self.step.stdout, self._on_json)
-        finally:
-            self.stdout_done.set()
-
-    def _read_stderr(self):
-        try:
-            with open(self.log_path, "ab") as log:
-                for line in iter(self.step.stderr.readline, b""):
-                    log.write(line)
-                    log.flush()
-        except (OSError, ValueError):
-            pass
-
-    def _wait(self):
-        self.stdout_done.wait()  # the node's last events are queued before srun's exit
-        code = self.step.wait()
-        self.agent.events.put(("exit", (self.kid, code)))
-
-    # -- the queue, the time limit (a thread) ------------------------------------------
-    def _poll_job(self):
-        if self.job_id is None and time.monotonic() - self.submitted > SLURM_POLL:
-            found = slurm_job_by_name(self.job_name)  # srun did not say (e.g. --quiet)
-            if found and self.job_id is None:
-                self.job_id = found
-                self.write_info()
-        if self.job_id is None:
-            return None
-        return squeue_jobs([self.job_id]).get(str(self.job_id))
-
-    def _monitor(self):
-        request = self.request
-        interval = max(1.0, float(request.get("slurm_status_interval") or 30.0))
-        queue_timeout = float(request.get("slurm_queue_timeout") or 600.0)
-        lead = float(request.get("slurm_walltime_warning") or 0.0)
-        reported_at, reported = None, None
-        while not self.finished.is_set() and self.running_since is None:
-            try:
-                job = self._poll_job()
-            except AgentError:
-                job = None
-            waited = time.monotonic() - self.submitted
-            if self.running_since is not None:
-                break
-            if job is not None:
-                self.slurm_state, self.reason = job["state"], job["reason"]
-                now = time.monotonic()
-                if (job["state"], job["reason"]) != reported or now - reported_at >= interval:
-                    reported, reported_at = (job["state"], job["reason"]), now
-                    self.emit(
-                        Event.SLURM,
-                        job_id=self.job_id,
-                        state=job["state"],
-                        reason=job["reason"],
-                        waited=round(waited, 1),
-                    )
-            if waited >= queue_timeout:
-                if self.job_id:
-                    what = "SLURM job %s was still %s after %gs%s" % (
-                        self.job_id,
-                        (self.slurm_state or "pending").lower(),
-                        queue_timeout,
-                        " (reason: %s)" % self.reason if self.reason else "",
-                    )
-                else:
-                    what = "the SLURM job was not started within %gs" % queue_timeout
-                # the local side appends " on '<alias>'"
-                what += ", so it was cancelled: raise --slurm-queue-timeout, or see `sinfo`"
-                self.agent.events.put(("fail", (self.kid, "slurm_queue_timeout", what)))
-                return
-            self.finished.wait(min(SLURM_POLL, max(0.05, queue_timeout - waited)))
-        # running: warn once, `lead` seconds ahead of the time limit
-        while lead > 0 and not self.finished.is_set():
-            try:
-                job = self._poll_job()
-            except AgentError:
-                job = None
-            if job is None or job["time_left"] is None:
-                return  # no time limit, or SLURM cannot tell
-            due = job["time_left"] - lead
-            if due > 0:
-                self.finished.wait(min(due, 600.0))  # then ask again: limits can change
-                continue
-            self.emit(
-                Event.SLURM,
-                job_id=self.job_id,
-                state=job["state"],
-                node=self.node,
-                time_left=job["time_left"],
-                warning="walltime",
-            )
-            return
-
-    # -- events from the node (on the agent's loop) --------------------------------------
-    def on_event(self, event):
-        kind = event.get("event")
-        if kind == "node":
-            self.running_since = time.monotonic()
-            self.job_id = str(event.get("job_id") or self.job_id or "") or None
-            self.node = event.get("node")
-            self.host = event.get("host")  # the node side's relay listener
-            self.slurm_state, self.reason = "RUNNING", ""
-            self.write_info()
-            self.emit(
-                Event.SLURM,
-                job_id=self.job_id,
-                state="RUNNING",
-                node=self.node,
-                host=self.host,
-                transport=self.transport,
-                endpoints=self.endpoints,
-                node_pid=event.get("pid"),
-                node_transport=event.get("transport"),
-                waited=round(self.running_since - self.submitted, 3),
-            )
-            port = event.get("relay_port")
-            if port and not self.cleaned:
-                self.start_relay(event.get("host"), port)
-        elif kind in ("ready", "relay_up"):
-            # the node probed the kernel's sockets and the relay is up (both, in either
-            # order): bind ours, then tell the local side
-            if kind == "ready":
-                self.node_ready = True
-            if self.node_ready and self.mux is not None and not self.ready:
-                if self.exit_code is None and self.listen():
-                    self.ready = True
-                    self.emit(Event.READY)
-                else:
-                    self.agent.spawn(self.cleanup)
-        elif kind == "ports":
-            if not self.cleaned and self.exit_code is None:
-                self.set_ports(self.serve_ports(event.get("ports")))
-        elif kind == "relay_failed":
-            self.agent.spawn(self.cleanup)
-        elif kind == "exited":
-            if self.exit_code is None:
-                self.on_exit(int(event.get("code", -1)), str(event.get("stderr_tail") or ""))
-        elif kind == "error":
-            self.node_error = (str(event.get("kind") or "launch_failed"), event.get("message"))
-
-    def on_exit(self, code, stderr_tail=None):
-        self.exit_code = code
-        self.finished.set()
-        if stderr_tail is None:
-            stderr_tail = tail(self.log_path)  # srun's stderr: why the job did not run
-        if self.ready:
-            self.emit(Event.EXITED, code=code, stderr_tail=stderr_tail)
-        else:
-            if self.node_error is not None:
-                kind, message = self.node_error
-            elif self.running_since is None:
-                kind = "slurm_failed"
-                message = "the SLURM job%s ended before the kernel ran (srun exit code %s)" % (
-                    " " + self.job_id if self.job_id else "",
-                    code,
-                )
-            else:
-                kind = "kernel_exited"
-                message = "the kernel exited with code %s during start (SLURM job %s on %s)" % (
-                    code,
-                    self.job_id,
-                    self.node,
-                )
-            self.emit(
-                Event.ERROR,
-                kind=kind,
-                message=message,
-                code=code,
-                stderr_tail=stderr_tail,
-            )
-        # the job ends with srun; reap what is left off the loop (scancel may be slow)
-        self.agent.spawn(self.cleanup)
-
-    def signal(self, signum):
-        if self.exit_code is not None or self.proc is None:
-            return
-        if self.step is None and signum not in (signal.SIGTERM, signal.SIGKILL):
-            return  # not started yet
-        if self.running_since is not None:
-            self.send({"op": "signal", "signum": int(signum)})
-        elif signum in (signal.SIGTERM, signal.SIGKILL):
-            # not running yet: give up the queued job, off the loop (scancel may be slow)
-            self.agent.spawn(self.cleanup)
-
-    def _cleanup(self):
-        """Stop the kernel on the node and its step; then hold the allocation for the
-        next launch of this kernel id (a restart: ``keep_allocation``) or release it
-        (scancel: nothing left in squeue); remove the run dir."""
-        self.finished.set()
-        step = self.step
-        if step is not None:
-            if step.poll() is None and self.running_since is not None:
-                self.send({"op": Op.STOP})  # the node side TERMs, then KILLs the kernel
-                self.stdin_queue.put(None)
-                wait_exit(step, TERM_WAIT + 5)
-            # srun cancels its step on TERM
-            stop_group(step.pid, step, term_wait=5.0, kill_wait=2.0)
-            self.stdin_queue.put(None)
-        self.close_relay()
-        allocation = self.allocation
-        if allocation is not None:
-            # a restart follows a stop with keep_allocation, and often an exit (the
-            # kernel died, or the allocation ended: the next launch says so)
-            keep = self.keep_allocation or (
-                self.keep_allocation is None and self.exit_code is not None
-            )
-            if keep and allocation.job_id and step is not None:
-                hold(self.kid, allocation)
-            else:
-                allocation.release()
-        if self.socket_dir and self.socket_dir != self.run_dir:
-            remove_tree(self.socket_dir)
-        self.remove_run_dir()
-
-    def cleanup(self):
-        Launcher.cleanup(self)
-        if self.keep_allocation is False:  # a plain stop: nothing held for this kid
-            held = take_held(self.kid)
-            if held is not None:
-                held.release()
-
-    def start_failed(self):
-        return Launcher.start_failed(self) and self.running_since is None
-
-    # -- records of SLURM kernels (workers) ------------------------------------------------
-    @classmethod
-    def annotate(cls, records):
-        """The SLURM state of each kernel's job (one squeue)."""
-        return slurm_states(records)
+        ] + program
 
     @classmethod
-    def kill_record(cls, info, verified_pid):
-        """TERM the job's processes (the node side removes its run dir, with the key),
-        stop srun's group, scancel the job (it may outlive a SIGKILLed srun). Job ids
-        are only acted on from a record of the agent's own uid: as root, scancel could
-        not tell whose job another user's record names."""
-        uid = as_int(info.get("uid"), os.getuid())
-        if uid != os.getuid():
-            errors = []
-            if info.get("job_id") or info.get("job_name"):
-                errors.append(
-                    "SLURM job %s of uid %d not cancelled (scancel it as that user)"
-                    % (info.get("job_id") or info.get("job_name"), uid)
-                )
-            return errors + super().kill_record(info, verified_pid)
-        if verified_pid > 1:
-            terminate_kernel_job(info)  # first gracefully
-        errors = super().kill_record(info, verified_pid)
-        cancel_kernel_job(info)
-        return errors
+    def command(cls, argv, timeout=COMMAND_TIMEOUT):
+        return slurm_command(argv, timeout)
+
+    @classmethod
+    def jobs(cls, job_ids):
+        return squeue_jobs(job_ids)
+
+    @classmethod
+    def job_by_name(cls, name):
+        return slurm_job_by_name(name)
+
+    @classmethod
+    def cancel(cls, job_id, wait=GONE_WAIT):
+        """scancel, then wait (bounded) until the job leaves squeue."""
+        scancel(job_id, wait)
+
+    @classmethod
+    def terminate_job(cls, info):
+        """SIGTERM to the processes of the job (scancel --signal=TERM), not to srun,
+        which would SIGKILL the step at once."""
+        slurm_command(["scancel", "--signal=TERM", str(info["job_id"])])
+        return True
 
     @classmethod
     def probe(cls, args):
-        """For ``slurm_info``: is SLURM usable here (see slurmctl.slurm_info)."""
+        """For ``probe``: is SLURM usable here (see slurmctl.slurm_info)."""
         return slurm_info(args)
+
+    @classmethod
+    def node_facts(cls):
+        """SLURM's environment of the job step on the compute node."""
+        env = os.environ
+        return {
+            "node": env.get("SLURMD_NODENAME"),
+            "job_id": env.get("SLURM_JOB_ID"),
+            "step_id": env.get("SLURM_STEP_ID"),
+            "launch_addr": env.get("SLURM_LAUNCH_NODE_IPADDR"),
+        }

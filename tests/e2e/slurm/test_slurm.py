@@ -165,8 +165,8 @@ async def test_shutdown_now_and_the_session_api(
         kernel = await session.start_kernel(options=slurm_options(slurm, run_root))
         process = kernel.process
         assert process is not None and process.launcher == "slurm"
-        assert process.slurm["node"] == slurm.node and process.host
-        assert [j["job_id"] for j in slurm.jobs()] == [process.slurm["job_id"]]
+        assert process.details["node"] == slurm.node and process.host
+        assert [j["job_id"] for j in slurm.jobs()] == [process.details["job_id"]]
         started = time.monotonic()
         await kernel.close()
         assert time.monotonic() - started < 10
@@ -255,7 +255,7 @@ async def test_no_kernel_socket_on_the_cluster_network(
             try:
                 process = kernel.process
                 assert process is not None and process.transport == "ipc"
-                node_pid = int(process.slurm["node_pid"])
+                node_pid = int(process.details["node_pid"])
                 kernel_pids = process_group(node_pid)
                 assert node_pid in kernel_pids
                 node_side = parent_pid(node_pid)  # run_node, the kernel's JPY_PARENT_PID
@@ -267,7 +267,7 @@ async def test_no_kernel_socket_on_the_cluster_network(
                 assert kernel_listens["tcp6"] == [], kernel_listens
                 loopback = [a for a in kernel_listens["tcp"] if a.startswith("127.0.0.1:")]
                 assert loopback == kernel_listens["tcp"], kernel_listens
-                if process.slurm["node_transport"] == "ipc":
+                if process.details["node_transport"] == "ipc":
                     assert transport == "auto"
                     assert len(kernel_listens["unix"]) == 5, kernel_listens
                 else:
@@ -288,9 +288,9 @@ async def test_no_kernel_socket_on_the_cluster_network(
                     _, out = await run_cell(
                         kc, "import os; x = os.environ['SLURM_JOB_ID']; print(x)"
                     )
-                    assert out.strip() == process.slurm["job_id"]
+                    assert out.strip() == process.details["job_id"]
                     _, out = await run_cell(kc2, "print(x)")  # the same kernel, another client
-                    assert out.strip() == process.slurm["job_id"]
+                    assert out.strip() == process.details["job_id"]
                     size = 20 * 1000 * 1000
                     started = time.monotonic()
                     _, out = await run_cell(
@@ -396,7 +396,7 @@ async def test_persistent_slurm_kernel_is_reattached(
     async with await SSHSession.connect(sshd.alias, ssh_config=sshd.ssh_config) as session:
         kernel = await session.start_kernel(options=options)
         assert kernel.process is not None
-        kernel_id, job_id = kernel.kernel_id, kernel.process.slurm["job_id"]
+        kernel_id, job_id = kernel.kernel_id, kernel.process.details["job_id"]
         kc = kernel.client()
         kc.start_channels()
         try:
@@ -409,7 +409,7 @@ async def test_persistent_slurm_kernel_is_reattached(
     async with await SSHSession.connect(sshd.alias, ssh_config=sshd.ssh_config) as session:
         kernel = await RemoteKernel.attach(session, kernel_id, options)
         assert kernel.process is not None and kernel.process.launcher == "slurm"
-        assert kernel.process.slurm["job_id"] == job_id
+        assert kernel.process.details["job_id"] == job_id
         kc = kernel.client()
         kc.start_channels()
         try:
@@ -535,7 +535,7 @@ OWNER = textwrap.dedent(
         km = AsyncKernelManager(kernel_name=name)
         await km.start_kernel()
         kernel = km.provisioner.remote_kernel
-        print(kernel.kernel_id, kernel.process.slurm["job_id"], flush=True)
+        print(kernel.kernel_id, kernel.process.details["job_id"], flush=True)
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
         await km.shutdown_kernel(now=True)
 
@@ -612,7 +612,7 @@ async def test_walltime_warning_is_logged(
         kernel = await session.start_kernel(options=options)
         try:
             assert kernel.process is not None
-            job_id = kernel.process.slurm["job_id"]
+            job_id = kernel.process.details["job_id"]
 
             def warned() -> bool:
                 return any(
@@ -626,7 +626,7 @@ async def test_walltime_warning_is_logged(
             assert warned(), caplog.text
             (line,) = [r.message for r in caplog.records if "time limit" in r.message]
             assert f"SLURM job {job_id} on {slurm.node} reaches its time limit in " in line
-            assert kernel.process.slurm["time_left"] <= 57
+            assert kernel.process.details["time_left"] <= 57
         finally:
             await kernel.close()
     assert slurm.jobs() == []
@@ -770,9 +770,9 @@ def test_ps_shows_the_time_left_of_a_running_job(
 ) -> None:
     """The agent's squeue annotation carries the job's time left (real squeue) and the
     JOB STATE cell of `sshpyk ps` shows it; a job without a limit shows none."""
-    from sshpyk.agent.remote.slurmctl import slurm_states
+    from sshpyk.agent.remote.slurm import SlurmKernel
+    from sshpyk.kernels.batch import duration
     from sshpyk.kernels.launcher import launcher_for
-    from sshpyk.kernels.slurm import duration
 
     monkeypatch.setenv("SLURM_CONF", str(slurm.conf))
     srun = shutil.which("srun")
@@ -795,7 +795,7 @@ def test_ps_shows_the_time_left_of_a_running_job(
         ), slurm.jobs()
         by_id = {j["job_id"]: j for j in slurm.jobs()}
         records = [{"launcher": "slurm", "job_id": job_id, "alive": True} for job_id in by_id]
-        annotated = {k["job_id"]: k for k in slurm_states(records)}
+        annotated = {k["job_id"]: k for k in SlurmKernel.annotate(records)}
         lefts = sorted(
             (k["time_left"] for k in annotated.values()), key=lambda v: -1 if v is None else v
         )

@@ -101,7 +101,7 @@ async def test_a_listener_on_the_compute_node_is_forwarded_through_the_login_nod
         assert target.path == path
         # no port on the cluster network for it: the node side and the login node's
         # agent listen on no TCP port at all, the agent on the relay socket
-        node_side = parent_pid(int(kernel.process.slurm["node_pid"]))
+        node_side = parent_pid(int(kernel.process.details["node_pid"]))
         agent = kernel.process.agent.pid
         assert agent is not None
         others = listeners([node_side, agent])

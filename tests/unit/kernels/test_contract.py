@@ -16,10 +16,10 @@ from sshpyk.agent.command import python_command, remote_command
 from sshpyk.agent.kinds import ERROR_CLASSES, error_class, remote_error
 from sshpyk.agent.process import LOST, KernelProcess
 from sshpyk.agent.remote.protocol import KINDS, Kind
-from sshpyk.config import LAUNCHERS as LAUNCHER_NAMES
+from sshpyk.config import config_field, launcher_names
 from sshpyk.kernels import LAUNCHERS, Launcher, launcher_for
 from sshpyk.kernels.kernel import KernelOptions, RemoteKernel
-from sshpyk.kernels.launcher import find_launcher, register
+from sshpyk.kernels.launcher import find_launcher, register, unregister
 from sshpyk.kernelspec import SSHKernelSpec
 from sshpyk.tasks import TaskOwner, wait_event
 
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.timeout(30)
 
 # -- the launcher registry and contract -------------------------------------------------
 def test_every_configured_launcher_is_registered() -> None:
-    assert set(LAUNCHERS) == set(LAUNCHER_NAMES)
+    assert set(LAUNCHERS) == set(launcher_names()) == set(config_field("launcher").choices)
     for name, launcher in LAUNCHERS.items():
         assert isinstance(launcher, Launcher) and launcher.name == name
     assert launcher_for(None) is LAUNCHERS["direct"]
@@ -88,6 +88,7 @@ class _Fake(Launcher):
     that records every hook the kernel layer calls."""
 
     name = "fake"
+    help = "a test double"
     stop_timeout = 1.5
 
     def __init__(self) -> None:
@@ -114,7 +115,7 @@ def fake() -> Any:
     try:
         yield LAUNCHERS["fake"]
     finally:
-        del LAUNCHERS["fake"]
+        unregister("fake")
 
 
 async def test_a_new_launcher_is_one_class(fake: _Fake) -> None:
@@ -177,16 +178,21 @@ def test_the_slurm_diagnostics_hooks() -> None:
 
 # -- error kinds ----------------------------------------------------------------------
 def test_every_error_kind_has_a_class() -> None:
-    assert set(ERROR_CLASSES) == set(KINDS)
+    own = {kind for launcher in LAUNCHERS.values() for kind in launcher.error_kinds}
+    assert set(ERROR_CLASSES) == set(KINDS) | own and not own & set(KINDS)
+    for launcher in LAUNCHERS.values():  # a launcher's kinds map to its classes
+        for kind, cls in launcher.error_kinds.items():
+            assert error_class(kind) is cls and kind.startswith(launcher.name + "_"), kind
+    assert error_class("slurm_args") is errors.SchedulerArgsError
+    assert error_class("slurm_queue_timeout") is errors.QueueTimeoutError
     for kind in KINDS:
         assert issubclass(error_class(kind), errors.SSHPykError), kind
     assert error_class("no_such_kind") is errors.RemoteError
     assert error_class(None) is errors.RemoteError
     assert error_class(Kind.AGENT_GONE) is errors.AgentGoneError
-    assert error_class(Kind.SLURM_ARGS) is errors.SlurmArgsError
-    assert error_class(Kind.SLURM_QUEUE_TIMEOUT) is errors.SlurmQueueTimeoutError
-    assert issubclass(errors.SlurmQueueTimeoutError, errors.KernelStartTimeoutError)
-    assert issubclass(errors.SlurmMissingError, errors.SlurmError)
+    assert issubclass(errors.QueueTimeoutError, errors.KernelStartTimeoutError)
+    assert issubclass(errors.SchedulerMissingError, errors.SchedulerError)
+    assert issubclass(errors.SchedulerArgsError, errors.SchedulerError)
     assert issubclass(errors.LaunchFailedError, errors.KernelStartError)
     for name in ("NotPermittedError", "AgentInternalError", "AgentGoneError"):
         assert issubclass(getattr(errors, name), errors.RemoteError), name
@@ -308,11 +314,11 @@ async def test_a_queued_kernel_runs_when_its_endpoints_come() -> None:
     process.listeners.append(lambda p, e: seen.append(e))
     process.on_event({**STARTED, "endpoints": {}, "launcher": "slurm", "job_name": "sshpyk-k"})
     assert process.started.is_set() and not process.running.is_set()
-    process.on_event({"event": "slurm", "kid": "k", "job_id": "12", "state": "PENDING"})
+    process.on_event({"event": "job", "kid": "k", "job_id": "12", "state": "PENDING"})
     assert not process.running.is_set() and process.details["state"] == "PENDING"
     process.on_event(
         {
-            "event": "slurm",
+            "event": "job",
             "kid": "k",
             "job_id": "12",
             "state": "RUNNING",
@@ -322,7 +328,7 @@ async def test_a_queued_kernel_runs_when_its_endpoints_come() -> None:
         }
     )
     assert process.running.is_set() and process.host == "10.0.0.2"
-    assert process.slurm == {
+    assert process.details == {
         "job_name": "sshpyk-k",
         "job_id": "12",
         "state": "RUNNING",

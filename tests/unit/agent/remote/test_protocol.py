@@ -18,6 +18,7 @@ import pytest
 from sshpyk.agent import bundle
 from sshpyk.agent.remote import jsonlines, loader, protocol
 from sshpyk.agent.remote.protocol import LOADER, PROTOCOL, Event, Kind, Op
+from sshpyk.kernels import LAUNCHERS
 
 REMOTE = Path(protocol.__file__).parent
 
@@ -36,12 +37,17 @@ def package_imports(name: str) -> tuple[set[str], set[str]]:
 
 
 def test_bundle_lists_every_module_in_dependency_order() -> None:
-    order = [*bundle.CORE_MODULES, *bundle.SLURM_MODULES]
-    assert sorted(order) == sorted(p.stem for p in REMOTE.glob("*.py") if p.stem != "__init__")
-    for index, name in enumerate(order):
-        top, nested = package_imports(name)
-        assert top <= set(order[:index]), (name, top - set(order[:index]))
-        assert nested <= set(order), name
+    every = set(bundle.CORE_MODULES)
+    for launcher in LAUNCHERS.values():  # each launcher's modules load after the core
+        order = [*bundle.CORE_MODULES, *launcher.remote_modules]
+        assert len(set(order)) == len(order), launcher.name
+        for index, name in enumerate(order):
+            top, _ = package_imports(name)
+            assert top <= set(order[:index]), (name, top - set(order[:index]))
+        every.update(order)
+    assert sorted(every) == sorted(p.stem for p in REMOTE.glob("*.py") if p.stem != "__init__")
+    for name in every:  # an import inside a function: of a module that may be loaded
+        assert package_imports(name)[1] <= every, name
     # runs without the package (it installs it)
     assert package_imports("loader") == (set(), set())
 
@@ -134,7 +140,12 @@ def test_the_loader_runs_an_agent(tmp_path: Path) -> None:
     events = run_loader(
         {"v": PROTOCOL, "op": "hello", "grace": 0, "run_root": str(run_root)},
         {"op": "state", "rid": 1},
-        {"op": "load", "rid": 2, "name": "slurm", "modules": bundle.slurm_modules()},
+        {
+            "op": "load",
+            "rid": 2,
+            "name": "slurm",
+            "modules": bundle.module_sources(LAUNCHERS["slurm"].remote_modules),
+        },
         {"op": "ps", "rid": 3},
         {"op": "shutdown", "rid": 4},
     )

@@ -1,4 +1,5 @@
-"""The SLURM modules' pure parts (sshpyk/agent/remote/slurmctl.py, slurm.py), no SSH
+"""The SLURM modules' pure parts (sshpyk/agent/remote/slurmctl.py, slurm.py, with
+batch.py's shared part), no SSH
 and no SLURM: durations, squeue's output, what ``ps`` adds, what ``kill`` does with a
 record, with SLURM's commands replaced by canned answers."""
 
@@ -10,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from sshpyk.agent.remote import launcher, records, slurm, slurmctl
+from sshpyk.agent.remote import batchjobs, launcher, records, slurm, slurmctl
 from sshpyk.agent.remote.protocol import AgentError
 
 
@@ -80,7 +81,7 @@ def test_squeue_errors(monkeypatch: pytest.MonkeyPatch) -> None:
         slurmctl.squeue_jobs(["5"])
     assert err.value.kind == "slurm_error" and "slurmctld is down" in err.value.message
     kernels = [{"launcher": "slurm", "job_id": "5"}]
-    slurmctl.slurm_states(kernels)
+    slurm.SlurmKernel.annotate(kernels)
     assert kernels[0]["slurm_state"] == "UNKNOWN"
 
 
@@ -114,11 +115,15 @@ def test_kill_record_acts_on_jobs_of_our_uid_only(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     done: list[tuple[str, Any]] = []
-    monkeypatch.setattr(slurm, "terminate_kernel_job", lambda i: done.append(("term", i)))
-    monkeypatch.setattr(slurm, "cancel_kernel_job", lambda i: done.append(("cancel", i)))
+    monkeypatch.setattr(
+        slurm.SlurmKernel, "terminate_job", classmethod(lambda c, i: done.append(("term", i)))
+    )
+    monkeypatch.setattr(
+        slurm.SlurmKernel, "cancel", classmethod(lambda c, j, wait=0: done.append(("cancel", j)))
+    )
     mine = {"launcher": "slurm", "job_id": "7", "uid": os.getuid(), "run_dir": str(tmp_path)}
     assert slurm.SlurmKernel.kill_record(mine, 0) == []
-    assert done == [("cancel", mine)]  # no verified srun: the job is still cancelled
+    assert done == [("cancel", "7")]  # no verified srun: the job is still cancelled
     done.clear()
     theirs = dict(mine, uid=os.getuid() + 1)
     (error,) = slurm.SlurmKernel.kill_record(theirs, 0)
@@ -132,4 +137,4 @@ def test_srun_job_lines() -> None:
     match = slurmctl._SRUN_JOB_RE.search("srun: job 42 queued and waiting for resources")
     assert match and match.group(1) == "42"
     assert slurmctl._SRUN_JOB_RE.search("srun: job 43 has been allocated resources")
-    assert slurmctl.last_line("a\n\n b \n\n") == "b" and slurmctl.last_line(None) == ""
+    assert batchjobs.last_line("a\n\n b \n\n") == "b" and batchjobs.last_line(None) == ""
