@@ -42,15 +42,18 @@ class AgentRegistry:
     agents down when the connection closes.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, shared: SharedConnection | None = None) -> None:
+        self.shared = shared
         self.agents: dict[Hashable, RemoteAgent] = {}
+        #: the agent sockets this process left a last will for (revoked at close)
+        self.wills: set[str] = set()
         self._locks: dict[Hashable, asyncio.Lock] = {}
 
     @classmethod
     def of(cls, shared: SharedConnection) -> AgentRegistry:
         agents = shared.services.get(cls)
         if not isinstance(agents, cls):
-            agents = shared.services[cls] = cls()
+            agents = shared.services[cls] = cls(shared)
             shared.on_close(agents.close)
         return agents
 
@@ -74,6 +77,17 @@ class AgentRegistry:
         for agent, result in zip(agents, results, strict=True):
             if isinstance(result, BaseException):
                 log.warning("[%s] closing the agent failed: %r", agent.alias, result)
+        await self._revoke_wills(agents)
+
+    async def _revoke_wills(self, agents: list[RemoteAgent]) -> None:
+        """This process left on purpose: its last wills are void (bounded; a broker that
+        is gone has none left anyway)."""
+        control = self.shared.current_control() if self.shared is not None else None
+        sockets = [a.socket_path for a in agents if a.socket_path in self.wills]
+        if control is None or not sockets:
+            return
+        with contextlib.suppress(SSHPykError, asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*(control.revoke(s) for s in sockets)), 2.0)
 
 
 #: tries of claim-then-join when the agent a slot names turns out to be gone
@@ -156,6 +170,7 @@ async def _leave_will(control: BrokerControl, agent: RemoteAgent, slot: str) -> 
             await current.put(slot, value)
         line = json.dumps({"v": PROTOCOL, "op": Op.GONE, "owner": agent.token})
         await current.will(str(agent.socket_path), line)
+        AgentRegistry.of(shared).wills.add(str(agent.socket_path))
 
     await tell(put=False)
 

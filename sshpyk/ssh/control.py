@@ -205,6 +205,9 @@ async def deliver(conn: asyncssh.SSHClientConnection, socket: str, line: bytes) 
     try:
         await asyncio.wait_for(write(), WILL_TIMEOUT)
         return True
+    except asyncssh.ChannelOpenError as exc:  # the agent is gone: nobody to tell
+        log.info("a last will to %s was not delivered: %s", socket, exc.reason)
+        return True
     except (asyncssh.Error, OSError, asyncio.TimeoutError) as exc:
         log.warning("a last will to %s was not delivered: %s", socket, exc)
         return False

@@ -182,6 +182,13 @@ class SharedConnection:
                 self._control = control = await BrokerControl.open(self.alias, conn)
             return control
 
+    def current_control(self) -> BrokerControl | None:
+        """The control channel already open on the live connection, else None."""
+        control = self._control
+        if control is None or control.closed or control.conn is not self.conn:
+            return None
+        return control
+
     async def check_forwarding(self, transport: str, endpoint: str | int) -> None:
         """Fail clearly if sshd refuses the forwarding a transport needs.
 

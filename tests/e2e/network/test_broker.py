@@ -503,6 +503,10 @@ def test_processes_share_one_agent_and_each_owns_its_kernels(
             )
             took = time.monotonic() - killed
             print(f"reaped {took:.1f} s after the SIGKILL (grace {grace:g} s)")
+            log = (path / "broker.log").read_text()
+            assert f"process {second.proc.pid} exited: delivering its will" in log
+            # the first closed on purpose: it revoked its will
+            assert f"process {first.proc.pid} exited" not in log, log
             assert wait_until(lambda: not pid_alive(agent), 20)
         finally:
             for client in (first, second):
