@@ -34,9 +34,11 @@ from ..errors import (
 )
 from ..ssh.session import Session
 from ..tasks import TaskOwner
+from .channel import AgentChannel, SocketChannel
 from .command import load_fields, remote_command
 from .kinds import last_lines, remote_error
 from .process import LOST, EventListener, KernelProcess
+from .queries import DEFAULT_REQUEST_TIMEOUT, AgentQueries
 from .remote.protocol import PROTOCOL, Event, Op
 from .request import LaunchRequest
 
@@ -54,8 +56,6 @@ log = logging.getLogger("sshpyk")
 _STDERR_LIMIT = 8000
 #: lines of login-script output tolerated before the agent's hello
 _MAX_NOISE_LINES = 200
-#: seconds an agent request may take before it fails (a silent remote never hangs us)
-DEFAULT_REQUEST_TIMEOUT = 30.0
 #: seconds from the exec to the agent's hello (login shell, pre-command, interpreter)
 AGENT_START_TIMEOUT = 120.0
 
@@ -64,7 +64,7 @@ def _heartbeat_interval(grace: float) -> float:
     return max(0.5, min(5.0, grace / 4)) if grace else 5.0
 
 
-class RemoteAgent:
+class RemoteAgent(AgentQueries):
     """One agent process on the remote host, speaking the JSON line protocol.
 
     When the SSH link drops (the channel ends without an exit status), the agent
@@ -97,7 +97,9 @@ class RemoteAgent:
         self.pid: int | None = None
         self.socket_path: str | None = None
         self.info: dict[str, Any] = {}
-        self.process: asyncssh.SSHClientProcess[bytes] | None = None
+        self.process: AgentChannel | None = None
+        #: the agent's secret from its hello: a socket that does not say it is not ours
+        self.agent_token: str | None = None
         self.kernels: dict[str, KernelProcess] = {}
         #: set while a channel to the agent is up
         self.connected = asyncio.Event()
@@ -130,18 +132,26 @@ class RemoteAgent:
         return self.process is not None and not self.closed.is_set()
 
     # -- channels --------------------------------------------------------------------
-    async def _open_channel(self, first_line: dict[str, Any]) -> dict[str, Any]:
-        """Run the agent over a new exec channel; return its hello."""
-        conn = await self.session.connection()
-        command = remote_command(self.python, self.pre_command)
-        with translating(self.alias, config=self.session.ssh_config):
-            process = await conn.create_process(command.command, encoding=None)
+    async def _open_channel(
+        self, first_line: dict[str, Any], stream: SocketChannel | None = None
+    ) -> dict[str, Any]:
+        """Run the agent over a new exec channel (or read ``stream``, a channel to its
+        control socket); return its hello."""
+        process: AgentChannel
+        if stream is None:
+            conn = await self.session.connection()
+            command = remote_command(self.python, self.pre_command)
+            with translating(self.alias, config=self.session.ssh_config):
+                process = await conn.create_process(command.command, encoding=None)
+        else:
+            process = stream
         self.process = process
         self._stderr = bytearray()
         self._channel = TaskOwner(f"[{self.alias}] agent channel")
         self._stderr_task = self._channel.create_task(self._drain_stderr(process))
-        hello = json.dumps({"v": PROTOCOL, **first_line}).encode() + b"\n"
-        process.stdin.write(command.stdin + hello)
+        if stream is None:
+            hello = json.dumps({"v": PROTOCOL, **first_line}).encode() + b"\n"
+            process.stdin.write(command.stdin + hello)
         try:
             event = await asyncio.wait_for(self._read_first_event(), AGENT_START_TIMEOUT)
         except asyncio.TimeoutError:
@@ -156,6 +166,9 @@ class RemoteAgent:
             raise self.error_from_event(event)
         if event.get("event") != Event.HELLO:
             raise ProtocolError(f"unexpected first event from the agent: {event!r:.200}")
+        if self.agent_token is not None and event.get("token") != self.agent_token:
+            raise AgentGoneError(f"the agent socket on {self.alias!r} is another agent's")
+        self.agent_token = event.get("token")
         self.pid = int(event["pid"])
         self.socket_path = event.get("socket") or self.socket_path
         self.info = event
@@ -166,9 +179,21 @@ class RemoteAgent:
     async def _open_attached(self, socket_path: str) -> dict[str, Any]:
         """A channel to the agent's control socket; this process claims its kernels on it
         (its first message: the agent counts it as this owner's contact from then on)."""
-        hello = await self._open_channel({"op": Op.ATTACH, "socket": socket_path})
+        stream = await self._open_stream(socket_path) if self.agent_token else None
+        hello = await self._open_channel({"op": Op.ATTACH, "socket": socket_path}, stream)
         self.send({"op": Op.CLAIM, "owner": self.token})
         return hello
+
+    async def _open_stream(self, socket_path: str) -> SocketChannel | None:
+        """A direct-streamlocal channel to the agent's socket, None where sshd refuses
+        it (AllowStreamLocalForwarding no: the exec relay serves instead)."""
+        conn = await self.session.connection()
+        try:
+            reader, writer = await conn.open_unix_connection(socket_path)
+        except asyncssh.ChannelOpenError as exc:
+            log.debug("[%s] no stream to the agent socket (%s): exec relay", self.alias, exc)
+            return None
+        return SocketChannel(reader, writer)
 
     async def _close_channel(self) -> None:
         """Close the current channel and wait for its tasks (bounded)."""
@@ -212,6 +237,7 @@ class RemoteAgent:
         link_grace: float = DEFAULTS.link_grace,
         run_root: str | None = None,
         owner: bool = False,
+        token: str | None = None,
     ) -> RemoteAgent:
         """Connect to an agent that already runs (e.g. one holding persistent kernels).
 
@@ -222,6 +248,7 @@ class RemoteAgent:
         )
         agent.socket_path = socket_path
         agent.owner = owner
+        agent.agent_token = token  # known (a shared agent's slot): a direct stream
         try:
             await agent._open_attached(socket_path)
         except BaseException:
@@ -230,7 +257,7 @@ class RemoteAgent:
         await agent._start_heartbeat()
         return agent
 
-    async def _drain_stderr(self, process: asyncssh.SSHClientProcess[bytes]) -> None:
+    async def _drain_stderr(self, process: AgentChannel) -> None:
         with contextlib.suppress(asyncssh.Error, OSError):
             while chunk := await process.stderr.read(4096):
                 self._stderr += chunk
@@ -294,7 +321,7 @@ class RemoteAgent:
         """The error an ``error`` event reports (its kind's class, see agent.kinds)."""
         return remote_error(event, self.alias)
 
-    async def _read_events(self, process: asyncssh.SSHClientProcess[bytes]) -> None:
+    async def _read_events(self, process: AgentChannel) -> None:
         try:
             while (event := await self._read_event()) is not None:
                 self._dispatch(event)
@@ -445,11 +472,6 @@ class RemoteAgent:
         finally:
             self._requests.pop(rid, None)
 
-    async def inspect(self, kernel_name: str) -> dict[str, Any]:
-        """The remote kernelspec ``kernel_name`` (argv, display_name, language, ...)."""
-        event = await self.request(Op.INSPECT, kernel_name=kernel_name)
-        return dict(event.get("kernelspec") or {})
-
     async def load(self, name: str, modules: tuple[str, ...]) -> None:
         """Send the remote code of extension ``name`` (a launcher's: its agent
         ``modules``) to the agent, once: agents that never need it never receive nor
@@ -458,65 +480,6 @@ class RemoteAgent:
             if name not in self._loaded:
                 await self.request(Op.LOAD, **load_fields(name, modules))
                 self._loaded.add(name)
-
-    async def ps(
-        self,
-        run_root: str | None = None,
-        *,
-        all_users: bool = False,
-        timeout: float = DEFAULT_REQUEST_TIMEOUT,
-    ) -> list[dict[str, Any]]:
-        """Every sshpyk kernel of this user on the host (any agent, any local process).
-
-        Each entry: kernel_id, kernel_name, pid, alive, started (epoch), agent_pid,
-        agent_alive, attached (a local side was heard within its grace), last_contact
-        (epoch or None), persistent, transport, run_dir, launcher. Batch kernels also
-        have job_id, job_name, node, host and, once their launcher is loaded (its
-        ``prepare``), ``<launcher>_state`` and ``<launcher>_reason`` from the scheduler.
-        """
-        event = await self.request(Op.PS, run_root=run_root, all_users=all_users, timeout=timeout)
-        return list(event.get("kernels") or [])
-
-    async def kill(
-        self,
-        kernel_id: str | None = None,
-        *,
-        orphans: bool = False,
-        run_root: str | None = None,
-        all_users: bool = False,
-        timeout: float = DEFAULT_REQUEST_TIMEOUT,
-    ) -> list[dict[str, Any]]:
-        """Kill one kernel (by id or unique id prefix) or every orphan; remove run dirs.
-        Once a batch launcher is loaded (its ``prepare``) the jobs of its kernels are
-        cancelled too.
-
-        Only this remote user's kernels are touched; ``all_users`` (the remote user must
-        be root) widens that to every user's. Each returned entry has ``killed`` (bool)
-        and ``error`` (None, or why the kill or the removal failed)."""
-        if not kernel_id and not orphans:
-            raise ValueError("kill() needs a kernel_id or orphans=True")
-        event = await self.request(
-            Op.KILL,
-            kernel_id=kernel_id,
-            orphans=orphans,
-            run_root=run_root,
-            all_users=all_users,
-            timeout=timeout,
-        )
-        return list(event.get("kernels") or [])
-
-    async def probe(self, launcher: str, args: list[str] | None = None) -> dict[str, Any]:
-        """Whether ``launcher`` (loaded: its ``prepare``) can run kernels here, as the
-        agent sees it (a scheduler's version, its commands, its queues); with ``args``,
-        also whether the scheduler takes them as job arguments (a SchedulerArgsError
-        if not). What it found, a JSON-able dict."""
-        event = await self.request(Op.PROBE, launcher=launcher, args=args)
-        return {k: v for k, v in event.items() if k not in ("v", "event", "rid")}
-
-    async def connection_info(self, kid: str) -> dict[str, Any]:
-        """The remote connection file of a kernel of this agent (includes the key)."""
-        event = await self.request(Op.CONNECTION_INFO, kid=kid)
-        return dict(event.get("info") or {})
 
     async def adopt(self, kid: str) -> KernelProcess:
         """Track a kernel this agent already runs (after :meth:`attach`)."""

@@ -106,10 +106,10 @@ async def start_or_join(
     control: BrokerControl,
     key: Hashable,
     start: Callable[[], Awaitable[RemoteAgent]],
-    join: Callable[[str], Awaitable[RemoteAgent]],
+    join: Callable[[str, str], Awaitable[RemoteAgent]],
 ) -> RemoteAgent:
     """The agent for ``key`` that the processes of this user share through the broker:
-    joined (``join(socket)``) when the broker's slot names one, else started (by one
+    joined (``join(socket, token)``) when the broker's slot names one, else started (by one
     process at a time: the others wait for it and join)."""
     slot = slot_key(key)
     error: SSHPykError | None = None
@@ -130,7 +130,7 @@ async def start_or_join(
                 await _leave_will(control, agent, slot)
             return agent
         try:
-            agent = await join(str(value["socket"]))
+            agent = await join(str(value["socket"]), str(value["token"]))
         except (SSHPykError, KeyError, TypeError) as exc:
             error = exc if isinstance(exc, SSHPykError) else None
             agent_pid = value.get("pid") if isinstance(value, dict) else None
@@ -153,7 +153,7 @@ async def start_or_join(
 def _slot_value(agent: RemoteAgent) -> dict[str, Any] | None:
     if not agent.socket_path:
         return None
-    return {"socket": agent.socket_path, "pid": agent.pid}
+    return {"socket": agent.socket_path, "pid": agent.pid, "token": agent.agent_token}
 
 
 async def _leave_will(control: BrokerControl, agent: RemoteAgent, slot: str) -> None:

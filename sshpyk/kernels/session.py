@@ -49,10 +49,10 @@ class SSHSession(ssh_session.Session):
             await agent.start()
             return agent
 
-        async def join(socket_path: str) -> RemoteAgent:
+        async def join(socket_path: str, token: str) -> RemoteAgent:
             return await RemoteAgent.attach(
                 self, socket_path, python, pre_command, grace=grace, link_grace=link_grace,
-                run_root=run_root, owner=True,
+                run_root=run_root, owner=True, token=token,
             )  # fmt: skip
 
         async def start_or_join_shared() -> RemoteAgent:

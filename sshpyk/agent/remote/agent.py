@@ -87,6 +87,9 @@ class Agent:
         #: for their owner, who went away without a word
         self.link_grace = max(self.grace, float(hello.get("link_grace") or self.grace))
         self.owners = Owners(self.grace, self.link_grace)
+        #: said in every hello (only this uid hears one): a joining process checks it
+        #: before it sends anything on a stream to the control socket
+        self.token = os.urandom(16).hex()
         #: the token of the local process whose stdio hello started this agent
         self.first_owner = hello.get("owner") or NOBODY
         self.spares = Spares(self)
@@ -211,6 +214,7 @@ class Agent:
             python_version="%d.%d.%d" % sys.version_info[:3],
             jupyter_client=jupyter_client_version(),
             socket=self.socket_path,
+            token=self.token,
             kernels=len(self.kernels),
         )
 
