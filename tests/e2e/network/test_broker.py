@@ -513,3 +513,30 @@ def test_processes_share_one_agent_and_each_owns_its_kernels(
                 if client is not None:
                     client.close(10)
     no_leftovers()
+
+
+async def test_a_joiner_checks_the_agents_token_before_it_says_anything(sshd, run_root) -> None:
+    """A process joining an agent by its socket (a direct stream through sshd) reads the
+    hello first: a wrong token (a reused socket path now served by another agent) is
+    refused before one request goes out; the right one joins, the same agent."""
+    from sshpyk.agent.client import RemoteAgent
+    from sshpyk.errors import AgentGoneError
+
+    async with await SSHSession.connect(sshd.alias, ssh_config=sshd.ssh_config) as session:
+        agent = await session.agent(sys.executable, run_root=str(run_root))
+        assert agent.socket_path and agent.agent_token
+        with pytest.raises(AgentGoneError):
+            await RemoteAgent.attach(
+                session, agent.socket_path, sys.executable, owner=True, token="0" * 32
+            )
+        joined = await RemoteAgent.attach(
+            session, agent.socket_path, sys.executable, owner=True, token=agent.agent_token
+        )
+        try:
+            from sshpyk.agent.channel import SocketChannel
+
+            assert isinstance(joined.process, SocketChannel)  # no exec'd relay
+            assert joined.pid == agent.pid
+            assert (await joined.request("state"))["kernels"] == []
+        finally:
+            await joined.close(5)
