@@ -8,6 +8,7 @@ import click
 
 from ..diagnostics.inventory import (
     HostKernels,
+    broker_line,
     forwarded,
     kill_failed,
     kill_kernels,
@@ -16,6 +17,7 @@ from ..diagnostics.inventory import (
     ps_table,
 )
 from ..kernels.launcher import find_launcher
+from ..ssh.brokered import broker_status
 from .common import (
     ALL_USERS_HELP,
     complete_aliases,
@@ -51,7 +53,8 @@ def ps(
     heard from, "gone" for orphans (see `sshpyk kill --orphans`). PORTS: the web ports
     forwarded to this machine, remote -> local (see `sshpyk ports`). Kernels started
     with a batch launcher add JOB ID, NODE and JOB STATE (from the scheduler; PID is
-    the job step's).
+    the job step's). The last line is your connection broker (see README's
+    "Connection sharing"): its pid and the connections it holds for your processes.
     """
     hosts = run(
         ps_hosts(
@@ -60,8 +63,10 @@ def ps(
             all_users=all_users,
         )
     )
+    broker = broker_status()
     if as_json:
-        click.echo(json.dumps({"hosts": [h.as_dict() for h in hosts]}, indent=2))
+        data = {"hosts": [h.as_dict() for h in hosts], "broker": broker}
+        click.echo(json.dumps(data, indent=2))
     else:
         rows = ps_table(hosts)
         if len(rows) > 1:
@@ -69,6 +74,7 @@ def ps(
         for host in hosts:
             if not host.error and not host.kernels:
                 click.echo(f"No sshpyk kernels on {host.alias}.")
+        click.echo(broker_line(broker))
     fail_hosts(hosts)
 
 

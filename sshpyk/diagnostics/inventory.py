@@ -392,3 +392,19 @@ def ps_table(hosts: Iterable[HostKernels]) -> list[list[str]]:
                 else:
                     rows[-1] += ["-"] * len(launcher.ps_columns)
     return rows
+
+
+def broker_line(status: dict[str, Any] | None, now: float | None = None) -> str:
+    """One line on the connection broker (``ps``): its pid, age, connections and the
+    local processes using each."""
+    if status is None:
+        return "Connection broker: none running (each process connects by itself)."
+    parts = []
+    for conn in status.get("connections") or []:
+        state = "up" if conn.get("connected") else "down"
+        parts.append(f"{conn.get('alias')} ({state}, {conn.get('processes', 0)} process(es))")
+    held = ", ".join(parts) or "no connection"
+    return (
+        f"Connection broker: pid {status.get('pid')}, started {age(status.get('started'), now)}: "
+        f"{held}."
+    )

@@ -40,6 +40,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Awaitable
 from typing import Any
 
@@ -323,6 +324,7 @@ class Upstream:
             self._watched = conn
             self.broker.tasks.create_task(self._watch(conn), name=f"watch-{self.alias}")
             self.broker.wills.connected((self.alias, self.ssh_config), conn)
+        self.broker.write_status()
 
     def leave(self, client: _Downstream) -> None:
         if client in self.clients:
@@ -371,6 +373,7 @@ class Broker:
         self.paths = paths
         self.linger = linger
         self.tasks = TaskOwner("[broker]", log)
+        self.started = time.time()
         self.wills = Wills(self.tasks)
         self.upstreams: dict[tuple[str, str | None], Upstream] = {}
         self.clients: set[_Downstream] = set()
@@ -412,7 +415,24 @@ class Broker:
         self.clients.discard(client)
         self._check_idle()
 
+    def write_status(self) -> None:
+        """status.json: what ``sshpyk ps`` shows of this broker (0600, rewritten)."""
+        upstreams = [
+            {
+                "alias": u.alias,
+                "ssh_config": u.ssh_config,
+                "connected": u.conn is not None,
+                "processes": len({c.pid for c in u.clients}),
+                "persist": u.persist,
+            }
+            for u in self.upstreams.values()
+        ]
+        status = {"pid": os.getpid(), "started": self.started, "connections": upstreams}
+        with contextlib.suppress(OSError, SSHPykError):
+            write_private_json(self.paths.status, status, replace=True)
+
     def _check_idle(self) -> None:
+        self.write_status()
         if self.clients or self.upstreams or self._releasing:
             if self._idle is not None:
                 self._idle.cancel()

@@ -52,8 +52,10 @@ from ..errors import (
     UnsafePathError,
 )
 from ..localfs import (
+    BROKER_DIR_ENV,
     broker_dir,
     check_own_socket,
+    check_private_dir,
     open_private_file,
     peer_credentials,
     read_private_json,
@@ -69,6 +71,7 @@ __all__ = [
     "BrokerPaths",
     "Request",
     "broker_paths",
+    "broker_status",
     "connect",
     "decode_error",
     "encode_error",
@@ -248,10 +251,30 @@ class BrokerPaths:
     def log(self) -> Path:
         return self.dir / "broker.log"
 
+    @property
+    def status(self) -> Path:
+        """What the broker holds now (``sshpyk ps`` shows it), rewritten as it changes."""
+        return self.dir / "status.json"
+
 
 def broker_paths() -> BrokerPaths:
     """The broker's directory, made (0700) or checked: a planted one is refused."""
     return BrokerPaths(broker_dir(PROTOCOL))
+
+
+def broker_status() -> dict[str, Any] | None:
+    """The live broker's status (pid, started, its connections and their clients), or
+    None when no broker runs or its directory is not there. Never starts one."""
+    override = os.environ.get(BROKER_DIR_ENV)
+    path = Path(override) if override else None
+    try:
+        paths = BrokerPaths(check_private_dir(path)) if path else broker_paths()
+        if lock_is_free(paths.lock):
+            return None
+        status = read_private_json(paths.status)
+    except (OSError, UnsafePathError, ValueError):
+        return None
+    return dict(status) if isinstance(status, dict) else None
 
 
 def lock_is_free(path: Path) -> bool:
