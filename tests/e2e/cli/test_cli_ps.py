@@ -12,10 +12,17 @@ from typing import Any
 
 import pytest
 
+from sshpyk.localfs import BROKER_DIR_ENV
+from sshpyk.ssh.brokered import PERSIST_ENV
+
+from support.broker import broker_pid, temp_broker_dir
 from support.cli import KernelOwner, assert_one_line_error, sshpyk
 from support.waiting import pid_alive, wait_until
 
 pytestmark = pytest.mark.timeout(120)
+
+
+NO_BROKER = "Connection broker: none running (each process connects by itself)."
 
 
 def host_args(sshd, run_root) -> list[str]:
@@ -40,10 +47,11 @@ def owner(sshd, run_root):
 def test_ps_shows_a_kernel_and_its_live_owner(sshd, run_root, owner) -> None:
     result = sshpyk("ps", *host_args(sshd, run_root))
     assert result.exit_code == 0, result.output
-    header, *rows = result.stdout.splitlines()
+    header, *rows, broker = result.stdout.splitlines()
     assert header.split() == (
         "HOST KERNEL ID NAME PID STARTED LAST CONTACT LOCAL OWNER STATE PORTS".split()
     )
+    assert broker == NO_BROKER  # the suite's processes connect by themselves
     (row,) = rows
     assert row.split()[:4] == [sshd.alias, owner.kernel_id, "python3", str(owner.pid)]
     assert row.split()[-3:] == ["alive", "running", "-"]  # no web ports
@@ -59,7 +67,24 @@ def test_ps_shows_a_kernel_and_its_live_owner(sshd, run_root, owner) -> None:
 def test_ps_without_kernels(sshd, run_root) -> None:
     result = sshpyk("ps", *host_args(sshd, run_root))
     assert result.exit_code == 0, result.output
-    assert result.stdout == f"No sshpyk kernels on {sshd.alias}.\n"
+    assert result.stdout == f"No sshpyk kernels on {sshd.alias}.\n{NO_BROKER}\n"
+
+
+def test_ps_shows_the_connection_broker(sshd, run_root) -> None:
+    """With connection sharing on, ps connects through the broker and says so: its pid,
+    the connection it holds and the processes using it (this one)."""
+    with temp_broker_dir() as bdir:
+        env = {BROKER_DIR_ENV: str(bdir), PERSIST_ENV: "2"}
+        result = sshpyk("ps", *host_args(sshd, run_root), env=env)
+        assert result.exit_code == 0, result.output
+        pid = broker_pid(bdir)
+        assert pid is not None
+        last = result.stdout.splitlines()[-1]
+        assert last.startswith(f"Connection broker: pid {pid}, started "), last
+        assert f"{sshd.alias} (up, 1 process(es))" in last, last
+        data = json.loads(sshpyk("ps", "--json", *host_args(sshd, run_root), env=env).stdout)
+        assert data["broker"]["pid"] == pid
+        assert [c["alias"] for c in data["broker"]["connections"]] == [sshd.alias]
 
 
 def test_ps_defaults_to_the_hosts_of_installed_kernels(
