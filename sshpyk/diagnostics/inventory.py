@@ -402,7 +402,9 @@ def broker_line(status: dict[str, Any] | None, now: float | None = None) -> str:
     parts = []
     for conn in status.get("connections") or []:
         state = "up" if conn.get("connected") else "down"
-        parts.append(f"{conn.get('alias')} ({state}, {conn.get('processes', 0)} process(es))")
+        users = int(conn.get("processes") or 0)
+        using = f"{users} process(es)" if users else f"idle, kept {conn.get('persist', 0):g}s"
+        parts.append(f"{conn.get('alias')} ({state}, {using})")
     held = ", ".join(parts) or "no connection"
     return (
         f"Connection broker: pid {status.get('pid')}, started {age(status.get('started'), now)}: "
