@@ -58,6 +58,7 @@ from ..localfs import check_private_dir, open_private_file, peer_credentials, wr
 from ..tasks import TaskOwner
 from . import pool
 from .brokered import (
+    CREDENTIAL_ENV,
     ERROR_PREFIX,
     LOCAL_CIPHERS,
     PERSIST_ENV,
@@ -309,7 +310,11 @@ class Upstream:
             self._expiry = None
         timeout = min(max(request.timeout, 1.0), MAX_CONNECT_TIMEOUT)
         self._joining += 1
-        # a question of this login (of the host's or a bastion's) goes to a waiting client
+        # a question of this login (of the host's or a bastion's) goes to a waiting client;
+        # its ssh-agent and Kerberos cache are the ones a login made now uses
+        for name in CREDENTIAL_ENV:
+            if name in request.env:
+                os.environ[name] = request.env[name]
         asking = RELAYED_ASKER.set(self.relay.asker(asyncio.get_running_loop()))
         try:
             conn = await self.shared.ensure_connected(timeout)

@@ -38,7 +38,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +146,9 @@ class Request:
     ssh_config: str | None
     persist: float
     timeout: float
+    #: the client's credentials (CREDENTIAL_ENV): a login the broker makes for it uses
+    #: them (a new ssh-agent socket, a Kerberos cache of its own), not the broker's
+    env: dict[str, str] = field(default_factory=dict)
 
     def encode(self) -> str:
         text = json.dumps(
@@ -155,6 +158,7 @@ class Request:
                 "config": self.ssh_config,
                 "persist": self.persist,
                 "timeout": self.timeout,
+                "env": self.env,
             },
             separators=(",", ":"),
         )
@@ -184,7 +188,21 @@ class Request:
         numbers = (persist, timeout)
         if not all(isinstance(n, (int, float)) and math.isfinite(n) and n >= 0 for n in numbers):
             raise ValueError("persist and timeout must be numbers >= 0")
-        return cls(alias, config, float(persist), float(timeout))
+        env = data.get("env") or {}
+        if not isinstance(env, dict) or not all(
+            k in CREDENTIAL_ENV and isinstance(v, str) for k, v in env.items()
+        ):
+            raise ValueError(f"env may only hold {', '.join(CREDENTIAL_ENV)}")
+        return cls(alias, config, float(persist), float(timeout), dict(env))
+
+
+#: what a client's environment tells the broker's login for it
+CREDENTIAL_ENV = ("SSH_AUTH_SOCK", "KRB5CCNAME")
+
+
+def credential_env() -> dict[str, str]:
+    """This process's credentials, for a login the broker makes on its behalf."""
+    return {k: os.environ[k] for k in CREDENTIAL_ENV if os.environ.get(k)}
 
 
 def encode_error(exc: SSHPykError) -> str:
@@ -472,7 +490,7 @@ async def connect(
     raise; a broker that goes away during the handshake (it was exiting) is tried once
     more. Blocking file and socket work runs in a thread.
     """
-    request = Request(alias, ssh_config, persist, timeout)
+    request = Request(alias, ssh_config, persist, timeout, credential_env())
     deadline = time.monotonic() + timeout
     last: BaseException | None = None
     paths: BrokerPaths | None = None

@@ -53,7 +53,10 @@ def test_request_round_trip_and_refusals() -> None:
     request = Request("gpu,box", "/home/u/.ssh/config", 600.0, 30.0)
     assert Request.decode(request.encode()) == request
     assert Request.decode(Request("a", None, 1, 2).encode()).ssh_config is None
+    creds = {"SSH_AUTH_SOCK": "/tmp/ssh-x/agent.1", "KRB5CCNAME": "FILE:/tmp/krb5cc_0"}
+    assert Request.decode(Request("a", None, 1, 2, creds).encode()).env == creds
     for bad in (
+        '{"v":1,"alias":"a","config":null,"persist":1,"timeout":1,"env":{"LD_PRELOAD":"x"}}',
         '{"v":0,"alias":"a","config":null,"persist":1,"timeout":1}',
         '{"v":1,"alias":"","config":null,"persist":1,"timeout":1}',
         '{"v":1,"alias":"a","config":"relative/cfg","persist":1,"timeout":1}',
