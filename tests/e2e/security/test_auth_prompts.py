@@ -425,6 +425,11 @@ def test_three_processes_one_password_prompt_through_the_broker(pw, tmp_path, mo
         finally:
             for client in clients:
                 client.close(20)
+        broker_log = (bdir / "broker.log").read_text()
+        assert pw.user.password not in broker_log  # answers live in memory only
+        assert not any(
+            pw.user.password in f.read_text(errors="replace") for f in bdir.iterdir() if f.is_file()
+        )
     assert [r["status"] for r in reports] == [0, 0, 0], reports
     assert len({r["out"] for r in reports}) == 1, reports  # one TCP connection
     assert ask.prompts() == ["'pw-host' password: "]  # one prompt for all three
