@@ -37,6 +37,7 @@ from sshpyk import (
 )
 from sshpyk.kernelspec import SSHKernelSpec, kernels_dir, load_spec
 
+from support.broker import env_for, temp_broker_dir
 from support.cli import add_args, assert_one_line_error, sshpyk
 from support.kernels import interrupt_sleep, run_cell, start_manager, stop_manager
 from support.slurm import ThrowawaySlurm, slurm_missing
@@ -547,14 +548,14 @@ OWNER = textwrap.dedent(
 class SlurmOwner:
     """Another local process holding a SLURM kernel through AsyncKernelManager."""
 
-    def __init__(self, kernel_name: str) -> None:
+    def __init__(self, kernel_name: str, env: dict[str, str] | None = None) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-c", OWNER, kernel_name],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            env=os.environ.copy(),
+            env=os.environ.copy() if env is None else env,
         )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
@@ -583,14 +584,22 @@ class SlurmOwner:
 
 @pytest.mark.slow
 def test_lost_client_leaves_no_job(slurm: ThrowawaySlurm, slurm_spec: Any, run_root: Path) -> None:
-    """The process holding the kernel is SIGKILLed: after the grace period the agent
-    cancels the job. The grace period counts from the last message the agent heard (a
-    ping, every ``heartbeat`` seconds: RemoteAgent.start), so the job may go as early as
+    """The process holding the kernel is SIGKILLed; the connection broker, which
+    outlives it, tells the agent: after the grace period the agent cancels the job. The
+    grace period counts from the last message the agent heard (a ping, every
+    ``heartbeat`` seconds: RemoteAgent.start), so the job may go as early as
     ``grace - heartbeat`` after the SIGKILL, never earlier."""
     grace = 3.0
     heartbeat = max(0.5, min(5.0, grace / 4))  # sshpyk.remote's interval for this grace
     slurm_spec("ssh_slurm_owner", grace_period=grace)
-    owner = SlurmOwner("ssh_slurm_owner")
+    with temp_broker_dir() as bdir:
+        lost_client_leaves_no_job(slurm, run_root, env_for(bdir, 2.0), grace, heartbeat)
+
+
+def lost_client_leaves_no_job(
+    slurm: ThrowawaySlurm, run_root: Path, env: dict[str, str], grace: float, heartbeat: float
+) -> None:
+    owner = SlurmOwner("ssh_slurm_owner", env)
     try:
         assert [j["job_id"] for j in slurm.jobs()] == [owner.job_id]
         owner.sigkill()
@@ -737,7 +746,7 @@ def test_ps_list_and_kill_show_the_job(
     host = [sshd.alias, "--ssh-config", str(sshd.ssh_config), "--run-root", str(run_root)]
     result = sshpyk("ps", *host)
     assert result.exit_code == 0, result.output
-    header, *rows = result.stdout.splitlines()
+    header, *rows, _broker = result.stdout.splitlines()
     assert header.split()[-5:] == ["JOB", "ID", "NODE", "JOB", "STATE"]
     (row,) = rows
     assert row.split()[1] == owner.kernel_id
