@@ -15,7 +15,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
+from support.broker import broker_pid, stop_broker
 from support.sshd import ThrowawaySSHD
+
+from sshpyk.localfs import BROKER_DIR_ENV
 
 
 def step(label: str, seconds: float) -> None:
@@ -76,6 +79,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="sshpyk-demo-") as tmp:
         os.environ["JUPYTER_DATA_DIR"] = os.path.join(tmp, "jupyter")
         os.environ["JUPYTER_RUNTIME_DIR"] = os.path.join(tmp, "runtime")
+        # the connection broker (connection sharing is on by default) of the demo's own,
+        # stopped at the end: not the user's
+        broker_dir = Path(tmp, "broker")
+        os.environ[BROKER_DIR_ENV] = str(broker_dir)
         run_root = os.path.join(tmp, "remote-run")
         os.makedirs(run_root, mode=0o700)
         t0 = time.monotonic()
@@ -107,7 +114,12 @@ def main() -> int:
             data = json.loads(spec_file.read_text())
             data["metadata"]["kernel_provisioner"]["config"]["remote_run_root"] = run_root
             spec_file.write_text(json.dumps(data))
-            asyncio.run(run_kernel("ssh_demo", run_root))
+            try:
+                asyncio.run(run_kernel("ssh_demo", run_root))
+                pid = broker_pid(broker_dir)
+                print(f"  connection broker (shared by every sshpyk process): pid {pid}")
+            finally:
+                stop_broker(broker_dir)
         print("sshpyk demo: OK, everything cleaned up")
     return 0
 

@@ -124,6 +124,7 @@ class RemoteAgent(AgentQueries):
         self.token = secrets.token_hex(16)
         self._loaded: set[str] = set()
         self._load_lock = asyncio.Lock()
+        self.exited_on_close = False
         #: awaited after each reattach (a new broker must learn the agent again)
         self.on_reattach: list[Callable[[], Awaitable[None]]] = []
 
@@ -544,6 +545,8 @@ class RemoteAgent(AgentQueries):
                     await asyncio.wait_for(process.wait_closed(), timeout)
         self.connected.clear()
         await self._close_channel()
+        #: the agent left with this close (nothing of anyone's was kept)
+        self.exited_on_close = process is not None and agent_exits
         if process is not None and agent_exits:
             with contextlib.suppress(asyncio.TimeoutError, asyncssh.Error, OSError):
                 await asyncio.wait_for(process.wait_closed(), timeout)

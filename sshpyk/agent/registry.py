@@ -47,6 +47,8 @@ class AgentRegistry:
         self.agents: dict[Hashable, RemoteAgent] = {}
         #: the agent sockets this process left a last will for (revoked at close)
         self.wills: set[str] = set()
+        #: agent socket -> (broker slot, its value): dropped when the agent exits with us
+        self.slots: dict[str, tuple[str, dict[str, Any]]] = {}
         self._locks: dict[Hashable, asyncio.Lock] = {}
 
     @classmethod
@@ -80,14 +82,20 @@ class AgentRegistry:
         await self._revoke_wills(agents)
 
     async def _revoke_wills(self, agents: list[RemoteAgent]) -> None:
-        """This process left on purpose: its last wills are void (bounded; a broker that
-        is gone has none left anyway)."""
+        """This process left on purpose: its last wills are void, and the slots of the
+        agents that exited with it are emptied, so that the next process starts an agent
+        at once instead of trying a dead one first (bounded; a broker that is gone has
+        neither left anyway)."""
         control = self.shared.current_control() if self.shared is not None else None
         sockets = [a.socket_path for a in agents if a.socket_path in self.wills]
-        if control is None or not sockets:
+        gone = [self.slots[a.socket_path] for a in agents
+                if a.exited_on_close and a.socket_path in self.slots]  # fmt: skip
+        if control is None or not (sockets or gone):
             return
+        requests = [control.revoke(s) for s in sockets]
+        requests += [control.drop(slot, value) for slot, value in gone]  # not for the next
         with contextlib.suppress(SSHPykError, asyncio.TimeoutError):
-            await asyncio.wait_for(asyncio.gather(*(control.revoke(s) for s in sockets)), 2.0)
+            await asyncio.wait_for(asyncio.gather(*requests), 2.0)
 
 
 #: tries of claim-then-join when the agent a slot names turns out to be gone
@@ -170,7 +178,9 @@ async def _leave_will(control: BrokerControl, agent: RemoteAgent, slot: str) -> 
             await current.put(slot, value)
         line = json.dumps({"v": PROTOCOL, "op": Op.GONE, "owner": agent.token})
         await current.will(str(agent.socket_path), line)
-        AgentRegistry.of(shared).wills.add(str(agent.socket_path))
+        registry = AgentRegistry.of(shared)
+        registry.wills.add(str(agent.socket_path))
+        registry.slots[str(agent.socket_path)] = (slot, value)
 
     await tell(put=False)
 
