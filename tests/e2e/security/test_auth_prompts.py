@@ -7,6 +7,7 @@ no askpass (a one-line error within seconds)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -28,7 +29,7 @@ from sshpyk import SSHSession
 from sshpyk.errors import BatchModeError, LoginPromptError
 from sshpyk.ssh import pool
 
-from support.broker import ClientProcess, temp_broker_dir
+from support.broker import ClientProcess, env_for, temp_broker_dir
 from support.cli import run_in_pty, sshpyk
 from support.pam_sshd import LoginUser, PamSSHD, oath_pam_service, throwaway_user, totp
 from support.sshd import ThrowawaySSHD, find_sshd
@@ -433,3 +434,72 @@ def test_three_processes_one_password_prompt_through_the_broker(pw, tmp_path, mo
     assert [r["status"] for r in reports] == [0, 0, 0], reports
     assert len({r["out"] for r in reports}) == 1, reports  # one TCP connection
     assert ask.prompts() == ["'pw-host' password: "]  # one prompt for all three
+
+
+#: a process that runs ``command`` through a session, reports, then runs it again (the
+#: session reconnects if it must) for each "again" on stdin
+AGAIN = r"""
+import asyncio, json, sys
+from sshpyk.ssh.session import Session
+
+async def main(alias, config, command):
+    session = await Session.connect(alias, ssh_config=config, connect_timeout=60)
+    loop = asyncio.get_running_loop()
+    while True:
+        result = await session.run(command)
+        print(json.dumps({"status": result.exit_status, "out": result.stdout}), flush=True)
+        if (await loop.run_in_executor(None, sys.stdin.readline)).strip() != "again":
+            break
+    await session.aclose()
+
+asyncio.run(main(*sys.argv[1:4]))
+"""
+
+
+@pytest.mark.slow
+def test_a_reconnect_asks_once_for_all_processes(pw, tmp_path, monkeypatch) -> None:
+    """Issue 22: three processes share the broker's connection to a password host; the
+    connection drops (its sshd session killed); each runs a command again: one new
+    login, so one more askpass call for the three."""
+    ask = Askpass(tmp_path, pw.user.password)
+    ask.use(monkeypatch)
+    with temp_broker_dir() as bdir:
+        env = env_for(bdir, 5.0)
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", AGAIN, "pw-host", str(pw.config), "echo $SSH_CONNECTION"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+                env=env,
+            )
+            for _ in range(3)
+        ]
+        try:
+            first = [json.loads(p.stdout.readline()) for p in procs]  # type: ignore[union-attr]
+            assert len({r["out"] for r in first}) == 1 and ask.prompts() == ["'pw-host' password: "]
+            killed = subprocess.run(
+                ["pkill", "-KILL", "-u", pw.user.name, "-f", "^sshd: "],
+                capture_output=True,
+                timeout=10,
+            )
+            assert killed.returncode == 0, killed
+            time.sleep(1.0)  # the broker sees the drop and lets its clients go
+            for p in procs:
+                p.stdin.write("again\n")  # type: ignore[union-attr]
+                p.stdin.flush()  # type: ignore[union-attr]
+            second = [json.loads(p.stdout.readline()) for p in procs]  # type: ignore[union-attr]
+            assert [r["status"] for r in second] == [0, 0, 0], second
+            assert len({r["out"] for r in second}) == 1  # one new connection for all
+            assert second[0]["out"] != first[0]["out"]
+            assert ask.prompts() == ["'pw-host' password: "] * 2  # one more, not three
+        finally:
+            for p in procs:
+                with contextlib.suppress(OSError):
+                    p.stdin.close()  # type: ignore[union-attr]
+                try:
+                    p.wait(20)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait(5)
+                p.stdout.close()  # type: ignore[union-attr]
