@@ -165,7 +165,7 @@ def test_sigkill_of_the_launcher_reaps_the_kernel_within_the_grace(
     """VS Code kills a kernel's launcher (-9): the connection broker, which outlives it,
     tells the agent, which stops the kernel after the short grace."""
     grace = 3.0
-    make_kernelspec("ssh_argv_kill", grace_period=grace)
+    make_kernelspec("ssh_argv_kill", grace_period=grace, link_grace=120.0)
     with temp_broker_dir() as bdir:
         raw = RawClient("ssh_argv_kill", tmp_path, env=env_for(bdir, 2.0))
         try:

@@ -89,6 +89,7 @@ def test_launchers_and_a_provisioner_share_one_login_and_one_agent(
         ssh_host_alias=own_sshd.alias,
         ssh_config=str(own_sshd.ssh_config),
         connection_persist=PERSIST,
+        link_grace=120.0,  # a failed run leaves nothing for long
     )
     before = logins(own_sshd.log_file)
     with temp_broker_dir() as bdir:
