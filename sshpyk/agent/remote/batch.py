@@ -1,12 +1,8 @@
 """What every batch scheduler's launcher shares, login host side: each kernel holds an
-allocation (a job of the scheduler, kept across the kernel's restarts:
-:class:`Allocation`, :func:`hold`, :func:`take_held`) and runs as a step in it whose
-stdio carries the JSON control lines; on the execution host the same modules run in
-node mode (node.py). A scheduler's module (one per scheduler) subclasses
-:class:`BatchKernel` with how it submits, starts a step, reads the queue and cancels.
-
-Sent on demand (a ``load`` request before the launcher's first request: a ``launch``,
-a ``probe``, ``ps``/``kill`` of a host with its kernels), with relay.py, node.py and
+allocation (a job, kept across the kernel's restarts: batchjobs.py) and runs as a step
+in it; on the execution host the same modules run in node mode (node.py). A
+scheduler's module subclasses :class:`BatchKernel`. Sent on demand (a ``load``
+request before the launcher's first request), with relay.py, node.py, batchjobs.py and
 the scheduler's module: agents that only run direct kernels never compile them.
 
 The step's stdio carries the JSON control lines: every module and the ``node`` request
@@ -14,10 +10,7 @@ The step's stdio carries the JSON control lines: every module and the ``node`` r
 and ``stop`` requests; the node's events come back on its stdout. The kernel on the
 node binds private sockets only (ipc in its 0700 run dir, or tcp on 127.0.0.1); its
 channels reach the login host over the authenticated node connection (relay.py), and
-here five unix sockets in the 0700 run dir: seen from the login host the kernel is an
-ipc kernel.
-
-A scheduler's error kinds: see batchjobs.py.
+here five unix sockets in the 0700 run dir: seen from here an ipc kernel.
 """
 
 import os
@@ -55,9 +48,9 @@ class BatchKernel(RelaySockets, Launcher):
 
     A subclass is one scheduler: :attr:`scheduler`, :meth:`submit` and
     :meth:`await_allocation` (the allocation), :attr:`step_program`,
-    :meth:`step_command` and :meth:`step_env` (a step in it), and the classmethods :meth:`command`,
-    :meth:`jobs`, :meth:`job_by_name`, :meth:`cancel`, :meth:`terminate_job`,
-    :meth:`probe` and :meth:`node_facts` (on the node).
+    :meth:`step_command` and :meth:`step_env` (a step in it), and the classmethods
+    :meth:`command`, :meth:`jobs`, :meth:`job_by_name`, :meth:`cancel`,
+    :meth:`terminate_job`, :meth:`probe` and :meth:`node_facts` (on the node).
 
     Signals never go to the step's client (a scheduler may act on them itself): an
     interrupt travels as a ``signal`` line over its stdin and the node side signals
@@ -75,6 +68,9 @@ class BatchKernel(RelaySockets, Launcher):
     status_command = ""
     #: the scheduler's command that starts a step in the allocation
     step_program = ""
+    #: the line the step's command prints before it reads its stdin, if the scheduler
+    #: loses stdin that comes before its task runs (then nothing is written before it)
+    step_greeting = None  # type: str | None
 
     def __init__(self, agent, request):
         Launcher.__init__(self, agent, request)
@@ -93,6 +89,7 @@ class BatchKernel(RelaySockets, Launcher):
         self.node_error = None
         self.finished = threading.Event()
         self.stdout_done = threading.Event()
+        self.stdout_greeted = threading.Event()
         self.stdin_queue = queue.Queue()
         #: the node connection (a relayio.Relay), once up (relay.py)
         self.mux = None
@@ -169,10 +166,7 @@ class BatchKernel(RelaySockets, Launcher):
     @classmethod
     def program(cls, name):
         """The path of the scheduler's command ``name``; AgentError if missing."""
-        path = shutil.which(name)
-        if path is None:
-            cls.command([name])  # raises the clear "not found" error
-        return path
+        return shutil.which(name) or cls.command([name])[1]  # command raises "missing"
 
     # -- the agent's contract ----------------------------------------------------------------
     def state(self):
@@ -183,8 +177,7 @@ class BatchKernel(RelaySockets, Launcher):
         return state
 
     def connection_info(self):
-        """The kernel as seen from here: an ipc kernel on the relay sockets (the node's
-        own connection file stays on the node); the key is the launch request's."""
+        """An ipc kernel on the relay sockets, with the launch request's key."""
         request = self.request
         if self.running_since is None:
             raise AgentError(Kind.NOT_FOUND, "kernel %s has not started yet" % self.kid)
@@ -195,8 +188,7 @@ class BatchKernel(RelaySockets, Launcher):
             "signature_scheme": request.get("signature_scheme", "hmac-sha256"),
             "kernel_name": request["kernel_name"],
         }
-        for n, channel in enumerate(CHANNELS, start=1):
-            info[channel + "_port"] = n
+        info.update((channel + "_port", n) for n, channel in enumerate(CHANNELS, start=1))
         return info
 
     def launch(self):
@@ -290,6 +282,8 @@ class BatchKernel(RelaySockets, Launcher):
                 granted = self.await_allocation(log)
         except (OSError, ValueError):
             pass
+        except Exception as exc:  # a bug: said, rather than a start that hangs
+            self.node_error = (Kind.INTERNAL, "waiting for the job failed: %r" % exc)
         if granted:
             with self._cleanup_lock:
                 if not (self.cleaned or self.finished.is_set()):
@@ -298,11 +292,12 @@ class BatchKernel(RelaySockets, Launcher):
                         return
                     except AgentError as exc:
                         self.node_error = (exc.kind, exc.message)
-            allocation.release()
-            code = -1
-        else:  # no allocation (revoked, rejected, cancelled)
-            code = allocation.proc.wait()
-        self.agent.events.put(("exit", (self.kid, code)))
+                    except Exception as exc:
+                        self.node_error = (Kind.INTERNAL, "starting the step failed: %r" % exc)
+        # no allocation (revoked, rejected, cancelled) or no step: the holder ends
+        allocation.release()
+        code = allocation.proc.poll()
+        self.agent.events.put(("exit", (self.kid, -1 if code is None else code)))
 
     def _start_step(self):
         """The kernel's job step in the allocation, its stdio the JSON control lines."""
@@ -325,6 +320,8 @@ class BatchKernel(RelaySockets, Launcher):
             raise AgentError(
                 Kind.LAUNCH_FAILED, "cannot start %s: %s" % (command[0], exc)
             ) from None
+        if self.step_greeting is None:
+            self.stdout_greeted.set()
         # every module (the node runs them too), then the node request (with the key)
         self.stdin_queue.put(encode_bundle(own_sources(__package__)) + encode(self.node_request))
         for target in (self._write_stdin, self._read_stdout, self._read_stderr, self._wait):
@@ -346,6 +343,7 @@ class BatchKernel(RelaySockets, Launcher):
 
     def _write_stdin(self):
         stdin = self.step.stdin
+        self.stdout_greeted.wait()  # set at once, or by the greeting (or stdout's end)
         while True:
             data = self.stdin_queue.get()
             if data is None:
@@ -361,10 +359,14 @@ class BatchKernel(RelaySockets, Launcher):
             pass
 
     def _read_stdout(self):
-        """The node's JSON events, until the step's stdout ends."""
+        """The greeting (if any), then the node's JSON events, until stdout ends."""
         try:
+            if self.step_greeting is not None:
+                self.step.stdout.readline()  # the task runs: its stdin reaches it now
+                self.stdout_greeted.set()
             read_messages(self.step.stdout, self._on_json)
         finally:
+            self.stdout_greeted.set()
             self.stdout_done.set()
 
     def _read_stderr(self):

@@ -78,6 +78,8 @@ class Allocation:
         self.proc = proc
         self.scheduler = scheduler
         self.job_id = None
+        #: the host its resources are on, once known (a scheduler that needs it)
+        self.node = None
         self.timer = None
         self.released = False
 
