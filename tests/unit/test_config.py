@@ -45,6 +45,10 @@ NON_DEFAULT: dict[str, Any] = {
     "prestart": 2,
     "persistent": True,
     "launcher": "slurm",
+    "sge_args": "-pe smp 4 -q gpu.q",
+    "sge_queue_timeout": 40.0,
+    "sge_walltime_warning": 60.0,
+    "sge_status_interval": 6.0,
     "slurm_args": "--partition=gpu --time=04:00:00",
     "slurm_queue_timeout": 30.0,
     "slurm_walltime_warning": 0.0,
@@ -221,7 +225,7 @@ def test_edit_clears_and_refuses_empty() -> None:
         ({"transport": "udp"}, "transport must be one of auto, ipc, tcp"),
         ({"interrupt_mode": "poke"}, "interrupt mode must be one of signal, message"),
         ({"local_transport": "udp"}, "local transport must be one of ipc, tcp"),
-        ({"launcher": "pbs"}, "launcher must be one of direct, slurm"),
+        ({"launcher": "pbs"}, "launcher must be one of direct, sge, slurm"),
         ({"start_timeout": 0.0}, "start timeout must be a positive number of seconds"),
         ({"grace_period": -1.0}, "grace period must be a positive number of seconds"),
         ({"slurm_queue_timeout": 0.0}, "SLURM queue timeout must be a positive"),
@@ -337,6 +341,9 @@ def test_add_defaults_are_the_model_defaults() -> None:
         "outage_buffer": 64.0,
         "prestart": 0,
         "launcher": "direct",
+        "sge_queue_timeout": 600.0,
+        "sge_walltime_warning": 300.0,
+        "sge_status_interval": 30.0,
         "slurm_queue_timeout": 600.0,
         "slurm_walltime_warning": 300.0,
         "slurm_status_interval": 30.0,
@@ -352,11 +359,11 @@ def test_kernel_options_are_the_kernel_fields_of_the_model(every: SSHKernelSpec)
     assert own | set(defaults.launcher_options) == set(kernel_names)
     assert not own & set(defaults.launcher_options)  # the launchers' own options
     for name, f in kernel_names.items():
-        expected = [] if name == "slurm_args" else f.default
+        expected = [] if name in ("sge_args", "slurm_args") else f.default
         assert getattr(defaults, name) == expected, name
     options = KernelOptions.from_config(every)
     for name, f in kernel_names.items():
-        if name != "slurm_args":
+        if name not in ("sge_args", "slurm_args"):
             assert getattr(options, name) == getattr(every, f.name), name
 
 

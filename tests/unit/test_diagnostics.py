@@ -324,10 +324,12 @@ def test_list_json_reports_each_launcher_check_under_its_field() -> None:
         "ssh_host_alias",
         "remote_python",
         "remote_kernel_name",
+        "sge_args",
         "slurm_args",
         "remote",
         "error",
         "seconds",
     ]
     assert (slurm["slurm_args"], direct["slurm_args"]) == ("ok", "skip")
+    assert (slurm["sge_args"], direct["sge_args"]) == ("skip", "skip")
     assert list(direct) == list(slurm)
