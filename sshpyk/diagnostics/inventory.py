@@ -345,7 +345,8 @@ def ports_cell(kernel: dict[str, Any]) -> str:
 def ps_table(hosts: Iterable[HostKernels]) -> list[list[str]]:
     """Rows (header first) for the kernels of ``hosts``; each launcher among them with
     columns of its own adds them (``Launcher.ps_columns``; a batch launcher's: JOB
-    ID, NODE, JOB STATE with the reason while pending), "-" for the other launchers' kernels."""
+    ID, NODE, JOB STATE with the reason while pending), "-" for the other launchers'
+    kernels. Launchers with the same columns (every batch scheduler) share them."""
     hosts = list(hosts)
     rows = [
         [
@@ -364,8 +365,11 @@ def ps_table(hosts: Iterable[HostKernels]) -> list[list[str]]:
     shown = [
         launcher for launcher in LAUNCHERS.values() if launcher.ps_columns and launcher in present
     ]
+    groups: list[tuple[str, ...]] = []
     for launcher in shown:
-        rows[0] += launcher.ps_columns
+        if launcher.ps_columns not in groups:
+            groups.append(launcher.ps_columns)
+            rows[0] += launcher.ps_columns
     now = time.time()
     for host in hosts:
         for k in host.kernels:
@@ -386,11 +390,12 @@ def ps_table(hosts: Iterable[HostKernels]) -> list[list[str]]:
                     ports_cell(k),
                 ]
             )
-            for launcher in shown:
-                if find_launcher(k.get("launcher")) is launcher:
-                    rows[-1] += launcher.ps_cells(k)
+            own = find_launcher(k.get("launcher"))
+            for columns in groups:
+                if own is not None and own in shown and own.ps_columns == columns:
+                    rows[-1] += own.ps_cells(k)
                 else:
-                    rows[-1] += ["-"] * len(launcher.ps_columns)
+                    rows[-1] += ["-"] * len(columns)
     return rows
 
 

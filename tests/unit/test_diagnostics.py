@@ -257,16 +257,19 @@ def test_ps_table_columns_come_from_the_launchers(sched: Any) -> None:
                 _kernel("b", "direct"),
                 _kernel("c", "slurm", job_id="7", node="n1", slurm_state="RUNNING"),
                 _kernel("d", "newer"),
+                _kernel("e", "sge", job_id="9", node="n2", sge_state="PENDING", sge_reason="hqw"),
             ],
         )
     ]
     header, *rows = ps_table(hosts)
-    assert header[9:] == ["JOB ID", "NODE", "JOB STATE", "QUEUE"]  # registry order
+    # registry order; the batch launchers share their columns
+    assert header[9:] == ["JOB ID", "NODE", "JOB STATE", "QUEUE"]
     assert [row[9:] for row in rows] == [
         ["-", "-", "-", "batch"],
         ["-", "-", "-", "-"],
         ["7", "n1", "RUNNING", "-"],
         ["-", "-", "-", "-"],
+        ["9", "n2", "PENDING (hqw)", "-"],
     ]
     assert ps_table([HostKernels("h", [_kernel("b", "direct")])])[0][-1] == "PORTS"
 

@@ -176,6 +176,34 @@ def test_the_slurm_diagnostics_hooks() -> None:
     assert lines["SLURM Jobs"] == "job 7 RUNNING on n1 (kernel abc)"
 
 
+def test_the_sge_diagnostics_hooks() -> None:
+    """The second scheduler: its own words on the shared batch hooks."""
+    sge = LAUNCHERS["sge"]
+    spec = SSHKernelSpec(name="k", ssh_host_alias="h", launcher="sge", sge_args="-pe smp 1")
+    assert sge.command_tail(spec) == " -> qsub -pe smp 1 + qrsh -inherit python3 <sshpyk node>"
+    assert sge.check_stage == ("sge", "Grid Engine (login node)")
+    assert sge.check_field == "sge_args" and sge.request_fields() == (
+        "sge_args", "sge_queue_timeout", "sge_walltime_warning", "sge_status_interval",
+    )  # fmt: skip
+    running = {"job_id": "3", "node": "n1", "sge_state": "RUNNING", "time_left": 125}
+    assert sge.ps_cells(running) == ["3", "n1", "RUNNING (2m05s left)"]
+    info = {"version": "SGE 8.1.9", "qsub": "/usr/bin/qsub", "test": "verification: ok",
+            "queues": [{"queue": "all.q", "available": "3", "total": "4"}]}  # fmt: skip
+    assert sge.host_summary(info) == (
+        "SGE 8.1.9, qsub at /usr/bin/qsub; queues: all.q 3/4 free; verification: ok"
+    )
+    lines = dict(sge.listing_lines(spec, {"sge": info}, str))
+    assert lines["Grid Engine Args"] == "-pe smp 1"
+    assert lines["Grid Engine"] == "SGE 8.1.9; queues: all.q 3/4 free"
+    change = "`sshpyk edit k {}`".format
+    fix = sge.fix(errors.SchedulerArgsError("x"), change, "h")
+    assert fix == 'fix the job options: `sshpyk edit k --sge-args "-pe smp 1 -q ..."`'
+    fix = sge.fix(errors.QueueTimeoutError("x"), change, "h")
+    assert fix is not None and "--sge-queue-timeout 3600" in fix and "qstat -g c" in fix
+    assert sge.fix(errors.RemoteError("x"), change, "h") is None  # the class decides
+    assert error_class("sge_args") is errors.SchedulerArgsError
+
+
 # -- error kinds ----------------------------------------------------------------------
 def test_every_error_kind_has_a_class() -> None:
     own = {kind for launcher in LAUNCHERS.values() for kind in launcher.error_kinds}
