@@ -70,6 +70,10 @@ EDITS: list[tuple[str, list[str], str, Any]] = [
     ("--slurm-queue-timeout", ["--slurm-queue-timeout", "30"], "slurm_queue_timeout", 30.0),
     ("--slurm-walltime-warning", ["--slurm-walltime-warning", "0"], "slurm_walltime_warning", 0.0),
     ("--slurm-status-interval", ["--slurm-status-interval", "5"], "slurm_status_interval", 5.0),
+    ("--sge-args", ["--sge-args", "-pe smp 4 -q gpu.q"], "sge_args", "-pe smp 4 -q gpu.q"),
+    ("--sge-queue-timeout", ["--sge-queue-timeout", "30"], "sge_queue_timeout", 30.0),
+    ("--sge-walltime-warning", ["--sge-walltime-warning", "0"], "sge_walltime_warning", 0.0),
+    ("--sge-status-interval", ["--sge-status-interval", "5"], "sge_status_interval", 5.0),
     ("--local-transport", ["--local-transport", "tcp"], "local_transport", "tcp"),
     (
         "--forward",
