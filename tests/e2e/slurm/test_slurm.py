@@ -591,9 +591,7 @@ def test_lost_client_leaves_no_job(slurm: ThrowawaySlurm, slurm_spec: Any, run_r
     ``grace - heartbeat`` after the SIGKILL, never earlier."""
     grace = 3.0
     heartbeat = max(0.5, min(5.0, grace / 4))  # sshpyk.remote's interval for this grace
-    # its own connection (the suite runs without the broker): to the remote the SIGKILL
-    # looks like a reset, so the link grace applies (issue 22): set to the same
-    slurm_spec("ssh_slurm_owner", grace_period=grace, link_grace=grace)
+    slurm_spec("ssh_slurm_owner", grace_period=grace)
     with temp_broker_dir() as bdir:
         lost_client_leaves_no_job(slurm, run_root, env_for(bdir, 2.0), grace, heartbeat)
 
