@@ -15,10 +15,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
+from sshpyk.localfs import BROKER_DIR_ENV
+
 from support.broker import broker_pid, stop_broker
 from support.sshd import ThrowawaySSHD
-
-from sshpyk.localfs import BROKER_DIR_ENV
 
 
 def step(label: str, seconds: float) -> None:
