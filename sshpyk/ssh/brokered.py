@@ -52,10 +52,8 @@ from ..errors import (
     UnsafePathError,
 )
 from ..localfs import (
-    BROKER_DIR_ENV,
     broker_dir,
     check_own_socket,
-    check_private_dir,
     open_private_file,
     peer_credentials,
     read_private_json,
@@ -282,11 +280,9 @@ def broker_paths() -> BrokerPaths:
 
 def broker_status() -> dict[str, Any] | None:
     """The live broker's status (pid, started, its connections and their clients), or
-    None when no broker runs or its directory is not there. Never starts one."""
-    override = os.environ.get(BROKER_DIR_ENV)
-    path = Path(override) if override else None
+    None when no broker runs (or its directory is unsafe). Never starts one."""
     try:
-        paths = BrokerPaths(check_private_dir(path)) if path else broker_paths()
+        paths = broker_paths()
         if lock_is_free(paths.lock):
             return None
         status = read_private_json(paths.status)
