@@ -22,7 +22,6 @@ Answers live in memory only, for the time of the login; none is logged or writte
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -155,7 +154,3 @@ class RelayedLoginClient(asyncssh.SSHClient):
             log.info("[%s] answered the login's question on the %s", self.alias, channel)
             answers.append(answer)
         return answers
-
-    def auth_completed(self) -> None:
-        with contextlib.suppress(Exception):
-            self.failure = None

@@ -305,8 +305,7 @@ class Agent:
             self.attach(value)
         elif kind == "eof":
             # a local side left or its link dropped: a reattach may follow (its grace)
-            if value in self.controllers and value.heard:
-                self.owners.left(value)
+            self.owners.left(value)  # nothing for a controller that never claimed
             if self.workers:
                 self.closing.append(value)
             else:
