@@ -8,8 +8,10 @@ from collections.abc import Callable
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from ..config import ConfigField, config_field, config_fields
+from ..diagnostics.discover import DISCOVER_TIMEOUT
 from ..errors import SSHPykError
 from ..kernels.kernel import KernelOptions
 from ..kernels.launcher import launcher_for
@@ -25,8 +27,24 @@ from ..kernelspec import (
     write_spec,
 )
 from .common import complete_aliases, complete_kernels, run
+from .discover import FOUND_FIELDS, add_discovered, discover_options, find_on_host
 
 __all__ = ["add", "delete", "edit"]
+
+
+class _NeededOption(click.Option):
+    """A required option of ``add``, but with ``--discover`` (which finds its value).
+    Click processes the options given before those left out, so ``--discover`` is
+    known when a left-out one is checked."""
+
+    @property  # type: ignore[override]
+    def required(self) -> bool:
+        ctx = click.get_current_context(silent=True)
+        return self._required and not (ctx is not None and ctx.params.get("discover"))
+
+    @required.setter
+    def required(self, value: bool) -> None:
+        self._required = value
 
 
 def _config_option(f: ConfigField, edit: bool) -> Callable[[Callable[..., Any]], Any]:
@@ -55,7 +73,7 @@ def _config_option(f: ConfigField, edit: bool) -> Callable[[Callable[..., Any]],
         elif opt.path and not edit:
             kw["type"] = click.Path(dir_okay=False)
         if not edit and opt.required and not f.default:
-            kw["required"] = True
+            kw.update(required=True, cls=_NeededOption)
         elif not edit and not opt.from_remote and f.default not in (None, ""):
             kw.update(default=f.default, show_default=True)
     if f.name == "ssh_host_alias":
@@ -149,13 +167,59 @@ def _inspect_spec(spec: SSHKernelSpec) -> dict[str, Any]:
 
 @click.command()
 @_spec_options(edit=False)
-def add(**opts: Any) -> None:
-    """Add a new SSH kernel.
+@click.option(
+    "--discover",
+    metavar="HOST",
+    shell_complete=complete_aliases,
+    help="Find the Pythons with jupyter_client on HOST and their kernelspecs (conda,"
+    " mamba and micromamba envs, virtualenvs, pyenv, the PATH's python3) and show them;"
+    " with --all or --select, add kernels for them. The other options apply to every"
+    " kernel added; --remote-python is the python that looks.",
+)
+@click.option("--all", "add_all", is_flag=True, help="With --discover: add every kernel found.")
+@click.option(
+    "--select",
+    is_flag=False,
+    flag_value="",
+    default=None,
+    metavar="NUMBERS",
+    help="With --discover: add the kernels of these numbers of the table (e.g. 1,3-4);"
+    " alone, it asks.",
+)
+@discover_options
+@click.option("--json", "as_json", is_flag=True, help="With --discover: the result as JSON.")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=DISCOVER_TIMEOUT,
+    help=f"With --discover: seconds the host has to look, then what it found so far"
+    f" (default {DISCOVER_TIMEOUT:g}).",
+)
+@click.pass_context
+def add(
+    ctx: click.Context,
+    discover: str | None,
+    add_all: bool,
+    select: str | None,
+    search: tuple[str, ...],
+    search_only: bool,
+    as_json: bool,
+    timeout: float,
+    **opts: Any,
+) -> None:
+    """Add a new SSH kernel, or those of a host's environments (--discover HOST).
 
     Connects to the host to check the remote python and kernelspec (and, with
     a batch launcher, that its scheduler accepts the job arguments) unless --no-check, and writes
     kernel.json into your Jupyter data dir.
     """
+    if discover is not None:
+        _add_discovered(ctx, discover, add_all, select, search, search_only, as_json, timeout, opts)
+        return
+    if add_all or select is not None or search or search_only or as_json:
+        raise click.UsageError(
+            "--all, --select, --search, --search-only and --json need --discover HOST"
+        )
     given: dict[str, Any] = {
         f.name: _given(f, opts[f.name])
         for f in config_fields()
@@ -172,6 +236,44 @@ def add(**opts: Any) -> None:
                 setattr(spec, f.name, remote[f.name])
     path = write_spec(spec, replace=opts["replace"])
     click.echo(f"Added kernel {spec.name!r} ({spec.display_name or spec.name}) in {path}")
+
+
+def _add_discovered(
+    ctx: click.Context,
+    alias: str,
+    add_all: bool,
+    select: str | None,
+    search: tuple[str, ...],
+    search_only: bool,
+    as_json: bool,
+    timeout: float,
+    opts: dict[str, Any],
+) -> None:
+    """``add --discover``: what the host offers; with --all/--select, added."""
+    clash = [
+        f.flag
+        for f in config_fields()
+        if f.name in FOUND_FIELDS
+        and f.name != "remote_python"
+        and ctx.get_parameter_source(f.name) is ParameterSource.COMMANDLINE
+    ]
+    if clash:
+        raise click.UsageError(f"{', '.join(clash)}: not with --discover (found on the host)")
+    base = {
+        f.name: _given(f, opts[f.name])
+        for f in config_fields()
+        if f.name not in FOUND_FIELDS and opts[f.name] not in (None, ())
+    }
+    discovery = find_on_host(
+        alias,
+        ssh_config=opts["ssh_config"],
+        python=opts["remote_python"],
+        pre_command=opts["pre_command"],
+        search=search,
+        search_only=search_only,
+        timeout=timeout,
+    )
+    add_discovered(discovery, select=select, add_all=add_all, base=base, as_json=as_json)
 
 
 @click.command()

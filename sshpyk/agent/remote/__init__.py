@@ -4,7 +4,7 @@ installed on the remote host as the package ``sshpyk_agent`` (see loader.py and
 
 Modules, in dependency order: sshpyk.agent.bundle.CORE_MODULES (loader, protocol,
 jsonlines, procgroup, paths, kernelspecs, resume, relayio, links, launcher (the
-launcher contract), direct, records, spares, workers, agent, main); on demand, a
-launcher's ``remote_modules`` (sshpyk.kernels.launcher): for a batch scheduler relay,
-node, batch, then the scheduler's own.
+launcher contract), direct, records, spares, ports, workers, discover, owners, agent,
+main); on demand, a launcher's ``remote_modules`` (sshpyk.kernels.launcher): for a
+batch scheduler relay, node, batch, then the scheduler's own.
 """
