@@ -114,4 +114,4 @@ async def _attach(
         run_root=run_root,
         local_transport=local_transport,
     )
-    return await RemoteKernel.attach(session, full_id, options)
+    return await RemoteKernel.attach(session, full_id, options, client="attach")

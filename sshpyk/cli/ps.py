@@ -50,7 +50,12 @@ def ps(
     """List the kernels sshpyk started on hosts (default: every host of an SSH kernel).
 
     LOCAL OWNER is "alive" while the local process that started the kernel is still
-    heard from, "gone" for orphans (see `sshpyk kill --orphans`). PORTS: the web ports
+    heard from, "gone" for orphans (see `sshpyk kill --orphans`). What each kernel
+    costs, its whole process tree on the host: CPU (100% = one core, over the last
+    second or since the previous ps), MEM (resident, the sum of its processes'), GPU
+    (per GPU it holds memory on: index:memory and that GPU's utilisation; "-" without
+    nvidia-smi). IDLE: since the last execute request or output. CLIENT: what started
+    or attached it (provisioner, argv, attach, api). PORTS: the web ports
     forwarded to this machine, remote -> local (see `sshpyk ports`). Kernels started
     with a batch launcher add JOB ID, NODE and JOB STATE (from the scheduler; PID is
     the job step's). The last line is your connection broker (see README's
@@ -61,14 +66,18 @@ def ps(
             targets(aliases, ssh_config, remote_python, run_root),
             timeout=timeout,
             all_users=all_users,
+            usage=True,
         )
     )
     broker = broker_status()
     if as_json:
+        for host in hosts:
+            for kernel in host.kernels:
+                kernel["forwarded"] = forwarded(kernel)
         data = {"hosts": [h.as_dict() for h in hosts], "broker": broker}
         click.echo(json.dumps(data, indent=2))
     else:
-        rows = ps_table(hosts)
+        rows = ps_table(hosts, usage=True)
         if len(rows) > 1:
             print_table(rows)
         for host in hosts:

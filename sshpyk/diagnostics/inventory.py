@@ -34,12 +34,14 @@ __all__ = [
     "HostKernels",
     "HostTarget",
     "age",
+    "duration",
     "host_targets",
     "kill_failed",
     "kill_kernels",
     "kill_orphans",
     "ps_hosts",
     "ps_table",
+    "size",
 ]
 
 
@@ -185,43 +187,50 @@ async def _prepare(
 
 
 async def _ps(
-    agent: RemoteAgent, target: HostTarget, all_users: bool = False
+    agent: RemoteAgent, target: HostTarget, all_users: bool = False, usage: bool = False
 ) -> list[dict[str, Any]]:
     """Every kernel under the target's run roots, with every launcher named by its
-    kernelspecs or its kernels prepared on the agent."""
+    kernelspecs or its kernels prepared on the agent; ``usage``: with what each costs."""
     seen: dict[str, dict[str, Any]] = {}
     prepared: set[str] = set()
     await _prepare(agent, target.launchers, prepared)
     for root in target.run_roots:
-        kernels = await agent.ps(run_root=root, all_users=all_users)
+        kernels = await agent.ps(run_root=root, all_users=all_users, usage=usage)
         new = await _prepare(agent, (k.get("launcher") for k in kernels), prepared)
         if any(launcher.ps_columns for launcher in new):
             # kernels of a launcher no kernelspec here names: ask again, now that the
             # agent can fill in that launcher's columns (a scheduler's job state)
-            kernels = await agent.ps(run_root=root, all_users=all_users)
+            kernels = await agent.ps(run_root=root, all_users=all_users, usage=usage)
         for kernel in kernels:
             seen.setdefault(str(kernel.get("run_dir")), kernel)
     return sorted(seen.values(), key=lambda k: (k.get("started") or 0, str(k.get("kernel_id"))))
 
 
-async def _ps_host(target: HostTarget, timeout: float, all_users: bool) -> HostKernels:
+async def _ps_host(
+    target: HostTarget, timeout: float, all_users: bool, usage: bool = False
+) -> HostKernels:
     result = HostKernels(target.alias)
     try:
-        result.kernels = await _on_host(target, timeout, lambda a: _ps(a, target, all_users))
+        result.kernels = await _on_host(target, timeout, lambda a: _ps(a, target, all_users, usage))
     except SSHPykError as exc:
         result.error = str(exc)
     return result
 
 
 async def ps_hosts(
-    targets: Iterable[HostTarget], *, timeout: float = 30.0, all_users: bool = False
+    targets: Iterable[HostTarget],
+    *,
+    timeout: float = 30.0,
+    all_users: bool = False,
+    usage: bool = False,
 ) -> list[HostKernels]:
     """Every host's sshpyk kernels, hosts asked concurrently; errors are per host.
 
     Each host answers within ``timeout`` seconds (plus CLOSE_GRACE to hang up) or
     gets an error. ``all_users`` (the remote user must be root) lists every user's
-    kernels, not only the remote user's own."""
-    return list(await asyncio.gather(*(_ps_host(t, timeout, all_users) for t in targets)))
+    kernels, not only the remote user's own. ``usage``: with what each kernel costs
+    (cpu_percent, rss_bytes, gpu: see the agent's usage.py; about a second longer)."""
+    return list(await asyncio.gather(*(_ps_host(t, timeout, all_users, usage) for t in targets)))
 
 
 async def kill_kernels(
@@ -342,11 +351,63 @@ def ports_cell(kernel: dict[str, Any]) -> str:
     return ", ".join(cells) or "-"
 
 
-def ps_table(hosts: Iterable[HostKernels]) -> list[list[str]]:
-    """Rows (header first) for the kernels of ``hosts``; each launcher among them with
-    columns of its own adds them (``Launcher.ps_columns``; a batch launcher's: JOB
-    ID, NODE, JOB STATE with the reason while pending), "-" for the other launchers'
-    kernels. Launchers with the same columns (every batch scheduler) share them."""
+def duration(seconds: float | None) -> str:
+    """``3s``, ``4m``, ``2h``, ``5d`` (``-`` for None)."""
+    if seconds is None:
+        return "-"
+    seconds = max(0.0, float(seconds))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{int(seconds)}s"
+
+
+def size(nbytes: float | None) -> str:
+    """``512KiB``, ``231MiB``, ``3.8GiB`` (``-`` for None)."""
+    if nbytes is None:
+        return "-"
+    for unit, scale in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20)):
+        if nbytes >= scale:
+            value = nbytes / scale
+            return f"{value:.1f}{unit}" if value < 10 else f"{value:.0f}{unit}"
+    return f"{nbytes / 1024:.0f}KiB"
+
+
+def gpu_cell(gpus: list[dict[str, Any]] | None) -> str:
+    """``0:3.8GiB 27%`` per GPU the kernel holds memory on (index: its memory, the GPU's
+    utilisation); ``0`` for none; ``-`` where the host has no nvidia-smi."""
+    if gpus is None:
+        return "-"
+    cells = []
+    for gpu in gpus:
+        util = gpu.get("utilization_percent")
+        load = f" {util:.0f}%" if isinstance(util, (int, float)) else ""
+        cells.append(f"{gpu.get('index', '?')}:{size(gpu.get('used_memory_bytes'))}{load}")
+    return ", ".join(cells) or "0"
+
+
+def usage_cells(kernel: dict[str, Any]) -> list[str]:
+    """CPU, MEM, GPU, IDLE and CLIENT of a kernel's ``ps`` record."""
+    cpu = kernel.get("cpu_percent")
+    return [
+        f"{cpu:.0f}%" if isinstance(cpu, (int, float)) else "-",
+        size(kernel.get("rss_bytes")),
+        gpu_cell(kernel.get("gpu")),
+        duration(kernel.get("idle_s")),
+        str(kernel.get("client") or "-"),
+    ]
+
+
+#: the columns of :func:`usage_cells`
+USAGE_COLUMNS = ["CPU", "MEM", "GPU", "IDLE", "CLIENT"]
+
+
+def ps_table(hosts: Iterable[HostKernels], usage: bool = False) -> list[list[str]]:
+    """Rows (header first) for the kernels of ``hosts``; ``usage``: with what each
+    costs (:data:`USAGE_COLUMNS`); each launcher among them with columns of its own
+    adds them (``Launcher.ps_columns``; a batch launcher's: JOB ID, NODE, JOB STATE
+    with the reason while pending), "-" for the other launchers' kernels. Launchers
+    with the same columns (every batch scheduler) share them."""
     hosts = list(hosts)
     rows = [
         [
@@ -358,6 +419,7 @@ def ps_table(hosts: Iterable[HostKernels]) -> list[list[str]]:
             "LAST CONTACT",
             "LOCAL OWNER",
             "STATE",
+            *(USAGE_COLUMNS if usage else []),
             "PORTS",
         ]
     ]
@@ -387,6 +449,7 @@ def ps_table(hosts: Iterable[HostKernels]) -> list[list[str]]:
                     age(k.get("last_contact"), now),
                     owner,
                     "running" if k.get("alive") else "dead",
+                    *(usage_cells(k) if usage else []),
                     ports_cell(k),
                 ]
             )

@@ -215,7 +215,9 @@ class _PsAgent:
         self.loaded: list[str] = []
         self.asked: list[list[str]] = []
 
-    async def ps(self, run_root: Any = None, *, all_users: bool = False) -> list[dict[str, Any]]:
+    async def ps(
+        self, run_root: Any = None, *, all_users: bool = False, usage: bool = False
+    ) -> list[dict[str, Any]]:
         self.asked.append(list(self.loaded))
         ready = set(self.loaded)
         return [

@@ -149,6 +149,7 @@ class DirectKernel(Launcher):
     name = "direct"
     holds_spares = True
     scans_ports = True
+    runs_here = True
 
     def __init__(self, agent, request):
         Launcher.__init__(self, agent, request)

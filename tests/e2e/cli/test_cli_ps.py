@@ -49,16 +49,19 @@ def test_ps_shows_a_kernel_and_its_live_owner(sshd, run_root, owner) -> None:
     assert result.exit_code == 0, result.output
     header, *rows, broker = result.stdout.splitlines()
     assert header.split() == (
-        "HOST KERNEL ID NAME PID STARTED LAST CONTACT LOCAL OWNER STATE PORTS".split()
+        "HOST KERNEL ID NAME PID STARTED LAST CONTACT LOCAL OWNER STATE "
+        "CPU MEM GPU IDLE CLIENT PORTS".split()
     )
     assert broker == NO_BROKER  # the suite's processes connect by themselves
     (row,) = rows
     assert row.split()[:4] == [sshd.alias, owner.kernel_id, "python3", str(owner.pid)]
-    assert row.split()[-3:] == ["alive", "running", "-"]  # no web ports
+    assert row.split()[-2:] == ["api", "-"]  # started with the API; no web ports
+    assert "alive" in row.split() and "running" in row.split()
     assert "s ago" in row
     (kernel,) = ps_json(sshd, run_root)
     assert kernel["kernel_id"] == owner.kernel_id and kernel["pid"] == owner.pid
     assert kernel["attached"] is True and kernel["alive"] is True
+    assert kernel["client"] == "api" and kernel["forwarded"] == []
     assert kernel["run_dir"].startswith(str(run_root))
     assert abs(kernel["started"] - time.time()) < 120
     assert time.time() - kernel["last_contact"] < 30
