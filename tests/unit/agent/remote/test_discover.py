@@ -78,7 +78,7 @@ def test_finds_both_venvs_and_the_conda_env(found: dict[str, Any], envs: Envs) -
     for env in (envs.venv_a, envs.venv_b, envs.conda_env):
         python = pythons[real(env)]
         assert python["jupyter_client"] and python["ipykernel"] and python["error"] is None
-        assert python["version"] == "%d.%d.%d" % sys.version_info[:3]
+        assert python["version"] == ".".join(map(str, sys.version_info[:3]))
     assert found["warnings"] == [] and found["wall"] < discover.DISCOVER_TIMEOUT
 
 
