@@ -296,6 +296,18 @@ class KernelConfig:
         kernel="persistent",
         request=True,
     )
+    idle_timeout: float = _option(
+        0.0,
+        help="Seconds a kernel may be idle (no execute request, no output, not busy) before"
+        " the remote agent shuts it down, persistent kernels too; Jupyter then sees it"
+        " dead (not restarted), the argv launcher exits with code 3. 0: never.",
+        label="idle timeout",
+        minimum=0.0,
+        unit="s",
+        omit_default=True,
+        kernel="idle_timeout",
+        request=True,
+    )
     launcher: str = _option(
         "direct",
         # the launchers' own words follow (ConfigField.help), choices: every launcher

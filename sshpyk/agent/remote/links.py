@@ -8,6 +8,10 @@ by its HELLO's token), which outlives its links: the kernel-side connections sta
 and the kernel's output waits in the session's queues until the next link resumes it.
 A session with no link for ``link_grace`` seconds is closed (a timer, no polling).
 
+What passes is shown to the kernel's :class:`idle.Activity` (shell from the local side,
+iopub from the kernel), which reads message headers only (``ps``'s idle time, the idle
+timeout).
+
 All of it runs on the process's one event loop (relayio.io_loop): no thread per
 kernel, link or stream. :meth:`LinkServer.close` may be called from any other thread.
 """
@@ -34,6 +38,32 @@ class Session(Relay):
         self.server = server
         self.token = token
         self.expiry = None  # the link grace timer while no link is attached
+        self.inbound = {}  # sid -> idle.Sniffer of what the local side sends (shell)
+        self.outbound = {}  # sid -> idle.Sniffer of what the kernel sends (iopub)
+
+    def act(self, actions):
+        for action in actions:
+            if action[0] == "data":
+                sniffer = self.inbound.get(action[1])
+                if sniffer is not None:
+                    sniffer.feed(action[2])
+            elif action[0] == "open" and self.server.activity is not None:
+                sniffer = self.server.activity.sniffer(action[2])
+                if sniffer is not None:
+                    side = self.inbound if action[2] == "shell" else self.outbound
+                    side[action[1]] = sniffer
+        Relay.act(self, actions)
+
+    def from_socket(self, sid, data):
+        sniffer = self.outbound.get(sid)
+        if sniffer is not None:
+            sniffer.feed(data)
+        Relay.from_socket(self, sid, data)
+
+    def socket_gone(self, sid):
+        self.inbound.pop(sid, None)
+        self.outbound.pop(sid, None)
+        Relay.socket_gone(self, sid)
 
     def resume_on(self, link, hello, frames):
         """A new link (its HELLO read) replaces the current one: WELCOME strictly
@@ -61,10 +91,12 @@ class Session(Relay):
 
 class LinkServer:
     """The ``r`` socket of one kernel and its sessions. ``target(channel)``: where
-    the kernel's ``channel`` listens (see relayio.Relay)."""
+    the kernel's ``channel`` listens (see relayio.Relay); ``activity``: the kernel's
+    idle.Activity, or None."""
 
-    def __init__(self, path, target, budget, link_grace):
+    def __init__(self, path, target, budget, link_grace, activity=None):
         self.path = path
+        self.activity = activity
         self.target = target
         self.budget = budget
         self.link_grace = link_grace

@@ -15,6 +15,7 @@ import os
 import socket
 import time
 
+from .idle import idle_seconds
 from .launcher import LAUNCHERS, Launcher
 from .paths import (
     as_int,
@@ -107,6 +108,7 @@ def scan(roots, owner):
                 agents[(uid, pid)] = agent
                 continue
             info["run_dir"] = path
+            info["idle_s"] = idle_seconds(path)  # None: not seen (no relay)
             info["uid"] = uid
             info["user"] = user_name(uid)
             pid = as_int(info.get("pid"))

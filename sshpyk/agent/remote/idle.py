@@ -1,0 +1,441 @@
+"""Idle kernels: what a kernel did last (seen in its relay), ``ps``'s ``idle_s``, and
+the idle timeout (the launch request's ``idle_timeout``, seconds; 0 or none: off).
+
+Activity is what a user causes: an ``execute_request`` on shell (client -> kernel), and
+on iopub (kernel -> client) output (stream, display_data, update_display_data,
+execute_input, execute_result, error, clear_output) and the busy/idle status of any
+request but the ones clients send by themselves (:data:`PASSIVE`: kernel_info,
+comm_info, jupyter-resource-usage's usage_request, shutdown). Between busy and idle a
+kernel is busy, never idle, however long its cell runs.
+
+Where it is seen: the relay (links.py) hands this module the bytes of each shell
+stream from the local side and of each iopub stream from the kernel, as they pass; a
+:class:`Sniffer` per stream follows the ZMTP 3 framing and copies only the JSON header
+of a message (and, for a status, its parent header and content), never a payload.
+It runs on the event loop: a few attribute updates per message. A kernel without a
+relay (``outage_buffer`` 0, or a run dir too long for a unix socket: its channels are
+SSH channels from sshd straight to the kernel's sockets) is not seen: its ``idle_s``
+is null and the idle timeout does not apply to it (the agent says so at launch).
+
+The agent's loop calls :meth:`IdleWatch.tick`: at most every :data:`TICK` seconds it
+writes each kernel's last activity as the mtime of ``activity`` in its run dir (what
+``ps`` reads, for kernels of any agent: :func:`idle_seconds`) and shuts down the
+kernels idle for their timeout: out of the agent's kernels at once, then in a worker
+a ``shutdown_request`` on the kernel's control channel (signed with its key), up to
+:data:`POLITE_WAIT` seconds for it to exit, and the launcher's cleanup (TERM, KILL
+of its group, as a ``stop``). The local side gets ``exited`` with ``reason``
+``idle_timeout`` (protocol.IDLE_TIMEOUT) and ``idle_s``; the line goes to the agent's
+stderr and ``agent.log`` in its agent dir too.
+"""
+
+import hashlib
+import hmac
+import json
+import os
+import re
+import socket
+import sys
+import time
+import uuid
+
+from .protocol import IDLE_TIMEOUT, Event
+
+#: seconds between two looks at the kernels (and writes of their ``activity`` mtime)
+TICK = 1.0
+#: seconds a kernel has to exit after its shutdown_request, before its group is stopped
+POLITE_WAIT = 5.0
+#: seconds to connect to the control channel, and for each step of the exchange
+CONTROL_TIMEOUT = 2.0
+#: iopub messages that are output (activity)
+OUTPUT_TYPES = frozenset(
+    (
+        "stream",
+        "display_data",
+        "update_display_data",
+        "execute_input",
+        "execute_result",
+        "error",
+        "clear_output",
+    )
+)
+#: requests a client sends by itself (at connect, or polling): their busy/idle is not
+#: activity
+PASSIVE = frozenset(
+    ("kernel_info_request", "comm_info_request", "usage_request", "shutdown_request")
+)
+#: the longest header (parent header, status content) a sniffer copies; longer: skipped
+CAPTURE = 8192
+ACTIVITY_FILE = "activity"
+DELIMITER = b"<IDS|MSG>"
+_MSG_TYPE = re.compile(rb'"msg_type"\s*:\s*"([A-Za-z_]{1,64})"')
+_STATE = re.compile(rb'"execution_state"\s*:\s*"([a-z]{1,16})"')
+# after the delimiter: 1 signature, 2 header, 3 parent header, 4 metadata, 5 content
+_HEADER, _PARENT, _CONTENT = 2, 3, 5
+
+
+def msg_type(header):
+    """The msg_type of a message's JSON header (bytes), or ""."""
+    found = _MSG_TYPE.search(header) if header else None
+    return found.group(1).decode("ascii") if found else ""
+
+
+class Sniffer:
+    """Follows what one side of a ZMQ connection sends (ZMTP 3: a 64-byte greeting,
+    then frames: flags, a 1- or 8-byte size, the body) and calls
+    ``on_message(header, parent, content)`` for each message with a Jupyter header
+    (bytes; parent and content only for a status, else None). Frame bodies it does not
+    need are skipped as they pass, not copied. Anything that is not ZMTP 3 (or breaks
+    this parser) makes it stop looking: the relay never depends on it."""
+
+    __slots__ = (
+        "on_message",
+        "greeting",
+        "head",
+        "body",
+        "keep",
+        "command",
+        "more",
+        "index",
+        "kind",
+        "parts",
+        "dead",
+    )
+
+    def __init__(self, on_message):
+        self.on_message = on_message
+        self.greeting = 64  # bytes of the greeting still to come
+        self.head = b""  # the current frame's header, while incomplete
+        self.body = 0  # bytes of the current frame's body still to come
+        self.keep = None  # a bytearray: the current body is copied (a header)
+        self.command = False
+        self.more = False
+        self.index = -1  # frames since the delimiter (-1: not seen in this message)
+        self.kind = ""  # the current message's msg_type, once its header is read
+        self.parts = {}
+        self.dead = False
+
+    def feed(self, data):
+        if self.dead:
+            return
+        try:
+            self._feed(data)
+        except (ValueError, TypeError, IndexError, UnicodeError):
+            self.dead = True
+
+    def _feed(self, data):
+        n = len(data)
+        i = 0
+        if self.greeting:
+            if self.greeting == 64 and n and data[0] != 0xFF:
+                self.dead = True  # not ZMTP 3 (the greeting's signature)
+                return
+            i = min(self.greeting, n)
+            self.greeting -= i
+        while i < n:  # ends when every byte of data is consumed (each pass takes some)
+            if self.body:
+                take = min(self.body, n - i)
+                if self.keep is not None:
+                    self.keep += data[i : i + take]
+                i += take
+                self.body -= take
+                if not self.body:
+                    self._frame_done()
+                continue
+            head = self.head
+            want = 9 if (head[0] if head else data[i]) & 0x02 else 2
+            take = min(want - len(head), n - i)
+            head += data[i : i + take]
+            i += take
+            if len(head) < want:
+                self.head = head
+                continue
+            self.head = b""
+            self._frame_start(head[0], int.from_bytes(head[1:], "big"))
+
+    def _frame_start(self, flags, size):
+        self.command = bool(flags & 0x04)
+        self.more = bool(flags & 0x01) and not self.command
+        self.body = size
+        self.keep = None
+        if not self.command:
+            index = self.index + 1 if self.index >= 0 else -1
+            if index < 0:
+                wanted = size == len(DELIMITER)
+            elif index in (_PARENT, _CONTENT):
+                wanted = self.kind == "status"
+            else:
+                wanted = index == _HEADER
+            if wanted and size <= CAPTURE:
+                self.keep = bytearray()
+        if not size:
+            self._frame_done()
+
+    def _frame_done(self):
+        if self.command:
+            return  # commands come between messages
+        keep, self.keep = self.keep, None
+        if self.index < 0:
+            if keep is not None and keep == DELIMITER:
+                self.index = 0
+        else:
+            self.index += 1
+            if keep is not None:
+                self.parts[self.index] = bytes(keep)
+                if self.index == _HEADER:
+                    self.kind = msg_type(keep)
+        if not self.more:  # the message's last frame
+            parts, self.parts = self.parts, {}
+            header = parts.get(_HEADER)
+            self.index, self.kind = -1, ""
+            if header is not None:
+                self.on_message(header, parts.get(_PARENT), parts.get(_CONTENT))
+
+
+class Activity:
+    """A kernel's last activity (``last``, wall time) and whether it is ``busy``.
+    Written on the event loop, read by the agent's loop (single attribute writes)."""
+
+    def __init__(self, now=None):
+        self.last = time.time() if now is None else now
+        self.busy = False
+
+    def sniffer(self, channel):
+        """A Sniffer for a stream of ``channel``, or None if it is not watched: for
+        shell what the local side sends, for iopub what the kernel sends."""
+        if channel == "shell":
+            return Sniffer(self.on_request)
+        if channel == "iopub":
+            return Sniffer(self.on_output)
+        return None
+
+    def on_request(self, header, parent, content):
+        if msg_type(header) == "execute_request":
+            self.last = time.time()
+
+    def on_output(self, header, parent, content):
+        kind = msg_type(header)
+        if kind in OUTPUT_TYPES:
+            self.last = time.time()
+        elif kind == "status" and msg_type(parent) not in PASSIVE:
+            found = _STATE.search(content) if content else None
+            state = found.group(1) if found else b""
+            if state == b"busy":
+                self.busy = True
+                self.last = time.time()
+            elif state == b"idle":
+                self.busy = False
+                self.last = time.time()
+
+    def idle_for(self, now):
+        """Seconds idle at ``now`` (wall time): 0 while busy."""
+        return 0.0 if self.busy else max(0.0, now - self.last)
+
+
+def idle_seconds(run_dir, now=None):
+    """``ps``'s ``idle_s`` of the kernel in ``run_dir``: seconds since its last activity
+    (from its ``activity`` file), None if unknown (no relay, an older agent)."""
+    try:
+        last = os.lstat(os.path.join(run_dir, ACTIVITY_FILE)).st_mtime
+    except OSError:
+        return None
+    return round(max(0.0, (time.time() if now is None else now) - last), 1)
+
+
+def start_activity(run_dir):
+    """The Activity of a kernel whose relay starts now, and its ``activity`` file."""
+    activity = Activity()
+    try:
+        fd = os.open(os.path.join(run_dir, ACTIVITY_FILE), os.O_WRONLY | os.O_CREAT, 0o600)
+        os.close(fd)
+    except OSError:
+        pass  # ps then says unknown; the timeout still works
+    return activity
+
+
+def idle_timeout(request):
+    """The request's idle timeout in seconds, 0.0 if off (or not a number)."""
+    try:
+        return max(0.0, float(request.get("idle_timeout") or 0))
+    except (TypeError, ValueError):
+        return 0.0
+
+
+def should_reap(kernel, now):
+    """Seconds ``kernel`` (a launcher) has been idle if that reaches its idle timeout,
+    else None. Not a spare, not before it is ready, not once it exited."""
+    timeout = idle_timeout(kernel.request)
+    activity = getattr(kernel, "activity", None)
+    if (
+        not timeout
+        or activity is None
+        or not kernel.ready
+        or kernel.exit_code is not None
+        or kernel.request.get("spare")
+    ):
+        return None
+    idle = activity.idle_for(now)
+    return idle if idle >= timeout else None
+
+
+# -- the shutdown_request, in a worker ------------------------------------------------
+def _frame(body, more):
+    if len(body) < 256:
+        return bytes((0x01 if more else 0x00, len(body))) + body
+    return bytes((0x03 if more else 0x02,)) + len(body).to_bytes(8, "big") + body
+
+
+def _recv_exactly(sock, count):
+    data = b""
+    while len(data) < count:  # ends at count bytes, EOF or the socket's timeout
+        chunk = sock.recv(count - len(data))
+        if not chunk:
+            raise OSError("the kernel closed its control channel")
+        data += chunk
+    return data
+
+
+def _recv_frame(sock):
+    flags = _recv_exactly(sock, 1)[0]
+    size = _recv_exactly(sock, 8 if flags & 0x02 else 1)
+    return flags, _recv_exactly(sock, int.from_bytes(size, "big"))
+
+
+def shutdown_message(key, scheme):
+    """The frames of a signed shutdown_request (a DEALER's: no identities)."""
+    header = {
+        "msg_id": uuid.uuid4().hex,
+        "session": uuid.uuid4().hex,
+        "username": "sshpyk-agent",
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime()),
+        "msg_type": "shutdown_request",
+        "version": "5.3",
+    }
+    parts = [json.dumps(p).encode() for p in (header, {}, {}, {"restart": False})]
+    signature = b""
+    if key:
+        digest = (scheme or "hmac-sha256").split("-", 1)[-1]
+        mac = hmac.new(key.encode(), digestmod=getattr(hashlib, digest))
+        for part in parts:
+            mac.update(part)
+        signature = mac.hexdigest().encode()
+    return [DELIMITER, signature] + parts
+
+
+def send_shutdown(target, key, scheme, timeout=CONTROL_TIMEOUT):
+    """Send a shutdown_request to the control channel at ``target`` (a unix socket
+    path or a port on 127.0.0.1) as a ZMQ DEALER (ZMTP 3.0, NULL security) and wait
+    for the reply, each step at most ``timeout`` seconds. OSError if it fails."""
+    family = socket.AF_UNIX if isinstance(target, str) else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(target if isinstance(target, str) else ("127.0.0.1", int(target)))
+        greeting = b"\xff" + b"\x00" * 8 + b"\x7f" + b"\x03\x00" + b"NULL".ljust(20, b"\x00")
+        sock.sendall(greeting + b"\x00" * 32)
+        _recv_exactly(sock, 64)
+        ready = b"\x05READY\x0bSocket-Type" + (6).to_bytes(4, "big") + b"DEALER"
+        sock.sendall(bytes((0x04, len(ready))) + ready)
+        for _ in range(4):  # the peer's READY (and nothing else before it, bounded)
+            flags, body = _recv_frame(sock)
+            if flags & 0x04 and body.startswith(b"\x05READY"):
+                break
+        frames = shutdown_message(key, scheme)
+        sock.sendall(b"".join(_frame(f, i < len(frames) - 1) for i, f in enumerate(frames)))
+        _recv_frame(sock)  # the reply's first frame: the kernel took it
+    finally:
+        sock.close()
+
+
+def shut_down(kernel):
+    """In a worker: the polite shutdown of an idle ``kernel``, then its cleanup.
+    Returns its exit code (-15: its group was stopped)."""
+    target = kernel.endpoints.get("control") if kernel.endpoints else None
+    request = kernel.request
+    if isinstance(target, (str, int)):
+        try:
+            send_shutdown(target, str(request.get("key") or ""), request.get("signature_scheme"))
+        except (OSError, ValueError):
+            pass  # the group is stopped below
+    code = None
+    deadline = time.monotonic() + POLITE_WAIT
+    while code is None and time.monotonic() < deadline:  # bounded: POLITE_WAIT
+        code = kernel.poll_exit()
+        if code is None:
+            time.sleep(0.05)
+    kernel.cleanup()
+    kernel.exit_code = code if code is not None else -15
+    return kernel.exit_code
+
+
+class IdleWatch:
+    """The agent's look at its kernels' activity (see the module doc)."""
+
+    def __init__(self, agent):
+        self.agent = agent
+        self.next = 0.0
+        self.written = {}  # kid -> the mtime last written to its activity file
+
+    def tick(self, now):
+        """From the agent's loop (``now``: monotonic); returns at once between ticks."""
+        if now < self.next:
+            return
+        self.next = now + TICK
+        wall = time.time()
+        for kernel in list(self.agent.kernels.values()):
+            activity = getattr(kernel, "activity", None)
+            if activity is None or not kernel.run_dir:
+                continue
+            stamp = wall if activity.busy else activity.last
+            if self.written.get(kernel.kid) != stamp:
+                self.written[kernel.kid] = stamp
+                try:
+                    os.utime(os.path.join(kernel.run_dir, ACTIVITY_FILE), (stamp, stamp))
+                except OSError:
+                    pass
+            idle = should_reap(kernel, wall)
+            if idle is not None:
+                self.reap(kernel, idle)
+        for kid in [k for k in self.written if k not in self.agent.kernels]:
+            del self.written[kid]
+
+    def reap(self, kernel, idle):
+        agent = self.agent
+        if agent.kernels.get(kernel.kid) is not kernel:
+            return
+        del agent.kernels[kernel.kid]  # the loop no longer reaps it: the worker does
+        timeout = idle_timeout(kernel.request)
+        self.log(
+            "kernel %s (pid %s) shut down after %.0f s idle (idle timeout %g s)"
+            % (kernel.kid, kernel.proc.pid if kernel.proc else "?", idle, timeout)
+        )
+
+        def tell(code):
+            kernel.emit(
+                Event.EXITED,
+                code=code,
+                stderr_tail="",
+                reason=IDLE_TIMEOUT,
+                idle_s=round(idle, 1),
+                idle_timeout=timeout,
+            )
+
+        agent.spawn(lambda: shut_down(kernel), then=tell)
+
+    def log(self, line):
+        """A line of the agent's log: its stderr and ``agent.log`` in its agent dir."""
+        text = "sshpyk agent %d %s: %s\n" % (
+            os.getpid(),
+            time.strftime("%Y-%m-%dT%H:%M:%S"),
+            line,
+        )
+        try:
+            sys.stderr.write(text)
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass  # the channel is gone: the file still has it
+        if self.agent.agent_dir:
+            try:
+                with open(os.path.join(self.agent.agent_dir, "agent.log"), "a") as f:
+                    f.write(text)
+            except OSError:
+                pass

@@ -1,0 +1,144 @@
+"""The idle timeout (``idle_timeout``, sshpyk/agent/remote/idle.py) through a real sshd:
+an idle kernel is shut down in time (+-5 s), a busy one (a long cell) is kept, and
+Jupyter's KernelRestarter calls it dead without restarting it; the argv launcher exits
+with EXIT_IDLE; a persistent kernel whose owner is gone is reaped too."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from jupyter_client.ioloop import AsyncIOLoopKernelManager
+
+from sshpyk.agent.remote.idle import idle_seconds
+from sshpyk.kernelspec import kernels_dir
+from sshpyk.launch import EXIT_IDLE
+
+from .test_persistent import orphaned_kernel
+from support.kernels import run_cell
+from support.raw_client import RawClient
+from support.waiting import leftovers, pid_alive, remote_processes
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
+
+#: the idle timeout of these tests (s); the spec allows +-5 s around it
+TIMEOUT = 8.0
+
+
+async def until(predicate: Callable[[], bool], timeout: float) -> bool:
+    """Wait (without blocking the loop: the restarter polls on it) for ``predicate``."""
+    deadline = time.monotonic() + timeout
+    while not predicate():  # ends at the deadline
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.1)
+    return True
+
+
+def no_kernel_runs(run_root: Path) -> bool:
+    """No kernel process and no kernel run dir under ``run_root`` (agents' dirs aside)."""
+    dirs = [p for p in run_root.iterdir() if not p.name.startswith("sshpyk-agent-")]
+    return not dirs and not remote_processes(str(run_root))
+
+
+def kill_if_alive(pid: int) -> None:
+    if pid > 1 and pid_alive(pid):
+        os.killpg(pid, signal.SIGKILL)
+
+
+async def test_idle_kernel_is_reaped_busy_kept_and_jupyter_sees_it_dead(
+    make_kernelspec, run_root
+) -> None:
+    make_kernelspec("ssh_idle", idle_timeout=TIMEOUT)
+    km = AsyncIOLoopKernelManager(kernel_name="ssh_idle", autorestart=True)
+    await km.start_kernel()
+    kc = km.client()
+    kc.start_channels()
+    pid = km.provisioner.remote_kernel.process.pid
+    try:
+        await kc.wait_for_ready(timeout=60)
+        events: list[str] = []
+        km.add_restart_callback(lambda: events.append("restart"), "restart")
+        km.add_restart_callback(lambda: events.append("dead"), "dead")
+        run_dir = km.provisioner.remote_kernel.process.run_dir
+
+        # busy: a cell twice as long as the timeout, then alive and answering
+        content, _ = await run_cell(kc, f"import time; time.sleep({2 * TIMEOUT})")
+        assert content["status"] == "ok", content
+        content, out = await run_cell(kc, "print(6 * 7)")
+        assert out.strip() == "42" and pid_alive(pid)
+        idle_from = time.monotonic()
+
+        # ps's idle_s counts from the last activity
+        await asyncio.sleep(3.0)
+        idle = idle_seconds(run_dir)
+        assert idle is not None and 1.0 <= idle <= 3.0 + 2.0, idle
+
+        # idle: shut down in time
+        assert await until(lambda: not pid_alive(pid), TIMEOUT + 20)
+        reaped_after = time.monotonic() - idle_from
+        print(f"reaped {reaped_after:.1f} s after the last activity (timeout {TIMEOUT} s)")
+        assert TIMEOUT - 5 <= reaped_after <= TIMEOUT + 5, reaped_after
+
+        # dead, not restarted: the restarter (polling every 3 s) fires 'dead' only
+        assert await until(lambda: "dead" in events, 15), events
+        assert events == ["dead"]
+        assert km.provisioner.remote_kernel.idle_shutdown is not None
+        assert km.provisioner.remote_kernel.process.pid == pid
+        await asyncio.sleep(4.0)  # a restart would have started by now
+        assert events == ["dead"]
+        assert await until(lambda: no_kernel_runs(run_root), 10), leftovers(run_root)
+    finally:
+        kc.stop_channels()
+        await km.shutdown_kernel(now=True)
+        kill_if_alive(pid)
+
+
+def test_argv_launcher_exits_with_exit_idle(make_kernelspec, tmp_path, run_root) -> None:
+    make_kernelspec("ssh_idle_argv", idle_timeout=TIMEOUT)
+    raw = RawClient("ssh_idle_argv", tmp_path, "tcp")
+    try:
+        raw.spawn()
+        pid = raw.remote_pid()  # the last activity
+        idle_from = time.monotonic()
+        code = raw.wait_launcher(TIMEOUT + 20)
+        reaped_after = time.monotonic() - idle_from
+        print(f"argv: launcher exited {reaped_after:.1f} s after the last activity")
+        assert code == EXIT_IDLE
+        assert TIMEOUT - 5 <= reaped_after <= TIMEOUT + 5, reaped_after
+        assert not pid_alive(pid)
+        assert "shut down after" in raw.log() and "(idle timeout" in raw.log(), raw.log()
+        assert raw.key not in raw.log()
+    finally:
+        raw.close()
+    assert no_kernel_runs(run_root), leftovers(run_root)
+
+
+async def test_persistent_kernel_without_its_owner_is_reaped(
+    make_kernelspec, run_root, tmp_path, monkeypatch
+) -> None:
+    monkeypatch.setenv("SSHPYK_STATE_DIR", str(tmp_path / "sshpyk-state"))
+    make_kernelspec("ssh_idle_persist")
+    path = Path(kernels_dir()) / "ssh_idle_persist" / "kernel.json"
+    data = json.loads(path.read_text())
+    config = data["metadata"]["kernel_provisioner"]["config"]
+    config.update(persistent=True, grace_period=2.0, idle_timeout=TIMEOUT)
+    path.write_text(json.dumps(data))
+    # its owner ran a cell (the last activity), printed the pid and was SIGKILLed
+    pid = await orphaned_kernel("ssh_idle_persist", "idle.ipynb")
+    idle_from = time.monotonic()
+    try:
+        assert pid_alive(pid)
+        assert await until(lambda: not pid_alive(pid), TIMEOUT + 20)
+        reaped_after = time.monotonic() - idle_from
+        print(f"persistent: reaped {reaped_after:.1f} s after the last activity")
+        assert reaped_after <= TIMEOUT + 5, reaped_after
+        assert await until(lambda: no_kernel_runs(run_root), 10), leftovers(run_root)
+    finally:
+        kill_if_alive(pid)

@@ -1,0 +1,192 @@
+"""Idle kernels (sshpyk/agent/remote/idle.py): the ZMTP sniffer finds each message's
+type in any chunking and copies no payload; what counts as activity; the idle
+decision; the signed shutdown_request a real ZMQ ROUTER accepts."""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import zmq
+from jupyter_client.session import Session
+
+from sshpyk.agent.remote import idle
+from sshpyk.agent.remote.idle import Activity, Sniffer, idle_seconds, send_shutdown, should_reap
+
+GREETING = b"\xff" + b"\x00" * 8 + b"\x7f\x03\x00" + b"NULL".ljust(20, b"\x00") + b"\x00" * 32
+
+
+def zmtp(frames: list[bytes]) -> bytes:
+    """One ZMTP 3 message (short and long frames)."""
+    out = b""
+    for i, body in enumerate(frames):
+        more = i < len(frames) - 1
+        if len(body) < 256:
+            out += bytes((int(more), len(body))) + body
+        else:
+            out += bytes((0x02 | int(more),)) + len(body).to_bytes(8, "big") + body
+    return out
+
+
+def command(name: bytes) -> bytes:
+    body = bytes((len(name),)) + name + b"\x0bSocket-Type" + (3).to_bytes(4, "big") + b"PUB"
+    return bytes((0x04, len(body))) + body
+
+
+SESSION = Session(key=b"k3y")
+
+
+def message(
+    msg_type: str, content: dict[str, Any], parent_type: str = "", topic: bytes = b""
+) -> bytes:
+    parent = SESSION.msg(parent_type) if parent_type else {}
+    msg = SESSION.msg(msg_type, content, parent=parent)
+    frames = SESSION.serialize(msg, ident=[topic] if topic else None)
+    return zmtp(frames)
+
+
+def feed_in_pieces(sniffer: Sniffer, data: bytes, rng: random.Random) -> None:
+    i = 0
+    while i < len(data):  # ends with data
+        step = rng.choice((1, 2, 3, 7, 64, 1000, 1 << 20))
+        sniffer.feed(data[i : i + step])
+        i += step
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_sniffer_finds_every_message_in_any_chunking(seed: int) -> None:
+    seen: list[tuple[str, str, bytes | None]] = []
+    sniffer = Sniffer(lambda h, p, c: seen.append((idle.msg_type(h), idle.msg_type(p), c)))
+    big = "x" * 300_000  # a long frame (8-byte size), never copied: its content is skipped
+    stream = GREETING + command(b"READY")
+    stream += message("status", {"execution_state": "busy"}, "execute_request", b"kernel.1.status")
+    stream += message(
+        "stream", {"name": "stdout", "text": big}, "execute_request", b"stream.stdout"
+    )
+    stream += message("display_data", {"data": {"text/plain": "1"}}, topic=b"display_data")
+    stream += message(
+        "status", {"execution_state": "idle"}, "kernel_info_request", b"kernel.1.status"
+    )
+    stream += zmtp([b"no delimiter", b"at all"])
+    sniffer.feed(b"")
+    feed_in_pieces(sniffer, stream, random.Random(seed))
+    assert not sniffer.dead
+    assert [s[:2] for s in seen] == [
+        ("status", "execute_request"),
+        ("stream", ""),
+        ("display_data", ""),
+        ("status", "kernel_info_request"),
+    ]
+    assert seen[0][2] is not None and b'"busy"' in seen[0][2]
+    assert seen[1][2] is None  # only a status's content is copied
+
+
+def test_sniffer_gives_up_on_what_is_not_zmtp3() -> None:
+    seen: list[bytes] = []
+    sniffer = Sniffer(lambda h, p, c: seen.append(h))
+    sniffer.feed(b"GET / HTTP/1.1\r\n\r\n" + message("execute_request", {}))
+    assert sniffer.dead and not seen
+
+
+def status(state: str, parent: str = "execute_request") -> bytes:
+    return message("status", {"execution_state": state}, parent, b"kernel.1.status")
+
+
+def test_activity_counts_execute_output_and_busy_but_not_passive_requests() -> None:
+    activity = Activity(now=100.0)
+    shell, iopub = activity.sniffer("shell"), activity.sniffer("iopub")
+    assert shell is not None and iopub is not None and activity.sniffer("hb") is None
+    shell.feed(GREETING)
+    iopub.feed(GREETING)
+    shell.feed(message("kernel_info_request", {}))
+    iopub.feed(status("busy", "kernel_info_request") + status("idle", "kernel_info_request"))
+    iopub.feed(status("busy", "usage_request") + status("idle", "usage_request"))
+    assert activity.last == 100.0 and not activity.busy  # passive: not activity
+    shell.feed(message("execute_request", {"code": "1"}))
+    assert activity.last > 100.0
+    activity.last = 100.0
+    iopub.feed(status("busy"))
+    assert activity.busy and activity.idle_for(10_000.0) == 0.0  # busy is never idle
+    activity.last = 100.0
+    iopub.feed(message("stream", {"name": "stdout", "text": "hi"}, topic=b"stream.stdout"))
+    assert activity.last > 100.0 and activity.busy
+    iopub.feed(status("idle"))
+    assert not activity.busy
+    assert activity.idle_for(activity.last + 7.5) == 7.5
+
+
+def kernel(timeout: Any, last: float, **fields: Any) -> SimpleNamespace:
+    activity = Activity(now=last)
+    values = dict(ready=True, exit_code=None, activity=activity)
+    values.update(fields)
+    return SimpleNamespace(request={"idle_timeout": timeout}, **values)
+
+
+def test_idle_decision() -> None:
+    now = 1000.0
+    assert should_reap(kernel(10, now - 11), now) == pytest.approx(11)
+    assert should_reap(kernel(10, now - 9), now) is None
+    assert should_reap(kernel(0, now - 1e6), now) is None  # off
+    assert should_reap(kernel(None, now - 1e6), now) is None
+    assert should_reap(kernel("junk", now - 1e6), now) is None
+    assert should_reap(kernel(10, now - 11, ready=False), now) is None
+    assert should_reap(kernel(10, now - 11, exit_code=0), now) is None
+    assert should_reap(kernel(10, now - 11, activity=None), now) is None  # no relay: unseen
+    busy = kernel(10, now - 1e6)
+    busy.activity.busy = True
+    assert should_reap(busy, now) is None
+    spare = kernel(10, now - 11)
+    spare.request["spare"] = True
+    assert should_reap(spare, now) is None
+
+
+def test_idle_seconds_reads_the_activity_file(tmp_path: Path) -> None:
+    assert idle_seconds(str(tmp_path)) is None
+    idle.start_activity(str(tmp_path))
+    stamp = time.time() - 42
+    os.utime(tmp_path / idle.ACTIVITY_FILE, (stamp, stamp))
+    assert idle_seconds(str(tmp_path)) == pytest.approx(42, abs=1)
+
+
+@pytest.mark.parametrize("transport", ["ipc", "tcp"])
+def test_shutdown_request_is_signed_and_taken_by_a_router(tmp_path: Path, transport: str) -> None:
+    """What a kernel's control channel (a ZMQ ROUTER) receives from send_shutdown is a
+    shutdown_request whose signature the kernel's Session accepts."""
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.linger = 0
+    if transport == "ipc":
+        target: Any = str(tmp_path / "k-4")
+        router.bind("ipc://" + target)
+    else:
+        target = router.bind_to_random_port("tcp://127.0.0.1")
+    got: list[dict[str, Any]] = []
+
+    def serve() -> None:
+        if router.poll(5000):
+            idents, msg = SESSION.feed_identities(router.recv_multipart())
+            got.append(SESSION.deserialize(msg))  # checks the signature
+            reply = SESSION.msg("shutdown_reply", {"restart": False})
+            SESSION.send(router, reply, ident=idents)
+
+    server = threading.Thread(target=serve)
+    server.start()
+    try:
+        send_shutdown(target, "k3y", "hmac-sha256")
+    finally:
+        server.join(10)
+        router.close()
+        ctx.term()
+    assert got and got[0]["msg_type"] == "shutdown_request"
+    assert got[0]["content"] == {"restart": False}
+
+
+def test_shutdown_request_to_nobody_is_an_oserror(tmp_path: Path) -> None:
+    with pytest.raises(OSError):
+        send_shutdown(str(tmp_path / "none"), "k", "hmac-sha256")
