@@ -3,7 +3,8 @@ remote kernels.
 
 One module per command family, each command a plain Click command registered here:
 :mod:`.kernels` (add, edit, delete), :mod:`.listing` (list), :mod:`.check` (check),
-:mod:`.ps` (ps, ports, kill), :mod:`.attach` (attach); :mod:`.common` holds what they share.
+:mod:`.ps` (ps, ports, kill), :mod:`.attach` (attach), :mod:`.discover` (``add --discover``,
+``list --remote HOST``); :mod:`.common` holds what they share.
 The commands are thin: kernelspecs live in :mod:`sshpyk.kernelspec`, diagnostics,
 listing and remote kernels in :mod:`sshpyk.diagnostics`, ssh config questions in
 :mod:`sshpyk.ssh.hosts`.

@@ -101,6 +101,13 @@ def show_discovery(discovery: Discovery, as_json: bool, how_to_add: bool) -> Non
         f"{'s' * (pythons != 1)} on {discovery.alias} ({discovery.elapsed:.1f}s there):"
     )
     print_table(discovery_table(discovery.kernels))
+    without = [s for s in discovery.skipped if s.get("reason") == "no jupyter_client"]
+    others = len(discovery.skipped) - len(without)
+    if without or others:
+        click.echo(
+            f"Not listed: {len(without)} Python(s) without jupyter_client, {others} that"
+            " could not be asked (see --json)."
+        )
     if how_to_add:
         click.echo(
             f"\nAdd them with: sshpyk add --discover {discovery.alias} --all (or --select 1,3-4)"
