@@ -5,6 +5,7 @@ and drives a BlockingKernelClient on those ports (the kernel is :mod:`sshpyk.lau
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -60,7 +61,7 @@ def interrupt_sleep(raw: RawClient, interrupt: Any) -> str:
 
 
 def test_execute_runs_remotely_and_shutdown_ends_the_launcher(
-    make_kernelspec, raw_client, no_leftovers
+    make_kernelspec, raw_client, run_root, no_leftovers
 ) -> None:
     make_kernelspec("ssh_argv_exec")
     raw = raw_client("ssh_argv_exec")
@@ -72,6 +73,8 @@ def test_execute_runs_remotely_and_shutdown_ends_the_launcher(
     pid_line, ssh_connection = out.strip().splitlines()
     assert int(pid_line) != os.getpid()
     assert ssh_connection.startswith("127.0.0.1 ")  # set by sshd: the kernel runs over SSH
+    (info,) = [json.loads(p.read_text()) for p in run_root.glob("sshpyk-*/sshpyk.json")]
+    assert info["client"] == "argv"  # what `sshpyk ps` shows as its CLIENT
     assert raw.launcher is not None
     raw.client.shutdown()  # type: ignore[union-attr]
     started = time.monotonic()

@@ -181,6 +181,8 @@ async def test_attach_by_hand_after_the_owner_died(make_kernelspec, sshd, run_ro
     persistent_spec(make_kernelspec, "ssh_handattach", grace=2.0)
     pid = await orphaned_kernel("ssh_handattach", "nb.ipynb")
     (record,) = state.records()
+    (info,) = [json.loads(p.read_text()) for p in run_root.glob("sshpyk-*/sshpyk.json")]
+    assert info["client"] == "provisioner"  # what `sshpyk ps` shows as its CLIENT
     connection_file = tmp_path / "attached.json"
     attach = subprocess.Popen(
         [
@@ -219,6 +221,8 @@ async def test_attach_by_hand_after_the_owner_died(make_kernelspec, sshd, run_ro
             await kc.wait_for_ready(timeout=30)
             _, out = await run_cell(kc, "import os; print(x, os.getpid())")
             assert out.split() == ["41", str(pid)]
+            (info,) = [json.loads(p.read_text()) for p in run_root.glob("sshpyk-*/sshpyk.json")]
+            assert info["client"] == "attach"
         finally:
             kc.stop_channels()
         attach.send_signal(signal.SIGINT)
