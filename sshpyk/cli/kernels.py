@@ -32,6 +32,10 @@ from .discover import FOUND_FIELDS, add_discovered, discover_options, find_on_ho
 __all__ = ["add", "delete", "edit"]
 
 
+#: the options of ``add`` that only ``--discover`` reads (--select aside: "" is given)
+_DISCOVERY_ONLY = ("add_all", "search", "search_only", "as_json")
+
+
 class _NeededOption(click.Option):
     """A required option of ``add``, but with ``--discover`` (which finds its value).
     Click processes the options given before those left out, so ``--discover`` is
@@ -196,27 +200,17 @@ def _inspect_spec(spec: SSHKernelSpec) -> dict[str, Any]:
     f" (default {DISCOVER_TIMEOUT:g}).",
 )
 @click.pass_context
-def add(
-    ctx: click.Context,
-    discover: str | None,
-    add_all: bool,
-    select: str | None,
-    search: tuple[str, ...],
-    search_only: bool,
-    as_json: bool,
-    timeout: float,
-    **opts: Any,
-) -> None:
+def add(ctx: click.Context, **opts: Any) -> None:
     """Add a new SSH kernel, or those of a host's environments (--discover HOST).
 
     Connects to the host to check the remote python and kernelspec (and, with
     a batch launcher, that its scheduler accepts the job arguments) unless --no-check, and writes
     kernel.json into your Jupyter data dir.
     """
-    if discover is not None:
-        _add_discovered(ctx, discover, add_all, select, search, search_only, as_json, timeout, opts)
+    if opts["discover"] is not None:
+        _add_discovered(ctx, opts)
         return
-    if add_all or select is not None or search or search_only or as_json:
+    if opts["select"] is not None or any(opts[k] for k in _DISCOVERY_ONLY):
         raise click.UsageError(
             "--all, --select, --search, --search-only and --json need --discover HOST"
         )
@@ -238,17 +232,7 @@ def add(
     click.echo(f"Added kernel {spec.name!r} ({spec.display_name or spec.name}) in {path}")
 
 
-def _add_discovered(
-    ctx: click.Context,
-    alias: str,
-    add_all: bool,
-    select: str | None,
-    search: tuple[str, ...],
-    search_only: bool,
-    as_json: bool,
-    timeout: float,
-    opts: dict[str, Any],
-) -> None:
+def _add_discovered(ctx: click.Context, opts: dict[str, Any]) -> None:
     """``add --discover``: what the host offers; with --all/--select, added."""
     clash = [
         f.flag
@@ -265,15 +249,21 @@ def _add_discovered(
         if f.name not in FOUND_FIELDS and opts[f.name] not in (None, ())
     }
     discovery = find_on_host(
-        alias,
+        opts["discover"],
         ssh_config=opts["ssh_config"],
         python=opts["remote_python"],
         pre_command=opts["pre_command"],
-        search=search,
-        search_only=search_only,
-        timeout=timeout,
+        search=opts["search"],
+        search_only=opts["search_only"],
+        timeout=opts["timeout"],
     )
-    add_discovered(discovery, select=select, add_all=add_all, base=base, as_json=as_json)
+    add_discovered(
+        discovery,
+        select=opts["select"],
+        add_all=opts["add_all"],
+        base=base,
+        as_json=opts["as_json"],
+    )
 
 
 @click.command()

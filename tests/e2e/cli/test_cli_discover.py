@@ -124,8 +124,11 @@ def test_nothing_found_is_one_line(sshd, tmp_path: Path) -> None:
 
 
 def test_unknown_host_and_bad_selection_are_one_line(sshd, envs: Envs) -> None:
-    result = sshpyk("list", "--remote", "sshpyk-refused", "--ssh-config", str(sshd.ssh_config))
-    assert_one_line_error(result)
+    config = ["--ssh-config", str(sshd.ssh_config)]
+    assert_one_line_error(sshpyk("list", "--remote", "sshpyk-refused", *config))
+    assert_one_line_error(sshpyk("list", "--remote", "sshpyk-nowhere-such-host", *config))
+    no_python = ["--remote-python", "/nonexistent/python3"]
+    assert_one_line_error(sshpyk("add", "--discover", sshd.alias, *config, *no_python))
     args = ["add", "--discover", sshd.alias, "--select", "9", *discover_args(sshd, envs)]
     assert_one_line_error(sshpyk(*args), "'9' is not in 1-4")
 
