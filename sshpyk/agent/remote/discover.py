@@ -30,8 +30,10 @@ from .procgroup import stop_group
 
 #: seconds the whole discovery may take (unless the request says otherwise)
 DISCOVER_TIMEOUT = 30.0
-#: seconds one python's query or one env manager's listing may take
+#: seconds one python's query may take
 QUERY_TIMEOUT = 20.0
+#: seconds an env manager's listing may take (``conda env list``: the queries follow)
+LIST_TIMEOUT = 12.0
 #: queries running at once
 MAX_PARALLEL = 8
 #: pythons asked at most (the rest: a warning)
@@ -43,22 +45,22 @@ MAX_ENTRIES = 1000
 DEFAULT_DEPTH = 1
 SEARCH_DEPTH = 2
 
-#: directories that hold envs (relative to the home directory)
+#: directories that hold envs, and what made them
 ENV_ROOTS = (
-    "~/.virtualenvs",
-    "~/venvs",
-    "~/.venvs",
-    "~/envs",
-    "~/.pyenv/versions",
-    "~/.local/share/virtualenvs",
-    "~/micromamba/envs",
-    "~/.local/share/mamba/envs",
-    "~/miniconda3/envs",
-    "~/anaconda3/envs",
-    "~/miniforge3/envs",
-    "~/mambaforge/envs",
-    "~/.conda/envs",
-    "/opt/conda/envs",
+    ("~/.virtualenvs", "venv"),
+    ("~/venvs", "venv"),
+    ("~/.venvs", "venv"),
+    ("~/envs", "venv"),
+    ("~/.pyenv/versions", "pyenv"),
+    ("~/.local/share/virtualenvs", "pipenv"),
+    ("~/micromamba/envs", "micromamba"),
+    ("~/.local/share/mamba/envs", "micromamba"),
+    ("~/miniconda3/envs", "conda"),
+    ("~/anaconda3/envs", "conda"),
+    ("~/miniforge3/envs", "conda"),
+    ("~/mambaforge/envs", "conda"),
+    ("~/.conda/envs", "conda"),
+    ("/opt/conda/envs", "conda"),
 )
 #: conda installs whose base env is an env too
 BASE_ENVS = (
@@ -246,7 +248,7 @@ def manager_envs(deadline, warnings):
     results = {}
 
     def ask(name, argv):
-        results[name] = run_bounded(argv, min(QUERY_TIMEOUT, deadline - time.monotonic()))
+        results[name] = run_bounded(argv, min(LIST_TIMEOUT, deadline - time.monotonic()))
 
     threads = [threading.Thread(target=ask, args=c, daemon=True) for c in commands]
     for thread in threads:
@@ -287,9 +289,7 @@ def find_candidates(home, roots, search_only, deadline, warnings):
             search_root(os.path.join(mamba_root, "envs"), 1, "micromamba", deadline, found, seen)
         for base in BASE_ENVS:
             search_root(_expand(base, home), 0, "conda", deadline, found, seen)
-        for root in ENV_ROOTS:
-            kind = "pyenv" if "pyenv" in root else "conda" if "conda" in root else "venv"
-            kind = "micromamba" if "mamba" in root else kind
+        for root, kind in ENV_ROOTS:
             search_root(_expand(root, home), DEFAULT_DEPTH, kind, deadline, found, seen)
     for root in roots:
         if os.path.isfile(root) and os.access(root, os.X_OK):  # a python, named

@@ -151,3 +151,45 @@ def test_agent_answers_discover_in_a_worker(tmp_path: Path) -> None:
     assert event["event"] == Event.DISCOVERED, event
     assert [p["env"] for p in event["pythons"]] == ["only"]
     assert event["warnings"] == [] and event["elapsed"] < 30
+
+
+def answered(python: str, prefix: str, specs: list[dict[str, str]]) -> discover.Candidate:
+    """A candidate as its query answered (what QUERY prints)."""
+    candidate = discover.Candidate(python, None, "search")
+    candidate.answer = {
+        "executable": python,
+        "prefix": prefix,
+        "version": "3.11.7",
+        "jupyter_client": "8.10.0",
+        "ipykernel": "7.4.0",
+        "kernelspecs": specs,
+        "error": None,
+    }
+    return candidate
+
+
+def test_a_kernelspec_every_python_sees_is_listed_once(tmp_path: Path) -> None:
+    """The user's kernelspecs are in every python's list: each is listed with the
+    python its argv names, else with the first; an env's own stay its own."""
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    user = str(tmp_path / "user" / "kernels")
+
+    def spec(name: str, where: str, argv0: str) -> dict[str, str]:
+        return {"name": name, "resource_dir": f"{where}/{name}", "argv0": argv0}
+
+    shared = [spec("of-b", user, f"{b}/bin/python"), spec("any", user, "python")]
+    (tmp_path / "b" / "bin").mkdir(parents=True)
+    (tmp_path / "b" / "bin" / "python3").write_text("")
+    (tmp_path / "b" / "bin" / "python").symlink_to("python3")
+    own_a = spec("python3", f"{a}/share/jupyter/kernels", "x")
+    own_b = spec("python3", f"{b}/share/jupyter/kernels", "x")
+    pythons, skipped = discover.sort_answers(
+        [
+            answered(f"{a}/bin/python3", a, [own_a, *shared]),
+            answered(f"{b}/bin/python3", b, [own_b, *shared]),
+            answered(f"{b}/bin/python", b, []),  # the same python again, by its link
+        ]
+    )
+    names = {p["prefix"]: [s["name"] for s in p["kernelspecs"]] for p in pythons}
+    assert names == {a: ["python3", "any"], b: ["python3", "of-b"]}
+    assert skipped == []
