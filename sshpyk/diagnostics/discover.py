@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ..errors import SSHPykError
+from ..errors import RequestTimeoutError, SSHPykError
 from ..kernels.session import SSHSession
 from ..kernelspec import InstalledKernel, SSHKernelSpec
 
@@ -125,7 +125,13 @@ async def discover_host(
             agent = await session.agent(python, pre_command)
             return await agent.discover(list(roots), search_only=search_only, timeout=timeout)
 
-        answer = await asyncio.wait_for(ask(), timeout + 2 * CONNECT_TIMEOUT)
+        limit = timeout + 2 * CONNECT_TIMEOUT  # the agent's request has its own, shorter
+        try:
+            answer = await asyncio.wait_for(ask(), limit)
+        except asyncio.TimeoutError:
+            raise RequestTimeoutError(
+                f"{alias!r} did not answer the discovery within {limit:g}s"
+            ) from None
     pythons = list(answer.get("pythons") or [])
     discovery = Discovery(
         alias=alias,
