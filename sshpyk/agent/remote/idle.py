@@ -44,8 +44,8 @@ from .protocol import IDLE_TIMEOUT, Event
 TICK = 1.0
 #: seconds a kernel has to exit after its shutdown_request, before its group is stopped
 POLITE_WAIT = 5.0
-#: seconds to connect to the control channel, and for each step of the exchange
-CONTROL_TIMEOUT = 2.0
+#: seconds for the whole shutdown_request exchange on the control channel
+CONTROL_TIMEOUT = 3.0
 #: iopub messages that are output (activity)
 OUTPUT_TYPES = frozenset(
     (
@@ -241,15 +241,13 @@ def idle_seconds(run_dir, now=None):
     return round(max(0.0, (time.time() if now is None else now) - last), 1)
 
 
-def start_activity(run_dir):
-    """The Activity of a kernel whose relay starts now, and its ``activity`` file."""
-    activity = Activity()
+def create_activity_file(run_dir):
+    """The ``activity`` file of a kernel whose relay (so its Activity) started now."""
     try:
         fd = os.open(os.path.join(run_dir, ACTIVITY_FILE), os.O_WRONLY | os.O_CREAT, 0o600)
         os.close(fd)
     except OSError:
         pass  # ps then says unknown; the timeout still works
-    return activity
 
 
 def idle_timeout(request):
@@ -284,9 +282,13 @@ def _frame(body, more):
     return bytes((0x03 if more else 0x02,)) + len(body).to_bytes(8, "big") + body
 
 
-def _recv_exactly(sock, count):
+def _recv_exactly(sock, count, deadline):
     data = b""
-    while len(data) < count:  # ends at count bytes, EOF or the socket's timeout
+    while len(data) < count:  # ends at count bytes, EOF or the deadline
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise OSError("the kernel's control channel did not answer in time")
+        sock.settimeout(left)
         chunk = sock.recv(count - len(data))
         if not chunk:
             raise OSError("the kernel closed its control channel")
@@ -294,10 +296,12 @@ def _recv_exactly(sock, count):
     return data
 
 
-def _recv_frame(sock):
-    flags = _recv_exactly(sock, 1)[0]
-    size = _recv_exactly(sock, 8 if flags & 0x02 else 1)
-    return flags, _recv_exactly(sock, int.from_bytes(size, "big"))
+def _recv_frame(sock, deadline):
+    flags = _recv_exactly(sock, 1, deadline)[0]
+    size = int.from_bytes(_recv_exactly(sock, 8 if flags & 0x02 else 1, deadline), "big")
+    if size > CAPTURE:
+        raise OSError("an unexpected frame of %d bytes on the control channel" % size)
+    return flags, _recv_exactly(sock, size, deadline)
 
 
 def shutdown_message(key, scheme):
@@ -324,24 +328,25 @@ def shutdown_message(key, scheme):
 def send_shutdown(target, key, scheme, timeout=CONTROL_TIMEOUT):
     """Send a shutdown_request to the control channel at ``target`` (a unix socket
     path or a port on 127.0.0.1) as a ZMQ DEALER (ZMTP 3.0, NULL security) and wait
-    for the reply, each step at most ``timeout`` seconds. OSError if it fails."""
+    for the reply, at most ``timeout`` seconds in all. OSError if it fails."""
     family = socket.AF_UNIX if isinstance(target, str) else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.settimeout(timeout)
+    deadline = time.monotonic() + timeout
     try:
         sock.connect(target if isinstance(target, str) else ("127.0.0.1", int(target)))
         greeting = b"\xff" + b"\x00" * 8 + b"\x7f" + b"\x03\x00" + b"NULL".ljust(20, b"\x00")
         sock.sendall(greeting + b"\x00" * 32)
-        _recv_exactly(sock, 64)
+        _recv_exactly(sock, 64, deadline)
         ready = b"\x05READY\x0bSocket-Type" + (6).to_bytes(4, "big") + b"DEALER"
         sock.sendall(bytes((0x04, len(ready))) + ready)
         for _ in range(4):  # the peer's READY (and nothing else before it, bounded)
-            flags, body = _recv_frame(sock)
+            flags, body = _recv_frame(sock, deadline)
             if flags & 0x04 and body.startswith(b"\x05READY"):
                 break
         frames = shutdown_message(key, scheme)
         sock.sendall(b"".join(_frame(f, i < len(frames) - 1) for i, f in enumerate(frames)))
-        _recv_frame(sock)  # the reply's first frame: the kernel took it
+        _recv_frame(sock, deadline)  # the reply's first frame: the kernel took it
     finally:
         sock.close()
 

@@ -148,7 +148,7 @@ def test_idle_decision() -> None:
 
 def test_idle_seconds_reads_the_activity_file(tmp_path: Path) -> None:
     assert idle_seconds(str(tmp_path)) is None
-    idle.start_activity(str(tmp_path))
+    idle.create_activity_file(str(tmp_path))
     stamp = time.time() - 42
     os.utime(tmp_path / idle.ACTIVITY_FILE, (stamp, stamp))
     assert idle_seconds(str(tmp_path)) == pytest.approx(42, abs=1)
@@ -190,3 +190,67 @@ def test_shutdown_request_is_signed_and_taken_by_a_router(tmp_path: Path, transp
 def test_shutdown_request_to_nobody_is_an_oserror(tmp_path: Path) -> None:
     with pytest.raises(OSError):
         send_shutdown(str(tmp_path / "none"), "k", "hmac-sha256")
+
+
+class FakeKernel:
+    """What IdleWatch needs of a launcher."""
+
+    def __init__(self, run_dir: Path, idle_for: float, timeout: float = 5.0) -> None:
+        self.kid, self.run_dir, self.request = "k1", str(run_dir), {"idle_timeout": timeout}
+        self.ready, self.exit_code, self.endpoints, self.proc = True, None, {}, None
+        self.activity = Activity(now=time.time() - idle_for)
+        self.events: list[tuple[str, dict[str, Any]]] = []
+        self.cleaned = False
+        idle.create_activity_file(self.run_dir)
+
+    def emit(self, event: str, **fields: Any) -> None:
+        self.events.append((event, fields))
+
+    def poll_exit(self) -> int | None:
+        return 0  # it took the shutdown_request
+
+    def cleanup(self) -> None:
+        self.cleaned = True
+
+
+def fake_agent(tmp_path: Path, kernel: FakeKernel) -> SimpleNamespace:
+    spawned: list[Any] = []
+    return SimpleNamespace(
+        kernels={kernel.kid: kernel},
+        agent_dir=str(tmp_path),
+        spawned=spawned,
+        spawn=lambda work, then: spawned.append((work, then)),
+    )
+
+
+def test_idle_watch_reaps_logs_and_tells(tmp_path: Path) -> None:
+    kernel = FakeKernel(tmp_path, idle_for=6.0)
+    agent = fake_agent(tmp_path, kernel)
+    watch = idle.IdleWatch(agent)
+    watch.tick(100.0)
+    assert agent.kernels == {}  # out of the agent's kernels at once
+    ((work, then),) = agent.spawned
+    then(work())  # the worker: the polite shutdown, then the cleanup
+    assert kernel.cleaned
+    ((event, fields),) = kernel.events
+    assert event == "exited" and fields["reason"] == "idle_timeout" == idle.IDLE_TIMEOUT
+    assert fields["code"] == 0 and fields["idle_timeout"] == 5.0
+    assert 6.0 <= fields["idle_s"] < 8.0
+    log = (tmp_path / "agent.log").read_text()
+    assert "kernel k1 (pid ?) shut down after 6 s idle (idle timeout 5 s)" in log
+
+
+def test_idle_watch_keeps_a_busy_kernel_and_writes_its_activity(tmp_path: Path) -> None:
+    kernel = FakeKernel(tmp_path, idle_for=1000.0)
+    kernel.activity.busy = True
+    agent = fake_agent(tmp_path, kernel)
+    watch = idle.IdleWatch(agent)
+    watch.tick(100.0)
+    assert agent.kernels and not agent.spawned
+    assert idle_seconds(str(tmp_path)) is not None and idle_seconds(str(tmp_path)) < 2.0
+    kernel.activity.busy = False
+    watch.tick(100.5)  # between ticks: nothing
+    assert agent.kernels and not agent.spawned
+    watch.tick(101.0)
+    assert not agent.kernels and agent.spawned
+    assert idle_seconds(str(tmp_path)) == pytest.approx(1000.0, abs=2)
