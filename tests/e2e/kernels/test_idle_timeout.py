@@ -1,7 +1,8 @@
 """The idle timeout (``idle_timeout``, sshpyk/agent/remote/idle.py) through a real sshd:
 an idle kernel is shut down in time (+-5 s), a busy one (a long cell) is kept, and
 Jupyter's KernelRestarter calls it dead without restarting it; the argv launcher exits
-with EXIT_IDLE; a persistent kernel whose owner is gone is reaped too."""
+with EXIT_IDLE; a persistent kernel whose owner is gone is reaped too; a kernel
+without a relay is not watched (ps's idle_s is null)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from sshpyk.kernelspec import kernels_dir
 from sshpyk.launch import EXIT_IDLE
 
 from .test_persistent import orphaned_kernel
+from support.cli import sshpyk
 from support.kernels import run_cell
 from support.raw_client import RawClient
 from support.waiting import leftovers, pid_alive, remote_processes
@@ -52,8 +54,18 @@ def kill_if_alive(pid: int) -> None:
         os.killpg(pid, signal.SIGKILL)
 
 
+def ps_idle(sshd, run_root, pid: int) -> float | None:
+    """``sshpyk ps --json``'s idle_s of the kernel ``pid`` (another agent answers)."""
+    args = [sshd.alias, "--ssh-config", str(sshd.ssh_config), "--run-root", str(run_root)]
+    result = sshpyk("ps", "--json", *args)
+    assert result.exit_code == 0, result.output
+    (host,) = json.loads(result.stdout)["hosts"]
+    (kernel,) = [k for k in host["kernels"] if k.get("pid") == pid]
+    return kernel["idle_s"]
+
+
 async def test_idle_kernel_is_reaped_busy_kept_and_jupyter_sees_it_dead(
-    make_kernelspec, run_root
+    make_kernelspec, run_root, sshd
 ) -> None:
     make_kernelspec("ssh_idle", idle_timeout=TIMEOUT)
     km = AsyncIOLoopKernelManager(kernel_name="ssh_idle", autorestart=True)
@@ -76,9 +88,11 @@ async def test_idle_kernel_is_reaped_busy_kept_and_jupyter_sees_it_dead(
         idle_from = time.monotonic()
 
         # ps's idle_s counts from the last activity
-        await asyncio.sleep(3.0)
+        await asyncio.sleep(1.5)
         idle = idle_seconds(run_dir)
-        assert idle is not None and 1.0 <= idle <= 3.0 + 2.0, idle
+        assert idle is not None and 0.5 <= idle <= 1.5 + 2.0, idle
+        idle = await asyncio.to_thread(ps_idle, sshd, run_root, pid)
+        assert idle is not None and 0.5 <= idle < TIMEOUT, idle
 
         # idle: shut down in time
         assert await until(lambda: not pid_alive(pid), TIMEOUT + 20)
@@ -141,4 +155,26 @@ async def test_persistent_kernel_without_its_owner_is_reaped(
         assert reaped_after <= TIMEOUT + 5, reaped_after
         assert await until(lambda: no_kernel_runs(run_root), 10), leftovers(run_root)
     finally:
+        kill_if_alive(pid)
+
+
+async def test_kernel_without_relay_is_not_watched(make_kernelspec, run_root, sshd) -> None:
+    """outage_buffer 0: the channels are SSH channels straight to the kernel's sockets, the
+    agent sees none of it: idle_s is unknown and the timeout does not apply."""
+    make_kernelspec("ssh_idle_direct", idle_timeout=2.0, outage_buffer=0.0)
+    km = AsyncIOLoopKernelManager(kernel_name="ssh_idle_direct", autorestart=True)
+    await km.start_kernel()
+    kc = km.client()
+    kc.start_channels()
+    pid = km.provisioner.remote_kernel.process.pid
+    try:
+        await kc.wait_for_ready(timeout=60)
+        assert km.provisioner.remote_kernel.process.relay is None
+        await asyncio.sleep(2.0 + 4.0)
+        assert pid_alive(pid)
+        assert await asyncio.to_thread(ps_idle, sshd, run_root, pid) is None
+        assert (await run_cell(kc, "print(6 * 7)"))[1].strip() == "42"
+    finally:
+        kc.stop_channels()
+        await km.shutdown_kernel(now=True)
         kill_if_alive(pid)
