@@ -125,6 +125,10 @@ class RemoteAgent(AgentQueries):
         self._loaded: set[str] = set()
         self._load_lock = asyncio.Lock()
         self.exited_on_close = False
+        #: the host asked for the agent's code (not in its cache): it was sent
+        self.code_uploaded = False
+        #: kernels whose launch request went with the hello (see :meth:`start`)
+        self._ahead: set[str] = set()
         #: awaited after each reattach (a new broker must learn the agent again)
         self.on_reattach: list[Callable[[], Awaitable[None]]] = []
 
@@ -134,10 +138,11 @@ class RemoteAgent(AgentQueries):
 
     # -- channels --------------------------------------------------------------------
     async def _open_channel(
-        self, first_line: dict[str, Any], stream: SocketChannel | None = None
+        self, first_line: dict[str, Any], stream: SocketChannel | None = None, ahead: bytes = b""
     ) -> dict[str, Any]:
         """Run the agent over a new exec channel (or read ``stream``, a channel to its
-        control socket); return its hello."""
+        control socket); return its hello. ``ahead``: request lines sent right after the
+        first, without waiting for the hello."""
         process: AgentChannel
         if stream is None:
             conn = await self.session.connection()
@@ -152,9 +157,14 @@ class RemoteAgent(AgentQueries):
         self._stderr_task = self._channel.create_task(self._drain_stderr(process))
         if stream is None:
             hello = json.dumps({"v": PROTOCOL, **first_line}).encode() + b"\n"
-            process.stdin.write(command.stdin + hello)
+            process.stdin.write(command.stdin + hello + ahead)
         try:
             event = await asyncio.wait_for(self._read_first_event(), AGENT_START_TIMEOUT)
+            if stream is None and event is not None and event.get("event") == Event.NEED_CODE:
+                log.info("[%s] sending the agent's code (%s)", self.alias, event.get("why"))
+                self.code_uploaded = True
+                process.stdin.write(command.code)
+                event = await asyncio.wait_for(self._read_first_event(), AGENT_START_TIMEOUT)
         except asyncio.TimeoutError:
             raise RequestTimeoutError(
                 f"the remote agent on {self.alias!r} did not start within "
@@ -208,8 +218,18 @@ class RemoteAgent(AgentQueries):
             self._send_heartbeats(_heartbeat_interval(self.grace)), name="agent-heartbeat"
         )
 
-    async def start(self) -> None:
-        """Spawn the agent and wait for its hello."""
+    async def start(
+        self, launch: tuple[str, LaunchRequest, EventListener | None] | None = None
+    ) -> None:
+        """Spawn the agent and wait for its hello. ``launch`` (kernel id, request,
+        listener): a first launch, sent right after the hello without waiting for it;
+        :meth:`launch` of that kernel id then only waits for it to start."""
+        ahead = b""
+        if launch is not None:
+            kid, request, on_event = launch
+            self._track(kid, request, on_event)
+            self._ahead.add(kid)
+            ahead = json.dumps(request.message(kid)).encode() + b"\n"
         hello = {
             "op": Op.HELLO,
             "grace": self.grace,
@@ -219,7 +239,7 @@ class RemoteAgent(AgentQueries):
             "owner": self.token,
         }
         try:
-            await self._open_channel(hello)
+            await self._open_channel(hello, ahead=ahead)
         except BaseException:
             await asyncio.shield(self._close_channel())
             raise
@@ -500,16 +520,25 @@ class RemoteAgent(AgentQueries):
         ``prepare``). ``on_event`` sees the launcher's events (queue, start, walltime)."""
         if not self.alive or not self.connected.is_set():
             raise self._lost_error or ConnectionLostError(f"the agent on {self.alias!r} is gone")
-        kernel = self.kernels[kid] = KernelProcess(self, kid)
-        kernel.persistent = request.persistent
-        if on_event is not None:
-            kernel.listeners.append(on_event)
-        self.send(request.message(kid))
+        kernel = self.kernels.get(kid) if kid in self._ahead else None
+        self._ahead.discard(kid)
+        if kernel is None:  # not sent with the hello: now
+            kernel = self._track(kid, request, on_event)
+            self.send(request.message(kid))
         try:
             await kernel.wait_started()
         except BaseException:
             await asyncio.shield(kernel.stop())
             raise
+        return kernel
+
+    def _track(
+        self, kid: str, request: LaunchRequest, on_event: EventListener | None
+    ) -> KernelProcess:
+        kernel = self.kernels[kid] = KernelProcess(self, kid)
+        kernel.persistent = request.persistent
+        if on_event is not None:
+            kernel.listeners.append(on_event)
         return kernel
 
     def forget(self, kid: str) -> None:

@@ -1,8 +1,11 @@
 """The remote shell command that starts Python, and what goes on its stdin first.
 
 sshd's shell runs :attr:`RemoteCommand.command`; every user on the host can read it in
-``ps``, so it holds no secrets: the pre-command's text and the agent's code follow on
-the channel's stdin (:attr:`RemoteCommand.stdin`), before the first protocol line.
+``ps``, so it holds no secrets: the pre-command's text and the agent's loader follow on
+the channel's stdin (:attr:`RemoteCommand.stdin`), before the first protocol line. The
+loader names the agent's code by its hash (:data:`AGENT_HASH`) and takes it compiled from
+the user's cache on the host; only where it is not cached yet does it ask for the code
+(``need_code``): then :attr:`RemoteCommand.code` follows (see ``remote/loader.py``).
 """
 
 from __future__ import annotations
@@ -13,9 +16,11 @@ from typing import Any
 
 from ..errors import SSHPykError
 from .bundle import agent_bundle, module_sources
-from .remote.protocol import LOADER
+from .remote.loader import HASH_KEY, VERSION_KEY, bundle_hash, encode_bundle
+from .remote.protocol import LOADER, PROTOCOL
 
 __all__ = [
+    "AGENT_HASH",
     "AGENT_SOURCE",
     "RemoteCommand",
     "extension_source",
@@ -27,6 +32,16 @@ __all__ = [
 #: the agent's code (its core modules, see sshpyk.agent.bundle), sent on stdin after
 #: the pre-command
 AGENT_SOURCE = agent_bundle()
+#: its name in the hosts' caches
+AGENT_HASH = bundle_hash(AGENT_SOURCE)
+#: what the agent's stdin starts with (after the pre-command): the loader and the hash
+_BOOT_HEADER = encode_bundle(
+    {
+        "loader": module_sources(("loader",))["loader"],
+        HASH_KEY: AGENT_HASH,
+        VERSION_KEY: PROTOCOL,
+    }
+)
 
 
 def extension_source(name: str, modules: tuple[str, ...]) -> dict[str, str]:
@@ -56,6 +71,8 @@ class RemoteCommand:
     command: str
     #: written to the channel's stdin before anything else (the pre-command's text)
     stdin: bytes = b""
+    #: sent when the remote side asks for it (``need_code``): the agent's bundle
+    code: bytes = b""
 
 
 def python_command(python: str, pre_command: str | None, code: str, *args: str) -> RemoteCommand:
@@ -92,7 +109,8 @@ def python_command(python: str, pre_command: str | None, code: str, *args: str) 
 
 def remote_command(python: str, pre_command: str | None = None) -> RemoteCommand:
     """The command that starts the agent with the remote Python; its stdin carries the
-    pre-command, then the agent's code (the first protocol line follows)."""
-    # the loader reads the bundle (a length line, then {module: source}), see LOADER
+    pre-command, then the loader and the hash of the agent's code (the first protocol
+    lines follow at once; the code itself only if the host asks for it)."""
+    # the loader reads a header (a length line, then JSON), see LOADER and loader.boot
     command = python_command(python, pre_command, LOADER)
-    return RemoteCommand(command.command, command.stdin + AGENT_SOURCE)
+    return RemoteCommand(command.command, command.stdin + _BOOT_HEADER, AGENT_SOURCE)

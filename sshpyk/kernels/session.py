@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from ..agent.client import RemoteAgent
+from ..agent.client import LaunchRequest, RemoteAgent
+from ..agent.process import EventListener
 from ..agent.registry import AgentRegistry, start_or_join
 from ..config import DEFAULTS
 from ..ssh import session as ssh_session
@@ -35,10 +36,13 @@ class SSHSession(ssh_session.Session):
         grace: float = DEFAULTS.grace_period,
         link_grace: float = DEFAULTS.link_grace,
         run_root: str | None = None,
+        launch: tuple[str, LaunchRequest, EventListener | None] | None = None,
     ) -> RemoteAgent:
         """The remote agent for ``python`` (started on first use, then shared). It keeps
         kernels ``grace`` seconds once this side is known gone, ``link_grace`` seconds
-        while this side is silent (see :class:`~sshpyk.agent.client.RemoteAgent`)."""
+        while this side is silent (see :class:`~sshpyk.agent.client.RemoteAgent`).
+        ``launch``: a first launch, sent with the hello if this starts the agent (see
+        :meth:`RemoteAgent.start`)."""
         await self.connection()
         key = (python, pre_command, grace, link_grace, run_root)
 
@@ -46,7 +50,7 @@ class SSHSession(ssh_session.Session):
             agent = RemoteAgent(
                 self, python, pre_command, grace=grace, link_grace=link_grace, run_root=run_root
             )
-            await agent.start()
+            await agent.start(launch)
             return agent
 
         async def join(socket_path: str, token: str) -> RemoteAgent:
