@@ -23,6 +23,7 @@ from sshpyk.launch import EXIT_IDLE
 
 from .test_persistent import orphaned_kernel
 from support.cli import sshpyk
+from support.jupyter_server import JupyterServer
 from support.kernels import run_cell
 from support.raw_client import RawClient
 from support.waiting import leftovers, pid_alive, remote_processes
@@ -103,8 +104,8 @@ async def test_idle_kernel_is_reaped_busy_kept_and_jupyter_sees_it_dead(
         # dead, not restarted: the restarter (polling every 3 s) fires 'dead' only
         assert await until(lambda: "dead" in events, 15), events
         assert events == ["dead"]
-        assert km.provisioner.remote_kernel.idle_shutdown is not None
-        assert km.provisioner.remote_kernel.process.pid == pid
+        assert not await km.is_alive()
+        assert km.provisioner.remote_kernel is None  # released: its manager is dropped
         await asyncio.sleep(4.0)  # a restart would have started by now
         assert events == ["dead"]
         assert await until(lambda: no_kernel_runs(run_root), 10), leftovers(run_root)
@@ -178,3 +179,34 @@ async def test_kernel_without_relay_is_not_watched(make_kernelspec, run_root, ss
         kc.stop_channels()
         await km.shutdown_kernel(now=True)
         kill_if_alive(pid)
+
+
+async def test_jupyter_server_drops_the_kernel_without_restarting_it(
+    tmp_path: Path, make_kernelspec, run_root
+) -> None:
+    """A real Jupyter Server: the kernel reaped for idleness leaves /api/kernels ('dead'),
+    and its log says why, without a restart."""
+    make_kernelspec("ssh_idle_server", idle_timeout=TIMEOUT)
+    server = JupyterServer(tmp_path / "server")
+    await asyncio.to_thread(server.start)
+    try:
+        kernel = await asyncio.to_thread(
+            server.api, "POST", "/api/kernels", {"name": "ssh_idle_server"}
+        )
+        started = time.monotonic()
+
+        def listed() -> bool:
+            return any(k["id"] == kernel["id"] for k in server.api("GET", "/api/kernels"))
+
+        assert await asyncio.to_thread(listed)
+        deadline = time.monotonic() + TIMEOUT + 60  # its start, the timeout, 'dead'
+        while await asyncio.to_thread(listed):  # bounded by the deadline
+            assert time.monotonic() < deadline, server.log_text()[-3000:]
+            await asyncio.sleep(0.5)
+        print(f"server: the kernel left /api/kernels {time.monotonic() - started:.1f} s after POST")
+        log = server.log_text()
+        assert "shut down after" in log and "(idle timeout): not restarted" in log, log[-3000:]
+        assert "restarting kernel" not in log, log[-3000:]
+        assert await until(lambda: no_kernel_runs(run_root), 10), leftovers(run_root)
+    finally:
+        await asyncio.to_thread(server.stop)
