@@ -375,7 +375,7 @@ def size(nbytes: float | None) -> str:
 
 def gpu_cell(gpus: list[dict[str, Any]] | None) -> str:
     """``0:3.8GiB 27%`` per GPU the kernel holds memory on (index: its memory, the GPU's
-    utilisation); ``0`` for none; ``-`` where the host has no nvidia-smi."""
+    utilisation); ``none`` if it holds no GPU; ``-`` where the host has no nvidia-smi."""
     if gpus is None:
         return "-"
     cells = []
@@ -383,7 +383,7 @@ def gpu_cell(gpus: list[dict[str, Any]] | None) -> str:
         util = gpu.get("utilization_percent")
         load = f" {util:.0f}%" if isinstance(util, (int, float)) else ""
         cells.append(f"{gpu.get('index', '?')}:{size(gpu.get('used_memory_bytes'))}{load}")
-    return ", ".join(cells) or "0"
+    return ", ".join(cells) or "none"
 
 
 def usage_cells(kernel: dict[str, Any]) -> list[str]:

@@ -72,7 +72,7 @@ def test_usage_columns() -> None:
     assert header[at : at + 6] == ["CPU", "MEM", "GPU", "IDLE", "CLIENT", "PORTS"]
     assert [row[at : at + 5] for row in rows] == [
         ["101%", "250MiB", "0:3.8GiB 27%, 1:3.8GiB", "4m", "provisioner"],
-        ["0%", "80MiB", "0", "-", "argv"],  # no GPU held; idle_s not known
+        ["0%", "80MiB", "none", "-", "argv"],  # no GPU held; idle_s not known
         ["-", "-", "-", "-", "-"],
     ]
     assert "CPU" not in ps_table(hosts)[0]  # kill's confirmation: no costs

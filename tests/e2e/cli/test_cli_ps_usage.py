@@ -103,6 +103,7 @@ async def test_ps_reports_cpu_memory_and_client(make_kernelspec, sshd, run_root)
               "/proc", round(direct_cpu, 1), "%", rss, "B")  # fmt: skip
         assert kernel["client"] == "provisioner"
         assert kernel["forwarded"] == []
+        assert kernel.get("idle_s") is None or 0 <= kernel["idle_s"] < 120  # the relay's
         assert 200 * MIB <= kernel["rss_bytes"] <= rss + 16 * MIB
         # a loaded machine slows the burner for ps and /proc alike
         assert kernel["cpu_percent"] > min(50.0, direct_cpu / 2), (kernel, direct_cpu)
