@@ -15,7 +15,11 @@ of a message (and, for a status, its parent header and content), never a payload
 It runs on the event loop: a few attribute updates per message. A kernel without a
 relay (``outage_buffer`` 0, or a run dir too long for a unix socket: its channels are
 SSH channels from sshd straight to the kernel's sockets) is not seen: its ``idle_s``
-is null and the idle timeout does not apply to it (the agent says so at launch).
+is null and the idle timeout does not apply to it (the agent says so at launch). Nor
+is what reaches the kernel's sockets from the remote host itself (its run dir is 0700:
+only this user). A kernel whose iopub nobody relays any more (its local sides gone for
+longer than the link grace) keeps the state last seen: busy stays busy, so a kernel that
+may still compute is never shut down; idle counts on.
 
 The agent's loop calls :meth:`IdleWatch.tick`: at most every :data:`TICK` seconds it
 writes each kernel's last activity as the mtime of ``activity`` in its run dir (what
@@ -119,7 +123,7 @@ class Sniffer:
             return
         try:
             self._feed(data)
-        except (ValueError, TypeError, IndexError, UnicodeError):
+        except Exception:  # whatever it is, the relay must not see it: stop looking
             self.dead = True
 
     def _feed(self, data):
