@@ -21,7 +21,8 @@ The rules (README's ``sshpyk ps`` says them too):
 - ``gpu``: when nvidia-smi is on PATH, one entry per GPU the tree's processes hold
   memory on (``--query-compute-apps``): ``used_memory_bytes``, the tree's on that GPU;
   ``utilization_percent``, that GPU's as a whole (``--query-gpu``: NVIDIA reports no
-  per-process share cheaply), so kernels sharing a GPU each show the GPU's load. None
+  per-process share cheaply), so kernels sharing a GPU each show the GPU's load (None
+  where nvidia-smi has none: ``[N/A]``, e.g. a GPU split into MIG instances). None
   without nvidia-smi or when it fails; [] when the kernel holds no GPU. nvidia-smi
   runs at most once per GPU_PERIOD for all kernels (never per kernel), bounded by
   NVIDIA_SMI_TIMEOUT; "not on PATH" is remembered, a failure for FAILED_BACKOFF
