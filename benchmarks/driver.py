@@ -60,7 +60,9 @@ def _imports(kind: str) -> dict[str, float]:
 
 
 class _Steps(logging.Handler):
-    """Captures the INFO lines in which this sshpyk says where a start's time went."""
+    """Captures the log lines in which this sshpyk (and asyncssh under it) says where a
+    start's time went: sshpyk's own split ("ready in"), and a timeline of milestones
+    (issue 26), each step the time from the milestone before it that was seen."""
 
     PATTERNS = {
         "pre_launch": re.compile(r"SSH connection and local forwards ready in ([\d.]+)s"),
@@ -68,16 +70,41 @@ class _Steps(logging.Handler):
             r"ready in ([\d.]+)s: agent ([\d.]+)s, spawn ([\d.]+)s, sockets bound ([\d.]+)s"
         ),
     }
+    #: (step key, what ends it: a logger name prefix and a message regex), in order; a
+    #: step's time is from the last milestone seen before it (or start_kernel())
+    MILESTONES = [
+        ("ssh_setup", "asyncssh", re.compile(r"(Connecting to SSH server|Opening SSH conn)")),
+        ("ssh_tcp", "asyncssh", re.compile(r"  Local address")),
+        ("ssh_version_kexinit", "asyncssh", re.compile(r"Received key exchange request")),
+        ("ssh_kex", "asyncssh", re.compile(r"Completed key exchange")),
+        ("ssh_service", "asyncssh", re.compile(r"Beginning auth for user")),
+        ("ssh_auth_none", "asyncssh", re.compile(r"Trying public key auth")),
+        ("ssh_auth_query", "asyncssh", re.compile(r"Signing request")),
+        ("ssh_auth_sign", "asyncssh", re.compile(r"Auth for user .* succeeded")),
+        ("forwards", "sshpyk", re.compile(r"SSH connection and local forwards ready")),
+        ("channel_open", "asyncssh", re.compile(r"  Command: ")),
+        ("code_asked", "sshpyk", re.compile(r"sending the agent's code")),
+        ("agent_hello", "sshpyk", re.compile(r"agent pid \S+ up")),
+        ("launch", "", re.compile(r"ready in [\d.]+s: agent")),
+    ]
 
     def __init__(self) -> None:
-        super().__init__(logging.INFO)
+        super().__init__(logging.DEBUG)
         self.found: dict[str, float] = {}
+        self.t0 = time.perf_counter()
+        self.seen: list[tuple[str, float]] = []
 
     def emit(self, record: logging.LogRecord) -> None:
+        now = time.perf_counter()
         try:
             message = record.getMessage()
         except Exception:  # a malformed record is not ours to report
             return
+        for key, logger, pattern in self.MILESTONES:
+            if record.name.startswith(logger) and pattern.search(message):
+                if key not in dict(self.seen):
+                    self.seen.append((key, now))
+                break
         if m := self.PATTERNS["pre_launch"].search(message):
             self.found["ssh_and_forwards_s"] = float(m.group(1))
         elif m := self.PATTERNS["ready"].search(message):
@@ -86,7 +113,14 @@ class _Steps(logging.Handler):
 
     def take(self) -> dict[str, float]:
         found, self.found = self.found, {}
-        return {f"sshpyk_{k}": v for k, v in found.items()}
+        seen, self.seen = self.seen, []
+        steps = {}
+        last = self.t0
+        for key, at in sorted(seen, key=lambda s: s[1]):
+            steps[f"step_{key}_s"] = at - last
+            last = at
+        self.t0 = time.perf_counter()
+        return {**{f"sshpyk_{k}": v for k, v in found.items()}, **steps}
 
 
 STEPS = _Steps()
@@ -599,9 +633,10 @@ def main() -> int:
     level = level if isinstance(level, int) else logging.WARNING
     for handler in logging.getLogger().handlers:  # stderr: as asked
         handler.setLevel(level)
-    for name in ("traitlets", "sshpyk"):  # sshpyk's own logger, and its provisioner's
+    for name in ("traitlets", "sshpyk", "asyncssh"):  # and the provisioner's, asyncssh's
         logger = logging.getLogger(name)
-        logger.setLevel(min(level, logging.INFO))  # INFO at least, for STEPS
+        # DEBUG for STEPS' milestones (asyncssh's at its debug level 1: no packets)
+        logger.setLevel(min(level, logging.DEBUG if name != "traitlets" else logging.INFO))
         logger.addHandler(STEPS)
 
     # Orphans (an ssh ControlMaster that daemonizes) stay in our tree and are counted.

@@ -12,13 +12,15 @@ connection and the agent are up), then ``--reps`` starts each of
 
 Time: from ``session.start_kernel()`` to the first kernel_info reply through the new
 kernel's forwards (channels connected, ZMTP handshakes done). Target: the spare start at
-most 2 RTT + 50 ms. Prints a Markdown table. Run: python benchmarks/prestart.py
+most 3 RTT + 50 ms (issue 26; issue 16 asked 2 RTT). Prints a Markdown table. Run:
+python benchmarks/prestart.py
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import shutil
 import statistics
 import sys
@@ -117,16 +119,19 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rtts", type=lambda s: [float(x) for x in s.split(",")])
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--json", type=Path, help="also write every sample there (run.py)")
     args = parser.parse_args()
     args.rtts = args.rtts or [0.0, 20.0, 100.0]
     rows = asyncio.run(main_async(args))
-    print("| RTT | fresh start | spare start | spare in RTT | target: 2 RTT + 50 ms |")
+    if args.json:
+        args.json.write_text(json.dumps(rows))
+    print("| RTT | fresh start | spare start | spare in RTT | target: 3 RTT + 50 ms |")
     print("|---|---:|---:|---:|---|")
     for row in rows:
         fresh, spare = statistics.median(row["fresh"]), statistics.median(row["spare"])
         rtt = row["rtt"] / 1000.0
         in_rtt = f"{spare / rtt:.1f}" if rtt else "-"
-        target = 2 * rtt + 0.050
+        target = 3 * rtt + 0.050
         met = "met" if spare <= target else f"not met ({target:.3f} s)"
         print(f"| {row['rtt']:g} ms | {fresh:.3f} s | {spare:.3f} s | {in_rtt} | {met} |")
     return 0

@@ -76,6 +76,13 @@ def parse_args() -> tuple[argparse.Namespace, list[str], list[str], list[int], S
         f"(default {','.join(str(r) for r in DEFAULT_RTTS)})",
     )
     parser.add_argument("--reps", type=int, help="lifecycle processes per candidate (every RTT)")
+    parser.add_argument(
+        "--share-persist",
+        type=float,
+        default=0.0,
+        help="sshpyk's connection_persist: 0 (default), each driver logs in itself; > 0, "
+        "through a connection broker of this run's (a cold start then starts it)",
+    )
     parser.add_argument("--idle-seconds", type=float)
     parser.add_argument("--concurrent", type=int, help="kernels started at once")
     parser.add_argument("--markdown", type=Path, help="also write the report to this file")
@@ -110,6 +117,7 @@ def parse_args() -> tuple[argparse.Namespace, list[str], list[str], list[int], S
     if args.concurrent is not None:
         settings.concurrent = max(1, args.concurrent)
     settings.driver_log_level = args.driver_log_level.upper()
+    settings.share_persist = max(0.0, args.share_persist)
     names = [n for n in CANDIDATES if n in names]
     return args, sections, names, rtts, settings
 

@@ -21,7 +21,16 @@ from .common import GCM, REPO, TITLES
 from .settings import Settings
 from .stats import Stat, cell, ratio
 
-__all__ = ["IN_RTTS", "NO_RATIO", "ROWS", "Report", "Row", "environment", "git_revision"]
+__all__ = [
+    "HANDSHAKE_STEPS",
+    "IN_RTTS",
+    "NO_RATIO",
+    "ROWS",
+    "Report",
+    "Row",
+    "environment",
+    "git_revision",
+]
 
 
 @dataclass
@@ -34,6 +43,27 @@ class Row:
     errors: dict[str, str] = field(default_factory=dict)
 
 
+#: a cold start step by step (issue 26), from the log lines of sshpyk and asyncssh (the
+#: driver's STEPS.MILESTONES): each row is the time from the milestone before it
+TIMELINE = [
+    ("ssh_setup", "…… step by step: ssh config, keys, until the TCP connect"),
+    ("ssh_tcp", "…… TCP handshake"),
+    ("ssh_version_kexinit", "…… SSH version exchange, KEXINIT"),
+    ("ssh_kex", "…… key exchange (ECDH), NEWKEYS"),
+    ("ssh_service", "…… service request (ssh-userauth)"),
+    ("ssh_auth_none", "…… auth `none` probe"),
+    ("ssh_auth_query", "…… public key query (PK_OK)"),
+    ("ssh_auth_sign", "…… signed public key auth"),
+    ("forwards", "…… local forwards, sshpyk's connection set-up"),
+    ("channel_open", "…… agent: channel open"),
+    ("code_asked", "…… agent: exec, loader, cache miss: code asked for"),
+    ("agent_hello", "…… agent: exec + loader + code (cache or upload) + hello"),
+    ("launch", "…… launch (sent with the hello) until the kernel's sockets are bound"),
+]
+
+#: the steps of TIMELINE that make the SSH handshake (TCP connect to auth success)
+HANDSHAKE_STEPS = [key for key, _ in TIMELINE if key.startswith("ssh_") and key != "ssh_setup"]
+
 #: where a start's time goes: the driver's split, and sshpyk's own (from its log)
 PHASES = [
     ("start_kernel_s", "… of which `start_kernel()`"),
@@ -41,6 +71,7 @@ PHASES = [
     ("sshpyk_agent_s", "…… then the remote agent up"),
     ("sshpyk_spawn_s", "…… then the kernel spawned"),
     ("sshpyk_sockets_bound_s", "…… then the kernel's sockets bound"),
+    *[(f"step_{key}_s", label) for key, label in TIMELINE],
     ("kernel_info_s", "… then the first kernel_info reply"),
     ("execute_s", "… then the first execute reply"),
 ]
@@ -54,9 +85,12 @@ ROWS = [
     ("import_s", "One-time import: jupyter_client + provisioner", "s", ".3f"),
     ("cold_start_s", "Cold start → first execute reply", "s", ".2f"),
     *PHASE_ROWS["cold"],
+    ("ssh_handshake_s", "… the SSH handshake in it: TCP connect to auth success", "s", ".2f"),
     ("warm_start_s", "Warm start → first execute reply", "s", ".2f"),
     *PHASE_ROWS["warm"],
     ("restart_s", "Restart → first execute reply", "s", ".2f"),
+    ("spare_start_s", "Warm spare start → first kernel_info reply (prestart.py)", "s", ".3f"),
+    ("spare_fresh_s", "… the same without a spare (a fresh kernel, prestart.py)", "s", ".3f"),
     ("shutdown_s", "Shutdown (another kernel keeps the connection)", "s", ".2f"),
     ("last_shutdown_s", "Shutdown of the last kernel", "s", ".2f"),
     ("kernel_info_ms", "kernel_info round trip", "ms", ".2f"),
@@ -103,6 +137,9 @@ ROWS = [
 IN_RTTS = {
     *(spec[0] for rows in PHASE_ROWS.values() for spec in rows),
     "cold_start_s",
+    "ssh_handshake_s",
+    "spare_start_s",
+    "spare_fresh_s",
     "warm_start_s",
     "restart_s",
     "shutdown_s",

@@ -163,6 +163,11 @@ class Bench:
 
     def _setup_sshpyk(self) -> Candidate:
         env = self._env("sshpyk")
+        # each driver its own login (0), or a broker of this run's, never the user's
+        env["SSHPYK_SHARE_PERSIST"] = f"{self.settings.share_persist:g}"
+        broker = self.root / "broker"
+        broker.mkdir(mode=0o700, exist_ok=True)
+        env["SSHPYK_BROKER_DIR"] = str(broker)
         kernels = {}
         variants = [("default", self.sshd.ssh_config), ("gcm", self.ssh_config_gcm)]
         variants += [(f"rtt{r}", ours) for r, (ours, _) in self.proxied_configs.items()]
@@ -248,7 +253,8 @@ class Bench:
         out = self.root / f"{name}-{mode}-{time.monotonic_ns()}.json"
         logfile = self.root / f"{name}-{mode}.log"
         cmd = [cand.python, str(BENCHMARKS / "driver.py"), mode, "--kind", name]
-        cmd += ["--kernel", cand.kernels[variant], "--out", str(out)]
+        kernel = cand.kernels.get(variant, cand.kernels["default"])  # local: no network
+        cmd += ["--kernel", kernel, "--out", str(out)]
         cmd += ["--timeout", str(self.settings.timeout)]
         cmd += ["--sshd-port", str(self.sshd.port if name != "local" else 0)]
         cmd += ["--all-root", str(self.me), "--log-level", self.settings.driver_log_level]

@@ -4,6 +4,9 @@ and puts their samples into the :class:`Report` of the RTT being measured."""
 from __future__ import annotations
 
 import functools
+import json
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -11,8 +14,8 @@ from typing import Any
 
 import tunnel
 
-from .common import TITLES, log
-from .report import Report
+from .common import BENCHMARKS, TITLES, log
+from .report import HANDSHAKE_STEPS, Report
 from .runner import Bench, DriverRun
 from .stats import percentile
 
@@ -63,6 +66,10 @@ def run_lifecycle(bench: Bench, report: Report) -> None:
                 for phase in phases:
                     for key, value in phase.items():
                         report.add(name, f"{start}_{key}", value)
+            for phase in cold:  # the SSH handshake: TCP connect to auth success (issue 26)
+                steps = [phase.get(f"step_{key}_s") for key in HANDSHAKE_STEPS]
+                if all(v is not None for v in steps):
+                    report.add(name, "ssh_handshake_s", sum(steps))
 
 
 def run_latency(bench: Bench, report: Report) -> None:
@@ -276,6 +283,31 @@ def run_concurrent(bench: Bench, report: Report) -> None:
 
 
 #: section name -> its function, in the order run.py runs them
+def run_spare(bench: Bench, report: Report) -> None:
+    """Warm spare kernels (``prestart``): benchmarks/prestart.py at this RTT, with its own
+    throwaway sshd and delay proxy; sshpyk only."""
+    if "sshpyk" not in bench.names:
+        return
+    s = bench.settings
+    out = bench.root / f"prestart-{bench.rtt}.json"
+    reps = max(2, min(s.reps, 3))
+    command = [sys.executable, str(BENCHMARKS / "prestart.py"), "--rtts", str(bench.rtt)]
+    command += ["--reps", str(reps), "--json", str(out)]
+    log(f"spare: prestart.py at {bench.rtt} ms, {reps} reps")
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=s.driver_timeout, check=False
+    )
+    if done.returncode != 0 or not out.exists():
+        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+        report.error("sshpyk", ["spare_start_s", "spare_fresh_s"], tail[0])
+        return
+    (row,) = json.loads(out.read_text())
+    for value in row["spare"]:
+        report.add("sshpyk", "spare_start_s", value)
+    for value in row["fresh"]:
+        report.add("sshpyk", "spare_fresh_s", value)
+
+
 RUNNERS: dict[str, Callable[[Bench, Report], None]] = {
     "lifecycle": run_lifecycle,
     "latency": run_latency,
@@ -283,4 +315,5 @@ RUNNERS: dict[str, Callable[[Bench, Report], None]] = {
     "tunnel": run_tunnel,
     "idle": run_idle,
     "concurrent": run_concurrent,
+    "spare": run_spare,
 }

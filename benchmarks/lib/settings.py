@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 
 __all__ = ["DEFAULT_RTTS", "DEFAULT_SECTIONS", "RTT_SECTIONS", "SECTIONS", "Settings"]
 
-SECTIONS = ("lifecycle", "latency", "reconnect", "tunnel", "idle", "concurrent")
+SECTIONS = ("lifecycle", "latency", "reconnect", "spare", "tunnel", "idle", "concurrent")
 #: run at every RTT; the others only on loopback (RTT 0) and only when asked for
-RTT_SECTIONS = ("lifecycle", "latency", "reconnect")
+RTT_SECTIONS = ("lifecycle", "latency", "reconnect", "spare")
 DEFAULT_SECTIONS = RTT_SECTIONS
 DEFAULT_RTTS = (0, 20, 100)
 
@@ -43,6 +43,9 @@ class Settings:
     rtt: int = 0
     driver_log_level: str = "WARNING"  # the drivers' jupyter_client and sshpyk loggers
     quick_run: bool = False
+    #: sshpyk's connection_persist ($SSHPYK_SHARE_PERSIST): 0, each driver logs in itself;
+    #: > 0, through a connection broker (a private one per run, stopped after each driver)
+    share_persist: float = 0.0
     fixed_reps: bool = False  # --reps given: the same at every RTT
 
     def at(self, rtt: int) -> Settings:

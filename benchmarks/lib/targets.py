@@ -93,6 +93,43 @@ TARGETS = [
         per_rtt=6,
         notes=(" = {d_rtt:.1f} RTT",),
     ),
+    # issue 26: round trips on real links
+    Target(
+        "lifecycle",
+        EVERY_RTT,
+        "cold start ≤ local + SSH handshake + 3 RTT (issue 26)",
+        "sshpyk.cold_start_s",
+        "<=",
+        0.0,
+        "{v:.2f}s vs {local.cold_start_s:.2f}s + {sshpyk.ssh_handshake_s:.2f}s + 3 x {rtt} ms"
+        " = {limit:.2f}s",
+        vs="+",
+        reference="derived.cold_floor",
+        per_rtt=3,
+        notes=(" (sshpyk = local + handshake + {d_rtt:.1f} RTT)",),
+    ),
+    Target(
+        "reconnect",
+        EVERY_RTT,
+        "reconnect after a reset ≤ SSH handshake + 2 RTT (issue 26)",
+        "sshpyk.reconnect_s",
+        "<=",
+        0.0,
+        "{v:.2f}s vs {r:.2f}s + 2 x {rtt} ms = {limit:.2f}s",
+        vs="+",
+        reference="sshpyk.ssh_handshake_s",
+        per_rtt=2,
+    ),
+    Target(
+        "spare",
+        EVERY_RTT,
+        "warm spare start ≤ 3 RTT + 50 ms (issue 26)",
+        "sshpyk.spare_start_s",
+        "<=",
+        0.05,
+        "{v:.3f}s vs 3 x {rtt} ms + 50 ms = {limit:.3f}s",
+        per_rtt=3,
+    ),
     Target(
         "latency",
         EVERY_RTT,
@@ -247,6 +284,11 @@ def measures(report: Report) -> dict[str, _Measures]:
     if report.link_rtt_ms is not None:
         link.rtt_ms = report.link_rtt_ms
     found["link"] = link
+    derived = _Measures()
+    local, ours = found.get("local"), found.get("sshpyk")
+    if hasattr(local, "cold_start_s") and hasattr(ours, "ssh_handshake_s"):
+        derived.cold_floor = local.cold_start_s + ours.ssh_handshake_s
+    found["derived"] = derived
     return found
 
 
