@@ -81,7 +81,7 @@ class _Steps(logging.Handler):
         ("ssh_auth_none", "asyncssh", re.compile(r"Trying public key auth")),
         ("ssh_auth_query", "asyncssh", re.compile(r"Signing request")),
         ("ssh_auth_sign", "asyncssh", re.compile(r"Auth for user .* succeeded")),
-        ("forwards", "sshpyk", re.compile(r"SSH connection and local forwards ready")),
+        ("forwards", "", re.compile(r"SSH connection and local forwards ready")),
         ("channel_open", "asyncssh", re.compile(r"  Command: ")),
         ("code_asked", "sshpyk", re.compile(r"sending the agent's code")),
         ("agent_hello", "sshpyk", re.compile(r"agent pid \S+ up")),
