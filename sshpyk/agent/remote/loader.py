@@ -28,6 +28,7 @@ import marshal
 import os
 import stat
 import sys
+import time
 import types
 
 PACKAGE = "sshpyk_agent"  # protocol.PACKAGE; this module cannot import it
@@ -129,6 +130,7 @@ def open_cache(create):
         try:
             os.makedirs(os.path.dirname(path), 0o700, exist_ok=True)
             os.mkdir(path, 0o700)
+            os.chmod(path, 0o700)  # ours, just made: whatever the umask took away
         except FileExistsError:
             pass
         except OSError as exc:
@@ -213,10 +215,16 @@ def write_entry(dir_fd, digest, bundle, code):
 
 
 def _prune(dir_fd, keep):
+    """Drop the oldest entries beyond ``MAX_ENTRIES`` and temporary files that a writer
+    left (it died) more than an hour ago."""
     try:
-        names = [n for n in os.listdir(dir_fd) if n != keep and not n.startswith(".")]
-        names.sort(key=lambda n: os.stat(n, dir_fd=dir_fd, follow_symlinks=False).st_mtime)
-        for old in names[: max(0, len(names) + 1 - MAX_ENTRIES)]:
+        ages = {}
+        for name in os.listdir(dir_fd):
+            if name != keep:
+                ages[name] = os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mtime
+        stale = [n for n in ages if n.startswith(".") and ages[n] < time.time() - 3600]
+        names = sorted((n for n in ages if not n.startswith(".")), key=ages.__getitem__)
+        for old in stale + names[: max(0, len(names) + 1 - MAX_ENTRIES)]:
             os.unlink(old, dir_fd=dir_fd)
     except OSError:
         pass

@@ -197,8 +197,12 @@ def test_old_entries_are_pruned(tmp_path: Path) -> None:
         old = entry.with_name(f"{i:064x}.cpython-0-0")
         old.write_bytes(b"old")
         os.utime(old, (1000 + i, 1000 + i))
+    stale = entry.with_name(".dead-writer.tmp")
+    stale.write_bytes(b"half")
+    os.utime(stale, (1000, 1000))
     entry.unlink()
     start(cache, tmp_path / "r")
     left = entries(cache)
+    assert stale not in left
     assert len(left) == loader.MAX_ENTRIES and entry in left
     assert entry.with_name(f"{0:064x}.cpython-0-0") not in left  # the oldest went
