@@ -62,6 +62,13 @@ def entries(cache: Path) -> list[Path]:
     return sorted((cache / "sshpyk" / "agent").iterdir())
 
 
+def cached_entry(cache: Path, run_root: Path) -> Path:
+    """The cache entry a first start writes."""
+    start(cache, run_root)
+    (entry,) = entries(cache)
+    return entry
+
+
 def served(events: list[dict[str, Any]]) -> bool:
     """The agent said hello and answered the request sent with the hello."""
     names = [e.get("event") for e in events]
@@ -89,8 +96,7 @@ def test_stdin_ending_before_the_code_is_a_quiet_exit(tmp_path: Path) -> None:
 @pytest.mark.parametrize("mode", [0o777, 0o750, 0o711])
 def test_a_cache_dir_others_could_write_or_read_is_not_used(tmp_path: Path, mode: int) -> None:
     cache = tmp_path / "cache"
-    start(cache, tmp_path / "r")
-    (entry,) = entries(cache)
+    entry = cached_entry(cache, tmp_path / "r")
     before = entry.read_bytes()
     entry.parent.chmod(mode)
     for _ in range(2):  # neither read nor rewritten
@@ -103,8 +109,7 @@ def test_a_cache_dir_others_could_write_or_read_is_not_used(tmp_path: Path, mode
 @pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")
 def test_a_cache_dir_of_another_user_is_not_used(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
-    start(cache, tmp_path / "r")
-    (entry,) = entries(cache)
+    entry = cached_entry(cache, tmp_path / "r")
     os.chown(entry.parent, 65534, 65534)  # nobody's, mode still 0700
     events, asked = start(cache, tmp_path / "r")
     assert asked and served(events) and "belongs to uid 65534" in events[0]["why"]
@@ -122,8 +127,7 @@ def test_a_symlinked_cache_dir_is_not_used(tmp_path: Path) -> None:
 
 def test_a_corrupt_entry_is_detected_and_replaced(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
-    start(cache, tmp_path / "r")
-    (entry,) = entries(cache)
+    entry = cached_entry(cache, tmp_path / "r")
     data = bytearray(entry.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one bit of the code flipped
     entry.write_bytes(bytes(data))
@@ -138,8 +142,7 @@ def test_a_corrupt_entry_is_detected_and_replaced(tmp_path: Path) -> None:
 
 def test_an_entry_others_may_write_is_not_used(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
-    start(cache, tmp_path / "r")
-    (entry,) = entries(cache)
+    entry = cached_entry(cache, tmp_path / "r")
     entry.chmod(0o666)
     events, asked = start(cache, tmp_path / "r")
     assert asked and "not a private file" in events[0]["why"]
@@ -148,8 +151,7 @@ def test_an_entry_others_may_write_is_not_used(tmp_path: Path) -> None:
 def test_an_entry_of_another_bundle_is_not_used(tmp_path: Path) -> None:
     """Consistent in itself (its hash matches) but not of the bundle named: unused."""
     cache = tmp_path / "cache"
-    start(cache, tmp_path / "r")
-    (entry,) = entries(cache)
+    entry = cached_entry(cache, tmp_path / "r")
     other = loader.encode_bundle({"loader": "X = 1\n"})
     code = {"loader": compile("X = 1\n", "x", "exec")}
     fd = os.open(entry.parent, os.O_RDONLY)
@@ -191,8 +193,7 @@ def test_another_python_gets_its_own_entry(tmp_path: Path) -> None:
 
 def test_old_entries_are_pruned(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
-    start(cache, tmp_path / "r")
-    (entry,) = entries(cache)
+    entry = cached_entry(cache, tmp_path / "r")
     for i in range(loader.MAX_ENTRIES + 3):
         old = entry.with_name(f"{i:064x}.cpython-0-0")
         old.write_bytes(b"old")
