@@ -18,8 +18,9 @@ argv as ``[<python>, "-m", "sshpyk.launch", "--kernel-dir", DIR, "--kernel", NAM
 * SIGINT interrupts the remote kernel (interrupt_mode ``signal``; in ``message`` mode
   the client's interrupt_request passes through the forwards like any message);
   SIGTERM shuts the remote kernel down; when the remote kernel exits (the client's
-  shutdown_request) the launcher exits with its code. If the launcher is killed, its
-  SSH connection drops and the agent reaps the kernel after the grace period.
+  shutdown_request) the launcher exits with its code, and with :data:`EXIT_IDLE` and a
+  line on stderr when the agent shut it down for its idle timeout. If the launcher is
+  killed, its SSH connection drops and the agent reaps the kernel after the grace period.
 
 Errors are one line on stderr and a non-zero exit: the client shows that the kernel
 died. Progress is logged to stderr at INFO, each stage with its duration.
@@ -54,6 +55,8 @@ log = logging.getLogger("sshpyk")
 EXIT_FAILED = 1
 #: ... and of a bad command line or connection file
 EXIT_USAGE = 2
+#: ... and when the remote agent shut the kernel down for its idle timeout
+EXIT_IDLE = 3
 
 
 @dataclass(frozen=True)
@@ -140,7 +143,7 @@ async def run(spec: KernelConfig, conn: ConnectionFile) -> int:
         ),
         spec.start_timeout,
     )
-    kernel = RemoteKernel(session, options)
+    kernel = RemoteKernel(session, options, client="argv")
     try:
         log.info("[%s] connected in %.3fs", alias, time.monotonic() - started)
         loop.add_signal_handler(signal.SIGINT, on_sigint)
@@ -167,6 +170,11 @@ async def run(spec: KernelConfig, conn: ConnectionFile) -> int:
         if exited.done():
             code = exited.result() or 0
             log.info("[%s] kernel %s exited (%s)", alias, kernel.kernel_id, code)
+            if kernel.idle_shutdown is not None:
+                idle = f"{kernel.idle_shutdown:.0f} s idle (idle timeout {spec.idle_timeout:g} s)"
+                line = f"sshpyk.launch: [{alias}] kernel {kernel.kernel_id} shut down after {idle}"
+                print(line, file=sys.stderr)
+                return EXIT_IDLE
             return 0 if code in (0, None) else EXIT_FAILED
         exited.cancel()
         return 0

@@ -60,8 +60,9 @@ class SSHKernelProvisioner(_ConfigTraits):  # type: ignore[misc,valid-type]
     ssh_config: str | None
     _kernel: RemoteKernel | None = None
     _session: SSHSession | None = None
-    _launched = False
-    _adopted = False
+    _launched = _adopted = False
+    _session_name = ""
+    _restart_limit: int | None = None  # the restarter's, while an idle timeout set it 0
 
     # -- helpers --------------------------------------------------------------------
     _loop = property(lambda self: SSHLoop.instance())
@@ -87,7 +88,9 @@ class SSHKernelProvisioner(_ConfigTraits):  # type: ignore[misc,valid-type]
 
     async def _open(self) -> RemoteKernel:
         session = await self._connect()
-        kernel = RemoteKernel(session, self._options(), kernel_id=self.kernel_id)
+        kernel = RemoteKernel(
+            session, self._options(), kernel_id=self.kernel_id, client="provisioner"
+        )
         kernel.logger = self.log  # a batch job's queue and walltime events go to Jupyter's log
         try:
             await kernel.open_forwards()
@@ -106,6 +109,7 @@ class SSHKernelProvisioner(_ConfigTraits):  # type: ignore[misc,valid-type]
                 key=record.get("key"),
                 ports=record.get("ports"),
                 ip=record.get("ip"),
+                client="provisioner",
             ),
             self.start_timeout,
         )
@@ -138,12 +142,9 @@ class SSHKernelProvisioner(_ConfigTraits):  # type: ignore[misc,valid-type]
             await asyncio.to_thread(state.forget, str(record["kernel_id"]))
             if kernel is None:
                 continue
-            self.log.info(
-                "[%s] reattached to persistent kernel %s (remote pid %s)",
-                self.ssh_host_alias,
-                kernel.kernel_id,
-                kernel.process.pid if kernel.process else None,
-            )
+            pid = kernel.process.pid if kernel.process else None
+            line = "[%s] reattached to persistent kernel %s (remote pid %s)"
+            self.log.info(line, alias, kernel.kernel_id, pid)
             return kernel
         return None
 
@@ -162,8 +163,6 @@ class SSHKernelProvisioner(_ConfigTraits):  # type: ignore[misc,valid-type]
         }
         await asyncio.to_thread(state.remember, record)
 
-    _session_name = ""
-
     # -- the provisioner contract ------------------------------------------------------
     @property
     def has_process(self) -> bool:
@@ -177,8 +176,10 @@ class SSHKernelProvisioner(_ConfigTraits):  # type: ignore[misc,valid-type]
             raise ValueError(
                 "the kernelspec has no ssh_host_alias in metadata.kernel_provisioner.config"
             )
-        started = time.monotonic()
-        km = self.parent
+        started, km = time.monotonic(), self.parent
+        restarter = getattr(km, "_restarter", None)
+        if restarter is not None and self._restart_limit is not None:  # after idle 'dead'
+            restarter.restart_limit, self._restart_limit = self._restart_limit, None
         kwargs.pop("extra_arguments", None)
         self._session_name = str((kwargs.get("env") or {}).get("JPY_SESSION_NAME", ""))
         if self._kernel is None and self.persistent:
@@ -195,12 +196,8 @@ class SSHKernelProvisioner(_ConfigTraits):  # type: ignore[misc,valid-type]
                 setattr(km, f"{channel}_port", port)
             km.write_connection_file(jupyter_session=self._session_name)
             self.connection_info = km.get_connection_info()
-        self.log.info(
-            "[%s] kernel %s: SSH connection and local forwards ready in %.3fs",
-            self.ssh_host_alias,
-            self.kernel_id,
-            time.monotonic() - started,
-        )
+        line = "[%s] kernel %s: SSH connection and local forwards ready in %.3fs"
+        self.log.info(line, self.ssh_host_alias, self.kernel_id, time.monotonic() - started)
         return await super().pre_launch(cmd=list(self.kernel_spec.argv), **kwargs)
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
@@ -234,14 +231,20 @@ class SSHKernelProvisioner(_ConfigTraits):  # type: ignore[misc,valid-type]
         return cast(KernelConnectionInfo, info)
 
     async def poll(self) -> int | None:
-        if self._kernel is None:
-            return 0
-        return self._kernel.poll()
+        kernel, restarter = self._kernel, getattr(self.parent, "_restarter", None)
+        code = kernel.poll() if kernel is not None else 0
+        idle = kernel.idle_shutdown if kernel is not None and code is not None else None
+        if idle is not None:  # the agent shut it down (idle timeout): dead, not restarted;
+            # restart_limit 0 makes the KernelRestarter fire 'dead' now (no public hook)
+            if restarter is not None and restarter.restart_limit:
+                self._restart_limit, restarter.restart_limit = restarter.restart_limit, 0
+            line = "kernel %s shut down after %.0f s idle (idle timeout): not restarted"
+            self.log.warning(line, self.kernel_id, idle)
+            await self.cleanup()  # a dropped kernel's manager never calls it
+        return code
 
     async def wait(self) -> int | None:
-        if self._kernel is None:
-            return 0
-        return await self._loop.run(self._kernel.wait())
+        return 0 if self._kernel is None else await self._loop.run(self._kernel.wait())
 
     async def send_signal(self, signum: int) -> None:
         if self._kernel is not None:
@@ -254,8 +257,8 @@ class SSHKernelProvisioner(_ConfigTraits):  # type: ignore[misc,valid-type]
         await self.send_signal(signal.SIGTERM)
 
     async def cleanup(self, restart: bool = False) -> None:
-        """On restart keep the connection and the local ports; else release both. Either
-        way the kernel was shut down on purpose: its persistence record goes."""
+        """On restart keep the connection and local ports, else release both; the
+        kernel was shut down on purpose either way: its persistence record goes."""
         if self._kernel is None:
             return
         self._launched = False
@@ -264,9 +267,6 @@ class SSHKernelProvisioner(_ConfigTraits):  # type: ignore[misc,valid-type]
             await self._loop.run(self._kernel.shutdown(restart=True))
         else:
             await self._loop.run(self._close())
-
-    def get_shutdown_wait_time(self, recommended: float = 5.0) -> float:
-        return recommended
 
     def get_stable_start_time(self, recommended: float = 10.0) -> float:
         return max(recommended, self._options().total_start_timeout)

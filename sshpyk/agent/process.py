@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 from ..errors import KernelStartError, SSHPykError
 from ..tasks import wait_event
-from .remote.protocol import Event, Op
+from .remote.protocol import IDLE_TIMEOUT, Event, Op
 
 __all__ = ["LOST", "AgentLink", "EventListener", "KernelProcess"]
 
@@ -100,6 +100,8 @@ class KernelProcess:
         self.argv: list[str] = []
         self.exit_code: int | None = None
         self.stderr_tail = ""
+        #: seconds idle after which the agent shut the kernel down (its idle timeout)
+        self.idle_shutdown: float | None = None
         self.persistent = False
         self.started = asyncio.Event()
         #: set once the kernel process runs (or the kernel ended)
@@ -142,6 +144,11 @@ class KernelProcess:
             self.ready.set()
             self.reachable.set()
         elif kind == Event.EXITED:
+            if event.get("reason") == IDLE_TIMEOUT and self.exit_code is None:
+                self.idle_shutdown = float(event.get("idle_s") or 0.0)
+                line = "[%s] kernel %s shut down after %.0f s idle (idle timeout %g s)"
+                timeout = float(event.get("idle_timeout") or 0.0)
+                log.warning(line, self.agent.alias, self.kid, self.idle_shutdown, timeout)
             self._set_exit(int(event.get("code", LOST)), str(event.get("stderr_tail") or ""))
         elif kind == Event.ERROR:
             self.error = self.agent.error_from_event(event)
@@ -241,6 +248,11 @@ class KernelProcess:
         """Tell the agent where the web ports are forwarded (``sshpyk ps`` shows it)."""
         if self.agent.connected.is_set() and self.exit_code is None:
             self.agent.send({"op": Op.FORWARDED, "kid": self.kid, "forwards": forwards})
+
+    def tell_client(self, client: str) -> None:
+        """Tell the agent who drives the kernel now (``sshpyk ps`` shows it)."""
+        if self.agent.connected.is_set() and self.exit_code is None:
+            self.agent.send({"op": Op.CLIENT, "kid": self.kid, "client": client})
 
     def send_signal(self, signum: int) -> None:
         self.agent.send({"op": Op.SIGNAL, "kid": self.kid, "signum": int(signum)})

@@ -32,17 +32,22 @@ class AgentQueries:
         run_root: str | None = None,
         *,
         all_users: bool = False,
+        usage: bool = False,
         timeout: float = DEFAULT_REQUEST_TIMEOUT,
     ) -> list[dict[str, Any]]:
         """Every sshpyk kernel of this user on the host (any agent, any local process).
 
         Each entry: kernel_id, kernel_name, pid, alive, started (epoch), agent_pid,
         agent_alive, attached (a local side was heard within its grace), last_contact
-        (epoch or None), persistent, transport, run_dir, launcher. Batch kernels also
-        have job_id, job_name, node, host and, once their launcher is loaded (its
+        (epoch or None), persistent, transport, run_dir, launcher, client. Batch kernels
+        also have job_id, job_name, node, host and, once their launcher is loaded (its
         ``prepare``), ``<launcher>_state`` and ``<launcher>_reason`` from the scheduler.
+        ``usage``: also cpu_percent, cpu_window_s, rss_bytes and gpu (see the agent's
+        usage.py; the answer may then take a second longer).
         """
-        event = await self.request(Op.PS, run_root=run_root, all_users=all_users, timeout=timeout)
+        event = await self.request(
+            Op.PS, run_root=run_root, all_users=all_users, usage=usage, timeout=timeout
+        )
         return list(event.get("kernels") or [])
 
     async def kill(
@@ -79,6 +84,23 @@ class AgentQueries:
         also whether the scheduler takes them as job arguments (a SchedulerArgsError
         if not). What it found, a JSON-able dict."""
         event = await self.request(Op.PROBE, launcher=launcher, args=args)
+        return {k: v for k, v in event.items() if k not in ("v", "event", "rid")}
+
+    async def discover(
+        self, roots: list[str] | None = None, *, search_only: bool = False, timeout: float = 30.0
+    ) -> dict[str, Any]:
+        """The host's Pythons that have jupyter_client and the kernelspecs each offers
+        (``agent/remote/discover.py``): the common env roots and ``roots`` (only those if
+        ``search_only``), all asked within ``timeout`` seconds on the host (what did not
+        answer by then is left out, with a warning). Keys: pythons, skipped, warnings,
+        elapsed."""
+        event = await self.request(
+            Op.DISCOVER,
+            roots=list(roots or []),
+            search_only=search_only,
+            limit=timeout,
+            timeout=timeout + 15.0,  # the remote's deadline, then its kill of the late ones
+        )
         return {k: v for k, v in event.items() if k not in ("v", "event", "rid")}
 
     async def connection_info(self, kid: str) -> dict[str, Any]:

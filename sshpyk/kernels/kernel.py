@@ -68,6 +68,7 @@ class KernelOptions:
     start_timeout: float = _D.start_timeout
     persistent: bool = _D.persistent
     prestart: int = _D.prestart
+    idle_timeout: float = _D.idle_timeout
     launcher: str = _D.launcher
     #: explicit forwards, as given ("6006", "8080:db.internal:5432"; see webports.py)
     forward: list[str] = field(default_factory=list)
@@ -135,10 +136,20 @@ class KernelOptions:
 class RemoteKernel:
     """A kernel on the far side of an :class:`~sshpyk.SSHSession`."""
 
-    def __init__(self, session: SSHSession, options: KernelOptions, kernel_id: str | None = None):
+    def __init__(
+        self,
+        session: SSHSession,
+        options: KernelOptions,
+        kernel_id: str | None = None,
+        *,
+        client: str = "api",
+    ):
         self.session = session
         self.options = options
         self.kernel_id = kernel_id or str(uuid.uuid4())
+        #: what drives the kernel, for ``sshpyk ps``: "provisioner" (jupyter_client),
+        #: "argv" (launch.py), "attach" (``sshpyk attach``), "api" (this class used directly)
+        self.client_name = client
         # a forwarded connection may wait for a start, or for a reconnect after link loss
         self.forwards = ForwardSet(
             session,
@@ -239,6 +250,11 @@ class RemoteKernel:
         timings["connect"] = time.monotonic() - t0
         opts = self.options
         request = opts.launch_request(self.key, self.signature_scheme, env, spare_ok=spare_ok)
+        request.options["client"] = self.client_name
+        launcher = opts.launcher_contract
+        on_event = launcher.event_listener(self.logger, alias, self.kernel_id)
+        # a launcher with nothing to prepare: the request goes with a new agent's hello
+        ahead = None if launcher.remote_modules else (self.kernel_id, request, on_event)
         t1 = time.monotonic()
         agent = await self.session.agent(
             opts.python,
@@ -246,12 +262,11 @@ class RemoteKernel:
             grace=opts.grace,
             link_grace=opts.link_grace,
             run_root=opts.run_root,
+            launch=ahead,
         )
         timings["agent"] = time.monotonic() - t1
         t1 = time.monotonic()
-        launcher = opts.launcher_contract
         await launcher.prepare(agent)
-        on_event = launcher.event_listener(self.logger, alias, self.kernel_id)
         self.process = await agent.launch(self.kernel_id, request, on_event=on_event)
         if self.process.key:  # a warm spare: its own key (jupyter_client takes it)
             self.key = self.process.key
@@ -290,10 +305,12 @@ class RemoteKernel:
         key: str | None = None,
         ports: dict[str, int] | None = None,
         ip: str | None = None,
+        client: str = "api",
     ) -> RemoteKernel:
         """Reattach to a kernel that runs on the host already (e.g. a persistent one
         whose local process went away). Opens new forwards: on ``ports`` if free (tcp),
-        in the socket directory of ``ip`` if it is still ours (ipc), else fresh ones."""
+        in the socket directory of ``ip`` if it is still ours (ipc), else fresh ones.
+        ``client``: what drives it from now on (``sshpyk ps`` shows it)."""
         options = options or KernelOptions()
         finder = await session.agent(options.python, options.pre_command)
         entries = [k for k in await finder.ps(options.run_root) if k.get("kernel_id") == kernel_id]
@@ -310,8 +327,9 @@ class RemoteKernel:
             link_grace=options.link_grace,
         )
         process = await agent.adopt(kernel_id)
+        process.tell_client(client)
         remote_info = await agent.connection_info(kernel_id)
-        kernel = cls(session, options, kernel_id=kernel_id)
+        kernel = cls(session, options, kernel_id=kernel_id, client=client)
         kernel.process = process
         kernel.key = key or str(remote_info.get("key", ""))
         kernel.signature_scheme = str(remote_info.get("signature_scheme", "hmac-sha256"))
@@ -369,6 +387,11 @@ class RemoteKernel:
             "key": self.key,
             "signature_scheme": self.signature_scheme,
         }
+
+    @property
+    def idle_shutdown(self) -> float | None:
+        """Seconds idle after which the agent shut the kernel down (idle timeout), or None."""
+        return self.process.idle_shutdown if self.process is not None else None
 
     def poll(self) -> int | None:
         """None while the kernel runs, else its exit code; no network round trip."""

@@ -44,6 +44,7 @@ NON_DEFAULT: dict[str, Any] = {
     "outage_buffer": 16.0,
     "prestart": 2,
     "persistent": True,
+    "idle_timeout": 3600.0,
     "launcher": "slurm",
     "sge_args": "-pe smp 4 -q gpu.q",
     "sge_queue_timeout": 40.0,
@@ -323,7 +324,8 @@ def test_add_and_edit_have_an_option_per_field(command: Any) -> None:
         if f.option.choices:
             assert list(param.type.choices) == list(f.option.choices), f.name
     others = set(params) - {f.name for f in config_fields()}
-    own = {"kernel", "unset_remote_env"} if command is edit else set()
+    discovery = {"discover", "add_all", "select", "search", "search_only", "as_json", "timeout"}
+    own = {"kernel", "unset_remote_env"} if command is edit else discovery
     assert others == {"replace", "no_check"} | own
 
 
@@ -340,6 +342,7 @@ def test_add_defaults_are_the_model_defaults() -> None:
         "link_grace": 3600.0,
         "outage_buffer": 64.0,
         "prestart": 0,
+        "idle_timeout": 0.0,
         "launcher": "direct",
         "sge_queue_timeout": 600.0,
         "sge_walltime_warning": 300.0,
@@ -390,6 +393,7 @@ def test_launch_request_is_what_the_agent_reads(every: SSHKernelSpec) -> None:
         "slurm_status_interval": 5.0,
         "outage_buffer": 16.0,
         "prestart": 2,
+        "idle_timeout": 3600.0,
         "auto_forward": False,
     }
     assert options.env == {"A": "1", "B": "x y"}  # the extra env is not kept

@@ -32,6 +32,8 @@ import time
 
 from . import direct  # noqa: F401  (registers the direct launcher)
 from .direct import tail
+from .discover import discover
+from .idle import IdleWatch
 from .jsonlines import Output
 from .kernelspecs import describe_kernelspec, jupyter_client_version
 from .launcher import launcher_class
@@ -50,6 +52,7 @@ from .procgroup import CLEANING, KILL_WAIT, TERM_WAIT, pid_alive
 from .protocol import AgentError, Event, Kind, Op
 from .records import annotate, kill_run_dir, request_owner, scan, sweep
 from .spares import Spares
+from .usage import Usage
 from .workers import Workers, cleanup_all
 
 #: seconds after a launch before its spares are topped up (see spares.py)
@@ -93,6 +96,8 @@ class Agent:
         #: the token of the local process whose stdio hello started this agent
         self.first_owner = hello.get("owner") or NOBODY
         self.spares = Spares(self)
+        self.idle = IdleWatch(self)  # activity in ps, the idle timeout (idle.py)
+        self.usage = Usage()  # what ps says each kernel costs: samples kept between asks
         self.controllers = set()
         self.agent_dir = None
         self.socket_path = None
@@ -272,6 +277,7 @@ class Agent:
                 self.timers.remove(timer)
                 self.dispatch(timer[1], timer[2])
             self.reap()
+            self.idle.tick(time.monotonic())
             for kernel in starting:
                 kernel.check_ready()
             now = time.monotonic()
@@ -381,9 +387,11 @@ class Agent:
                     msg,
                     lambda _: emit(Event.STOPPED, kid=kid),
                 )
-            elif op == Op.FORWARDED:
+            elif op in (Op.FORWARDED, Op.CLIENT):
                 kernel = self.kernels.get(kid)
-                if kernel is not None:
+                if kernel is not None and op == Op.CLIENT:
+                    kernel.set_client(msg.get("client"))
+                elif kernel is not None:
                     kernel.set_forwards(list(msg.get("forwards") or []))
             elif op == Op.STATE:
                 states = [k.state() for k in list(self.kernels.values())]
@@ -424,6 +432,12 @@ class Agent:
                     msg,
                     lambda info: emit(Event.PROBE, rid=rid, **info),
                 )
+            elif op == Op.DISCOVER:  # a worker: it runs the host's pythons (bounded)
+                self.spawn(
+                    lambda: discover(msg),
+                    msg,
+                    lambda found: emit(Event.DISCOVERED, rid=rid, **found),
+                )
             elif op == Op.SHUTDOWN:
                 # an owner closes on purpose: its kernels (persistent ones only if asked)
                 leaving = owner or self.owners.of(NOBODY)
@@ -449,11 +463,13 @@ class Agent:
     # -- requests served by workers ------------------------------------------------------
     def ps(self, msg):
         """Every sshpyk kernel in the run roots (of this user; ``all_users``: of all),
-        after the stale sweep, with what each launcher adds (a worker)."""
+        after the stale sweep, with what each launcher adds (a worker); ``usage``: and
+        what each costs (usage.py)."""
         owner = request_owner(msg)
         found = scan(default_run_roots(msg.get("run_root") or self.run_root), owner)
         removed = sweep(found, keep=self.own_dirs())
-        return annotate([k for k in found[0] if k["run_dir"] not in removed])
+        kernels = annotate([k for k in found[0] if k["run_dir"] not in removed])
+        return self.usage.annotate(kernels) if msg.get("usage") else kernels
 
     def kill(self, msg):
         """Kill the kernels a ``kill`` request names (``kernel_id``: an id or a unique

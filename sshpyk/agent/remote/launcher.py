@@ -22,6 +22,7 @@ import os
 import threading
 import time
 
+from .idle import Activity, create_activity_file, idle_timeout
 from .links import LinkServer
 from .paths import remove_tree, write_json_atomic
 from .procgroup import stop_group
@@ -74,6 +75,9 @@ class Launcher(abc.ABC):
     #: listeners (ports.py) when the request asks (``auto_forward``); a launcher
     #: whose kernels run elsewhere reports them itself (``ports`` events)
     scans_ports = False
+    #: True: the kernel's processes run on this host: ``ps`` reads what they cost from
+    #: /proc (usage.py); a launcher whose kernels run elsewhere leaves it False
+    runs_here = False
 
     def __init__(self, agent, request):
         self.agent = agent
@@ -90,6 +94,8 @@ class Launcher(abc.ABC):
         #: the resumable relay (links.py) and its socket, once started (start_links)
         self.links = None
         self.relay = None
+        #: what the relay saw it do last (idle.py), None without a relay
+        self.activity = None
         self.started_fields = {}  # what ``started`` said (adopt says it again)
         self.ready = False
         #: set by a ``stop``: True for a restart (keep what the next launch of this kid
@@ -227,6 +233,11 @@ class Launcher(abc.ABC):
             self.write_info()
             self.emit(Event.PORTS, ports=ports)
 
+    def set_client(self, client):
+        """Who drives the kernel now (``client``: e.g. ``sshpyk attach``): in the record."""
+        self.info["client"] = str(client or "")[:40] or None
+        self.write_info()
+
     def set_forwards(self, forwards):
         """Where the local side forwards the web ports: in the record (``ps``)."""
         self.forwards = forwards
@@ -243,15 +254,22 @@ class Launcher(abc.ABC):
         not fit in sun_path: then the local side forwards to the sockets directly."""
         mib = self.request.get("outage_buffer", 64)
         path = os.path.join(self.run_dir or "", "r")  # as short as the kernel's k-N
-        if not mib or not self.run_dir or len(path.encode()) > 104:
-            return
-        try:
-            self.links = LinkServer(
-                path, self.endpoints.__getitem__, int(float(mib) * (1 << 20)), self.agent.link_grace
+        if mib and self.run_dir and len(path.encode()) <= 104:
+            activity = Activity()
+            try:
+                budget = int(float(mib) * (1 << 20))
+                target = self.endpoints.__getitem__
+                self.links = LinkServer(path, target, budget, self.agent.link_grace, activity)
+                self.relay, self.activity = path, activity
+                create_activity_file(self.run_dir)
+            except Exception:
+                pass  # the local side then forwards to the sockets directly
+        if self.activity is None and idle_timeout(self.request):
+            self.agent.idle.log(
+                "kernel %s has no relay (outage_buffer 0, or its run dir is too long for a"
+                " unix socket): its activity is not seen, its idle timeout does not apply"
+                % self.kid
             )
-        except Exception:
-            return  # the local side then forwards to the sockets directly
-        self.relay = path
 
     def adopt(self, kid, request):
         """A warm spare (spares.py) becomes kernel ``kid`` of ``request``: the same
@@ -259,8 +277,17 @@ class Launcher(abc.ABC):
         ``ready`` if it is)."""
         self.kid = kid
         self.persistent = bool(request.get("persistent"))
-        self.request = dict(self.request, kid=kid, persistent=self.persistent, spare=False)
+        self.request = dict(
+            self.request,
+            kid=kid,
+            persistent=self.persistent,
+            spare=False,
+            idle_timeout=request.get("idle_timeout"),
+        )
         self.info.update(kernel_id=kid, persistent=self.persistent, spare=False)
+        if self.activity is not None:
+            self.activity.last = time.time()  # a spare's idle time is not its user's
+        self.info["client"] = request.get("client")
         self.write_info()
         self.emit(Event.STARTED, key=self.request["key"], **self.started_fields)
         if self.ready:
@@ -298,6 +325,8 @@ class Launcher(abc.ABC):
             "argv": argv,
             "launcher": self.name,
             "spare": bool(self.request.get("spare")),
+            # what drives it: provisioner, argv, api (the launch request's), attach
+            "client": self.request.get("client"),
         }
         self.info.update(extra)
         self.write_info()

@@ -20,12 +20,15 @@ then any of (``kid`` is the kernel id, ``rid`` a request id)::
     {"op": "stop", "kid": ...}                      # kill the group, remove its run dir
     {"op": "state", "rid": 1}                       # every kernel: pid, ready, exit code
     {"op": "connection_info", "rid": 1, "kid": ...} # for a local side that reattaches
-    {"op": "ps", "rid": 1, "run_root": null, "all_users": false}  # sshpyk kernels here
+    {"op": "ps", "rid": 1, "run_root": null, "all_users": false,
+     "usage": false}                                # sshpyk kernels here (usage: CPU...)
+    {"op": "client", "kid": ..., "client": "attach"}  # who drives the kernel now
     {"op": "kill", "rid": 1, "kernel_id": ...|null, "orphans": false, "run_root": null,
      "all_users": false}                            # all_users: root only
     {"op": "shutdown", "rid": 1, "keep_persistent": false}  # the local side leaves
     {"op": "load", "rid": 1, "name": <launcher>, "modules": {name: source}}  # once
     {"op": "probe", "rid": 1, "launcher": <name>, "args": [...]}  # can it run here?
+    {"op": "discover", "rid": 1, "roots": [...], "search_only": false, "limit": 30}
 
 agent -> local (stdout)::
 
@@ -34,13 +37,16 @@ agent -> local (stdout)::
     {"event": "started", "kid", "pid", "pgid", "run_dir", "transport", "endpoints"}
     {"event": "job", "kid", "job_id", "state", ...}  # a batch job: queue, node, walltime
     {"event": "ready", "kid"}                       # all five sockets are bound
-    {"event": "exited", "kid", "code", "stderr_tail"}
+    {"event": "exited", "kid", "code", "stderr_tail"}  # + "reason": "idle_timeout",
+                                                    # "idle_s", "idle_timeout" (idle.py)
     {"event": "stopped", "kid"}                     # process group dead, run dir gone
     {"event": "state"|"connection_info"|"loaded"|"probe", "rid", ...}
     {"event": "ps", "rid", "kernels": [{..., "uid", "user", "alive", "agent_alive",
-     "attached", "agent_socket", "last_contact", "run_dir"}]}
+     "attached", "agent_socket", "last_contact", "run_dir", "client"[, "cpu_percent",
+     "cpu_window_s", "rss_bytes", "gpu"]}]}       # usage: see usage.py
     {"event": "killed", "rid", "kernels": [{..., "killed": true|false, "error": null|"..."}]}
     {"event": "bye", "rid", "kept"}                 # answer to shutdown
+    {"event": "discovered", "rid", "pythons", "skipped", "warnings", "elapsed"}  # discover.py
     {"event": "error", "kid"|"rid", "kind", "message"}  # KINDS, or a launcher's own
 
 The local side and the agent are always the same version (the agent's code is sent),
@@ -51,7 +57,9 @@ reads a decimal length line and then that many bytes of JSON, ``{module: source}
 dependency order (see ``loader.py``), installs them as the package ``PACKAGE`` and runs
 ``main.run()``. A launcher's modules (a batch scheduler's) follow on demand in a
 ``load`` request; an execution host gets every module the same way, through the job
-step's stdin.
+step's stdin. The agent's own start sends only the loader and the bundle's hash: the
+loader takes the compiled bundle from the user's cache on the host, or asks for it
+(``need_code``) and caches it (``loader.boot``).
 """
 
 PROTOCOL = 1
@@ -65,7 +73,7 @@ PACKAGE = "sshpyk_agent"
 #: what ``python -c`` runs on the remote host: it stays short, it is in the command line
 LOADER = (
     "import sys,json;r=sys.stdin.buffer;B=json.loads(r.read(int(r.readline())));"
-    "g={'__name__':'sshpyk_agent_loader'};exec(B['loader'],g);g['install'](B).main.run()"
+    "g={'__name__':'sshpyk_agent_loader'};exec(B['loader'],g);g['boot'](B,r).main.run()"
 )
 
 
@@ -91,10 +99,14 @@ class Op:
     PROBE = "probe"
     #: the local side says where it forwards a kernel's web ports (``ps`` shows it)
     FORWARDED = "forwarded"
+    #: who drives a kernel now (``sshpyk attach`` took it over): ``ps`` shows it
+    CLIENT = "client"
     #: the first message of a local process on the control socket: who it is (owners.py)
     CLAIM = "claim"
     #: a last will: the local process ``owner`` exited (owners.py), not contact
     GONE = "gone"
+    #: the host's Pythons with jupyter_client and their kernelspecs (discover.py)
+    DISCOVER = "discover"
 
 
 #: the ops a conversation may start with
@@ -119,10 +131,19 @@ class Event:
     BYE = "bye"
     LOADED = "loaded"
     PROBE = "probe"
+    DISCOVERED = "discovered"
     ERROR = "error"
     NODE = "node"  # the node side: the kernel runs, its relay listens
     #: the TCP listeners of a kernel's processes changed (ports.py): the whole list
     PORTS = "ports"
+    #: from the loader, before the hello: the agent's code is not in the host's cache,
+    #: send the bundle (loader.py)
+    NEED_CODE = "need_code"
+
+
+#: the ``reason`` of an ``exited`` event whose kernel the agent shut down because it was
+#: idle for the launch request's ``idle_timeout`` seconds (see idle.py)
+IDLE_TIMEOUT = "idle_timeout"
 
 
 class Kind:

@@ -80,6 +80,8 @@ async def test_idle_kernel_is_reaped_busy_kept_and_jupyter_sees_it_dead(
         km.add_restart_callback(lambda: events.append("restart"), "restart")
         km.add_restart_callback(lambda: events.append("dead"), "dead")
         run_dir = km.provisioner.remote_kernel.process.run_dir
+        limit = km._restarter.restart_limit
+        assert limit > 0
 
         # busy: a cell twice as long as the timeout, then alive and answering
         content, _ = await run_cell(kc, f"import time; time.sleep({2 * TIMEOUT})")
@@ -109,6 +111,11 @@ async def test_idle_kernel_is_reaped_busy_kept_and_jupyter_sees_it_dead(
         await asyncio.sleep(4.0)  # a restart would have started by now
         assert events == ["dead"]
         assert await until(lambda: no_kernel_runs(run_root), 10), leftovers(run_root)
+
+        # the same manager's next kernel is restarted again if it dies (the limit is back)
+        await km.start_kernel()
+        assert km._restarter.restart_limit == limit
+        assert km.provisioner.remote_kernel.process.pid != pid
     finally:
         kc.stop_channels()
         await km.shutdown_kernel(now=True)
