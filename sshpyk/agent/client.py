@@ -241,6 +241,7 @@ class RemoteAgent(AgentQueries):
         try:
             await self._open_channel(hello, ahead=ahead)
         except BaseException:
+            self.unlaunch()
             await asyncio.shield(self._close_channel())
             raise
         await self._start_heartbeat()
@@ -511,6 +512,19 @@ class RemoteAgent(AgentQueries):
                 kernel.restore(state)
                 return kernel
         raise RemoteError(f"no kernel {kid} in the agent on {self.alias!r}")
+
+    def unlaunch(self) -> None:
+        """Stop the kernels whose launch went with the hello (:meth:`start`) and that
+        :meth:`launch` has not taken: the start failed or was cancelled in between. The
+        agent reads the stop after the launch (one stdin), whether it has started yet."""
+        for kid in list(self._ahead):
+            self._ahead.discard(kid)
+            self.kernels.pop(kid, None)
+            if self.process is not None:  # also before the hello (send() waits for it)
+                with contextlib.suppress(asyncssh.Error, OSError, RuntimeError):
+                    self.process.stdin.write(
+                        json.dumps({"op": Op.STOP, "kid": kid}).encode() + b"\n"
+                    )
 
     async def launch(
         self, kid: str, request: LaunchRequest, *, on_event: EventListener | None = None

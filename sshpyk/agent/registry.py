@@ -131,11 +131,15 @@ async def start_or_join(
                     await asyncio.shield(control.abandon(slot))
                 raise
             value = _slot_value(agent)
-            if value is None:  # no control socket (no short path): not shareable
-                await control.abandon(slot)
-            else:
-                await control.put(slot, value)
-                await _leave_will(control, agent, slot)
+            try:
+                if value is None:  # no control socket (no short path): not shareable
+                    await control.abandon(slot)
+                else:
+                    await control.put(slot, value)
+                    await _leave_will(control, agent, slot)
+            except BaseException:  # nobody will have it: it goes, with a launch sent ahead
+                await asyncio.shield(agent.close())
+                raise
             return agent
         try:
             agent = await join(str(value["socket"]), str(value["token"]))

@@ -266,8 +266,12 @@ class RemoteKernel:
         )
         timings["agent"] = time.monotonic() - t1
         t1 = time.monotonic()
-        await launcher.prepare(agent)
-        self.process = await agent.launch(self.kernel_id, request, on_event=on_event)
+        try:
+            await launcher.prepare(agent)
+            self.process = await agent.launch(self.kernel_id, request, on_event=on_event)
+        except BaseException:
+            agent.unlaunch()  # a launch sent with the hello and not taken: stopped
+            raise
         if self.process.key:  # a warm spare: its own key (jupyter_client takes it)
             self.key = self.process.key
         timings["spawn"] = time.monotonic() - t1

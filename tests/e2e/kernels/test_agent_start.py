@@ -4,6 +4,7 @@ that fails either way still says why in one line."""
 
 from __future__ import annotations
 
+import asyncio
 import stat
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ import sshpyk
 from sshpyk import SSHSession
 
 from support.errors import one_line
+from support.waiting import leftovers, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -85,3 +87,23 @@ async def test_a_missing_python_with_a_pipelined_launch(sshd, run_root, tmp_path
     pre = cache_pre_command(tmp_path / "cache")
     exc = await start_error(sshd, run_root, pre, python="/nonexistent/bin/python3")
     assert isinstance(exc, sshpyk.RemotePythonNotFoundError)
+
+
+async def test_a_start_cancelled_after_its_pipelined_launch_leaves_no_kernel(
+    sshd, run_root, tmp_path
+) -> None:
+    """The launch went with the hello; the start is cancelled before the hello comes back
+    (here: the pre-command sleeps). The agent still reads the launch, and the stop that
+    follows it: no kernel is left for the link grace (an hour by default)."""
+    pre = cache_pre_command(tmp_path / "cache")
+    await start_and_close(sshd, run_root, pre)  # a warm cache: no wait for the code
+    pre += "; sleep 1.5"
+    async with await SSHSession.connect(sshd.alias, ssh_config=sshd.ssh_config) as session:
+        start = session.start_kernel(python=sys.executable, run_root=str(run_root), pre_command=pre)
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(start, 0.8)  # the exec and its stdin are sent by then
+        await asyncio.sleep(2.5)  # the agent is up and has read the launch
+        # (the session stays open: only the stop can end the kernel this soon)
+        assert await asyncio.to_thread(wait_until, lambda: leftovers(run_root) == ([], []), 15), (
+            leftovers(run_root)
+        )
