@@ -5,14 +5,18 @@ Activity is what a user causes: an ``execute_request`` on shell (client -> kerne
 on iopub (kernel -> client) output (stream, display_data, update_display_data,
 execute_input, execute_result, error, clear_output) and the busy/idle status of any
 request but the ones clients send by themselves (:data:`PASSIVE`: kernel_info,
-comm_info, jupyter-resource-usage's usage_request, shutdown). Between busy and idle a
-kernel is busy, never idle, however long its cell runs.
+comm_info, jupyter-resource-usage's usage_request, shutdown). Between the busy and the
+idle of a request (by its msg_id, the status's parent: several iopub streams may
+deliver them in any order between them) a kernel is busy, never idle, however long its
+cell runs.
 
 Where it is seen: the relay (links.py) hands this module the bytes of each shell
 stream from the local side and of each iopub stream from the kernel, as they pass; a
 :class:`Sniffer` per stream follows the ZMTP 3 framing and copies only the JSON header
 of a message (and, for a status, its parent header and content), never a payload.
-It runs on the event loop: a few attribute updates per message. A kernel without a
+It runs on the event loop: a few attribute updates per message. An iopub stream it
+cannot follow makes the kernel's activity unknown: its idle timeout no longer applies
+(logged). A kernel without a
 relay (``outage_buffer`` 0, or a run dir too long for a unix socket: its channels are
 SSH channels from sshd straight to the kernel's sockets) is not seen: its ``idle_s``
 is null and the idle timeout does not apply to it (the agent says so at launch). Nor
@@ -25,10 +29,12 @@ The agent's loop calls :meth:`IdleWatch.tick`: at most every :data:`TICK` second
 writes each kernel's last activity as the mtime of ``activity`` in its run dir (what
 ``ps`` reads, for kernels of any agent: :func:`idle_seconds`) and shuts down the
 kernels idle for their timeout: out of the agent's kernels at once, then in a worker
-a ``shutdown_request`` on the kernel's control channel (signed with its key), up to
+(if still idle then: else the loop takes it back) a ``shutdown_request`` on the
+kernel's control channel (signed with its key), up to
 :data:`POLITE_WAIT` seconds for it to exit, and the launcher's cleanup (TERM, KILL
 of its group, as a ``stop``). The local side gets ``exited`` with ``reason``
-``idle_timeout`` (protocol.IDLE_TIMEOUT) and ``idle_s``; the line goes to the agent's
+``idle_timeout`` (protocol.IDLE_TIMEOUT) and ``idle_s``, whatever failed (then logged,
+and ``code`` -1 if the cleanup failed); the line goes to the agent's
 stderr and ``agent.log`` in its agent dir too.
 """
 
@@ -41,6 +47,7 @@ import socket
 import sys
 import time
 import uuid
+from collections import OrderedDict
 
 from .protocol import IDLE_TIMEOUT, Event
 
@@ -67,12 +74,19 @@ OUTPUT_TYPES = frozenset(
 PASSIVE = frozenset(
     ("kernel_info_request", "comm_info_request", "usage_request", "shutdown_request")
 )
+#: requests remembered as running (busy, no idle yet) and as finished (their idle seen:
+#: a late busy, from a stream that lags behind another, is ignored); beyond it the
+#: oldest is dropped (a running one is then logged: a cell can run for days)
+REMEMBERED = 1000
+#: the exit code told when the shutdown or cleanup failed (the process may still run)
+LOST = -1
 #: the longest header (parent header, status content) a sniffer copies; longer: skipped
 CAPTURE = 8192
 ACTIVITY_FILE = "activity"
 DELIMITER = b"<IDS|MSG>"
 _MSG_TYPE = re.compile(rb'"msg_type"\s*:\s*"([A-Za-z_]{1,64})"')
 _STATE = re.compile(rb'"execution_state"\s*:\s*"([a-z]{1,16})"')
+_MSG_ID = re.compile(rb'"msg_id"\s*:\s*"([^"\\]{0,256})"')
 # after the delimiter: 1 signature, 2 header, 3 parent header, 4 metadata, 5 content
 _HEADER, _PARENT, _CONTENT = 2, 3, 5
 
@@ -89,10 +103,12 @@ class Sniffer:
     ``on_message(header, parent, content)`` for each message with a Jupyter header
     (bytes; parent and content only for a status, else None). Frame bodies it does not
     need are skipped as they pass, not copied. Anything that is not ZMTP 3 (or breaks
-    this parser) makes it stop looking: the relay never depends on it."""
+    this parser) makes it stop looking (``dead``; ``on_dead()`` is called once): the
+    relay never depends on it."""
 
     __slots__ = (
         "on_message",
+        "on_dead",
         "greeting",
         "head",
         "body",
@@ -105,8 +121,9 @@ class Sniffer:
         "dead",
     )
 
-    def __init__(self, on_message):
+    def __init__(self, on_message, on_dead=None):
         self.on_message = on_message
+        self.on_dead = on_dead
         self.greeting = 64  # bytes of the greeting still to come
         self.head = b""  # the current frame's header, while incomplete
         self.body = 0  # bytes of the current frame's body still to come
@@ -125,6 +142,12 @@ class Sniffer:
             self._feed(data)
         except Exception:  # whatever it is, the relay must not see it: stop looking
             self.dead = True
+        if self.dead and self.on_dead is not None:
+            on_dead, self.on_dead = self.on_dead, None
+            try:
+                on_dead()
+            except Exception:
+                pass
 
     def _feed(self, data):
         n = len(data)
@@ -196,12 +219,41 @@ class Sniffer:
 
 
 class Activity:
-    """A kernel's last activity (``last``, wall time) and whether it is ``busy``.
-    Written on the event loop, read by the agent's loop (single attribute writes)."""
+    """A kernel's last activity (wall time) and whether it is busy (some request's
+    busy seen, its idle not yet: several iopub streams, e.g. Jupyter Server's one per
+    websocket and its activity watcher, may deliver them in any order between them).
+
+    Written on the relay's event loop (the only writer of ``state``, one tuple
+    assigned at once), read by the agent's loop: :meth:`seen`. The agent's loop sets
+    ``last`` (``floor``: a spare adopted) and never ``state``. ``blind``: an iopub
+    stream could not be followed, its activity is unknown (never idle for the reaper);
+    ``forgotten``: running requests dropped beyond :data:`REMEMBERED`."""
 
     def __init__(self, now=None):
-        self.last = time.time() if now is None else now
-        self.busy = False
+        now = time.time() if now is None else now
+        self.state = (now, False)  # (last, busy)
+        self.floor = now
+        self.running = OrderedDict()  # parent msg_id -> None, busy seen, idle not yet
+        self.finished = OrderedDict()  # parent msg_id -> None, idle seen
+        self.blind = False
+        self.forgotten = 0
+
+    @property
+    def last(self):
+        return max(self.state[0], self.floor)
+
+    @last.setter
+    def last(self, value):
+        self.floor = value  # counts as activity at ``value`` (from the agent's loop)
+
+    @property
+    def busy(self):
+        return self.state[1]
+
+    def seen(self):
+        """(last, busy), as one write left them."""
+        last, busy = self.state
+        return max(last, self.floor), busy
 
     def sniffer(self, channel):
         """A Sniffer for a stream of ``channel``, or None if it is not watched: for
@@ -209,30 +261,46 @@ class Activity:
         if channel == "shell":
             return Sniffer(self.on_request)
         if channel == "iopub":
-            return Sniffer(self.on_output)
+            return Sniffer(self.on_output, self.on_blind)
         return None
+
+    def on_blind(self):
+        self.blind = True
 
     def on_request(self, header, parent, content):
         if msg_type(header) == "execute_request":
-            self.last = time.time()
+            self.state = (time.time(), bool(self.running))
 
     def on_output(self, header, parent, content):
         kind = msg_type(header)
         if kind in OUTPUT_TYPES:
-            self.last = time.time()
+            self.state = (time.time(), bool(self.running))
         elif kind == "status" and msg_type(parent) not in PASSIVE:
             found = _STATE.search(content) if content else None
             state = found.group(1) if found else b""
+            found = _MSG_ID.search(parent) if parent else None
+            request = found.group(1) if found else b""
             if state == b"busy":
-                self.busy = True
-                self.last = time.time()
+                if request not in self.finished:  # else a late one (a lagging stream)
+                    self.running[request] = None
+                    self.running.move_to_end(request)
+                    if len(self.running) > REMEMBERED:
+                        self.running.popitem(last=False)
+                        self.forgotten += 1
             elif state == b"idle":
-                self.busy = False
-                self.last = time.time()
+                self.running.pop(request, None)
+                self.finished[request] = None
+                self.finished.move_to_end(request)
+                if len(self.finished) > REMEMBERED:
+                    self.finished.popitem(last=False)
+            else:
+                return
+            self.state = (time.time(), bool(self.running))  # last and busy at once
 
     def idle_for(self, now):
         """Seconds idle at ``now`` (wall time): 0 while busy."""
-        return 0.0 if self.busy else max(0.0, now - self.last)
+        last, busy = self.seen()
+        return 0.0 if busy else max(0.0, now - last)
 
 
 def idle_seconds(run_dir, now=None):
@@ -264,12 +332,14 @@ def idle_timeout(request):
 
 def should_reap(kernel, now):
     """Seconds ``kernel`` (a launcher) has been idle if that reaches its idle timeout,
-    else None. Not a spare, not before it is ready, not once it exited."""
+    else None. Not a spare, not before it is ready, not once it exited, not while its
+    activity is unknown (``blind``)."""
     timeout = idle_timeout(kernel.request)
     activity = getattr(kernel, "activity", None)
     if (
         not timeout
         or activity is None
+        or activity.blind
         or not kernel.ready
         or kernel.exit_code is not None
         or kernel.request.get("spare")
@@ -355,24 +425,45 @@ def send_shutdown(target, key, scheme, timeout=CONTROL_TIMEOUT):
         sock.close()
 
 
-def shut_down(kernel):
-    """In a worker: the polite shutdown of an idle ``kernel``, then its cleanup.
-    Returns its exit code (-15: its group was stopped)."""
-    target = kernel.endpoints.get("control") if kernel.endpoints else None
-    request = kernel.request
-    if isinstance(target, (str, int)):
-        try:
-            send_shutdown(target, str(request.get("key") or ""), request.get("signature_scheme"))
-        except (OSError, ValueError):
-            pass  # the group is stopped below
+def _failed(log, kernel, what, exc):
+    log("kernel %s: %s (%s: %s)" % (kernel.kid, what, type(exc).__name__, exc))
+
+
+def shut_down(kernel, log, still_idle=None):
+    """In a worker: the polite shutdown of an idle ``kernel``, then its cleanup. Returns
+    its exit code (-15: its group was stopped; :data:`LOST`: the cleanup failed, the
+    process may still run), or None, untouched, if ``still_idle()`` says no just before
+    the shutdown_request. Raises nothing: a failure is a line of ``log``."""
+    try:
+        if still_idle is not None and not still_idle():
+            return None
+    except Exception as exc:
+        _failed(log, kernel, "the idle check failed", exc)
     code = None
-    deadline = time.monotonic() + POLITE_WAIT
-    while code is None and time.monotonic() < deadline:  # bounded: POLITE_WAIT
-        code = kernel.poll_exit()
-        if code is None:
-            time.sleep(0.05)
-    kernel.cleanup()
-    kernel.exit_code = code if code is not None else -15
+    try:
+        target = kernel.endpoints.get("control") if kernel.endpoints else None
+        request = kernel.request
+        if isinstance(target, (str, int)):
+            try:
+                key = str(request.get("key") or "")
+                send_shutdown(target, key, request.get("signature_scheme"))
+            except Exception as exc:  # the group is stopped below
+                _failed(log, kernel, "its shutdown_request failed", exc)
+        deadline = time.monotonic() + POLITE_WAIT
+        while code is None and time.monotonic() < deadline:  # bounded: POLITE_WAIT
+            code = kernel.poll_exit()
+            if code is None:
+                time.sleep(0.05)
+    except Exception as exc:
+        _failed(log, kernel, "waiting for its exit failed", exc)
+    try:
+        kernel.cleanup()
+        code = code if code is not None else -15
+    except Exception as exc:
+        _failed(log, kernel, "its cleanup failed", exc)
+        code = code if code is not None else LOST
+    finally:
+        kernel.exit_code = LOST if code is None else code
     return kernel.exit_code
 
 
@@ -383,6 +474,7 @@ class IdleWatch:
         self.agent = agent
         self.next = 0.0
         self.written = {}  # kid -> the mtime last written to its activity file
+        self.told = {}  # kid -> (blind, forgotten) last logged
 
     def tick(self, now):
         """From the agent's loop (``now``: monotonic); returns at once between ticks."""
@@ -394,7 +486,9 @@ class IdleWatch:
             activity = getattr(kernel, "activity", None)
             if activity is None or not kernel.run_dir:
                 continue
-            stamp = wall if activity.busy else activity.last
+            self.note(kernel, activity)
+            last, busy = activity.seen()  # one consistent pair (written at once)
+            stamp = wall if busy else last
             if self.written.get(kernel.kid) != stamp:
                 self.written[kernel.kid] = stamp
                 try:
@@ -404,8 +498,27 @@ class IdleWatch:
             idle = should_reap(kernel, wall)
             if idle is not None:
                 self.reap(kernel, idle)
-        for kid in [k for k in self.written if k not in self.agent.kernels]:
-            del self.written[kid]
+        for table in (self.written, self.told):
+            for kid in [k for k in table if k not in self.agent.kernels]:
+                del table[kid]
+
+    def note(self, kernel, activity):
+        """Log (once each) that a kernel's activity went unseen or forgotten."""
+        told = self.told.get(kernel.kid, (False, 0))
+        now = (activity.blind, activity.forgotten)
+        if now == told:
+            return
+        self.told[kernel.kid] = now
+        if now[0] and not told[0]:
+            self.log(
+                "kernel %s: its iopub could not be followed: its activity is not seen,"
+                " its idle timeout no longer applies" % kernel.kid
+            )
+        if now[1] > told[1]:
+            self.log(
+                "kernel %s: more than %d requests busy at once: the oldest counts as"
+                " finished (%d so far)" % (kernel.kid, REMEMBERED, now[1])
+            )
 
     def reap(self, kernel, idle):
         agent = self.agent
@@ -413,12 +526,13 @@ class IdleWatch:
             return
         del agent.kernels[kernel.kid]  # the loop no longer reaps it: the worker does
         timeout = idle_timeout(kernel.request)
-        self.log(
-            "kernel %s (pid %s) shut down after %.0f s idle (idle timeout %g s)"
-            % (kernel.kid, kernel.proc.pid if kernel.proc else "?", idle, timeout)
-        )
+        pid = kernel.proc.pid if kernel.proc else "?"
 
         def tell(code):
+            self.log(
+                "kernel %s (pid %s) shut down after %.0f s idle (idle timeout %g s)"
+                % (kernel.kid, pid, idle, timeout)
+            )
             kernel.emit(
                 Event.EXITED,
                 code=code,
@@ -428,7 +542,20 @@ class IdleWatch:
                 idle_timeout=timeout,
             )
 
-        agent.spawn(lambda: shut_down(kernel), then=tell)
+        def still_idle():
+            return should_reap(kernel, time.time()) is not None
+
+        def done(code):  # on the loop
+            if code is not None:
+                return tell(code)
+            if agent.kernels.get(kernel.kid) is None:
+                agent.kernels[kernel.kid] = kernel  # active again: the loop has it back
+                self.log("kernel %s: active again before its idle shutdown, kept" % kernel.kid)
+                return None
+            agent.spawn(lambda: shut_down(kernel, self.log), then=tell)  # its kid is taken
+            return None
+
+        agent.spawn(lambda: shut_down(kernel, self.log, still_idle), then=done)
 
     def log(self, line):
         """A line of the agent's log: its stderr and ``agent.log`` in its agent dir."""

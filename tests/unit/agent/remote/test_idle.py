@@ -43,9 +43,14 @@ SESSION = Session(key=b"k3y")
 
 
 def message(
-    msg_type: str, content: dict[str, Any], parent_type: str = "", topic: bytes = b""
+    msg_type: str,
+    content: dict[str, Any],
+    parent_type: str = "",
+    topic: bytes = b"",
+    parent: dict[str, Any] | None = None,
 ) -> bytes:
-    parent = SESSION.msg(parent_type) if parent_type else {}
+    if parent is None:
+        parent = SESSION.msg(parent_type) if parent_type else {}
     msg = SESSION.msg(msg_type, content, parent=parent)
     frames = SESSION.serialize(msg, ident=[topic] if topic else None)
     return zmtp(frames)
@@ -94,8 +99,9 @@ def test_sniffer_gives_up_on_what_is_not_zmtp3() -> None:
     assert sniffer.dead and not seen
 
 
-def status(state: str, parent: str = "execute_request") -> bytes:
-    return message("status", {"execution_state": state}, parent, b"kernel.1.status")
+def status(state: str, parent: str = "execute_request", request: Any = None) -> bytes:
+    """A status of ``request`` (a message: its msg_id), or of a new ``parent`` request."""
+    return message("status", {"execution_state": state}, parent, b"kernel.1.status", parent=request)
 
 
 def test_activity_counts_execute_output_and_busy_but_not_passive_requests() -> None:
@@ -110,13 +116,14 @@ def test_activity_counts_execute_output_and_busy_but_not_passive_requests() -> N
     assert activity.last == 100.0 and not activity.busy  # passive: not activity
     shell.feed(message("execute_request", {"code": "1"}))
     assert activity.last > 100.0
-    activity.last = 100.0
-    iopub.feed(status("busy"))
+    activity.state = (100.0, activity.busy)
+    cell = SESSION.msg("execute_request")
+    iopub.feed(status("busy", request=cell))
     assert activity.busy and activity.idle_for(10_000.0) == 0.0  # busy is never idle
-    activity.last = 100.0
+    activity.state = (100.0, activity.busy)
     iopub.feed(message("stream", {"name": "stdout", "text": "hi"}, topic=b"stream.stdout"))
     assert activity.last > 100.0 and activity.busy
-    iopub.feed(status("idle"))
+    iopub.feed(status("idle", request=cell))
     assert not activity.busy
     assert activity.idle_for(activity.last + 7.5) == 7.5
 
@@ -139,7 +146,7 @@ def test_idle_decision() -> None:
     assert should_reap(kernel(10, now - 11, exit_code=0), now) is None
     assert should_reap(kernel(10, now - 11, activity=None), now) is None  # no relay: unseen
     busy = kernel(10, now - 1e6)
-    busy.activity.busy = True
+    busy.activity.state = (now - 1e6, True)
     assert should_reap(busy, now) is None
     spare = kernel(10, now - 11)
     spare.request["spare"] = True
@@ -196,8 +203,10 @@ class FakeKernel:
     """What IdleWatch needs of a launcher."""
 
     def __init__(self, run_dir: Path, idle_for: float, timeout: float = 5.0) -> None:
-        self.kid, self.run_dir, self.request = "k1", str(run_dir), {"idle_timeout": timeout}
-        self.ready, self.exit_code, self.endpoints, self.proc = True, None, {}, None
+        self.kid, self.run_dir = "k1", str(run_dir)
+        self.request: dict[str, Any] = {"idle_timeout": timeout}
+        self.endpoints: dict[str, Any] = {}
+        self.ready, self.exit_code, self.proc = True, None, None
         self.activity = Activity(now=time.time() - idle_for)
         self.events: list[tuple[str, dict[str, Any]]] = []
         self.cleaned = False
@@ -242,15 +251,156 @@ def test_idle_watch_reaps_logs_and_tells(tmp_path: Path) -> None:
 
 def test_idle_watch_keeps_a_busy_kernel_and_writes_its_activity(tmp_path: Path) -> None:
     kernel = FakeKernel(tmp_path, idle_for=1000.0)
-    kernel.activity.busy = True
+    kernel.activity.state = (kernel.activity.state[0], True)
     agent = fake_agent(tmp_path, kernel)
     watch = idle.IdleWatch(agent)
     watch.tick(100.0)
     assert agent.kernels and not agent.spawned
     assert idle_seconds(str(tmp_path)) is not None and idle_seconds(str(tmp_path)) < 2.0
-    kernel.activity.busy = False
+    kernel.activity.state = (kernel.activity.state[0], False)
     watch.tick(100.5)  # between ticks: nothing
     assert agent.kernels and not agent.spawned
     watch.tick(101.0)
     assert not agent.kernels and agent.spawned
     assert idle_seconds(str(tmp_path)) == pytest.approx(1000.0, abs=2)
+
+
+def test_the_reaper_never_sees_idle_with_a_stale_last() -> None:
+    """A cell ran 3 h (idle timeout 1 h) and ends now: at every write the relay's
+    thread makes (a thread switch may come between any two), what the reaper reads is
+    busy, or idle since now: never idle since 3 h ago."""
+    start = time.time() - 3 * 3600
+    watched = kernel(3600, start)
+    seen: list[float | None] = []
+
+    class Traced(Activity):
+        def __setattr__(self, name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)
+            if name == "state":
+                seen.append(should_reap(watched, time.time()))
+
+    activity = Traced(now=start)
+    watched.activity = activity
+    iopub = activity.sniffer("iopub")
+    assert iopub is not None
+    iopub.feed(GREETING)
+    cell = SESSION.msg("execute_request")
+    iopub.feed(status("busy", request=cell))
+    activity.state = (start, True)  # busy since 3 h ago
+    seen.clear()
+    iopub.feed(status("idle", request=cell))
+    assert seen and all(s is None for s in seen)
+    assert activity.seen()[0] >= start + 3 * 3600 - 1 and not activity.busy
+
+
+def test_a_late_idle_from_a_lagging_stream_keeps_a_new_cell_busy() -> None:
+    activity = Activity(now=100.0)
+    ahead, behind = activity.sniffer("iopub"), activity.sniffer("iopub")
+    assert ahead is not None and behind is not None
+    ahead.feed(GREETING)
+    behind.feed(GREETING)
+    cell5, cell6 = SESSION.msg("execute_request"), SESSION.msg("execute_request")
+    behind.feed(status("busy", request=cell5))
+    ahead.feed(status("busy", request=cell5) + status("idle", request=cell5))
+    ahead.feed(status("busy", request=cell6))
+    behind.feed(status("idle", request=cell5))  # late: cell 6 still runs
+    assert activity.busy and activity.idle_for(1e9) == 0.0
+    ahead.feed(status("idle", request=cell6))
+    assert not activity.busy
+    behind.feed(status("busy", request=cell6))  # late busy of a finished request
+    assert not activity.busy
+    behind.feed(status("idle", request=cell6))
+    assert not activity.busy
+
+
+def test_running_requests_are_bounded_by_count_and_the_dropped_ones_logged(
+    tmp_path: Path,
+) -> None:
+    fake = FakeKernel(tmp_path, idle_for=0.0)
+    iopub = fake.activity.sniffer("iopub")
+    assert iopub is not None
+    iopub.feed(GREETING)
+    first = SESSION.msg("execute_request")
+    iopub.feed(status("busy", request=first))
+    for _ in range(idle.REMEMBERED):
+        iopub.feed(status("busy"))
+    assert fake.activity.forgotten == 1 and fake.activity.busy
+    assert first["header"]["msg_id"].encode() not in fake.activity.running
+    watch = idle.IdleWatch(fake_agent(tmp_path, fake))
+    watch.tick(100.0)
+    watch.tick(102.0)
+    log = (tmp_path / "agent.log").read_text()
+    assert log.count("more than 1000 requests busy at once") == 1
+
+
+def test_an_iopub_stream_it_cannot_follow_makes_the_kernel_unseen(tmp_path: Path) -> None:
+    fake = FakeKernel(tmp_path, idle_for=1000.0)
+    iopub = fake.activity.sniffer("iopub")
+    assert iopub is not None
+    iopub.feed(b"GET / HTTP/1.1\r\n\r\n")
+    assert iopub.dead and fake.activity.blind
+    assert should_reap(fake, time.time()) is None  # never reaped
+    agent = fake_agent(tmp_path, fake)
+    watch = idle.IdleWatch(agent)
+    watch.tick(100.0)
+    watch.tick(102.0)
+    assert agent.kernels and not agent.spawned
+    assert (tmp_path / "agent.log").read_text().count("could not be followed") == 1
+
+    broken = Activity()  # a parser error later on: the same
+    sniffer = broken.sniffer("iopub")
+    assert sniffer is not None
+    sniffer.on_message = lambda *_: 1 / 0
+    sniffer.feed(GREETING + status("busy"))
+    assert sniffer.dead and broken.blind
+
+
+def test_a_failed_idle_shutdown_still_tells_exited(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bogus signature_scheme (the signing raises AttributeError), a kernel that does
+    not exit and a cleanup that raises: ``exited`` is told (code -1), all logged."""
+    monkeypatch.setattr(idle, "POLITE_WAIT", 0.2)
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)  # the control channel: the handshake succeeds
+    router.linger = 0
+    router.bind("ipc://" + str(tmp_path / "k-4"))
+    fake = FakeKernel(tmp_path, idle_for=6.0)
+    fake.endpoints = {"control": str(tmp_path / "k-4")}
+    fake.request.update(key="k3y", signature_scheme="hmac-bogus")
+
+    def cleanup() -> None:
+        raise RuntimeError("no group")
+
+    fake.poll_exit = lambda: None  # type: ignore[method-assign]
+    fake.cleanup = cleanup  # type: ignore[method-assign]
+    agent = fake_agent(tmp_path, fake)
+    try:
+        idle.IdleWatch(agent).tick(100.0)
+        ((work, then),) = agent.spawned
+        then(work())
+    finally:
+        router.close()
+        ctx.term()
+    ((event, fields),) = fake.events
+    assert event == "exited" and fields["code"] == idle.LOST == fake.exit_code
+    assert fields["reason"] == idle.IDLE_TIMEOUT and not agent.kernels
+    log = (tmp_path / "agent.log").read_text()
+    assert "its shutdown_request failed (AttributeError" in log
+    assert "its cleanup failed (RuntimeError: no group)" in log
+    assert "shut down after 6 s idle" in log
+
+
+def test_a_kernel_active_again_before_its_shutdown_is_kept(tmp_path: Path) -> None:
+    fake = FakeKernel(tmp_path, idle_for=6.0)
+    agent = fake_agent(tmp_path, fake)
+    idle.IdleWatch(agent).tick(100.0)
+    assert not agent.kernels
+    ((work, then),) = agent.spawned
+    shell = fake.activity.sniffer("shell")
+    assert shell is not None
+    shell.feed(GREETING + message("execute_request", {"code": "1"}))  # before the worker
+    then(work())  # on the loop: back in the agent's kernels, untouched
+    assert agent.kernels == {"k1": fake}
+    assert not fake.cleaned and not fake.events and fake.exit_code is None
+    assert "active again before its idle shutdown, kept" in (tmp_path / "agent.log").read_text()
