@@ -47,6 +47,7 @@ ERROR_CLASSES: dict[str, type[SSHPykError]] = {
     Kind.UNSAFE_PATH: UnsafePathError,
     Kind.NOT_PERMITTED: NotPermittedError,
     Kind.AGENT_GONE: AgentGoneError,
+    Kind.BUSY: RemoteError,
 }
 
 

@@ -14,6 +14,7 @@ import click
 from click.shell_completion import CompletionItem
 
 from ..diagnostics.check import Status
+from ..diagnostics.discover import printable
 from ..diagnostics.inventory import HostKernels, HostTarget, host_targets
 from ..errors import SSHPykError
 from ..kernelspec import installed_kernels
@@ -204,6 +205,7 @@ def timeout_option(help: str, default: float = 30.0) -> Callable[[Callable[..., 
 
 
 def print_table(rows: list[list[str]]) -> None:
+    rows = [[printable(cell) for cell in row] for row in rows]  # remote names: no escapes
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
@@ -213,6 +215,6 @@ def fail_hosts(hosts: list[HostKernels]) -> None:
     """Every host's error on stderr, the last one as the command's error (exit 1)."""
     failed = [h for h in hosts if h.error]
     for host in failed[:-1]:
-        click.echo(f"Error: {host.error}", err=True)
+        click.echo(f"Error: {printable(host.error)}", err=True)
     if failed:
         raise click.ClickException(str(failed[-1].error))

@@ -17,6 +17,7 @@ from ..diagnostics.discover import (
     discovery_table,
     new_kernels,
     parse_selection,
+    printable,
 )
 from ..kernelspec import installed_kernels, write_spec
 from .common import print_table, run
@@ -85,7 +86,7 @@ def find_on_host(
         )
     )
     for warning in discovery.warnings:
-        click.echo(f"Warning: {warning}", err=True)
+        click.echo(f"Warning: {printable(warning)}", err=True)
     return discovery
 
 
@@ -98,7 +99,7 @@ def show_discovery(discovery: Discovery, as_json: bool, how_to_add: bool) -> Non
     pythons = len(discovery.pythons)
     click.echo(
         f"{count} kernel{'s' * (count != 1)} in {pythons} Python"
-        f"{'s' * (pythons != 1)} on {discovery.alias} ({discovery.elapsed:.1f}s there):"
+        f"{'s' * (pythons != 1)} on {printable(discovery.alias)} ({discovery.elapsed:.1f}s there):"
     )
     print_table(discovery_table(discovery.kernels))
     without = [s for s in discovery.skipped if s.get("reason") == "no jupyter_client"]
@@ -143,12 +144,12 @@ def add_discovered(
         entry = {"number": kernel.number, "name": existing, "added": False}
         if spec is None:
             if not as_json:
-                click.echo(f"#{kernel.number}: already added as {existing!r}")
+                click.echo(f"#{kernel.number}: already added as {printable(existing)!r}")
         else:
             path = write_spec(spec)
             entry.update(name=spec.name, added=True, display_name=spec.display_name, path=path)
             if not as_json:
-                click.echo(f"Added kernel {spec.name!r} ({spec.display_name}) in {path}")
+                click.echo(f"Added kernel {spec.name!r} ({printable(spec.display_name)}) in {path}")
         added.append(entry)
     if as_json:
         click.echo(json.dumps({**discovery.as_dict(), "added": added}, indent=2))

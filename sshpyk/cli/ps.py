@@ -6,6 +6,7 @@ import json
 
 import click
 
+from ..diagnostics.discover import printable
 from ..diagnostics.inventory import (
     HostKernels,
     broker_line,
@@ -190,13 +191,17 @@ def kill(
         reason = kill_failed(k)
         if reason is not None:
             failed += 1
-            click.echo(f"Could not kill kernel {k.get('kernel_id')} on {alias}: {reason}", err=True)
+            click.echo(
+                f"Could not kill kernel {printable(k.get('kernel_id'))} on {alias}:"
+                f" {printable(reason)}",
+                err=True,
+            )
             continue
         launcher = find_launcher(k.get("launcher"))
         job = launcher.kill_note(k) if launcher else ""
         click.echo(
-            f"Killed kernel {k.get('kernel_id')} ({k.get('kernel_name')}, pid {k.get('pid')}) "
-            f"on {alias}; removed {k.get('run_dir')}{job}"
+            f"Killed kernel {printable(k.get('kernel_id'))} ({printable(k.get('kernel_name'))},"
+            f" pid {k.get('pid')}) on {alias}; removed {printable(k.get('run_dir'))}{job}"
         )
     if failed:
         raise click.exceptions.Exit(1)

@@ -26,6 +26,7 @@ __all__ = [
     "kernel_name_for",
     "new_kernels",
     "parse_selection",
+    "printable",
 ]
 
 #: seconds the host has for the discovery (its agent answers with what it has by then)
@@ -164,18 +165,19 @@ def discovery_table(kernels: Iterable[FoundKernel]) -> list[list[str]]:
     rows = [["#", "ENV", "KIND", "PYTHON", "KERNEL", "LANGUAGE", "DISPLAY NAME"]]
     for k in kernels:
         python = f"{k.python} ({k.version})" if k.version else k.python
-        rows.append(
-            [
-                str(k.number),
-                k.env,
-                k.kind,
-                python,
-                k.remote_kernel_name,
-                k.language,
-                k.remote_display_name,
-            ]
-        )
+        cells = [k.env, k.kind, python, k.remote_kernel_name, k.language, k.remote_display_name]
+        rows.append([str(k.number), *map(printable, cells)])
     return rows
+
+
+def printable(text: object) -> str:
+    """``text`` safe for a terminal: what the remote host named (envs, display names,
+    paths) may hold control characters (escape sequences); each of those, and every
+    other character that does not print, is shown escaped (``\\x1b``)."""
+    text = str(text)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
 def parse_selection(text: str, count: int) -> list[int]:
@@ -209,8 +211,8 @@ def kernel_name_for(alias: str, kernel: FoundKernel) -> str:
 def display_name_for(alias: str, kernel: FoundKernel) -> str:
     """``<env> (<host>)``; an env's other kernels add their own display name."""
     if kernel.main:
-        return f"{kernel.env} ({alias})"
-    return f"{kernel.env} {kernel.remote_display_name} ({alias})"
+        return printable(f"{kernel.env} ({alias})")
+    return printable(f"{kernel.env} {kernel.remote_display_name} ({alias})")
 
 
 def _unique(name: str, taken: set[str]) -> str:

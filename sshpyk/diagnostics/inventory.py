@@ -190,17 +190,27 @@ async def _ps(
     agent: RemoteAgent, target: HostTarget, all_users: bool = False, usage: bool = False
 ) -> list[dict[str, Any]]:
     """Every kernel under the target's run roots, with every launcher named by its
-    kernelspecs or its kernels prepared on the agent; ``usage``: with what each costs."""
+    kernelspecs or its kernels prepared on the agent; ``usage``: with what each costs.
+    The roots are asked at once (a fresh agent's usage sample then takes its second
+    or so once, not once per root)."""
+
+    async def ask_all() -> list[list[dict[str, Any]]]:
+        return list(
+            await asyncio.gather(
+                *(agent.ps(run_root=r, all_users=all_users, usage=usage) for r in target.run_roots)
+            )
+        )
+
     seen: dict[str, dict[str, Any]] = {}
     prepared: set[str] = set()
     await _prepare(agent, target.launchers, prepared)
-    for root in target.run_roots:
-        kernels = await agent.ps(run_root=root, all_users=all_users, usage=usage)
-        new = await _prepare(agent, (k.get("launcher") for k in kernels), prepared)
-        if any(launcher.ps_columns for launcher in new):
-            # kernels of a launcher no kernelspec here names: ask again, now that the
-            # agent can fill in that launcher's columns (a scheduler's job state)
-            kernels = await agent.ps(run_root=root, all_users=all_users, usage=usage)
+    answers = await ask_all()
+    new = await _prepare(agent, (k.get("launcher") for ks in answers for k in ks), prepared)
+    if any(launcher.ps_columns for launcher in new):
+        # kernels of a launcher no kernelspec here names: ask again, now that the
+        # agent can fill in that launcher's columns (a scheduler's job state)
+        answers = await ask_all()
+    for kernels in answers:
         for kernel in kernels:
             seen.setdefault(str(kernel.get("run_dir")), kernel)
     return sorted(seen.values(), key=lambda k: (k.get("started") or 0, str(k.get("kernel_id"))))

@@ -10,6 +10,7 @@ import select
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -89,15 +90,21 @@ class Events:
         return self.got[index]
 
 
-def answer(agent: Any, msg: dict[str, Any], events: Events, timeout: float = 10.0) -> Any:
+def answer(
+    agent: Any,
+    msg: dict[str, Any],
+    events: Events,
+    timeout: float = 10.0,
+    until: Callable[[dict[str, Any]], bool] | None = None,
+) -> Any:
     """Hand ``msg`` to ``agent`` (not running its loop) and run the loop's dispatch until
-    an event answers it (same rid); that event."""
+    an event answers it (same rid; ``until``: one it says yes to); that event."""
     seen = len(events.got)
     agent.handle(msg)
     deadline = time.monotonic() + timeout
     while True:  # ends with the answer or the deadline
         for event in events.got[seen:]:
-            if event.get("rid") == msg.get("rid"):
+            if until(event) if until is not None else event.get("rid") == msg.get("rid"):
                 return event
         assert time.monotonic() < deadline, f"no answer to {msg}: {events.got[seen:]}"
         try:

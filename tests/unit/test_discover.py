@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from sshpyk.cli.common import print_table
 from sshpyk.diagnostics.discover import (
     Discovery,
     discovery_table,
@@ -14,6 +15,7 @@ from sshpyk.diagnostics.discover import (
     kernel_name_for,
     new_kernels,
     parse_selection,
+    printable,
 )
 from sshpyk.errors import SSHPykError
 from sshpyk.kernelspec import SSHKernelSpec, installed_kernels, write_spec
@@ -100,3 +102,24 @@ def test_new_kernels_are_unique_and_take_the_options_of_add() -> None:
         (None, "ssh-gpu.box-torch-2"),
         (None, "ssh-gpu.box-torch-bash"),
     ]
+
+
+def test_remote_names_reach_the_terminal_without_control_characters(capsys) -> None:
+    """An env, display name or path from the host may hold escape sequences: shown
+    escaped in the table, in every printed table, and left out of the config's
+    display name; the python path itself is kept as it is (it is what runs)."""
+    evil = python("x\x1b]0;pwned\x07", ("python3", "python"), ("k", "python"))
+    evil["python"] = "/envs/x\x1b[2J/bin/python3"
+    evil["kernelspecs"][1]["display_name"] = "K\x1b[31m\u202e"
+    kernels = found_kernels([evil])
+    rows = discovery_table(kernels)
+    assert all(cell.isprintable() for row in rows for cell in row), rows
+    assert rows[1][1] == "x\\x1b]0;pwned\\x07" and rows[2][6] == "K\\x1b[31m\\u202e"
+    assert printable("plain ünïcode") == "plain ünïcode"
+    found = Discovery("h", kernels, [evil], [], [], 1.0)
+    made = new_kernels(found, kernels, {}, [])
+    for _, spec, _ in made:
+        assert spec is not None and spec.display_name.isprintable()
+        assert spec.remote_python == evil["python"]
+    print_table([["NAME"], ["a\x1b[2Jb"]])
+    assert capsys.readouterr().out.splitlines() == ["NAME", "a\\x1b[2Jb"]

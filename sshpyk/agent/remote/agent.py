@@ -12,7 +12,7 @@ work (killing a process group: up to TERM_WAIT per kernel; a scheduler's command
 requests are answered meanwhile. The kernels' relayed connections are on the
 process's one event loop (relayio.py). So an agent's threads do not grow with its
 kernels: this loop, the event loop, one reader per local side, the control socket's
-acceptor and at most MAX_WORKERS workers (idle ones end).
+acceptor, at most MAX_WORKERS workers and one discovery thread (idle ones end).
 
 Several local sides may be attached at once (an owner and ``sshpyk attach``); events
 go to all of them. When no local side has been heard for ``grace`` seconds (a dropped
@@ -73,6 +73,7 @@ class Agent:
         #: requests being served by workers (each a token until its "done")
         self.workers = set()
         self.pool = Workers()
+        self.discovery = Workers(1)  # discover: its own thread, one at a time (below)
         #: (due, kind, value): events the loop posts to itself later
         self.timers = []
         self.port_scanner = PortScanner()
@@ -150,9 +151,9 @@ class Agent:
                 pass
 
     # -- workers ----------------------------------------------------------------------
-    def spawn(self, work, msg=None, then=None):
-        """Run ``work()`` in a worker (the bounded pool). The loop then calls
-        ``then(result)`` (which may return "exit"); an exception of ``work`` is
+    def spawn(self, work, msg=None, then=None, pool=None):
+        """Run ``work()`` in a worker (of ``pool``, default the bounded pool). The loop
+        then calls ``then(result)`` (which may return "exit"); an exception of ``work`` is
         reported as the error of the request ``msg`` (without ``msg``: ignored)."""
         box = {}
         token = object()
@@ -167,7 +168,7 @@ class Agent:
             self.events.put(("done", (token, msg, then, box)))
 
         self.workers.add(token)
-        self.pool.submit(run)
+        (pool or self.pool).submit(run)
         return token
 
     def later(self, delay, kind, value):
@@ -432,11 +433,16 @@ class Agent:
                     msg,
                     lambda info: emit(Event.PROBE, rid=rid, **info),
                 )
-            elif op == Op.DISCOVER:  # a worker: it runs the host's pythons (bounded)
+            elif op == Op.DISCOVER:  # up to its limit: not in the pool the kernels need
+                if self.discovery.busy():
+                    raise AgentError(
+                        Kind.BUSY, "another discovery runs in this agent: retry once it ends"
+                    )
                 self.spawn(
                     lambda: discover(msg),
                     msg,
                     lambda found: emit(Event.DISCOVERED, rid=rid, **found),
+                    self.discovery,
                 )
             elif op == Op.SHUTDOWN:
                 # an owner closes on purpose: its kernels (persistent ones only if asked)

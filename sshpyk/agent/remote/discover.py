@@ -9,24 +9,26 @@ request adds (``roots``, searched two levels down), the active env, the PATH's
 the agent's own python. They are deduplicated by real path (an env's dir and its
 python, a venv's python being a link to its base's), then each is asked, in parallel
 (at most MAX_PARALLEL at once, each in a process group of its own, killed on its
-timeout), by a short ``python -c QUERY`` that prints its version, jupyter_client's and
-ipykernel's, and ``KernelSpecManager().get_all_specs()``. Nothing else is run. The
+timeout, its output capped: procgroup.run_bounded), by a short ``python -c QUERY`` that
+prints its version, jupyter_client's and ipykernel's, and
+``KernelSpecManager().get_all_specs()``. Nothing else is run. Relative paths (in
+environments.txt, an env var) are skipped: the queries run in /. The
 whole request is bounded by its ``limit`` (DISCOVER_TIMEOUT): what has not answered by
 then is left out with a warning (a partial result).
 
-Runs in one of the agent's workers (it blocks up to ``timeout``).
+Runs in a thread of its own, one discovery at a time (agent.py: it blocks up to
+``timeout``, and the workers stay free for the kernels).
 """
 
 import collections
 import json
 import os
 import shutil
-import subprocess
 import sys
 import threading
 import time
 
-from .procgroup import stop_group
+from .procgroup import run_bounded
 
 #: seconds the whole discovery may take (unless the request says otherwise)
 DISCOVER_TIMEOUT = 30.0
@@ -212,7 +214,10 @@ def env_name(env_dir):
 
 def search_root(root, depth, kind, deadline, found, seen):
     """Envs in ``root`` and up to ``depth`` levels below it (breadth first, bounded in
-    entries, time and by the real paths already seen)."""
+    entries, time and by the real paths already seen); none for a relative ``root``
+    (``environments.txt``'s, an env var's)."""
+    if not os.path.isabs(root):
+        return  # relative to the agent's cwd; the queries run in /: another file
     queue = collections.deque([(root, 0)])
     while queue and time.monotonic() < deadline:  # ends: bounded depth, entries, seen
         path, level = queue.popleft()
@@ -321,37 +326,6 @@ def query_env():
     return env
 
 
-def run_bounded(argv, timeout, env=None):
-    """(stdout, None) of ``argv`` run in its own process group (cwd /: nothing of the
-    agent's directory on its path), or (None, why it failed); killed, group and all,
-    after ``timeout`` seconds."""
-    if timeout <= 0:
-        return None, "timeout"
-    try:
-        proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            cwd="/",
-            env=env,
-            start_new_session=True,
-        )
-    except OSError as exc:
-        return None, "cannot run: %s" % (exc.strerror or exc)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        stop_group(proc.pid, proc, term_wait=0.0, kill_wait=2.0)
-        for stream in (proc.stdout, proc.stderr):
-            stream.close()
-        return None, "timeout"
-    if proc.returncode != 0:
-        last = (err or b"").decode("utf-8", "replace").strip().splitlines()[-1:]
-        return None, "exit code %d%s" % (proc.returncode, (": " + last[0][:200]) if last else "")
-    return out.decode("utf-8", "replace"), None
-
-
 def query(candidate, deadline):
     """Ask one python (in a worker thread of query_all)."""
     timeout = min(QUERY_TIMEOUT, deadline - time.monotonic())
@@ -362,10 +336,13 @@ def query(candidate, deadline):
     for line in reversed(out.splitlines()):
         if line.startswith(MARK):
             try:
-                candidate.answer = json.loads(line[len(MARK) :])
-                return
+                answer = json.loads(line[len(MARK) :])
             except ValueError:
                 break
+            if isinstance(answer, dict):
+                candidate.answer = answer
+                return
+            break
     candidate.problem = "no answer"
 
 
@@ -398,9 +375,15 @@ def query_all(candidates, deadline):
 # -- answers ---------------------------------------------------------------------------
 
 
+def _spec_dir(spec):
+    """A kernelspec's resource dir (real), "" if it names none (or not absolutely)."""
+    where = spec.get("resource_dir")
+    return os.path.realpath(where) if isinstance(where, str) and os.path.isabs(where) else ""
+
+
 def _runs_in(argv0, prefix):
     """Whether a kernelspec's argv[0] is the python of the env ``prefix`` (real)."""
-    if not os.path.isabs(argv0):
+    if not prefix or not os.path.isabs(argv0):
         return False
     return os.path.realpath(os.path.dirname(os.path.dirname(argv0))) == prefix
 
@@ -418,7 +401,8 @@ def sort_answers(candidates):
         if a is None:
             skipped.append({"python": c.python, "kind": c.kind, "reason": c.problem})
             continue
-        prefix = os.path.realpath(a.get("prefix") or "")
+        prefix = a.get("prefix")  # realpath("") would be the agent's cwd: no prefix, ""
+        prefix = os.path.realpath(prefix) if isinstance(prefix, str) and prefix else ""
         key = (prefix, os.path.realpath(a.get("executable") or c.python))
         if key in seen:
             continue
@@ -430,8 +414,10 @@ def sort_answers(candidates):
     owner = {}
     for index, (_, a, prefix) in enumerate(answered):
         for spec in a.get("kernelspecs") or []:
-            where = os.path.realpath(spec.get("resource_dir") or "")
-            if where.startswith(prefix + os.sep) or "-packages" + os.sep in where:
+            where = _spec_dir(spec)
+            if not where:
+                continue  # no resource dir: nothing to share, it stays its python's
+            if (prefix and where.startswith(prefix + os.sep)) or "-packages" + os.sep in where:
                 continue  # the env's own (its share/jupyter, or a package's: ipykernel's)
             if _runs_in(spec.get("argv0") or "", prefix):
                 owner[where] = index
@@ -441,8 +427,7 @@ def sort_answers(candidates):
     for index, (c, a, prefix) in enumerate(answered):
         specs = []
         for spec in a.get("kernelspecs") or []:
-            where = os.path.realpath(spec.get("resource_dir") or "")
-            if owner.get(where, index) == index:
+            if owner.get(_spec_dir(spec), index) == index:
                 specs.append(spec)
         executable = a.get("executable") or c.python
         pythons.append(
@@ -462,6 +447,8 @@ def sort_answers(candidates):
 
 
 def _prefix_name(prefix):
+    if not prefix:
+        return "python"
     if prefix in ("/usr", "/usr/local", "/"):
         return "system"
     return env_name(prefix)

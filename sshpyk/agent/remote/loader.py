@@ -10,9 +10,12 @@ so the agent can send itself on.
 
 The agent's own start sends a short header instead, which names the bundle by its hash
 (``HASH_KEY``): :func:`boot` looks for its compiled code in the user's cache on this
-host (:func:`cache_dir`: a private 0700 dir; each entry carries the hash of its content
-and is checked before use, and is named for the bundle's hash and this Python's
-bytecode, so another Python gets its own entry). Found: no upload, no compile. Not
+host (:func:`cache_dir`: a private dir; each entry is named for the bundle's hash and
+this Python's bytecode, so another Python gets its own entry). Trust in an entry rests
+on the dir being this user's with mode 0700, and the entry a private file of ours
+(both checked on the opened fd, no link followed): nobody else can have written it.
+The sha256 an entry carries is a checksum against corruption (a torn or damaged
+file), not a signature. Found: no upload, no compile. Not
 found: it asks for the bundle (the event ``NEED_CODE``), keeps the request lines that
 were sent without waiting for it (the hello, a first launch), compiles the bundle,
 stores it for the next agent (atomically, 0600) and hands the kept lines on as the
@@ -126,11 +129,12 @@ def open_cache(create):
     directory of this uid with mode 0700 (another user could change what is in any
     other); ``(None, why)`` if there is none fit for use. ``create``: make it first."""
     path = cache_dir()
+    made = False
     if create:
         try:
             os.makedirs(os.path.dirname(path), 0o700, exist_ok=True)
             os.mkdir(path, 0o700)
-            os.chmod(path, 0o700)  # ours, just made: whatever the umask took away
+            made = True
         except FileExistsError:
             pass
         except OSError as exc:
@@ -140,6 +144,12 @@ def open_cache(create):
     except OSError as exc:
         return None, "%s: %s" % (path, exc.strerror or exc)
     st = os.fstat(fd)
+    if made and stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid():
+        try:  # ours, just made: whatever the umask took away (on the fd: no link followed)
+            os.fchmod(fd, 0o700)
+            st = os.fstat(fd)
+        except OSError:
+            pass  # the mode check below says why it is not used
     problem = None
     if not stat.S_ISDIR(st.st_mode):
         problem = "is not a directory"
@@ -156,7 +166,8 @@ def open_cache(create):
 def read_entry(dir_fd, digest):
     """``(bundle, {module: code})`` of bundle ``digest`` from the cache, or ``(None,
     why)``: an entry is used only if it is a regular file of ours that nobody else may
-    write, whose content matches the hash it carries and whose bundle has ``digest``."""
+    write (what makes it trusted, with open_cache's checks of the dir), whose content
+    matches the checksum it carries (not corrupt) and whose bundle has ``digest``."""
     try:
         fd = os.open(entry_name(digest), os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC, dir_fd=dir_fd)
     except FileNotFoundError:

@@ -1,8 +1,10 @@
 """Process groups: every kernel runs in a session (so a process group) of its own, and
 is stopped the one way :func:`stop_group` does: TERM, a bounded wait, KILL. Also what
-can be told of a process by its pid (alive, owner, whether it is a given kernel)."""
+can be told of a process by its pid (alive, owner, whether it is a given kernel), and
+:func:`run_bounded`: a short command, bounded in time and output, whatever it does."""
 
 import os
+import selectors
 import signal
 import subprocess
 import threading
@@ -19,6 +21,15 @@ TERM_WAIT = 2.0
 #: seconds to wait for a group leader after SIGKILL
 KILL_WAIT = 2.0
 _POLL = 0.01
+#: seconds run_bounded waits for a command it killed (one in D state, e.g. on a wedged
+#: device, cannot die: it is abandoned then)
+ABANDON_WAIT = 1.0
+#: bytes of stdout and of stderr run_bounded keeps at most (more: the command failed)
+MAX_STDOUT = 1 << 20
+MAX_STDERR = 64 << 10
+#: what run_bounded left behind (their Popen), reaped by its next calls
+_ABANDONED = []  # type: list
+_ABANDONED_LOCK = threading.Lock()
 
 
 def pid_alive(pid):
@@ -105,6 +116,71 @@ def stop_group(pid, proc=None, term_wait=TERM_WAIT, kill_wait=KILL_WAIT):
             signal_group(pid, signal.SIGKILL)  # children it left in its group
             return None
     return "pid %d still runs after SIGKILL" % pid
+
+
+def run_bounded(argv, timeout, env=None, limits=(MAX_STDOUT, MAX_STDERR)):
+    """(stdout, None) of ``argv`` (text) run in a session of its own (cwd /: nothing of
+    the agent's directory on its path), or (None, why it failed: one line). Bounded:
+    after ``timeout`` seconds, or once it writes more than ``limits`` (bytes of stdout,
+    of stderr), its group is killed and waited for ABANDON_WAIT seconds at most (a
+    process that cannot die is left behind: the caller is not)."""
+    if timeout <= 0:
+        return None, "timeout"
+    with _ABANDONED_LOCK:
+        _ABANDONED[:] = [p for p in _ABANDONED if p.poll() is None]
+    try:
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd="/",
+            env=env,
+            start_new_session=True,
+        )
+    except OSError as exc:
+        return None, "cannot run: %s" % (exc.strerror or exc)
+    deadline = time.monotonic() + timeout
+    try:
+        out, err, problem = _read_bounded(proc, deadline, limits)
+        if problem is None and wait_exit(proc, max(0.0, deadline - time.monotonic())) is None:
+            problem = "timeout"
+    finally:
+        proc.stdout.close()
+        proc.stderr.close()
+    if problem is not None:
+        if stop_group(proc.pid, proc, term_wait=0.0, kill_wait=ABANDON_WAIT) is not None:
+            with _ABANDONED_LOCK:
+                _ABANDONED.append(proc)  # reaped later, when it can die
+        return None, problem
+    if proc.returncode != 0:
+        last = err.decode("utf-8", "replace").strip().splitlines()[-1:]
+        return None, "exit code %d%s" % (proc.returncode, (": " + last[0][:200]) if last else "")
+    return out.decode("utf-8", "replace"), None
+
+
+def _read_bounded(proc, deadline, limits):
+    """(stdout, stderr, None) of ``proc`` once both end, or (.., .., why not)."""
+    streams = {proc.stdout: bytearray(), proc.stderr: bytearray()}
+    caps = {proc.stdout: limits[0], proc.stderr: limits[1]}
+    with selectors.DefaultSelector() as selector:
+        for stream in streams:
+            selector.register(stream, selectors.EVENT_READ)
+        while selector.get_map():  # ends at both EOFs, the deadline or too much output
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return b"", b"", "timeout"
+            for key, _ in selector.select(left):
+                data = os.read(key.fd, 65536)
+                if not data:
+                    selector.unregister(key.fileobj)
+                    continue
+                buffer = streams[key.fileobj]
+                buffer += data
+                if len(buffer) > caps[key.fileobj]:
+                    name = "stdout" if key.fileobj is proc.stdout else "stderr"
+                    return b"", b"", "more than %d bytes on %s" % (caps[key.fileobj], name)
+    return bytes(streams[proc.stdout]), bytes(streams[proc.stderr]), None
 
 
 def read_environ(pid, tries=20):

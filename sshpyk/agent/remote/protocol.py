@@ -163,6 +163,8 @@ class Kind:
     NOT_PERMITTED = "not_permitted"
     #: attach: no agent listens on the socket any more
     AGENT_GONE = "agent_gone"
+    #: a discover while another runs in the same agent (one at a time)
+    BUSY = "busy"
     # a launcher's own kinds are its modules' (a batch scheduler's: batch.py)
 
 

@@ -25,7 +25,8 @@ The rules (README's ``sshpyk ps`` says them too):
   where nvidia-smi has none: ``[N/A]``, e.g. a GPU split into MIG instances). None
   without nvidia-smi or when it fails; [] when the kernel holds no GPU. nvidia-smi
   runs at most once per GPU_PERIOD for all kernels (never per kernel), bounded by
-  NVIDIA_SMI_TIMEOUT; "not on PATH" is remembered, a failure for FAILED_BACKOFF
+  NVIDIA_SMI_TIMEOUT (one that does not die when killed, on a wedged GPU, is left
+  behind: a failure); "not on PATH" is remembered, a failure for FAILED_BACKOFF
   seconds. Its pids are those of its pid namespace: in a container they may not match.
 """
 
@@ -35,6 +36,7 @@ import subprocess
 import threading
 import time
 
+from .procgroup import ABANDON_WAIT, run_bounded
 from .records import record_launcher
 
 #: seconds between the two samples of a kernel the agent has no recent sample of
@@ -239,7 +241,10 @@ def kernel_gpus(pids, apps, gpus):
 
 class NvidiaSmi:
     """nvidia-smi, asked at most once per GPU_PERIOD (both queries), in the caller's
-    thread (a worker's: it may take NVIDIA_SMI_TIMEOUT per query)."""
+    thread (a worker's), never under a lock: each query is bounded (procgroup.run_bounded:
+    NVIDIA_SMI_TIMEOUT, then a kill and ABANDON_WAIT; one that cannot die, on a wedged
+    GPU, is left behind and counts as a failure). A ``ps`` that comes while another
+    asks waits for that answer (bounded) instead of asking again."""
 
     def __init__(self, command="nvidia-smi"):
         self.command = command
@@ -247,47 +252,62 @@ class NvidiaSmi:
         self.at = -1e9
         self.answer = None
         self.failed_at = -1e9
+        self.cond = threading.Condition()
+        self.asking = False
 
     def _run(self, args):
-        out = subprocess.run(
-            [self.path, *args],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            timeout=NVIDIA_SMI_TIMEOUT,
-            check=True,
-        ).stdout
-        return out.decode("utf-8", "replace")
+        out, problem = run_bounded([self.path, *args], NVIDIA_SMI_TIMEOUT)
+        if problem is not None:
+            raise subprocess.SubprocessError(problem)
+        return out
 
     def sample(self, wanted_pids):
         """(apps, gpus) as parsed, or None (no nvidia-smi, or it failed lately). The GPU
         query is skipped while no process of ``wanted_pids`` holds a GPU."""
-        if self.path is False:
-            self.path = shutil.which(self.command)
-        if self.path is None:
-            return None
-        now = time.monotonic()
-        if now - self.failed_at < FAILED_BACKOFF:
-            return None
-        if self.answer is not None and now - self.at < GPU_PERIOD:
-            apps, gpus = self.answer
-            if gpus is not None or not any(a[0] in wanted_pids for a in apps):
-                return apps, gpus or {}
+        with self.cond:
+            if self.path is False:
+                self.path = shutil.which(self.command)
+            if self.path is None:
+                return None
+            deadline = time.monotonic() + 2 * (NVIDIA_SMI_TIMEOUT + ABANDON_WAIT) + 1.0
+            while self.asking:  # another ps asks: its answer will do (ends by deadline)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self.cond.wait(left)
+            now = time.monotonic()
+            if now - self.failed_at < FAILED_BACKOFF:
+                return None
+            if self.answer is not None and now - self.at < GPU_PERIOD:
+                apps, gpus = self.answer
+                if gpus is not None or not any(a[0] in wanted_pids for a in apps):
+                    return apps, gpus or {}
+            self.asking = True
+        answer = None
         try:
             apps = parse_compute_apps(self._run(COMPUTE_APPS_QUERY))
             gpus = None
             if any(pid in wanted_pids for pid, _, _ in apps):
                 gpus = parse_gpus(self._run(GPU_QUERY))
+            answer = (apps, gpus)
         except (OSError, subprocess.SubprocessError):
-            self.failed_at, self.answer = now, None
-            return None
-        self.at, self.answer = now, (apps, gpus)
-        return apps, gpus or {}
+            pass
+        finally:
+            with self.cond:
+                self.asking = False
+                if answer is None:
+                    self.failed_at, self.answer = now, None
+                else:
+                    self.at, self.answer = now, answer
+                self.cond.notify_all()
+        return (answer[0], answer[1] or {}) if answer is not None else None
 
 
 # -- the sampler ------------------------------------------------------------------------
 class Usage:
-    """One agent's memory of its samples (thread safe: ``ps`` runs in workers)."""
+    """One agent's memory of its samples (thread safe: ``ps`` runs in workers). The lock
+    guards that memory only: never held while waiting for the second sample nor while
+    nvidia-smi runs, so a ``ps`` never waits long for another."""
 
     def __init__(self, proc="/proc", nvidia_smi=None):
         self.proc = proc
@@ -310,38 +330,43 @@ class Usage:
                     targets[(info.get("run_dir"), pid)] = info
         if not targets:
             return kernels
-        with self.lock:
-            self._measure(targets, wait)
+        self._measure(targets, wait)
         return kernels
 
     def _measure(self, targets, wait):
-        now = time.monotonic()
         processes = read_processes(self.proc)
         if processes is None:
             return
-        stale = [key for key in targets if now - self.last.get(key, (-1e9,))[0] > MAX_AGE]
-        if stale:  # no recent baseline: take one now, measure WINDOW later
-            trees = process_trees([pid for _, pid in stale], processes)
-            for key in stale:
-                self.last[key] = (now, sum(processes[p][2] for p in trees[key[1]]), None, None)
-            wait(WINDOW)
-            now = time.monotonic()
+        now = time.monotonic()
+        with self.lock:
+            stale = [k for k in targets if now - self.last.get(k, (-1e9,))[0] > MAX_AGE]
+            if stale:  # no recent baseline: take one now, measure WINDOW later
+                trees = process_trees([pid for _, pid in stale], processes)
+                for key in stale:
+                    ticks = sum(processes[p][2] for p in trees[key[1]])
+                    self.last[key] = (now, ticks, None, None)
+            # a baseline without a CPU % yet (ours, or another ps's): WINDOW after it
+            due = max([self.last[k][0] + WINDOW for k in targets if self.last[k][2] is None] or [0])
+        if due > now:
+            wait(due - now)  # bounded by WINDOW; without the lock
             processes = read_processes(self.proc) or {}
+            now = time.monotonic()
         trees = process_trees([pid for _, pid in targets], processes)
-        for key, info in targets.items():
-            tree = trees[key[1]]
-            ticks = sum(processes[p][2] for p in tree)
-            info["rss_bytes"] = sum(processes[p][3] for p in tree) * PAGE_SIZE
-            at, before, cpu, window = self.last[key]
-            if cpu is None or now - at >= MIN_WINDOW:
-                window = now - at
-                if window > 0:
-                    cpu = 100.0 * max(0, ticks - before) / CLOCK_TICKS / window
-                    self.last[key] = (now, ticks, cpu, window)
-            info["cpu_percent"] = round(cpu, 1) if cpu is not None else None
-            info["cpu_window_s"] = round(window, 2) if cpu is not None else None
-        for key in [k for k, v in self.last.items() if now - v[0] > 3 * MAX_AGE]:
-            del self.last[key]  # bounded: kernels nobody asked about lately are forgotten
+        with self.lock:
+            for key, info in targets.items():
+                tree = trees[key[1]]
+                ticks = sum(processes[p][2] for p in tree)
+                info["rss_bytes"] = sum(processes[p][3] for p in tree) * PAGE_SIZE
+                at, before, cpu, window = self.last.get(key) or (now, ticks, None, None)
+                if cpu is None or now - at >= MIN_WINDOW:
+                    if now - at > 0:  # not when another ps measured after this one read
+                        window = now - at
+                        cpu = 100.0 * max(0, ticks - before) / CLOCK_TICKS / window
+                        self.last[key] = (now, ticks, cpu, window)
+                info["cpu_percent"] = round(cpu, 1) if cpu is not None else None
+                info["cpu_window_s"] = round(window, 2) if cpu is not None else None
+            for key in [k for k, v in self.last.items() if now - v[0] > 3 * MAX_AGE]:
+                del self.last[key]  # bounded: kernels nobody asked about lately are forgotten
         gpu = self.nvidia_smi.sample(set().union(*trees.values()))
         if gpu is not None:
             apps, gpus = gpu

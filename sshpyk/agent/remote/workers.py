@@ -82,6 +82,11 @@ class Workers:
                     self.running -= 1
                     self.cond.notify_all()
 
+    def busy(self):
+        """Whether a job is queued or running."""
+        with self.cond:
+            return bool(self.jobs or self.running)
+
     def wait_idle(self, timeout):
         """Wait (bounded) until no job is queued or running."""
         deadline = time.monotonic() + timeout

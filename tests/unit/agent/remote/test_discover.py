@@ -137,7 +137,7 @@ def test_search_roots_are_bounded_in_depth(tmp_path: Path) -> None:
     assert [c.python for c in found] == [str(deep / "bin" / "python3")]
 
 
-def test_agent_answers_discover_in_a_worker(tmp_path: Path) -> None:
+def test_agent_answers_discover_in_its_thread(tmp_path: Path) -> None:
     """The request through the agent's dispatch: one ``discovered`` event."""
     make_venv(tmp_path / "root" / "only")
     the_agent = agent.Agent({"op": "hello", "grace": 0})
@@ -147,7 +147,7 @@ def test_agent_answers_discover_in_a_worker(tmp_path: Path) -> None:
     try:
         event = answer(the_agent, msg, events, timeout=30)
     finally:
-        the_agent.pool.wait_idle(5)
+        the_agent.discovery.wait_idle(5)
     assert event["event"] == Event.DISCOVERED, event
     assert [p["env"] for p in event["pythons"]] == ["only"]
     assert event["warnings"] == [] and event["elapsed"] < 30
@@ -193,3 +193,76 @@ def test_a_kernelspec_every_python_sees_is_listed_once(tmp_path: Path) -> None:
     names = {p["prefix"]: [s["name"] for s in p["kernelspecs"]] for p in pythons}
     assert names == {a: ["python3", "any"], b: ["python3", "of-b"]}
     assert skipped == []
+
+
+def test_relative_env_paths_are_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """environments.txt's relative entries, a relative MAMBA_ROOT_PREFIX or VIRTUAL_ENV
+    would be checked in the agent's cwd but run from /: none is asked."""
+    cwd = tmp_path / "cwd"
+    for name in ("listed", "venv", "mamba/envs/m"):
+        make_silent_python(cwd / name, tmp_path / "pid")
+    home = tmp_path / "home"
+    (home / ".conda").mkdir(parents=True)
+    (home / ".conda" / "environments.txt").write_text("listed\n./listed\n")
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv("MAMBA_ROOT_PREFIX", "mamba")
+    monkeypatch.setenv("VIRTUAL_ENV", "venv")
+    monkeypatch.delenv("CONDA_PREFIX", raising=False)
+    monkeypatch.setenv("PATH", "/nowhere")  # no env manager, no python on the PATH
+    warnings: list[str] = []
+    deadline = time.monotonic() + 10
+    found = discover.find_candidates(str(home), [], False, deadline, warnings)
+    assert [c.kind for c in found] == ["agent"], [c.python for c in found]
+    found = []
+    discover.search_root("listed", 0, "conda", deadline, found, set())
+    assert found == []
+
+
+def test_an_answer_without_a_prefix_is_not_the_agents_cwd(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """realpath("") is the cwd: a python that names no prefix is not taken for an env
+    there (its name, the kernelspecs it would own)."""
+    cwd = tmp_path / "agent-cwd"
+    monkeypatch.chdir(cwd.mkdir() or cwd)
+    user = {"name": "u", "resource_dir": str(cwd / "kernels" / "u"), "argv0": "python"}
+    a, b = answered("/a/bin/python3", "", [user]), answered("/b/bin/python3", "", [user])
+    assert b.answer is not None
+    del b.answer["prefix"]
+    pythons, skipped = discover.sort_answers([a, b])
+    assert skipped == [] and [p["env"] for p in pythons] == ["python", "python"]
+    assert [[s["name"] for s in p["kernelspecs"]] for p in pythons] == [["u"], []]
+
+
+def test_one_discovery_at_a_time_and_never_in_the_kernels_pool(tmp_path: Path) -> None:
+    """A discovery that hangs (a silent python) runs in the agent's discovery thread: a
+    second one is refused at once ("busy"), and a kernel's stop is served at once."""
+    root = tmp_path / "root"
+    make_silent_python(root / "hung", tmp_path / "pid")
+    the_agent = agent.Agent({"op": "hello", "grace": 0})
+    events = Events()
+    the_agent.output.add(events)
+
+    def ask(msg: dict[str, Any], until: Any = None) -> tuple[float, dict[str, Any]]:
+        sent = time.monotonic()
+        event = answer(the_agent, msg, events, timeout=15, until=until)
+        return time.monotonic() - sent, event
+
+    slow = {"op": Op.DISCOVER, "roots": [str(root)], "search_only": True, "limit": 3}
+    try:
+        the_agent.handle({**slow, "rid": 1})
+        time.sleep(0.3)  # the silent python runs
+        assert the_agent.discovery.busy() and not the_agent.pool.busy()
+        took, refused = ask({**slow, "rid": 2})
+        assert took < 0.5 and refused["event"] == Event.ERROR and refused["kind"] == "busy"
+        took, stopped = ask({"op": Op.STOP, "kid": "k"}, lambda e: e.get("kid") == "k")
+        assert took < 0.5 and stopped["event"] == Event.STOPPED
+        took, found = ask({"op": Op.PING}, lambda e: e.get("rid") == 1)
+        assert found["event"] == Event.DISCOVERED and found["warnings"]
+    finally:
+        the_agent.discovery.wait_idle(10)
+        the_agent.pool.wait_idle(5)
+    assert pid_gone(int((tmp_path / "pid").read_text()))
+    took, again = ask({**slow, "rid": 3, "limit": 0.5})
+    assert again["event"] == Event.DISCOVERED  # the next one runs
+    the_agent.discovery.wait_idle(5)

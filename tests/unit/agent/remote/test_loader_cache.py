@@ -207,3 +207,38 @@ def test_old_entries_are_pruned(tmp_path: Path) -> None:
     assert stale not in left
     assert len(left) == loader.MAX_ENTRIES and entry in left
     assert entry.with_name(f"{0:064x}.cpython-0-0") not in left  # the oldest went
+
+
+def test_the_mode_is_set_on_the_dir_just_made_never_through_a_link(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The dir made under a umask that takes owner bits gets 0700 (fchmod on the fd opened
+    without following links); one swapped for a link right after the mkdir (a race) is
+    not used, and what the link points to keeps its mode."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    path = loader.cache_dir()
+    os.makedirs(os.path.dirname(path))
+    old = os.umask(0o377)
+    try:
+        fd, why = loader.open_cache(create=True)
+    finally:
+        os.umask(old)
+    assert fd is not None and why is None, why
+    os.close(fd)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o700
+    os.rmdir(path)
+    other = tmp_path / "other"
+    other.mkdir(mode=0o755)
+    real_mkdir = os.mkdir
+
+    def racing_mkdir(name: Any, mode: int = 0o777, **kwargs: Any) -> None:
+        real_mkdir(name, mode, **kwargs)
+        if os.fspath(name) == path:  # another process swaps it for a link at once
+            os.rmdir(name)
+            os.symlink(other, name)
+
+    monkeypatch.setattr(loader.os, "mkdir", racing_mkdir)
+    fd, why = loader.open_cache(create=True)
+    monkeypatch.undo()
+    assert fd is None and why is not None
+    assert stat.S_IMODE(other.stat().st_mode) == 0o755

@@ -9,13 +9,14 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from sshpyk.agent.remote import direct, usage  # noqa: F401  (direct: registers the launcher)
+from sshpyk.agent.remote import direct, procgroup, usage  # noqa: F401  (direct: registers the launcher)
 
 from support.agent import needs_proc
 
@@ -268,3 +269,107 @@ def test_nvidia_smi_is_asked_once_per_period() -> None:
     assert gpus[RECORDED_UUID]["utilization_percent"] == 27.0
     assert smi.sample({2967}) == (apps, gpus)  # within GPU_PERIOD: the same answer
     assert len(calls) == 3
+
+
+# -- bounded: a wedged nvidia-smi, a second ps --------------------------------------------
+#: a command that hangs and ignores SIGTERM (as nvidia-smi on a wedged GPU); each run
+#: appends its pid to the file argv names
+STUCK = "#!/bin/sh\ntrap '' TERM\necho $$ >> {runs}\nexec sleep 60\n"
+
+
+def stuck_command(tmp_path: Path) -> tuple[Path, Path]:
+    runs = tmp_path / "runs"
+    command = tmp_path / "stuck-smi"
+    command.write_text(STUCK.format(runs=runs))
+    command.chmod(0o755)
+    return command, runs
+
+
+def pids_in(runs: Path) -> list[int]:
+    return [int(x) for x in runs.read_text().split()] if runs.exists() else []
+
+
+def test_run_bounded_kills_a_command_that_ignores_term(tmp_path: Path) -> None:
+    command, runs = stuck_command(tmp_path)
+    t0 = time.monotonic()
+    assert procgroup.run_bounded([str(command)], 0.5) == (None, "timeout")
+    assert time.monotonic() - t0 < 0.5 + procgroup.ABANDON_WAIT + 0.5
+    (pid,) = pids_in(runs)
+    assert not procgroup.pid_alive(pid)
+
+
+def test_run_bounded_abandons_a_command_that_cannot_die(tmp_path: Path, monkeypatch) -> None:
+    """A process in D state (a wedged GPU) survives SIGKILL: stood for here by signals
+    that do not arrive. The caller is back after the timeout and ABANDON_WAIT."""
+    command, runs = stuck_command(tmp_path)
+    monkeypatch.setattr(procgroup.os, "killpg", lambda pgid, signum: None)
+    t0 = time.monotonic()
+    assert procgroup.run_bounded([str(command)], 0.5) == (None, "timeout")
+    took = time.monotonic() - t0
+    monkeypatch.undo()
+    (pid,) = pids_in(runs)
+    try:
+        assert 0.5 + procgroup.ABANDON_WAIT - 0.1 < took < 0.5 + procgroup.ABANDON_WAIT + 0.6
+        assert procgroup.pid_alive(pid)  # left behind, not waited for
+    finally:
+        os.killpg(pid, 9)
+
+
+def test_run_bounded_caps_the_output() -> None:
+    big = [sys.executable, "-c", "import sys; sys.stdout.write('x' * (3 << 20))"]
+    assert procgroup.run_bounded(big, 10) == (None, "more than 1048576 bytes on stdout")
+    noisy = [sys.executable, "-c", "import sys; sys.stderr.write('x' * (1 << 20))"]
+    assert procgroup.run_bounded(noisy, 10) == (None, "more than 65536 bytes on stderr")
+    fine = [sys.executable, "-c", "import sys; print('ok'); sys.exit(3)"]
+    assert procgroup.run_bounded(fine, 10) == (None, "exit code 3")
+    assert procgroup.run_bounded([sys.executable, "-c", "print('ok')"], 10) == ("ok\n", None)
+
+
+def test_a_wedged_nvidia_smi_is_asked_once_and_holds_nobody(tmp_path: Path, monkeypatch) -> None:
+    """Two ps at once while nvidia-smi hangs: it runs once (the second waits for its
+    answer, bounded), both are back after its timeout, and it is believed failed."""
+    command, runs = stuck_command(tmp_path)
+    monkeypatch.setattr(usage, "NVIDIA_SMI_TIMEOUT", 0.5)
+    smi = usage.NvidiaSmi(str(command))
+    results: list[Any] = []
+    threads = [threading.Thread(target=lambda: results.append(smi.sample({1}))) for _ in "ab"]
+    t0 = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert time.monotonic() - t0 < 0.5 + procgroup.ABANDON_WAIT + 1.0
+    assert results == [None, None] and len(pids_in(runs)) == 1
+    assert smi.sample({1}) is None and len(pids_in(runs)) == 1  # FAILED_BACKOFF
+    assert not procgroup.pid_alive(pids_in(runs)[0])
+
+
+def test_the_cpu_window_is_waited_without_the_lock() -> None:
+    """A ps waiting for its second sample does not hold up another ps: the other one,
+    of another kernel, is answered meanwhile; one of the same kernel reuses the
+    first's baseline (it waits at most what is left of its WINDOW)."""
+    sampler = usage.Usage(nvidia_smi=NoGpu())
+    release = threading.Event()
+    first = record(os.getpid(), run_dir="/r/a")
+    blocked = threading.Thread(
+        target=lambda: sampler.annotate([first], wait=lambda seconds: release.wait(30))
+    )
+    blocked.start()
+    try:
+        deadline = time.monotonic() + 5
+        while ("/r/a", os.getpid()) not in sampler.last:  # its baseline is taken
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        waits: list[float] = []
+        same = record(os.getpid(), run_dir="/r/a")
+        sampler.annotate([same], wait=waits.append)
+        assert len(waits) == 1 and 0 < waits[0] <= usage.WINDOW
+        other = record(os.getpid(), run_dir="/r/b")
+        t0 = time.monotonic()
+        sampler.annotate([other])
+        assert time.monotonic() - t0 < usage.WINDOW + 0.5
+        assert other["cpu_percent"] is not None and first["cpu_percent"] is None
+    finally:
+        release.set()
+        blocked.join(5)
+    assert first["cpu_window_s"] is not None
