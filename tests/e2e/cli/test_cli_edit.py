@@ -59,6 +59,7 @@ EDITS: list[tuple[str, list[str], str, Any]] = [
     ("--connection-persist", ["--connection-persist", "0"], "connection_persist", 0.0),
     ("--outage-buffer", ["--outage-buffer", "8"], "outage_buffer", 8.0),
     ("--prestart", ["--prestart", "2"], "prestart", 2),
+    ("--idle-timeout", ["--idle-timeout", "7200"], "idle_timeout", 7200.0),
     ("--persistent", ["--persistent"], "persistent", True),
     ("--launcher", ["--launcher", "slurm"], "launcher", "slurm"),
     (
@@ -122,6 +123,9 @@ def test_every_add_flag_is_editable() -> None:
         "--no-check",
         "--no-persistent",  # tested below: the flag's other half
         "--no-auto-forward",  # the other half of --auto-forward (listed with it above)
+        # discovery (add --discover): how add finds kernels, not settings of one
+        *("--discover", "--all", "--select", "--search", "--search-only", "--json"),
+        "--timeout",
     }
     assert add_flags <= covered, add_flags - covered
 
