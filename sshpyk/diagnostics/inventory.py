@@ -323,11 +323,7 @@ def age(epoch: float | None, now: float | None = None) -> str:
     """``12s ago``, ``5m ago``, ``3h ago``, ``2d ago`` (``-`` for None)."""
     if not epoch:
         return "-"
-    seconds = max(0.0, (now or time.time()) - float(epoch))
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{int(seconds // size)}{unit} ago"
-    return f"{int(seconds)}s ago"
+    return f"{duration((now or time.time()) - float(epoch))} ago"
 
 
 def forwarded(kernel: dict[str, Any]) -> list[dict[str, Any]]:
