@@ -38,6 +38,9 @@ class Owner:
         self.last_contact = time.monotonic()
         #: known gone (short grace), not merely unheard (link grace)
         self.gone = False
+        #: a will said it exited while a controller of its was still attached: the will
+        #: and the controller's EOF come by different channels, in either order
+        self.said_gone = False
         #: its kernels were stopped (grace over, or it left on purpose)
         self.detached = False
 
@@ -70,6 +73,7 @@ class Owners:
         owner = self.of(token)
         controller.owner = owner
         owner.controllers.add(controller)
+        owner.said_gone = False  # a new controller speaks for it: it is alive
         owner.heard()
         return owner
 
@@ -86,12 +90,20 @@ class Owners:
         owner = getattr(controller, "owner", None)
         if owner is not None:
             owner.controllers.discard(controller)
+            if owner.said_gone and not owner.controllers:
+                owner.gone = True
 
     def said_gone(self, token):
-        """A surviving local party says the process ``token`` exited. Ignored while one of
-        its controllers is attached (it is not gone: the message is stale)."""
+        """A surviving local party says the process ``token`` exited. While one of its
+        controllers is still attached the word waits for that controller's end (the
+        will may overtake the EOF of the dead process's channel); a claim for the token
+        (a controller that speaks for a live process) voids it."""
         owner = self.by_token.get(str(token or NOBODY))
-        if owner is not None and not owner.controllers:
+        if owner is None:
+            return
+        if owner.controllers:
+            owner.said_gone = True
+        else:
             owner.gone = True
 
     def expired(self, now):

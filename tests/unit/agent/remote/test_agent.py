@@ -329,7 +329,50 @@ def owners_keep_to_their_own(the_agent: agent.Agent, first: Peer, path: str, gra
     assert wait_gone(kc["pid"])
     assert time.monotonic() - said < grace + 2.5
     will.close()
+    d = joined("D")  # the will overtakes the dead process's EOF (other channels, any order)
+    d.send(op="launch", kid="kd", kernel_name="fake", key="k")
+    _, kd = d.wait(event_of("kd", "started"))
+    will = socket.socket(socket.AF_UNIX)
+    will.connect(path)
+    will.sendall(encode({"v": PROTOCOL, "op": "gone", "owner": "D"}))
+    will.shutdown(socket.SHUT_WR)
+    time.sleep(grace * 4)
+    assert procgroup.pid_alive(kd["pid"]), "stopped while its controller was attached"
+    d.sock.shutdown(socket.SHUT_RDWR)
+    d.sock.close()
+    ended = time.monotonic()
+    assert wait_gone(kd["pid"])
+    assert time.monotonic() - ended < grace + 2.5
+    will.close()
     assert procgroup.pid_alive(ka["pid"]) and sorted(the_agent.kernels) == ["ka"]
     first.send(op="shutdown", rid=2)
     _, bye = first.wait(lambda m: m.get("rid") == 2)
     assert bye["kept"] == 0 and wait_gone(ka["pid"])
+
+
+def test_a_will_before_the_eof_waits_for_it_and_a_claim_voids_it() -> None:
+    """The broker's will and the dead process's channel EOF reach the agent by different
+    channels: whichever comes first, the owner is gone (short grace) once both came; a
+    controller claiming the token (a live process) voids a will that came before."""
+    from sshpyk.agent.remote.owners import Owners
+
+    class Ctl:  # a controller as Owners sees one: hashable, with an owner
+        owner = None
+
+    owners = Owners(grace=1.0, link_grace=60.0)
+    c1, c2 = Ctl(), Ctl()
+    owner = owners.claim(c1, "X")
+    owners.said_gone("X")
+    assert not owner.gone  # its controller is still attached
+    now = owner.last_contact
+    assert owners.expired(now + 5) == []
+    owners.left(c1)
+    assert owner.gone and owners.expired(now + 1.5) == [owner]
+
+    owner = owners.claim(c2, "Y")
+    owners.said_gone("Y")
+    c3 = Ctl()
+    owners.claim(c3, "Y")  # a controller speaks for a live "Y"
+    owners.left(c2)
+    owners.left(c3)
+    assert not owner.gone  # an end, not a death: the link grace
