@@ -243,14 +243,17 @@ class KernelLink:
     async def _run(self) -> None:
         """Keep a link up while the kernel runs. A new link is tried as soon as the SSH
         connection is back (in parallel with the agent's reattach: the relay socket
-        does not need it), with backoff from 0.05 s to 0.25 s."""
+        does not need it), and again with backoff from 0.05 s to 0.25 s."""
         process = self.process
         attempt = 0
         while not self._closed:  # ends when the kernel ends or the link is closed
             if process.exit_code is not None:
                 break
             if not (process.reachable.is_set() or self.session.connected):
-                await _first(process.reachable.wait(), process.exited.wait(), asyncio.sleep(0.05))
+                # the agent's recovery reconnects: go as soon as it has (bounded wait)
+                connected = self.session.wait_connected()
+                waits = (process.reachable.wait(), process.exited.wait(), connected)
+                await _first(*waits, asyncio.sleep(1.0))
                 continue
             try:
                 channel = await asyncio.wait_for(self._connect(), WELCOME_TIMEOUT)

@@ -76,6 +76,8 @@ class SharedConnection:
         self.bastion: SharedConnection | None = None
         self._close_hooks: list[CloseHook] = []
         self._lock = asyncio.Lock()
+        #: set when a connection is made (see :meth:`wait_connected`)
+        self._made = asyncio.Event()
         self._forwarding_checked: set[str] = set()
         #: the connection is the broker's (not a diagnosis made in-process)
         self.via_broker = False
@@ -85,6 +87,12 @@ class SharedConnection:
     @property
     def connected(self) -> bool:
         return self.conn is not None and not self.conn.is_closed()
+
+    async def wait_connected(self) -> None:
+        """Return once the connection is up (now, or when a reconnect makes it)."""
+        while not self.connected:  # ends with a connection; callers bound it in time
+            self._made.clear()
+            await self._made.wait()
 
     def on_close(self, hook: CloseHook) -> None:
         """Await ``hook(seconds_left)`` when the connection closes, before the SSH close."""
@@ -117,6 +125,7 @@ class SharedConnection:
                     f"timed out after {timeout:g}s connecting to {self.alias!r}"
                 ) from exc
             self.connect_seconds = time.monotonic() - start
+            self._made.set()
             self._forwarding_checked.clear()
             log.info("[%s] SSH connection up in %.3fs", self.alias, self.connect_seconds)
             return self.conn

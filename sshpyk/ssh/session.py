@@ -110,6 +110,11 @@ class Session:
     def connected(self) -> bool:
         return self._state is SessionState.OPEN and self._shared.connected
 
+    async def wait_connected(self) -> None:
+        """Return once the connection is up (a reconnect made elsewhere, by this
+        process's agent recovery: nothing is attempted here). Bound it in time."""
+        await self._shared.wait_connected()
+
     @property
     def connect_seconds(self) -> float:
         return self._shared.connect_seconds

@@ -309,7 +309,10 @@ class Relay:
         """The serving role: ``link`` said HELLO (``hello``, its JSON, then
         ``frames``): answer WELCOME strictly first, then send what the peer lacks and
         take the frames that came with the HELLO. ValueError: a broken peer."""
-        actions = self.core.resume(hello.get("streams") or {})
+        resend = hello.get("resend")
+        if resend is not None and not isinstance(resend, dict):
+            raise ValueError("a HELLO whose resend is not an object")
+        actions = self.core.resume(hello.get("streams") or {}, resend=resend)
         link.write(self.core.welcome())
         self.attach(link)
         self.act(actions)

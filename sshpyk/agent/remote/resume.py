@@ -15,8 +15,10 @@ dir) carries frames, both ways::
 
     type (1 byte) | stream id (4 bytes, big endian) | length (4) | payload
 
-    HELLO    local -> agent, first: JSON {"session": token, "streams": {sid: received}}
-    WELCOME  agent -> local, the answer: JSON {"streams": {...}, "max_sid": n, ...}
+    HELLO    local -> agent, first: JSON {"session": token, "streams": {sid: received},
+             "resend": {sid: offset}} ("resend": only on a link that resends at once)
+    WELCOME  agent -> local, the answer: JSON {"streams": {...}, "max_sid": n,
+             "resend": true, ...} ("resend": this agent takes the resend at once)
     OPEN     local -> agent: a client connected to channel <payload> (shell, iopub...)
     DATA     bytes of a stream, in order
     ACK      the receiver wrote <payload: 8 bytes, a total> bytes of the stream out
@@ -28,7 +30,12 @@ new link with HELLO/WELCOME, in which each side says how many bytes of each stre
 received; each side then sends again what the other has not, and goes on: every byte
 arrives in order, exactly once. The local side's first link has nothing to resume: its
 frames follow the HELLO at once (one round trip less on every start), and the agent,
-which answers HELLO with WELCOME strictly first, reads them as on any link. A side
+which answers HELLO with WELCOME strictly first, reads them as on any link. A later link
+does the same once the agent said (``"resend": true`` in a WELCOME) that it takes it: the
+local side sends again everything of each stream from the last byte the agent
+confirmed (the HELLO's ``resend`` gives those offsets) without waiting for the WELCOME,
+and the agent drops what it already has; the WELCOME then only confirms. A reconnect's
+first request so needs one round trip less. A side
 removes a stream once both CLOSEs are known and its bytes are acked; a stream the peer no
 longer lists (and, for the agent, had opened) was removed by the peer, which happens only
 once it had everything.
@@ -205,6 +212,11 @@ class Stream:
         self.acked_out = 0  # the total we last ACKed
         self.close_received = False
         self.removed = False
+        #: bytes ever sent (the highest offset): an ACK beyond it is corruption
+        self.sent = 0
+        #: the agent, on a link that resends at once: the offset of the next DATA (what
+        #: is below ``received`` it already has); None: every DATA is new
+        self.incoming = None
 
     def done(self):
         return (
@@ -241,6 +253,10 @@ class Endpoint:
         self._welcome_due = False  # the opening side: this link's WELCOME has not come
         #: the bytes the agent had queued for us, from the last WELCOME ("pending")
         self.peer_pending = 0
+        #: the opening side: the agent takes a resend that does not wait for WELCOME
+        self.peer_resends = False
+        self._early = False  # the opening side: this link resent before its WELCOME
+        self._resend_from = {}  # the agent: sid -> the offset this link's DATA resumes at
         self.unreported = [0, 0]  # dropped since the last DROPPED frame
         self.acks_due = set()
         self.acks_urgent = False  # an ACK must go out even with nothing to carry it
@@ -361,7 +377,32 @@ class Endpoint:
         stream.queued -= len(piece)
         self.queued -= len(piece)
         stream.unacked += piece
+        stream.sent = max(stream.sent, stream.base + len(stream.unacked))
         return frame(F_DATA, stream.sid, piece)
+
+    def _confirm(self, stream, total):
+        """The peer has ``total`` bytes of ``stream``: forget them (those sent again
+        since a HELLO that resent at once may still be queued). An older total is
+        stale news; one beyond what was ever sent is corruption."""
+        if total > stream.sent:
+            raise ValueError("ack of bytes never sent on stream %d" % stream.sid)
+        confirm = total - stream.base
+        if confirm <= 0:
+            return
+        stream.base = total
+        take = min(confirm, len(stream.unacked))
+        del stream.unacked[:take]
+        confirm -= take
+        while confirm:  # ends: confirm <= what the queue holds of the resent bytes
+            entry = stream.queue[0]
+            take = min(confirm, len(entry[0]))
+            if take == len(entry[0]):
+                stream.queue.popleft()
+            else:
+                entry[0] = entry[0][take:]
+            stream.queued -= take
+            self.queued -= take
+            confirm -= take
 
     def _reap(self):
         for sid in [sid for sid, s in self.streams.items() if s.done()]:
@@ -383,26 +424,33 @@ class Endpoint:
             self.max_sid = sid
             channel = payload.decode("ascii", "replace")
             units = ZmtpUnits() if channel == DROP_CHANNEL else None
-            self.streams[sid] = Stream(sid, channel, units)
+            stream = self.streams[sid] = Stream(sid, channel, units)
+            stream.incoming = self._resend_from.get(sid)
             return [("open", sid, channel)]
         if kind == F_DROPPED:
             return [("dropped", json.loads(payload))]
         if stream is None:
             return []  # a stream removed on this side: late frames are dropped
         if kind == F_DATA:
+            if stream.incoming is not None:  # sent again at once: drop what we have
+                skip = stream.received - stream.incoming
+                stream.incoming += len(payload)
+                if skip < 0:
+                    raise ValueError("a gap in the bytes sent again on stream %d" % sid)
+                if skip >= len(payload):
+                    return []
+                payload = payload[skip:]
+                stream.incoming = None  # caught up: the rest is new
             if stream.close_received:
                 raise ValueError("data after close on stream %d" % sid)
             stream.received += len(payload)
             return [("data", sid, payload)]
         if kind == F_ACK:
-            total = COUNT.unpack(payload)[0]
-            confirm = total - stream.base
-            if confirm < 0 or confirm > len(stream.unacked):
-                raise ValueError("ack of bytes never sent on stream %d" % sid)
-            del stream.unacked[:confirm]
-            stream.base = total
+            self._confirm(stream, COUNT.unpack(payload)[0])
             return []
         if kind == F_CLOSE:
+            if stream.close_received:
+                return []  # sent again after a reconnect
             stream.close_received = True
             return [("close", sid)]
         raise ValueError("unexpected frame type %d" % kind)
@@ -418,8 +466,24 @@ class Endpoint:
         self.link_lost()
         self.links += 1
         self._welcome_due = True
-        self.up = self.links == 1
-        return json_frame(F_HELLO, {"session": token, "streams": self.state()})
+        hello = {"session": token, "streams": self.state()}
+        self._early = self.links > 1 and self.peer_resends
+        if self._early:  # everything unconfirmed goes again, behind the HELLO
+            hello["resend"] = {str(sid): self._rewind(s) for sid, s in self.streams.items()}
+        self.up = self.links == 1 or self._early
+        return json_frame(F_HELLO, hello)
+
+    def _rewind(self, stream):
+        """Queue again what ``stream`` sent and the peer did not confirm (and its
+        CLOSE); returns the offset it starts at."""
+        if stream.unacked:
+            rest = bytes(stream.unacked)
+            stream.unacked.clear()
+            stream.queue.appendleft([rest, False])
+            stream.queued += len(rest)
+            self.queued += len(rest)
+        stream.close_sent = False
+        return stream.base
 
     @property
     def awaiting_welcome(self):
@@ -432,6 +496,7 @@ class Endpoint:
             raise ValueError("a WELCOME that is not a JSON object")
         self._welcome_due = False
         self.peer_pending = int(welcome.get("pending") or 0)
+        self.peer_resends = welcome.get("resend") is True
         if self.links == 1:
             # the first link sent right after its HELLO: the agent had nothing of this
             # session, and what went out since is in order behind the HELLO
@@ -440,22 +505,32 @@ class Endpoint:
 
     def welcome(self):
         """The agent's answer to a HELLO (after :meth:`resume`), to send first."""
-        return json_frame(
-            F_WELCOME, {"streams": self.state(), "max_sid": self.max_sid, "pending": self.queued}
-        )
+        welcome = {"streams": self.state(), "max_sid": self.max_sid, "pending": self.queued}
+        welcome["resend"] = True
+        return json_frame(F_WELCOME, welcome)
 
     def link_lost(self):
         self.up = False
         self._welcome_due = False
+        self._resend_from = {}
         for stream in self.streams.values():
             stream.open_sent = False
+            stream.incoming = None
 
-    def resume(self, peer_streams, peer_max_sid=None):
+    def resume(self, peer_streams, peer_max_sid=None, resend=None):
         """A new link is up: the peer holds ``peer_streams`` (sid -> bytes received). Send
         again what it lacks, forget what it removed. Returns actions (``close`` for the
-        streams the peer removed)."""
+        streams the peer removed). ``resend`` (the agent, from the HELLO): sid -> the
+        offset at which the peer's DATA on this link starts (it did not wait for the
+        WELCOME). On the opening side after such a link the WELCOME only confirms."""
         actions = []
         peer = {int(k): int(v) for k, v in peer_streams.items()}
+        if resend is not None:
+            self._resend_from = {int(k): int(v) for k, v in resend.items()}
+            for sid, offset in self._resend_from.items():
+                if sid in self.streams:
+                    self.streams[sid].incoming = offset
+        early, self._early = self._early, False
         for sid, stream in list(self.streams.items()):
             known = sid in peer
             if not known and (
@@ -465,9 +540,12 @@ class Endpoint:
                 self.streams.pop(sid).removed = True
                 actions.append(("close", sid))
                 continue
+            got = peer[sid] if known else stream.base
+            if early:  # it went again behind the HELLO: what the peer has is confirmed
+                self._confirm(stream, got)
+                continue
             # what the peer lacks goes again (all of it to an agent that never heard of
             # the stream: it gets an OPEN first), and so may the CLOSE
-            got = peer[sid] if known else stream.base
             confirm = got - stream.base
             if confirm < 0 or confirm > len(stream.unacked):
                 raise ValueError("the peer claims bytes never sent on stream %d" % sid)

@@ -11,8 +11,11 @@ from typing import Any
 import pytest
 
 from sshpyk.agent.remote.resume import (
+    COUNT,
+    F_ACK,
     F_DATA,
     F_HELLO,
+    F_OPEN,
     F_WELCOME,
     Endpoint,
     FrameReader,
@@ -23,7 +26,8 @@ from sshpyk.agent.remote.resume import (
 class Pair:
     """A local and an agent Endpoint, with per-direction "wires" that can be cut."""
 
-    def __init__(self, budget: int = 64 << 20) -> None:
+    def __init__(self, budget: int = 64 << 20, early: bool = True) -> None:
+        self.early = early  # False: an agent that never says it takes a resend at once
         self.local = Endpoint(budget)
         self.agent = Endpoint(budget, agent_side=True)
         self.to_kernel: dict[int, bytearray] = {}  # what reached the kernel per stream
@@ -36,10 +40,20 @@ class Pair:
         ((kind, _, payload),) = reader.feed(self.local.start_link("tok"))
         assert kind == F_HELLO
         assert self.local.awaiting_welcome
-        actions = self.agent.resume(json.loads(payload)["streams"])
+        hello = json.loads(payload)
+        later = self.local.links > 1
+        assert self.local.up == (not later or self.early)
+        ahead = self.local.outgoing()  # what the local side sends before the WELCOME
+        assert ("resend" in hello) == (later and self.early)
+        assert not ahead or not later or self.early
+        actions = self.agent.resume(hello["streams"], resend=hello.get("resend"))
         self.run(actions, self.to_kernel, self.agent)
         ((kind, sid, payload),) = reader.feed(self.agent.welcome())
         assert kind == F_WELCOME
+        if not self.early:
+            payload = json.dumps({**json.loads(payload), "resend": False}).encode()
+        for akind, asid, apayload in frames(ahead):  # the agent reads them after WELCOME
+            self.run(self.agent.on_frame(akind, asid, apayload), self.to_kernel, self.agent)
         self.run(self.local.on_frame(kind, sid, payload), self.to_client, self.local)
         assert self.local.up and not self.local.awaiting_welcome
 
@@ -108,7 +122,7 @@ def test_the_first_link_sends_before_welcome_and_the_agent_takes_it() -> None:
 
 
 def test_a_later_link_waits_for_welcome_and_resumes() -> None:
-    pair = Pair()
+    pair = Pair(early=False)
     sid = pair.local.new_stream("shell")
     pair.local.push(sid, b"request")
     pair.pump()
@@ -129,6 +143,48 @@ def test_a_later_link_waits_for_welcome_and_resumes() -> None:
     pair.pump()
     assert pair.to_kernel[sid] == b"requestmore"
     assert pair.to_client[sid] == b"replyqueued"
+
+
+def test_a_later_link_resends_at_once_and_the_agent_drops_what_it_has() -> None:
+    """An agent that said it takes it gets everything unconfirmed again right behind
+    the HELLO (a reconnect's first request saves the WELCOME's round trip); it drops the
+    bytes it already had, so each reaches the kernel once, in order."""
+    pair = Pair()
+    sid = pair.local.new_stream("shell")
+    pair.local.push(sid, b"request")
+    pair.pump()  # the agent has it; its ACK had nothing to ride along with
+    assert pair.to_kernel[sid] == b"request" and pair.local.streams[sid].unacked
+    pair.drop()
+    pair.local.push(sid, b"more")
+    hello = json.loads(frames(pair.local.start_link("tok"))[0][2])
+    assert hello["resend"] == {str(sid): 0}
+    ahead = frames(pair.local.outgoing())  # before any WELCOME
+    assert [k for k, _, _ in ahead] == [F_OPEN, F_DATA, F_DATA]
+    assert b"".join(p for _, _, p in ahead[1:]) == b"requestmore"
+    pair.agent.resume(hello["streams"], resend=hello["resend"])
+    welcome = frames(pair.agent.welcome())[0]
+    actions = [a for k, s, p in ahead for a in pair.agent.on_frame(k, s, p)]
+    assert actions == [("data", sid, b"more")]  # the OPEN repeat and "request" dropped
+    assert pair.local.on_frame(*welcome) == []
+    assert pair.local.streams[sid].base == len(b"request")
+    pair.agent.written(sid, len(b"more"))
+    pair.agent.push(sid, b"reply")
+    pair.pump()
+    assert pair.to_client[sid] == b"reply"
+    assert not pair.local.streams[sid].unacked  # the ACK of "more" came with the reply
+
+
+def test_resent_bytes_that_skip_ahead_or_an_ack_of_bytes_never_sent_break_the_link() -> None:
+    pair = Pair()
+    sid = pair.local.new_stream("shell")
+    pair.local.push(sid, b"request")
+    pair.pump()
+    pair.drop()
+    pair.agent.resume({str(sid): 0}, resend={str(sid): 9})  # it has 7 bytes, not 9
+    with pytest.raises(ValueError):
+        pair.agent.on_frame(F_DATA, sid, b"xx")
+    with pytest.raises(ValueError):
+        pair.local.on_frame(F_ACK, sid, COUNT.pack(8))
 
 
 def test_a_welcome_nobody_asked_for_is_a_broken_peer() -> None:
@@ -163,10 +219,11 @@ def test_bytes_flow_both_ways_in_order() -> None:
     assert pair.to_client[sid] == b"reply"
 
 
+@pytest.mark.parametrize("early", [True, False], ids=["resend-at-once", "after-welcome"])
 @pytest.mark.parametrize("seed", range(40))
-def test_random_drops_lose_and_repeat_nothing(seed: int) -> None:
+def test_random_drops_lose_and_repeat_nothing(seed: int, early: bool) -> None:
     rng = random.Random(seed)
-    pair = Pair()
+    pair = Pair(early=early)
     sids = [pair.local.new_stream(c) for c in ("shell", "control", "stdin", "hb")]
     sent_up: dict[int, bytearray] = {s: bytearray() for s in sids}
     sent_down: dict[int, bytearray] = {s: bytearray() for s in sids}
