@@ -217,4 +217,4 @@ def fail_hosts(hosts: list[HostKernels]) -> None:
     for host in failed[:-1]:
         click.echo(f"Error: {printable(host.error)}", err=True)
     if failed:
-        raise click.ClickException(str(failed[-1].error))
+        raise click.ClickException(printable(failed[-1].error))

@@ -338,3 +338,22 @@ def test_list_json_reports_each_launcher_check_under_its_field() -> None:
     assert (slurm["slurm_args"], direct["slurm_args"]) == ("ok", "skip")
     assert (slurm["sge_args"], direct["sge_args"]) == ("skip", "skip")
     assert list(direct) == list(slurm)
+
+
+def test_a_hosts_error_prints_without_its_control_characters(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """What a remote host said goes to the terminal escaped, every host's error on one
+    line (the last as the command's error)."""
+    import click
+
+    from sshpyk.cli.common import fail_hosts
+
+    hosts = [
+        HostKernels("a", [], error="first\x1b[2Jcleared"),
+        HostKernels("b", [], error="second\nline\x07"),
+    ]
+    with pytest.raises(click.ClickException) as caught:
+        fail_hosts(hosts)
+    assert caught.value.message == "second\\nline\\x07"
+    assert capsys.readouterr().err == "Error: first\\x1b[2Jcleared\n"
