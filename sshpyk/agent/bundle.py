@@ -24,6 +24,7 @@ CORE_MODULES = (
     "procgroup",
     "paths",
     "kernelspecs",
+    "zmtp",
     "resume",
     "relayio",
     "idle",

@@ -44,6 +44,7 @@ _COMMON_STATE = frozenset(
         "transport",
         "endpoints",
         "relay",
+        "relay_ahead",
         "ready",
         "exit_code",
         "persistent",
@@ -84,6 +85,8 @@ class KernelProcess:
         self.endpoints: dict[str, Any] = {}
         #: the agent's end of the kernel's resumable relay (a unix socket), or None
         self.relay: str | None = None
+        #: the relay gives ZMTP's first bytes ahead (agent/remote/zmtp.py)
+        self.relay_ahead = False
         #: the key of a warm spare that serves this launch (its own), else ""
         self.key = ""
         #: where the kernel's tcp sockets listen, as seen from the remote host
@@ -128,6 +131,7 @@ class KernelProcess:
             self.transport = str(event["transport"])
             self.endpoints = dict(event["endpoints"])
             self.relay = event.get("relay") or None
+            self.relay_ahead = event.get("relay_ahead") is True
             self.key = str(event.get("key") or "")
             self.argv = list(event.get("argv") or [])
             self.launcher = str(event.get("launcher") or self.launcher)
@@ -194,6 +198,7 @@ class KernelProcess:
         self.transport = str(state.get("transport") or self.transport)
         self.endpoints = dict(state.get("endpoints") or self.endpoints)
         self.relay = state.get("relay") or self.relay
+        self.relay_ahead = state.get("relay_ahead", self.relay_ahead) is True
         self.persistent = bool(state.get("persistent"))
         self.host = str(state.get("host") or self.host)
         self.launcher = str(state.get("launcher") or self.launcher)

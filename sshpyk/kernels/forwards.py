@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from ..agent.remote.protocol import CHANNELS
+from ..agent.remote.zmtp import ZMTP_AHEAD, AheadStrip
 from ..config import LOCAL_TRANSPORTS
 from ..errors import SSHPykError, UnsafePathError
 from ..localfs import make_private_dir, socket_base_dir
@@ -117,6 +118,9 @@ class _RelayClient(asyncio.Protocol):
         self.link = link
         self.channel = channel
         self.on_close = on_close
+        #: ZMTP's first bytes go ahead (agent/remote/zmtp.py): the kernel's, as every
+        #: ZMTP 3 peer sends them, to the client at once; the client's dropped
+        self.strip = AheadStrip() if link.ahead else None
         self.transport: Any = None
         self.sid = 0
         self.writing_paused = False
@@ -126,9 +130,20 @@ class _RelayClient(asyncio.Protocol):
     # asyncio.Protocol
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
-        self.sid = self.link.add(self.channel, self)
+        self.sid = self.link.add(self.channel, self, ahead=self.strip is not None)
+        if self.strip is not None:
+            transport.write(ZMTP_AHEAD)
 
     def data_received(self, data: bytes) -> None:
+        if self.strip is not None and not self.strip.done:
+            try:
+                data = self.strip.feed(data)
+            except ValueError as exc:
+                log.warning("%s: a %s client: %s", self.link.label, self.channel, exc)
+                self.transport.abort()
+                return
+            if not data:
+                return
         self.link.from_client(self.sid, data, self)
 
     def eof_received(self) -> bool:

@@ -116,8 +116,15 @@ class KernelLink:
         self._tasks.create_task(self._run(), name="kernel-link")
 
     # -- clients ---------------------------------------------------------------------
-    def add(self, channel: str, client: Client) -> int:
-        sid = self.core.new_stream(channel)
+    @property
+    def ahead(self) -> bool:
+        """The kernel's relay gives ZMTP's first bytes ahead (agent/remote/zmtp.py)."""
+        return self.process.relay_ahead
+
+    def add(self, channel: str, client: Client, ahead: bool = False) -> int:
+        """A client of ``channel``; ``ahead``: it was given ZMTP_AHEAD and its own are
+        dropped (so the agent does the same with the kernel)."""
+        sid = self.core.new_stream(channel, ahead=ahead)
         self.clients[sid] = client
         return sid
 

@@ -50,6 +50,7 @@ import uuid
 from collections import OrderedDict
 
 from .protocol import IDLE_TIMEOUT, Event
+from .zmtp import ZMTP_AHEAD
 
 #: seconds between two looks at the kernels (and writes of their ``activity`` mtime)
 TICK = 1.0
@@ -121,10 +122,11 @@ class Sniffer:
         "dead",
     )
 
-    def __init__(self, on_message, on_dead=None):
+    def __init__(self, on_message, on_dead=None, ahead=False):
         self.on_message = on_message
         self.on_dead = on_dead
-        self.greeting = 64  # bytes of the greeting still to come
+        #: bytes of the greeting still to come (``ahead``: its first 11 were dropped)
+        self.greeting = 64 - len(ZMTP_AHEAD) if ahead else 64
         self.head = b""  # the current frame's header, while incomplete
         self.body = 0  # bytes of the current frame's body still to come
         self.keep = None  # a bytearray: the current body is copied (a header)
@@ -255,13 +257,14 @@ class Activity:
         last, busy = self.state
         return max(last, self.floor), busy
 
-    def sniffer(self, channel):
+    def sniffer(self, channel, ahead=False):
         """A Sniffer for a stream of ``channel``, or None if it is not watched: for
-        shell what the local side sends, for iopub what the kernel sends."""
+        shell what the local side sends, for iopub what the kernel sends. ``ahead``:
+        the stream lacks ZMTP's first bytes (zmtp.py)."""
         if channel == "shell":
-            return Sniffer(self.on_request)
+            return Sniffer(self.on_request, ahead=ahead)
         if channel == "iopub":
-            return Sniffer(self.on_output, self.on_blind)
+            return Sniffer(self.on_output, self.on_blind, ahead=ahead)
         return None
 
     def on_blind(self):

@@ -174,6 +174,7 @@ class Launcher(abc.ABC):
             "transport": self.transport,
             "endpoints": self.endpoints,
             "relay": self.relay,
+            "relay_ahead": bool(self.relay),
             "ready": self.ready,
             "exit_code": self.exit_code,
             "persistent": self.persistent,
@@ -308,6 +309,7 @@ class Launcher(abc.ABC):
             language=spec.get("language"),
             launcher=self.name,
             relay=self.relay,
+            relay_ahead=bool(self.relay),  # its relay gives ZMTP's first bytes ahead
             **extra,
         )
         self.emit(Event.STARTED, **self.started_fields)

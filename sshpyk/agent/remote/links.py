@@ -48,7 +48,7 @@ class Session(Relay):
                 if sniffer is not None:
                     sniffer.feed(action[2])
             elif action[0] == "open" and self.server.activity is not None:
-                sniffer = self.server.activity.sniffer(action[2])
+                sniffer = self.server.activity.sniffer(action[2], ahead=action[3])
                 if sniffer is not None:
                     side = self.inbound if action[2] == "shell" else self.outbound
                     side[action[1]] = sniffer

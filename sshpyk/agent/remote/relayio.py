@@ -37,6 +37,7 @@ import threading
 
 from .paths import peer_credentials
 from .resume import F_HELLO, FrameReader
+from .zmtp import ZMTP_AHEAD, AheadStrip
 
 #: seconds to connect to a kernel's socket
 CONNECT_TIMEOUT = 10.0
@@ -179,9 +180,13 @@ class StreamSocket(asyncio.Protocol):
     """The socket of one stream on this side (a connection to the kernel, or a client
     of the relay sockets), with the half-close rule of the module docstring."""
 
-    def __init__(self, relay, sid):
+    def __init__(self, relay, sid, ahead=False):
         self.relay = relay
         self.sid = sid
+        #: ZMTP's first bytes go ahead (zmtp.py): ours to the kernel at once, its own
+        #: dropped; ``phantom``: ours still in the transport (not the peer's bytes)
+        self.strip = AheadStrip() if ahead else None
+        self.phantom = 0
         self.transport = None
         self.pending = []  # bytes from the peer before the socket was connected
         self.buffered = 0  # bytes handed to the transport, not yet known written
@@ -196,6 +201,10 @@ class StreamSocket(asyncio.Protocol):
             transport.abort()
             return
         transport.set_write_buffer_limits(high=0)  # resume_writing: all written
+        if self.strip is not None:
+            self.phantom = len(ZMTP_AHEAD)
+            transport.write(ZMTP_AHEAD)
+            self._account(len(ZMTP_AHEAD))
         if self.relay.reading_paused:
             transport.pause_reading()
         pending, self.pending = self.pending, []
@@ -206,6 +215,14 @@ class StreamSocket(asyncio.Protocol):
         self.relay.flush()
 
     def data_received(self, data):
+        if self.strip is not None and not self.strip.done:
+            try:
+                data = self.strip.feed(data)
+            except ValueError:
+                self.abort()  # not ZMTP 3: the greeting we gave it is wrong; it ends
+                return
+            if not data:
+                return
         self.relay.from_socket(self.sid, data)
 
     def eof_received(self):
@@ -224,7 +241,7 @@ class StreamSocket(asyncio.Protocol):
     def connection_lost(self, exc):
         self.gone = True
         self._read_ended()
-        unwritten = self.buffered + sum(len(data) for data in self.pending)
+        unwritten = self.buffered - self.phantom + sum(len(data) for data in self.pending)
         self.buffered, self.pending = 0, []
         if unwritten:  # never to be written: as it were
             self.relay.core.written(self.sid, unwritten)
@@ -261,6 +278,10 @@ class StreamSocket(asyncio.Protocol):
         left = self.transport.get_write_buffer_size()
         written = self.buffered + added - left
         self.buffered = left
+        if self.phantom and written > 0:  # ours went first: not the peer's bytes
+            ours = min(self.phantom, written)
+            self.phantom -= ours
+            written -= ours
         if written > 0:
             self.relay.core.written(self.sid, written)
 
@@ -355,7 +376,7 @@ class Relay:
         for action in actions:
             kind = action[0]
             if kind == "open":
-                self._open(action[1], action[2])
+                self._open(action[1], action[2], action[3])
             elif kind == "data":
                 sock = self.sockets.get(action[1])
                 if sock is not None:
@@ -370,9 +391,9 @@ class Relay:
                     self.core.push_close(action[1])
             # "dropped" (the serving side shed output): only the local side reports it
 
-    def _open(self, sid, channel):
+    def _open(self, sid, channel, ahead=False):
         """The serving role: connect ``sid`` to the kernel's ``channel``."""
-        sock = self.sockets[sid] = StreamSocket(self, sid)
+        sock = self.sockets[sid] = StreamSocket(self, sid, ahead)
         self.tasks.start(self._connect(sock, channel))
 
     async def _connect(self, sock, channel):

@@ -19,7 +19,8 @@ dir) carries frames, both ways::
              "resend": {sid: offset}} ("resend": only on a link that resends at once)
     WELCOME  agent -> local, the answer: JSON {"streams": {...}, "max_sid": n,
              "resend": true, ...} ("resend": this agent takes the resend at once)
-    OPEN     local -> agent: a client connected to channel <payload> (shell, iopub...)
+    OPEN     local -> agent: a client connected to channel <payload> (shell, iopub...),
+             "<channel> zmtp3": ZMTP's first bytes are given ahead (below)
     DATA     bytes of a stream, in order
     ACK      the receiver wrote <payload: 8 bytes, a total> bytes of the stream out
     CLOSE    the sender's socket ended: no DATA follows on the stream
@@ -48,11 +49,17 @@ outage; told with DROPPED), and if that is not enough the readers of the sockets
 (ZMQ's own buffers then fill): shell, control, stdin and hb bytes are never dropped.
 Whole messages are found by ZMTP 3 framing (:class:`ZmtpUnits`), so this works for any
 ZMQ kernel, not only ipykernel.
+
+ZMTP's first bytes go ahead (zmtp.py) on a stream whose OPEN has the ``zmtp3`` flag:
+the local side sets it only for the kernel's ZMQ channels and only for an agent that
+said it takes it (``relay_ahead`` in ``started``).
 """
 
 import collections
 import json
 import struct
+
+from .zmtp import AHEAD_FLAG, ZmtpUnits
 
 F_HELLO, F_WELCOME, F_OPEN, F_DATA, F_ACK, F_CLOSE, F_DROPPED = range(1, 8)
 HEAD = struct.Struct(">BII")
@@ -66,8 +73,6 @@ CHUNK = 1 << 17
 WINDOW = 8 << 20
 #: ACK once this much was written (or with any frame going out anyway)
 ACK_EVERY = WINDOW // 4
-#: a ZMQ message longer than this is passed on as it comes (no longer droppable)
-MAX_HELD = 1 << 20
 #: the default outage buffer (the kernel config's ``outage_buffer``, MiB)
 DEFAULT_BUDGET = 64 << 20
 DROP_CHANNEL = "iopub"
@@ -105,98 +110,13 @@ class FrameReader:
         return frames
 
 
-class ZmtpUnits:
-    """Splits what a ZMQ peer sends (ZMTP 3) into units: (bytes, droppable). The
-    greeting and commands are never droppable; a whole message is. Anything that is not
-    ZMTP 3, and a message longer than MAX_HELD, passes on as it comes (not droppable)."""
-
-    def __init__(self):
-        self.held = bytearray()  # the current unit, not yet given out
-        self.head = bytearray()  # the current frame's header, while incomplete
-        self.body = 0  # bytes of the current frame's body still to come
-        self.command = False  # the current frame is a command
-        self.more = False  # the current frame is not the message's last
-        self.greeted = False
-        self.greeting = 0  # bytes of the greeting seen
-        self.sniff = b""  # its first 11 bytes: the signature and the major version
-        self.plain = False  # not ZMTP 3: no framing
-        self.tainted = False  # the current message was passed on in part
-
-    def feed(self, data):
-        if self.plain:
-            return [(bytes(data), False)] if data else []
-        out = []
-        view = memoryview(data)
-        i = 0
-        n = len(view)
-        while i < n:  # ends once every byte of data is consumed
-            if not self.greeted:
-                # the greeting passes on as it comes: each peer sends its first bytes,
-                # then waits for the other's (ZMTP 3 version negotiation)
-                take = min(64 - self.greeting, n - i)
-                piece = bytes(view[i : i + take])
-                self.sniff += piece[: max(0, 11 - len(self.sniff))]
-                self.greeting += take
-                i += take
-                out.append((piece, False))
-                if len(self.sniff) >= 11 and (self.sniff[0] != 0xFF or self.sniff[10] < 3):
-                    self.plain = True
-                    if i < n:
-                        out.append((bytes(view[i:]), False))
-                    return out
-                self.greeted = self.greeting == 64
-                continue
-            if self.body:
-                take = min(self.body, n - i)
-                self.held += view[i : i + take]
-                i += take
-                self.body -= take
-                if self.body:
-                    self._overlong(out)
-                else:
-                    self._frame_done(out)
-                continue
-            # a frame header: flags, then a size of 1 byte (short) or 8 (long)
-            self.head.append(view[i])
-            i += 1
-            flags = self.head[0]
-            size_len = 8 if flags & 0x02 else 1
-            if len(self.head) < 1 + size_len:
-                continue
-            size = int.from_bytes(bytes(self.head[1:]), "big")
-            self.held += self.head
-            self.head.clear()
-            self.command = bool(flags & 0x04)
-            self.more = bool(flags & 0x01) and not self.command
-            self.body = size
-            if not size:
-                self._frame_done(out)
-        return out
-
-    def _frame_done(self, out):
-        if self.command:  # commands come between messages (ZMTP 3)
-            out.append((bytes(self.held), False))
-            self.held.clear()
-        elif not self.more:
-            out.append((bytes(self.held), not self.tainted))
-            self.held.clear()
-            self.tainted = False
-        else:
-            self._overlong(out)
-
-    def _overlong(self, out):
-        if len(self.held) > MAX_HELD:
-            out.append((bytes(self.held), False))
-            self.held.clear()
-            self.tainted = True
-
-
 class Stream:
     """One relayed connection, as one side sees it."""
 
-    def __init__(self, sid, channel, units=None):
+    def __init__(self, sid, channel, units=None, ahead=False):
         self.sid = sid
         self.channel = channel
+        self.ahead = ahead  # ZMTP_AHEAD is given ahead on this stream (the OPEN's flag)
         # outbound: our socket -> the peer
         self.base = 0  # bytes of ours the peer confirmed
         self.unacked = bytearray()  # sent on a link, not yet acked: [base, base + len)
@@ -238,7 +158,8 @@ class Endpoint:
     Either side calls :meth:`link_lost` when a link ends.
 
     Calls return actions, tuples for the I/O around it to carry out:
-    ``("open", sid, channel)`` (the agent: connect to the kernel), ``("data", sid, b)``
+    ``("open", sid, channel, ahead)`` (the agent: connect to the kernel; ``ahead``:
+    give it ZMTP_AHEAD first and drop the ones it sends), ``("data", sid, b)``
     (write to the socket), ``("close", sid)`` (close the socket once written),
     ``("dropped", info)`` (the local side: log it)."""
 
@@ -262,11 +183,12 @@ class Endpoint:
         self.acks_urgent = False  # an ACK must go out even with nothing to carry it
 
     # -- from our sockets --------------------------------------------------------------------
-    def new_stream(self, channel):
-        """The local side: a client connected to ``channel``; returns its sid."""
+    def new_stream(self, channel, ahead=False):
+        """The local side: a client connected to ``channel``; returns its sid.
+        ``ahead``: both ends give ZMTP_AHEAD to their peer (the OPEN says so)."""
         self.max_sid += 1
         sid = self.max_sid
-        self.streams[sid] = Stream(sid, channel)
+        self.streams[sid] = Stream(sid, channel, ahead=ahead)
         return sid
 
     def push(self, sid, data):
@@ -347,7 +269,8 @@ class Endpoint:
             for stream in list(self.streams.values()):
                 if not self.agent_side and not stream.open_sent:
                     stream.open_sent = True
-                    out.append(frame(F_OPEN, stream.sid, stream.channel.encode("ascii")))
+                    name = stream.channel + (" " + AHEAD_FLAG if stream.ahead else "")
+                    out.append(frame(F_OPEN, stream.sid, name.encode("ascii")))
                 if stream.queue and len(stream.unacked) < WINDOW:
                     out.append(self._take(stream))
                     busy = True
@@ -422,11 +345,12 @@ class Endpoint:
             if sid <= self.max_sid:
                 return []  # a repeat after a reconnect: we have it (or had it: removed)
             self.max_sid = sid
-            channel = payload.decode("ascii", "replace")
-            units = ZmtpUnits() if channel == DROP_CHANNEL else None
-            stream = self.streams[sid] = Stream(sid, channel, units)
+            channel, _, flag = payload.decode("ascii", "replace").partition(" ")
+            ahead = flag == AHEAD_FLAG
+            units = ZmtpUnits(ahead) if channel == DROP_CHANNEL else None
+            stream = self.streams[sid] = Stream(sid, channel, units, ahead)
             stream.incoming = self._resend_from.get(sid)
-            return [("open", sid, channel)]
+            return [("open", sid, channel, ahead)]
         if kind == F_DROPPED:
             return [("dropped", json.loads(payload))]
         if stream is None:

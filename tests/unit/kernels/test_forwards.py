@@ -12,17 +12,21 @@ from typing import Any
 
 import pytest
 
+from sshpyk.agent.remote.zmtp import ZMTP_AHEAD
 from sshpyk.kernels.forwards import _Accepted, _DirectEnd, _RelayClient
 
 
 class FakeLink:
     """What a _RelayClient calls on its KernelLink, recorded."""
 
-    def __init__(self) -> None:
-        self.calls: list[tuple[Any, ...]] = []
+    label = "[fake] kernel k"
 
-    def add(self, channel: str, client: Any) -> int:
-        self.calls.append(("add", channel))
+    def __init__(self, ahead: bool = False) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+        self.ahead = ahead
+
+    def add(self, channel: str, client: Any, ahead: bool = False) -> int:
+        self.calls.append(("add", channel) + (("ahead",) if ahead else ()))
         return 7
 
     def from_client(self, sid: int, data: bytes, client: Any) -> None:
@@ -108,6 +112,41 @@ async def test_an_eof_before_binding_ends_a_relayed_stream_after_its_bytes(
     connection.bind(relay)
     assert link.calls == [("add", "control"), ("data", 7, b"last words"), ("closed", 7)]
     assert relay.closed
+
+
+@pytest.mark.parametrize("split", [1, 5, 11, 30])
+async def test_zmtps_first_bytes_go_ahead_to_the_client_and_its_own_are_dropped(
+    accepted: tuple[_Accepted, socket.socket, set[Any]], split: int
+) -> None:
+    """With a relay that takes them ahead, the client gets a ZMTP 3 peer's first 11 bytes
+    at once (it need not wait a round trip for the kernel's), and the 11 it sends do not
+    go on the link (the agent gives the kernel its own), however they arrive."""
+    connection, client, live = accepted
+    greeting = ZMTP_AHEAD + b"\x01NULL" + bytes(16)
+    client.sendall(greeting[:split])
+    await until(lambda: connection.pending == greeting[:split])
+    link = FakeLink(ahead=True)
+    relay = _RelayClient(link, "shell", live.discard)  # type: ignore[arg-type]
+    connection.bind(relay)
+    client.settimeout(2)
+    assert await asyncio.to_thread(client.recv, 100) == ZMTP_AHEAD
+    client.sendall(greeting[split:])
+    rest = greeting[len(ZMTP_AHEAD) :]
+    await until(lambda: b"".join(c[2] for c in link.calls if c[0] == "data") == rest)
+    assert link.calls[0] == ("add", "shell", "ahead")
+
+
+async def test_a_client_that_is_not_zmtp3_is_cut_off_when_zmtp_goes_ahead(
+    accepted: tuple[_Accepted, socket.socket, set[Any]],
+) -> None:
+    connection, client, live = accepted
+    client.sendall(b"GET / HTTP/1.1\r\n")
+    await until(lambda: connection.pending)
+    link = FakeLink(ahead=True)
+    relay = _RelayClient(link, "shell", live.discard)  # type: ignore[arg-type]
+    connection.bind(relay)
+    await until(lambda: relay.closed)
+    assert [c for c in link.calls if c[0] == "data"] == []
 
 
 async def test_a_direct_pipe_passes_early_bytes_and_the_half_close_on(

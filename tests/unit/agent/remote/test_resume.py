@@ -111,7 +111,7 @@ def test_the_first_link_sends_before_welcome_and_the_agent_takes_it() -> None:
     assert agent.resume(json.loads(payload)["streams"]) == []
     welcome = agent.welcome()  # goes out strictly first
     actions = [a for k, s, p in rest for a in agent.on_frame(k, s, p)]
-    assert actions == [("open", sid, "shell"), ("data", sid, b"request")]
+    assert actions == [("open", sid, "shell", False), ("data", sid, b"request")]
     ((kind, wsid, payload),) = frames(welcome)
     assert local.on_frame(kind, wsid, payload) == []
     assert local.up and not local.awaiting_welcome
