@@ -48,7 +48,7 @@ from ..errors import SSHPykError, UnsafePathError
 from ..localfs import make_private_dir, socket_base_dir
 from ..ssh.hosts import CHANNEL_WINDOW
 from ..tasks import TaskOwner
-from .link import KernelLink
+from .link import KernelLink, drop_ahead, open_ahead
 
 if TYPE_CHECKING:
     from ..agent.process import KernelProcess
@@ -297,6 +297,8 @@ class ForwardSet:
         self.outage_buffer = outage_buffer
         #: the resumable relay of the current kernel process (link.py)
         self._link: KernelLink | None = None
+        #: (kid, the relay channel being opened ahead of that kernel's launch)
+        self._ahead: tuple[str, asyncio.Future[Any]] | None = None
         self._closing_links = TaskOwner(f"[{session.alias}] closing links")
         self._retargeted = asyncio.Event()
         self._closed = False
@@ -417,14 +419,35 @@ class ForwardSet:
         if link is not None:
             self._closing_links.create_task(link.aclose(), name="close-link")
 
+    def open_ahead(self, relay: str | None, kid: str) -> None:
+        """Open the relay channel of kernel ``kid`` to the agent's relay socket
+        (``relay``, None if it has none) while its launch is in flight; its link takes
+        it (:meth:`set_target`). One round trip less for a kernel that is there at once."""
+        self.drop_ahead()
+        if self.outage_buffer and relay and not self._closed:
+            task = self._tasks.create_task(open_ahead(self.session, relay), name="relay-ahead")
+            self._ahead = (kid, task)
+
+    def drop_ahead(self) -> None:
+        """The launch failed (or the next one is prepared): the channel goes."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            drop_ahead(ahead[1])
+
     def _link_for(self, process: KernelProcess) -> KernelLink | None:
         """The resumable relay to ``process`` (started on first use), or None for the
         direct channels (turned off, or an agent without one)."""
         if not self.outage_buffer or not process.relay:
+            self.drop_ahead()
             return None
         if self._link is None or self._link.process is not process:
             self._drop_link()
-            self._link = KernelLink(self.session, process, int(self.outage_buffer * (1 << 20)))
+            ahead = None
+            if self._ahead is not None and self._ahead[0] == process.kid:
+                ahead, self._ahead = self._ahead[1], None
+            self.drop_ahead()
+            budget = int(self.outage_buffer * (1 << 20))
+            self._link = KernelLink(self.session, process, budget, ahead)
             self._link.start()
         return self._link
 
@@ -497,6 +520,7 @@ class ForwardSet:
         if self._closed:
             return
         self._closed = True
+        self.drop_ahead()
         for server in self._servers.values():
             server.close()
         for task in self._tasks.tasks:

@@ -266,11 +266,14 @@ class RemoteKernel:
         )
         timings["agent"] = time.monotonic() - t1
         t1 = time.monotonic()
+        if ahead is not None:  # its relay channel opens meanwhile (a warm spare: at once)
+            self.forwards.open_ahead(agent.info.get("relay"), self.kernel_id)
         try:
             await launcher.prepare(agent)
             self.process = await agent.launch(self.kernel_id, request, on_event=on_event)
         except BaseException:
             agent.unlaunch()  # a launch sent with the hello and not taken: stopped
+            self.forwards.drop_ahead()
             raise
         if self.process.key:  # a warm spare: its own key (jupyter_client takes it)
             self.key = self.process.key

@@ -56,9 +56,10 @@ class Client(Protocol):
 
 
 class _Channel:
-    """The SSH channel's session object: hands what arrives to the link."""
+    """The SSH channel's session object: hands what arrives to the link (None while a
+    channel opened ahead has no link yet: nothing arrives before its HELLO)."""
 
-    def __init__(self, link: KernelLink) -> None:
+    def __init__(self, link: KernelLink | None) -> None:
         self.link = link
         self.chan: Any = None
         self.closed = asyncio.Event()
@@ -71,7 +72,8 @@ class _Channel:
         pass
 
     def data_received(self, data: bytes, datatype: Any = None) -> None:
-        self.link._on_link_data(self, data)
+        if self.link is not None:
+            self.link._on_link_data(self, data)
 
     def eof_received(self) -> bool:
         return False
@@ -81,19 +83,42 @@ class _Channel:
 
     def resume_writing(self) -> None:
         self.paused = False
-        self.link.flush()
+        if self.link is not None:
+            self.link.flush()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.closed.set()
-        self.link._on_link_lost(self)
+        if self.link is not None:
+            self.link._on_link_lost(self)
+
+
+async def open_ahead(session: Session, path: str) -> _Channel:
+    """A channel to the agent's relay socket (``path``, its LinkDispatch), opened while
+    a launch is in flight: the kernel's first link goes on it (its HELLO names the
+    kernel), so a kernel that is there at once needs no channel open after ``started``."""
+    conn = await session.connection()
+    channel = _Channel(None)
+    await asyncio.wait_for(
+        conn.create_unix_connection(cast(Any, lambda: channel), path, window=CHANNEL_WINDOW),
+        WELCOME_TIMEOUT,
+    )
+    return channel
 
 
 class KernelLink:
     """Every client connection to one kernel process, over resumable links."""
 
-    def __init__(self, session: Session, process: KernelProcess, budget: int) -> None:
+    def __init__(
+        self,
+        session: Session,
+        process: KernelProcess,
+        budget: int,
+        ahead: asyncio.Future[_Channel] | None = None,
+    ) -> None:
         self.session = session
         self.process = process
+        #: the first link's channel, being opened to the agent's relay socket
+        self._ahead = ahead
         self.core = Endpoint(budget)
         self.token = secrets.token_hex(16)
         self.clients: dict[int, Client] = {}
@@ -234,17 +259,36 @@ class KernelLink:
             log.info("%s: relay link down; the channels wait for a reconnect", self.label)
 
     async def _connect(self) -> _Channel:
-        conn = await self.session.connection()
-        channel = _Channel(self)
         self._reader = FrameReader()
         self._welcomed = asyncio.Event()
-        relay = self.process.relay
-        if not relay:
-            raise ConnectionError("the kernel has no relay socket")
-        await conn.create_unix_connection(cast(Any, lambda: channel), relay, window=CHANNEL_WINDOW)
+        channel = await self._channel_ahead()
+        if channel is None:
+            conn = await self.session.connection()
+            channel = _Channel(self)
+            relay = self.process.relay
+            if not relay:
+                raise ConnectionError("the kernel has no relay socket")
+            factory = cast(Any, lambda: channel)
+            await conn.create_unix_connection(factory, relay, window=CHANNEL_WINDOW)
         self._channel = channel
-        channel.chan.write(self.core.start_link(self.token))
+        channel.chan.write(self.core.start_link(self.token, kid=self.process.kid))
         self.flush()  # the first link: what the clients sent follows the HELLO at once
+        return channel
+
+    async def _channel_ahead(self) -> _Channel | None:
+        """The channel opened ahead, once (None if there is none or it failed: the
+        kernel's own relay socket then)."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is None:
+            return None
+        try:
+            channel = await ahead
+        except (OSError, asyncio.TimeoutError, asyncssh.Error, SSHPykError) as exc:
+            log.debug("%s: the relay channel opened ahead failed (%r)", self.label, exc)
+            return None
+        if channel.closed.is_set() or channel.chan is None:
+            return None
+        channel.link = self
         return channel
 
     async def _run(self) -> None:
@@ -289,6 +333,8 @@ class KernelLink:
 
     def close(self) -> None:
         self._closed = True
+        drop_ahead(self._ahead)
+        self._ahead = None
         channel, self._channel = self._channel, None
         if channel is not None and channel.chan is not None:
             channel.chan.close()
@@ -308,3 +354,15 @@ async def _first(*aws: Any) -> None:
     finally:
         for task in tasks:
             task.cancel()
+
+
+def drop_ahead(ahead: asyncio.Future[_Channel] | None) -> None:
+    """A channel opened ahead that no link took: cancelled, or closed if it opened."""
+    if ahead is None:
+        return
+    if not ahead.done():
+        ahead.cancel()
+    elif not ahead.cancelled() and ahead.exception() is None:
+        chan = ahead.result().chan
+        if chan is not None:
+            chan.close()

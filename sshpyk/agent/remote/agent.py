@@ -37,6 +37,7 @@ from .idle import IdleWatch
 from .jsonlines import Output
 from .kernelspecs import describe_kernelspec, jupyter_client_version
 from .launcher import launcher_class
+from .links import open_dispatch
 from .loader import install
 from .owners import NOBODY, Owners, socket_controller, stdio_controller
 from .paths import (
@@ -103,6 +104,7 @@ class Agent:
         self.agent_dir = None
         self.socket_path = None
         self.listener = None
+        self.links = None  # links.LinkDispatch: relay links opened ahead of a launch
         self.exiting = False  # a shutdown left nothing to keep: exit once workers are done
 
     # -- control socket, for reattaching after the SSH connection was lost ---------
@@ -126,6 +128,7 @@ class Agent:
         self.socket_path = path
         record = {"pid": os.getpid(), "started": time.time(), "grace": self.grace, "socket": path}
         # written last, atomically: a dir with agent.json has a listening socket
+        self.links = open_dispatch(self.agent_dir)
         write_json_atomic(self.agent_dir, "agent.json", record)
         self.touch()
         threading.Thread(target=self._accept, name="accept", daemon=True).start()
@@ -220,6 +223,7 @@ class Agent:
             python_version="%d.%d.%d" % sys.version_info[:3],
             jupyter_client=jupyter_client_version(),
             socket=self.socket_path,
+            relay=self.links and self.links.path,
             token=self.token,
             kernels=len(self.kernels),
         )
@@ -582,6 +586,8 @@ class Agent:
         try:
             if self.listener is not None:
                 self.listener.close()
+            if self.links is not None:
+                self.links.close()
         finally:
             if self.agent_dir:
                 remove_tree(self.agent_dir)

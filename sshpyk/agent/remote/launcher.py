@@ -160,6 +160,8 @@ class Launcher(abc.ABC):
             finally:
                 if self.links is not None:
                     self.links.close()
+                    if self.agent.links is not None:
+                        self.agent.links.unregister(self.kid, self.links)
 
     @property
     def cleaned(self):
@@ -262,6 +264,8 @@ class Launcher(abc.ABC):
                 target = self.endpoints.__getitem__
                 self.links = LinkServer(path, target, budget, self.agent.link_grace, activity)
                 self.relay, self.activity = path, activity
+                if self.agent.links is not None:  # links opened ahead name the kernel
+                    self.agent.links.register(self.kid, self.links)
                 create_activity_file(self.run_dir)
             except Exception:
                 pass  # the local side then forwards to the sockets directly
@@ -276,6 +280,9 @@ class Launcher(abc.ABC):
         """A warm spare (spares.py) becomes kernel ``kid`` of ``request``: the same
         process and key, a new id; tell the local side (``started`` with the key, then
         ``ready`` if it is)."""
+        if self.links is not None and self.agent.links is not None:
+            self.agent.links.unregister(self.kid, self.links)
+            self.agent.links.register(kid, self.links)
         self.kid = kid
         self.persistent = bool(request.get("persistent"))
         self.request = dict(

@@ -12,6 +12,12 @@ What passes is shown to the kernel's :class:`idle.Activity` (shell from the loca
 iopub from the kernel), which reads message headers only (``ps``'s idle time, the idle
 timeout).
 
+One :class:`LinkDispatch` per agent listens on ``r`` in the agent's 0700 dir: a link
+that names its kernel in its HELLO (``kid``) is handed to that kernel's LinkServer as
+if it had come to the kernel's own ``r``. The local side opens it while a launch is in
+flight (the kernel's run dir is not known yet), so a kernel whose ``started`` comes at
+once (a warm spare) needs no channel open after it: one round trip less.
+
 All of it runs on the process's one event loop (relayio.io_loop): no thread per
 kernel, link or stream. :meth:`LinkServer.close` may be called from any other thread.
 """
@@ -89,22 +95,15 @@ class Session(Relay):
         Relay.close(self)
 
 
-class LinkServer:
-    """The ``r`` socket of one kernel and its sessions. ``target(channel)``: where
-    the kernel's ``channel`` listens (see relayio.Relay); ``activity``: the kernel's
-    idle.Activity, or None."""
+class _Listener:
+    """A unix socket whose connections are links: each has HELLO_TIMEOUT for its
+    HELLO (``_hello(link, frames)``), then belongs to a session's relay."""
 
-    def __init__(self, path, target, budget, link_grace, activity=None):
+    def __init__(self, path):
         self.path = path
-        self.activity = activity
-        self.target = target
-        self.budget = budget
-        self.link_grace = link_grace
-        self.sessions = {}
         self.closed = False
         self.server = None
         self.io = io_loop()
-        self.tasks = Tasks()
         self.io.run(self._listen(), HELLO_TIMEOUT)  # OSError: the caller goes without
 
     async def _listen(self):
@@ -131,6 +130,30 @@ class LinkServer:
         if link.relay is None:
             link.abort()
 
+    def _stop_listening(self):
+        self.closed = True
+        if self.server is not None:
+            self.server.close()
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+
+
+class LinkServer(_Listener):
+    """The ``r`` socket of one kernel and its sessions. ``target(channel)``: where
+    the kernel's ``channel`` listens (see relayio.Relay); ``activity``: the kernel's
+    idle.Activity, or None."""
+
+    def __init__(self, path, target, budget, link_grace, activity=None):
+        self.activity = activity
+        self.target = target
+        self.budget = budget
+        self.link_grace = link_grace
+        self.sessions = {}
+        self.tasks = Tasks()
+        _Listener.__init__(self, path)
+
     def _hello(self, link, frames):
         link.timer.cancel()
         uid = link.peer_uid()
@@ -151,13 +174,7 @@ class LinkServer:
         session.close()
 
     async def _close(self, flush):
-        self.closed = True
-        if self.server is not None:
-            self.server.close()
-        try:
-            os.unlink(self.path)
-        except OSError:
-            pass
+        self._stop_listening()
         sessions = list(self.sessions.values())
         self.sessions.clear()
         deadline = time.monotonic() + flush
@@ -181,3 +198,43 @@ class LinkServer:
             self.io.run(self._close(flush), flush + 2.0)
         except Exception:
             pass  # bounded: whatever is left closes with the process
+
+
+class LinkDispatch(_Listener):
+    """The agent's ``r``: a link names its kernel (the HELLO's ``kid``) and goes to that
+    kernel's LinkServer (:meth:`register`, from any thread); a kernel without one (no
+    relay, or gone) aborts the link: the local side then opens the kernel's own."""
+
+    def __init__(self, path):
+        self.servers = {}  # kid -> LinkServer (set and read whole: safe across threads)
+        _Listener.__init__(self, path)
+
+    def register(self, kid, server):
+        self.servers[kid] = server
+
+    def unregister(self, kid, server):
+        if self.servers.get(kid) is server:
+            self.servers.pop(kid, None)
+
+    def _hello(self, link, frames):
+        server = self.servers.get(str(read_hello(frames).get("kid") or ""))
+        if server is None or server.closed:
+            link.timer.cancel()
+            link.abort()
+            return
+        server._hello(link, frames)
+
+    def close(self):
+        """Stop accepting (from any thread; the links already handed over stay)."""
+        if self.io.on_loop():
+            self._stop_listening()
+        else:
+            self.io.call(self._stop_listening)
+
+
+def open_dispatch(agent_dir):
+    """The agent's LinkDispatch in ``agent_dir``, or None where it cannot listen."""
+    try:
+        return LinkDispatch(os.path.join(agent_dir, "r"))
+    except Exception:
+        return None  # each kernel's own ``r`` still serves

@@ -383,14 +383,17 @@ class Endpoint:
     def state(self):
         return {str(sid): s.received for sid, s in self.streams.items()}
 
-    def start_link(self, token):
+    def start_link(self, token, kid=None):
         """The opening side (the local one) starts a new link: returns its HELLO, to send
         first. The first link has nothing to resume, so frames may follow the HELLO at
-        once (``up``); a later one is up once its WELCOME has come (:meth:`on_frame`)."""
+        once (``up``); a later one is up once its WELCOME has come (:meth:`on_frame`).
+        ``kid``: the kernel, for a link to the agent's LinkDispatch (links.py)."""
         self.link_lost()
         self.links += 1
         self._welcome_due = True
         hello = {"session": token, "streams": self.state()}
+        if kid:
+            hello["kid"] = kid
         self._early = self.links > 1 and self.peer_resends
         if self._early:  # everything unconfirmed goes again, behind the HELLO
             hello["resend"] = {str(sid): self._rewind(s) for sid, s in self.streams.items()}
