@@ -61,6 +61,7 @@ class _Channel:
 
     def __init__(self, link: KernelLink | None) -> None:
         self.link = link
+        self.ahead = link is None  # opened ahead, to the agent's relay socket
         self.chan: Any = None
         self.closed = asyncio.Event()
         self.paused = False
@@ -119,6 +120,8 @@ class KernelLink:
         self.process = process
         #: the first link's channel, being opened to the agent's relay socket
         self._ahead = ahead
+        #: the first link went on the channel opened ahead (and was welcomed on it)
+        self.took_ahead = False
         self.core = Endpoint(budget)
         self.token = secrets.token_hex(16)
         self.clients: dict[int, Client] = {}
@@ -318,6 +321,7 @@ class KernelLink:
                 await asyncio.sleep(delay)
                 continue
             attempt = 0
+            self.took_ahead = self.took_ahead or channel.ahead
             await channel.closed.wait()
         self._close_clients()
 

@@ -58,6 +58,11 @@ async def test_start_and_restart_take_a_warm_spare(make_kernelspec, run_root) ->
         assert process.key and km2.session.key == process.key.encode()
         _, out = await run_cell(kc2, "import os; print(os.getpid())")
         assert out.strip() == str(spare["pid"])  # the client speaks the spare's key
+        # both first links went on the channel opened to the agent's relay socket
+        # while the launch was in flight (the spare's handed over by its new id)
+        for km in (km1, km2):
+            link = km.provisioner.remote_kernel.forwards._link
+            assert link is not None and link.took_ahead
         # a replacement starts; a restart keeps its key: a fresh kernel, clients go on
         replacement = await ready_spare(run_root)
         assert replacement["pid"] != spare["pid"]

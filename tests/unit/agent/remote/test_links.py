@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from sshpyk.agent.remote.links import LinkServer
+from sshpyk.agent.remote.links import LinkDispatch, LinkServer
 from sshpyk.agent.remote.resume import (
     COUNT,
     F_ACK,
@@ -150,4 +150,33 @@ def test_without_the_flag_the_stream_is_passed_as_it_is(run_dir: Path) -> None:
     finally:
         server.close(0)
         peer.sock.close()
+        kernel.close()
+
+
+def test_the_agents_relay_socket_hands_a_link_to_the_kernel_it_names(run_dir: Path) -> None:
+    """A link to the agent-wide socket goes to the LinkServer its HELLO names (the
+    local side opens it before the kernel's run dir is known); an unknown kernel, or one
+    whose server was unregistered, gets the link aborted (the local side then opens the
+    kernel's own socket)."""
+    kernel = Kernel(run_dir / "shell", 5, b"reply")
+    server = serve(run_dir, run_dir / "shell")
+    dispatch = LinkDispatch(str(run_dir / "a"))
+    dispatch.register("k1", server)
+    peers = [Peer(run_dir / "a") for _ in range(3)]
+    try:
+        peers[0].send(json_frame(F_HELLO, {"session": "s", "kid": "k1", "streams": {}}))
+        peers[0].send(frame(F_OPEN, 1, b"shell") + frame(F_DATA, 1, b"hello"))
+        frames = peers[0].until(lambda f: data_of(f, 1) == b"reply")
+        assert frames[0][0] == F_WELCOME and kernel.got == b"hello"
+        assert list(server.sessions) == ["s"]  # the kernel's server has the session
+        peers[1].send(json_frame(F_HELLO, {"session": "t", "kid": "k2", "streams": {}}))
+        assert peers[1].sock.recv(100) == b""  # aborted: no such kernel
+        dispatch.unregister("k1", server)
+        peers[2].send(json_frame(F_HELLO, {"session": "u", "kid": "k1", "streams": {}}))
+        assert peers[2].sock.recv(100) == b""
+    finally:
+        dispatch.close()
+        server.close(0)
+        for peer in peers:
+            peer.sock.close()
         kernel.close()
