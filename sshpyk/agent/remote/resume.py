@@ -432,9 +432,15 @@ class Endpoint:
 
     def welcome(self):
         """The agent's answer to a HELLO (after :meth:`resume`), to send first."""
-        welcome = {"streams": self.state(), "max_sid": self.max_sid, "pending": self.queued}
-        welcome["resend"] = True
-        return json_frame(F_WELCOME, welcome)
+        return json_frame(
+            F_WELCOME,
+            {
+                "streams": self.state(),
+                "max_sid": self.max_sid,
+                "pending": self.queued,
+                "resend": True,
+            },
+        )
 
     def link_lost(self):
         self.up = False
@@ -476,14 +482,9 @@ class Endpoint:
             confirm = got - stream.base
             if confirm < 0 or confirm > len(stream.unacked):
                 raise ValueError("the peer claims bytes never sent on stream %d" % sid)
-            rest = bytes(stream.unacked[confirm:])
-            stream.unacked.clear()
+            del stream.unacked[:confirm]
             stream.base = got
-            if rest:
-                stream.queue.appendleft([rest, False])
-                stream.queued += len(rest)
-                self.queued += len(rest)
-            stream.close_sent = False
+            self._rewind(stream)
             stream.open_sent = known
         for stream in self.streams.values():
             if stream.received > stream.acked_out:
