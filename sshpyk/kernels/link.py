@@ -93,17 +93,19 @@ class _Channel:
             self.link._on_link_lost(self)
 
 
+async def _open_channel(session: Session, path: str, link: KernelLink | None) -> _Channel:
+    """An SSH channel to the relay socket ``path`` (a kernel's ``r``, or the agent's)."""
+    conn = await session.connection()
+    channel = _Channel(link)
+    await conn.create_unix_connection(cast(Any, lambda: channel), path, window=CHANNEL_WINDOW)
+    return channel
+
+
 async def open_ahead(session: Session, path: str) -> _Channel:
     """A channel to the agent's relay socket (``path``, its LinkDispatch), opened while
     a launch is in flight: the kernel's first link goes on it (its HELLO names the
     kernel), so a kernel that is there at once needs no channel open after ``started``."""
-    conn = await session.connection()
-    channel = _Channel(None)
-    await asyncio.wait_for(
-        conn.create_unix_connection(cast(Any, lambda: channel), path, window=CHANNEL_WINDOW),
-        WELCOME_TIMEOUT,
-    )
-    return channel
+    return await asyncio.wait_for(_open_channel(session, path, None), WELCOME_TIMEOUT)
 
 
 class KernelLink:
@@ -266,13 +268,9 @@ class KernelLink:
         self._welcomed = asyncio.Event()
         channel = await self._channel_ahead()
         if channel is None:
-            conn = await self.session.connection()
-            channel = _Channel(self)
-            relay = self.process.relay
-            if not relay:
+            if not self.process.relay:
                 raise ConnectionError("the kernel has no relay socket")
-            factory = cast(Any, lambda: channel)
-            await conn.create_unix_connection(factory, relay, window=CHANNEL_WINDOW)
+            channel = await _open_channel(self.session, self.process.relay, self)
         self._channel = channel
         channel.chan.write(self.core.start_link(self.token, kid=self.process.kid))
         self.flush()  # the first link: what the clients sent follows the HELLO at once
